@@ -176,7 +176,8 @@ def _check_compat(manifest: dict[str, Any], model_fingerprint: Mapping[str, Any]
         for entry in manifest.get("saes", []):
             s = by_hook.get(entry.get("hook"))
             if s is None:
-                problems.append(f"SAE mismatch: bundle was trained with an SAE at {entry.get('hook')!r}, none is loaded there")
+                problems.append(f"SAE mismatch: bundle was trained with an SAE at {entry.get('hook')!r}, "
+                                "none is loaded there")
                 continue
             diffs = compare_fingerprints(entry.get("fingerprint") or {}, s.fingerprint)
             if diffs:

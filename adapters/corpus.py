@@ -83,7 +83,7 @@ def _file_docs(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     text = json.loads(line)[text_field]
                 except (ValueError, KeyError, TypeError) as e:
-                    raise CorpusError(f"{path}:{n}: expected a JSON object with a {text_field!r} string ({e})")
+                    raise CorpusError(f"{path}:{n}: expected a JSON object with a {text_field!r} string") from e
                 if isinstance(text, str) and text.strip():
                     yield text.strip()
     else:

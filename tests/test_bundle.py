@@ -1,7 +1,6 @@
 """Adapter bundle: round trip, PEFT compatibility, and one clear message per kind of breakage."""
 
 import json
-import shutil
 
 import pytest
 import torch

