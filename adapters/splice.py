@@ -105,7 +105,7 @@ class Splice:
     """SAEs spliced into a model's residual stream; see the module docstring. Use as a context manager."""
 
     def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace",
-                 top_k: int = 0, dense: bool = False, skip_first: bool = False) -> None:
+                 top_k: int = 0, dense: bool = False, skip_first: bool = False, stats: bool = False) -> None:
         names = [s.name for s in saes]
         hooks = [s.hook.name for s in saes]
         if len(set(names)) != len(names):
@@ -117,6 +117,8 @@ class Splice:
             raise SpliceError(f"top_k must be >= 0, got {top_k}")
         self.model, self.saes = model, {s.name: s for s in saes}
         self.mode, self.top_k, self.dense, self.skip_first = mode, top_k, dense, skip_first
+        self.stats_enabled = stats  # record L0 / reconstruction error per forward (see `pop_stats`)
+        self.stats: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.saes}
         self.rows: list[RowSpec] | None = None
         self.positions: torch.Tensor | None = None  # explicit (B, T) positions; overrides the automatic ones
         self.captures: dict[str, list[Capture]] = {n: [] for n in self.saes}
@@ -220,18 +222,21 @@ class Splice:
         b, t, _ = x.shape  # x: (B, T, d) residual stream at the hook
         modes = self._row_modes(s.name, b)
         capture = self.top_k > 0 or self.dense
-        if not capture and all(m == "off" for m in modes):
+        if not capture and not self.stats_enabled and all(m == "off" for m in modes):
             return x
         pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
         z = s.sae.encode(x)  # (B, T, d_sae)
         z_edit, edited = self._edit_latents(s.name, z, pos)  # edited: (B, T) bool, or None
         if capture:
             self._record(s.name, z_edit, pos)
-        out = x
+        out, recon = x, None
         replace = torch.tensor([m == "replace" for m in modes], device=x.device)
         if bool(replace.any()):
             recon = _decode(s.sae, x, z_edit).to(x.dtype)  # (B, T, d)
             out = recon if bool(replace.all()) else torch.where(replace[:, None, None], recon, out)
+        if self.stats_enabled:
+            clean = recon if recon is not None and edited is None else _decode(s.sae, x, z).to(x.dtype)
+            self._record_stats(s.name, x, z, clean, pos)
         if edited is not None:
             err = torch.tensor([m == "error_term" for m in modes], device=x.device)
             emask = edited & err[:, None]  # (B, T)
@@ -269,6 +274,24 @@ class Splice:
             self.captures[name].append(Capture(indices=indices, values=values, positions=pos.clone()))
         if self.dense:
             self.dense_latents[name].append(z)
+
+    def _record_stats(self, name: str, x: torch.Tensor, z: torch.Tensor, recon: torch.Tensor,
+                      pos: torch.Tensor) -> None:
+        real = pos >= 0  # (B, T)
+        xr, err = x[real], (x - recon)[real]  # (n, d)
+        self.stats[name].append({
+            "sse": err.pow(2).sum(),  # keeps its graph: usable as a training term
+            "sst": (xr - xr.mean(0, keepdim=True)).pow(2).sum().detach(),
+            "l0": (z.detach()[real] > 0).sum(-1).float().sum(),
+            "n": real.sum(), "d": torch.tensor(x.shape[-1]),
+        })
+
+    def pop_stats(self) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """Per SAE, one dict per forward: sse (sum of squared reconstruction error, with grad), sst (sum of
+        squared deviation from the batch mean), l0 (sum over tokens of active latents), n (tokens), d."""
+        out = self.stats
+        self.stats = {n: [] for n in self.saes}
+        return out
 
     def pop_captures(self) -> dict[str, list[Capture]]:
         """Captured top-k latents since the last call, per SAE, one `Capture` per forward."""
@@ -311,10 +334,10 @@ def check_edit(e: LatentEdit, d_sae: int) -> None:
 
 @contextlib.contextmanager
 def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace", *, top_k: int = 0,
-           dense: bool = False, skip_first: bool = False,
+           dense: bool = False, skip_first: bool = False, stats: bool = False,
            rows: Sequence[RowSpec] | None = None) -> Iterator[Splice]:
     """Context manager: SAEs spliced into `model`; hooks are removed on exit, also after an exception."""
-    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, skip_first=skip_first)
+    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, skip_first=skip_first, stats=stats)
     sp.set_rows(rows)
     sp.install()
     try:

@@ -246,3 +246,17 @@ def test_bad_edits_are_errors(llama, edit, msg):
 def test_bad_mode_is_error(llama):
     with pytest.raises(SpliceError, match="mode"):
         splice(llama, [_placed(llama)], mode="swap").__enter__()
+
+
+def test_stats_match_hand_computation(llama):
+    s = _placed(llama)
+    x = _resid(llama, 1)
+    z = s.sae.encode(x)
+    recon = s.sae.decode(z)
+    with torch.no_grad(), splice(llama, [s], mode="replace", stats=True) as sp:
+        llama(IDS)
+    st = sp.pop_stats()[s.name][0]
+    flat = x.reshape(-1, x.shape[-1])
+    torch.testing.assert_close(st["sse"], (x - recon).pow(2).sum())
+    torch.testing.assert_close(st["sst"], (flat - flat.mean(0)).pow(2).sum())
+    assert st["l0"].item() == (z > 0).sum().item() and st["n"].item() == 24

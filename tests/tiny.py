@@ -68,3 +68,42 @@ def tiny_tokenizer(texts: list[str]):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+WORDS = ("the cat dog sat ran on under a mat log big small red blue quick slow fox jumps over lazy bird "
+         "sings in tree river flows to sea sun rises east sets west moon night day bright dark").split()
+
+
+def tiny_text_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
+    """Random short documents over a 40-word vocabulary, with some repeated structure."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        start = rng.randrange(len(WORDS))
+        docs.append(" ".join(WORDS[(start + rng.choice([1, 1, 2, 3]) * i) % len(WORDS)] for i in range(rng.randint(8, 40))))
+    return docs
+
+
+def tiny_workspace(root: Path, n_layers: int = 3, saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),)):
+    """A tiny HF model folder (vocabulary fitted to a tiny tokenizer), SAE folders and a .jsonl corpus."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    docs = tiny_text_corpus()
+    tok = tiny_tokenizer(docs)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    folders = []
+    for i, (arch, hook) in enumerate(saes):
+        folders.append(str(save_sae(make_sae(arch, hook=hook, seed=i), root / f"sae{i}")))
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return {"model": str(root / "model"), "saes": folders, "corpus": str(root / "corpus.jsonl")}

@@ -1,0 +1,82 @@
+"""Configuration of `saelora train` (and `train-e2e`): every field documented, written next to the output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # what to adapt
+    model: str = "smollm2-135m"  # base model spec (embedded name, HF folder, .gguf, hub id when online)
+    saes: list[str] = field(default_factory=list)  # sae-lens folders (or release:id online); one per hook
+    corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources (see adapters/corpus.py)
+    out: str = "runs/lora"  # output folder: bundle in out/adapter, metrics, curves, checkpoint, config
+    # LoRA (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all layers)
+    rank: int = 64
+    alpha: float = 32.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    layers: str = "all"  # "all" | "after" (layers after the first SAE) | comma list "12,13,14"
+    # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)
+    lr: float = 5e-5
+    schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the end of the budget)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max grad norm
+    # objective
+    kl_reduction: str = "mean"  # "mean" per token; "sum" over positions then mean over rows (the paper's
+    #                             batch-1 x 1024-position sum: gradients T times larger, so clip bites more)
+    ce_weight: float = 0.0  # + ce_weight * CE(student)
+    mse_weight: float = 0.0  # + mse_weight * normalised SAE reconstruction MSE (meaningful with layers=all)
+    skip_first: bool = False  # leave position 0 unspliced (the paper does this for Gemma Scope SAEs)
+    # budget and batching (a step = batch_size x grad_accum rows of seq_len tokens)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = None  # training wall-clock budget (eval time excluded)
+    batch_size: int = 4
+    seq_len: int = 256
+    grad_accum: int = 1
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_interval: int = 50  # steps between held-out evals (0: only at the start and end)
+    eval_every_s: float | None = None  # or: seconds of training between evals
+    eval_rows: int = 16  # held-out rows per eval
+    checkpoint_interval: int = 100  # steps between checkpoints (also written on Ctrl-C and at the end)
+    resume: bool = False  # continue from out/checkpoint
+    device: str | None = None  # default: cuda if available, else cpu
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+    def layer_spec(self) -> str | list[int]:
+        if self.layers in ("all", "after"):
+            return self.layers
+        return [int(i) for i in str(self.layers).split(",") if i.strip()]
+
+    def total_steps(self) -> int | None:
+        """Steps from max_steps / max_tokens (the smaller); None if only a time budget is set."""
+        per_step = self.batch_size * self.grad_accum * self.seq_len
+        candidates = [s for s in (self.max_steps, -(-self.max_tokens // per_step) if self.max_tokens else None)
+                      if s is not None]
+        return min(candidates) if candidates else None
+
+    def validate(self) -> None:
+        if not (self.max_steps or self.max_tokens or self.max_minutes):
+            raise ValueError("set a budget: max_steps, max_tokens or max_minutes")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
+        if self.kl_reduction not in ("mean", "sum"):
+            raise ValueError(f"kl_reduction must be mean or sum, got {self.kl_reduction!r}")
+        if self.schedule != "constant" and self.total_steps() is None:
+            raise ValueError("a decaying schedule needs max_steps or max_tokens")
+        for name in ("rank", "batch_size", "seq_len", "grad_accum", "eval_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

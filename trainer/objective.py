@@ -1,0 +1,117 @@
+"""Teacher and student logits, and the KL objective of the paper.
+
+teacher = the frozen model, SAEs off, adapters disabled, no grad.
+student = the model with its LoRA adapter, SAEs spliced in `replace` mode.
+loss    = KL(p_teacher || p_student) over every next-token position (+ optional CE and MSE terms).
+
+When the LoRA adapter touches no layer before the first SAE (`layers="after"`), teacher and student
+share the layers up to that SAE exactly: they are run once (`prefix_point`), without grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from saelora.adapters.activations import resume_from_hook, run_to_hook
+from saelora.adapters.hooks import HookPoint
+from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.splice import splice
+
+
+def adapters_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which a PeftModel runs as its base model (a plain model: nothing to disable)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) per position: (B, T, V) x2 -> (B, T), computed in fp32."""
+    lt = F.log_softmax(teacher_logits.float(), dim=-1)
+    ls = F.log_softmax(student_logits.float(), dim=-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def ce_per_token(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V), ids (B, T) -> (B, T-1)."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+@contextlib.contextmanager
+def _from(model: torch.nn.Module, point: HookPoint | None, x: torch.Tensor | None) -> Iterator[None]:
+    if point is None:
+        yield
+    else:
+        with resume_from_hook(model, point, x):
+            yield
+
+
+def prefix(model: torch.nn.Module, point: HookPoint | None, ids: torch.Tensor) -> torch.Tensor | None:
+    """Residual stream at `point` with adapters disabled (None when no prefix is shared)."""
+    if point is None:
+        return None
+    with torch.no_grad(), adapters_disabled(model):
+        return run_to_hook(model, point, ids)
+
+
+def teacher_logits(model: torch.nn.Module, ids: torch.Tensor, point: HookPoint | None = None,
+                   x: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the frozen base model (adapters disabled, no SAE, no grad): (B, T, V)."""
+    with torch.no_grad(), adapters_disabled(model), _from(model, point, x):
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def spliced_logits(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None = None,
+                   x: torch.Tensor | None = None, adapter: bool = True, mode: str = "replace",
+                   skip_first: bool = False) -> tuple[torch.Tensor, dict[str, list[dict[str, torch.Tensor]]]]:
+    """Logits (B, T, V) with `saes` spliced in `mode`, and the splice's per-SAE stats."""
+    ctx = contextlib.nullcontext() if adapter else adapters_disabled(model)
+    with ctx, _from(model, point, x), splice(model, saes, mode=mode, stats=True, skip_first=skip_first) as sp:
+        logits = model(input_ids=ids, use_cache=False).logits
+    return logits, sp.pop_stats()
+
+
+@dataclass
+class ObjectiveWeights:
+    """Loss = kl + ce_weight * CE(student) + mse_weight * normalised SAE reconstruction MSE."""
+
+    kl_reduction: str = "mean"  # "mean": per-token mean; "sum": summed over positions, mean over the batch (paper)
+    ce_weight: float = 0.0
+    mse_weight: float = 0.0
+
+
+def objective(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, w: ObjectiveWeights,
+              point: HookPoint | None = None, skip_first: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss for one batch `ids` (B, T) and its parts (floats, for logging)."""
+    x = prefix(model, point, ids)  # (B, T, d) or None
+    t_logits = teacher_logits(model, ids, point, x)
+    s_logits, stats = spliced_logits(model, saes, ids, point, x, skip_first=skip_first)
+    kl = kl_per_token(t_logits, s_logits)  # (B, T)
+    loss = kl.sum(1).mean() if w.kl_reduction == "sum" else kl.mean()
+    parts: dict[str, float] = {"kl": kl.mean().item()}
+    if w.ce_weight:
+        ce = ce_per_token(s_logits, ids).mean()
+        loss = loss + w.ce_weight * ce
+        parts["ce"] = ce.item()
+    if w.mse_weight:
+        mse = sum(st["sse"] / (st["n"] * st["d"]) for per in stats.values() for st in per)
+        loss = loss + w.mse_weight * mse
+        parts["mse"] = float(mse)
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def sae_summary(stats: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Accumulated splice stats -> per SAE {l0, fvu}."""
+    out = {}
+    for name, per in stats.items():
+        if not per:
+            continue
+        sse = sum(float(s["sse"]) for s in per)
+        sst = sum(float(s["sst"]) for s in per)
+        n = sum(float(s["n"]) for s in per)
+        out[name] = {"l0": sum(float(s["l0"]) for s in per) / max(n, 1.0), "fvu": sse / max(sst, 1e-12)}
+    return out

@@ -1,0 +1,90 @@
+"""`saelora train`: LoRA adapters on a frozen model around frozen SAEs (Chen, Engels, Tegmark 2025)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelora.adapters.bundle import BundleManifest, save_bundle
+from saelora.adapters.corpus import CorpusConfig, PackedCorpus, load_corpus
+from saelora.adapters.models import LoadedModel, load_model
+from saelora.adapters.saes import LoadedSAE, load_sae
+
+from .config import TrainConfig
+from .lora import LoraSettings, add_lora, lora_config, resolve_layers
+from .loop import LoopState, Trainee, train_loop
+from .plots import plot_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    lm: LoadedModel
+    saes: list[LoadedSAE]
+    corpus: PackedCorpus
+
+
+def prepare(cfg: TrainConfig) -> Setup:
+    """Model, SAEs (frozen) and packed corpus for a run; seeds torch."""
+    torch.manual_seed(cfg.seed)
+    if not cfg.saes:
+        raise ValueError("at least one SAE is needed (--sae PATH)")
+    lm = load_model(cfg.model, device=cfg.device)
+    lm.model.requires_grad_(False)
+    saes = [load_sae(lm.model, spec) for spec in cfg.saes]
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed))
+    dev = next(lm.model.parameters()).device
+    corpus.train, corpus.val = corpus.train.to(dev), corpus.val[: cfg.eval_rows].to(dev)
+    return Setup(lm, saes, corpus)
+
+
+def shared_prefix_point(model: torch.nn.Module, saes: list[LoadedSAE], layers: list[int] | None):
+    """The first SAE's hook point when no adapted layer runs before it (teacher and student share it)."""
+    first = min((s.hook for s in saes), key=lambda p: p.depth)
+    if first.depth == 0 or (layers is None) or min(layers) < first.depth:
+        return None
+    return first
+
+
+def manifest_for(cfg: TrainConfig, setup: Setup, st: LoopState, wall_s: float) -> BundleManifest:
+    final = st.evals[-1] if st.evals else {}
+    return BundleManifest(
+        base_model={"spec": cfg.model, "fingerprint": setup.lm.fingerprint},
+        saes=[s.describe() for s in setup.saes],
+        lora={"layers": cfg.layers},
+        training={"config": cfg.to_json(), "steps": st.step, "tokens_seen": st.tokens,
+                  "train_seconds": round(st.train_s, 1), "wall_seconds": round(wall_s, 1),
+                  "corpus": setup.corpus.info},
+        metrics={"final": final, "history": st.evals},
+    )
+
+
+def train_lora(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """Train a LoRA adapter; returns (bundle path, final eval)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    setup = prepare(cfg)
+    settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                            targets=cfg.targets, layers=cfg.layer_spec())
+    points = [s.hook for s in setup.saes]
+    peft_cfg = lora_config(setup.lm.model, settings, points)
+    model = add_lora(setup.lm.model, settings, points)
+    layers = resolve_layers(setup.lm.model, settings.layers, points)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log.info("LoRA r=%d on %s, layers %s: %d trainable parameters", cfg.rank, sorted(peft_cfg.target_modules),
+             cfg.layers, sum(p.numel() for _, p in named))
+    tr = Trainee(model, setup.saes, named, shared_prefix_point(setup.lm.model, setup.saes, layers), has_adapter=True)
+    st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out)
+    bundle = save_bundle(out / "adapter", model, manifest_for(cfg, setup, st, time.perf_counter() - t0))
+    plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"LoRA r={cfg.rank} ({cfg.layers}) around SAE")
+    log.info("adapter bundle written to %s", bundle)
+    return bundle, st.evals[-1]
