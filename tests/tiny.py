@@ -82,11 +82,13 @@ def tiny_text_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
     docs = []
     for _ in range(n_docs):
         start = rng.randrange(len(WORDS))
-        docs.append(" ".join(WORDS[(start + rng.choice([1, 1, 2, 3]) * i) % len(WORDS)] for i in range(rng.randint(8, 40))))
+        stride = rng.choice([1, 1, 2, 3])
+        docs.append(" ".join(WORDS[(start + stride * i) % len(WORDS)] for i in range(rng.randint(8, 40))))
     return docs
 
 
-def tiny_workspace(root: Path, n_layers: int = 3, saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),)):
+def tiny_workspace(root: Path, n_layers: int = 3,
+                   saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),)) -> dict:
     """A tiny HF model folder (vocabulary fitted to a tiny tokenizer), SAE folders and a .jsonl corpus."""
     import json
 

@@ -57,7 +57,8 @@ def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]
     return resolved
 
 
-def resolve_layers(model: torch.nn.Module, layers: str | Sequence[int], points: Sequence[HookPoint]) -> list[int] | None:
+def resolve_layers(model: torch.nn.Module, layers: str | Sequence[int],
+                   points: Sequence[HookPoint]) -> list[int] | None:
     """Decoder-layer indices to adapt (None = all). `after` = the layers after the first SAE's hook."""
     n = len(decoder_layers(model))
     if layers == "all":
