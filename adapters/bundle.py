@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .errors import SaeloraError
 from .fingerprint import compare_fingerprints
 from .saes import LoadedSAE
 
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-class BundleError(ValueError):
+class BundleError(SaeloraError, ValueError):
     """A bundle that cannot be used; `problems` lists every reason at once."""
 
     def __init__(self, path: str | Path, problems: Sequence[str]) -> None:

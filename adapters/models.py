@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .config import DEFAULT_MODEL, cache_dir, default_device, default_dtype
+from .errors import SaeloraError
 from .fingerprint import fingerprint_module
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _FINGERPRINT_FILE = "saelora_fingerprint.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SaeloraError, RuntimeError):
     """A model spec that cannot be resolved or loaded; the message says why and what to do."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .errors import SaeloraError
 from .fingerprint import fingerprint_module
 from .hooks import HookError, HookPoint, check_d_in, resolve_hook
 
@@ -23,7 +24,7 @@ SAE_WEIGHTS = "sae_weights.safetensors"
 _NOT_RESIDUAL = ("transcoder",)
 
 
-class SAELoadError(RuntimeError):
+class SAELoadError(SaeloraError, RuntimeError):
     """An SAE spec that cannot be resolved or loaded."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from .errors import SaeloraError
 from .hooks import backbone, decoder_layers
 from .saes import LoadedSAE
 
@@ -37,7 +38,7 @@ POSITION_WORDS: tuple[str, ...] = ("all", "prompt", "generated")
 _STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")  # sae-lens keeps encode state for decode
 
 
-class SpliceError(ValueError):
+class SpliceError(SaeloraError, ValueError):
     """Invalid splice configuration or edit (unknown SAE, feature out of range, bad op/value/positions)."""
 
 

@@ -106,7 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from saelora.adapters.errors import SaeloraError
+
+    try:
+        return int(args.func(args) or 0)
+    except SaeloraError as e:
+        logging.getLogger("saelora").debug("error details", exc_info=True)
+        print(f"saelora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saelora {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -68,3 +68,16 @@ def test_namespace_maps_onto_top_level_folders():
     for mod, folder in [(saelora.adapters, "adapters"), (saelora.trainer, "trainer"), (saelora.serve, "serve"),
                         (saelora.clients, "clients")]:
         assert Path(mod.__file__).parent == ROOT / folder
+
+
+@pytest.mark.parametrize("command", ["train", "train-e2e", "train-sae", "eval", "features"])
+def test_every_option_is_documented(command):
+    from saelora.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    parser = sub.choices[command]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        text = (action.help or "").split("(default")[0].strip()
+        assert text, f"saelora {command} {action.option_strings[0]} has no help text"

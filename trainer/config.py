@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saelora.adapters.errors import ConfigError
+
 
 @dataclass
 class TrainConfig:
@@ -16,17 +18,18 @@ class TrainConfig:
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources (see adapters/corpus.py)
     out: str = "runs/lora"  # output folder: bundle in out/adapter, metrics, curves, checkpoint, config
     # LoRA (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all layers)
-    rank: int = 64
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: int = 64  # LoRA rank r
+    alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
+    dropout: float = 0.0  # LoRA dropout (0 keeps runs bit-for-bit reproducible)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # short names
+    #                     (mapped per architecture) or literal module-name suffixes
     layers: str = "all"  # "all" | "after" (layers after the first SAE) | comma list "12,13,14"
     # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW learning rate
     schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the end of the budget)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights
     clip: float = 1.0  # max grad norm
     # objective
     kl_reduction: str = "mean"  # "mean" per token; "sum" over positions then mean over rows (the paper's
@@ -35,13 +38,13 @@ class TrainConfig:
     mse_weight: float = 0.0  # + mse_weight * normalised SAE reconstruction MSE (meaningful with layers=all)
     skip_first: bool = False  # leave position 0 unspliced (the paper does this for Gemma Scope SAEs)
     # budget and batching (a step = batch_size x grad_accum rows of seq_len tokens)
-    max_steps: int | None = None
-    max_tokens: int | None = None
+    max_steps: int | None = None  # optimizer steps
+    max_tokens: int | None = None  # training tokens (rounded up to whole steps)
     max_minutes: float | None = None  # training wall-clock budget (eval time excluded)
-    batch_size: int = 4
-    seq_len: int = 256
-    grad_accum: int = 1
-    seed: int = 0
+    batch_size: int = 4  # rows per micro-batch
+    seq_len: int = 256  # tokens per row
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # seeds torch, the data order and the corpus shuffle
     # evaluation and checkpoints
     eval_interval: int = 50  # steps between held-out evals (0: only at the start and end)
     eval_every_s: float | None = None  # or: seconds of training between evals
@@ -70,13 +73,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not (self.max_steps or self.max_tokens or self.max_minutes):
-            raise ValueError("set a budget: max_steps, max_tokens or max_minutes")
+            raise ConfigError("set a budget: max_steps, max_tokens or max_minutes")
         if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
         if self.kl_reduction not in ("mean", "sum"):
-            raise ValueError(f"kl_reduction must be mean or sum, got {self.kl_reduction!r}")
+            raise ConfigError(f"kl_reduction must be mean or sum, got {self.kl_reduction!r}")
         if self.schedule != "constant" and self.total_steps() is None:
-            raise ValueError("a decaying schedule needs max_steps or max_tokens")
+            raise ConfigError("a decaying schedule needs max_steps or max_tokens")
         for name in ("rank", "batch_size", "seq_len", "grad_accum", "eval_rows"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive")

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from saelora.adapters.errors import SaeloraError
 from saelora.adapters.hooks import HookPoint, decoder_layers, unwrap
 
 # Short names (the paper's q,k,v,o,gate,up,down) -> module-name suffixes per architecture family.
@@ -22,7 +23,7 @@ _FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "lla
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class LoraSetupError(ValueError):
+class LoraSetupError(SaeloraError, ValueError):
     """LoRA settings that do not fit the model."""
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from saelora.adapters.errors import ConfigError
+
 from saelora.adapters.bundle import BundleManifest, save_bundle
 from saelora.adapters.corpus import CorpusConfig, PackedCorpus, load_corpus
 from saelora.adapters.models import LoadedModel, load_model
@@ -34,7 +36,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     """Model, SAEs (frozen) and packed corpus for a run; seeds torch."""
     torch.manual_seed(cfg.seed)
     if not cfg.saes:
-        raise ValueError("at least one SAE is needed (--sae PATH)")
+        raise ConfigError("at least one SAE is needed (--sae PATH)")
     lm = load_model(cfg.model, device=cfg.device)
     lm.model.requires_grad_(False)
     saes = [load_sae(lm.model, spec) for spec in cfg.saes]

@@ -1,0 +1,143 @@
+"""Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features.
+
+Options are generated from the config dataclasses; each option's help is the comment on its field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import re
+import sys
+from typing import Any, get_type_hints
+
+log = logging.getLogger(__name__)
+_FIELD = re.compile(r"^\s+(\w+):[^#]*?(?:#\s*(.*))?$")
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Help text per field from the `# comment` on its line (and comment-only lines right after it)."""
+    helps: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if re.match(r"#\s{2,}", stripped) and last:  # an indented comment continues the field above
+            helps[last] += " " + stripped.lstrip("#").strip()
+            continue
+        m = _FIELD.match(line)
+        if m and not stripped.startswith(("def ", "@", "return")):
+            last = m.group(1)
+            helps[last] = (m.group(2) or "").strip()
+        elif stripped:
+            last = None
+    return helps
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None) -> None:
+    """One --option per field of dataclass `cls` (lists repeatable or comma-separated; bools as flags)."""
+    helps, hints = _field_help(cls), get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + (renames or {}).get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        hint = str(hints[f.name])
+        if hint == "bool" or isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif "list" in hint:
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=text + "; repeatable")
+        else:
+            kind = int if "int" in hint else float if "float" in hint else str
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name)
+        if isinstance(v, list):  # repeatable and/or comma-separated
+            v = [item for x in v for item in str(x).split(",") if item]
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import train_lora
+
+    bundle, final = train_lora(config_from_args(TrainConfig, args))
+    _print_eval(final)
+    print(f"adapter bundle: {bundle}")
+    return 0
+
+
+def _cmd_train_e2e(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .e2e import train_e2e
+
+    folder, final = train_e2e(config_from_args(TrainConfig, args))
+    _print_eval(final)
+    print(f"fine-tuned SAEs: {folder}")
+    return 0
+
+
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    from .train_sae import SAETrainConfig, train_sae
+
+    folder, quality = train_sae(config_from_args(SAETrainConfig, args))
+    print(json.dumps(quality, indent=2))
+    print(f"SAE folder: {folder}")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from .features import FeaturesConfig, run_features
+
+    for out in run_features(config_from_args(FeaturesConfig, args)):
+        print(f"features: {out / 'features.json'}  page: {out / 'index.html'}")
+    return 0
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    from .evaluate import format_table
+
+    print(format_table(result))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .run_eval import EvalConfig, run_eval
+
+    results = run_eval(config_from_args(EvalConfig, args))
+    for name, res in results.items():
+        print(f"\n== {name}")
+        _print_eval(res)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the trainer's subcommands to the `saelora` parser."""
+    from .config import TrainConfig
+    from .features import FeaturesConfig
+    from .run_eval import EvalConfig
+    from .train_sae import SAETrainConfig
+
+    specs = [
+        ("train", TrainConfig, _cmd_train, "train a LoRA adapter around frozen SAEs (KL to the original model)"),
+        ("train-e2e", TrainConfig, _cmd_train_e2e, "baseline: fine-tune the SAEs end to end with KL, model frozen"),
+        ("train-sae", SAETrainConfig, _cmd_train_sae, "train an SAE on activations streamed from the model"),
+        ("eval", EvalConfig, _cmd_eval, "CE base / spliced / spliced+adapter, gap closed, KL, L0, FVU"),
+        ("features", FeaturesConfig, _cmd_features, "top-activating contexts per latent as JSON + HTML"),
+    ]
+    for name, cls, func, text in specs:
+        p = sub.add_parser(name, help=text, description=text)
+        add_dataclass_args(p, cls, renames={"saes": "sae"})
+        p.set_defaults(func=func)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from saelora.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,160 @@
+"""`saelora features`: what each SAE latent responds to, over a corpus, optionally under an adapter.
+
+Per latent: the top-activating contexts (token, text around it, activation), activation density and
+max; plus the dead latents. Written as `features.json` and a static `index.html` (searchable by feature
+index and by token) per SAE. The server serves these descriptions at /v1/saes/{id}/features/{index}.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelora.adapters.errors import ConfigError
+from tqdm.auto import tqdm
+
+from saelora.adapters.activations import run_to_hook
+from saelora.adapters.saes import LoadedSAE
+
+log = logging.getLogger(__name__)
+FEATURES_FILE = "features.json"
+
+
+@dataclass
+class FeaturesConfig:
+    model: str = "smollm2-135m"  # base model spec
+    saes: list[str] = field(default_factory=list)  # sae-lens folders
+    adapter: str | None = None  # adapter bundle to apply before reading latents (changes them with layers=all)
+    corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources to scan
+    rows: int = 256  # corpus rows to scan (validation split first, then train)
+    seq_len: int = 128  # tokens per row
+    batch_size: int = 16  # rows per forward
+    top_n: int = 10  # contexts kept per latent
+    context_left: int = 12  # tokens shown before the activating token
+    context_right: int = 4  # tokens shown after it
+    out: str | None = None  # default: <sae folder>/features
+    device: str | None = None  # default: cuda if available, else cpu
+
+
+class TopContexts:
+    """Running top-n (value, row, position) per latent over batches of latents (B, T, S)."""
+
+    def __init__(self, d_sae: int, top_n: int) -> None:
+        self.values = torch.full((top_n, d_sae), -float("inf"))
+        self.where = torch.zeros((top_n, d_sae), dtype=torch.long)  # flat index row * T + position
+        self.active = torch.zeros(d_sae, dtype=torch.long)
+        self.max = torch.zeros(d_sae)
+        self.tokens = 0
+
+    def update(self, z: torch.Tensor, row_offset: int) -> None:
+        b, t, s = z.shape
+        flat = z.reshape(b * t, s).float().cpu()  # (N, S)
+        self.active += (flat > 0).sum(0)
+        self.max = torch.maximum(self.max, flat.max(0).values)
+        self.tokens += b * t
+        k = min(self.values.shape[0], b * t)
+        v, i = flat.topk(k, dim=0)  # (k, S)
+        vals = torch.cat([self.values, v])
+        where = torch.cat([self.where, i + row_offset * t])
+        top = vals.topk(self.values.shape[0], dim=0)
+        self.values, self.where = top.values, torch.gather(where, 0, top.indices)
+
+
+def _context(tokenizer: Any, rows: torch.Tensor, flat_idx: int, cfg: FeaturesConfig) -> dict[str, Any]:
+    t = rows.shape[1]
+    r, p = divmod(flat_idx, t)
+    ids = rows[r].tolist()
+    return {"row": r, "position": p, "token": tokenizer.decode([ids[p]]),
+            "left": tokenizer.decode(ids[max(0, p - cfg.context_left):p]),
+            "right": tokenizer.decode(ids[p + 1:p + 1 + cfg.context_right])}
+
+
+def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, rows: torch.Tensor,
+                      cfg: FeaturesConfig) -> dict[str, Any]:
+    """Scan `rows` (N, T) and describe every latent of `sae`."""
+    acc = TopContexts(sae.d_sae, cfg.top_n)
+    with torch.no_grad():
+        for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"features {sae.name}", disable=None):
+            x = run_to_hook(model, sae.hook, rows[i:i + cfg.batch_size])  # (b, T, d)
+            acc.update(sae.sae.encode(x), i)
+    rows_cpu = rows.cpu()
+    features = []
+    for j in range(sae.d_sae):
+        top = [dict(_context(tokenizer, rows_cpu, int(acc.where[n, j]), cfg), value=round(float(acc.values[n, j]), 4))
+               for n in range(acc.values.shape[0]) if acc.values[n, j] > 0]
+        features.append({"index": j, "density": float(acc.active[j]) / acc.tokens, "max": float(acc.max[j]),
+                         "top": top})
+    dead = [f["index"] for f in features if not f["top"]]
+    return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead, "features": features}
+
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
+body{{font-family:sans-serif;margin:2em}} .f{{border-top:1px solid #ccc;padding:.4em 0}} b.tok{{background:#fd6}}
+.ctx{{font-family:monospace;white-space:pre-wrap;margin:.1em 0}} input{{font-size:1em;margin:.2em}}
+</style></head><body><h1>{title}</h1><p>{summary}</p>
+<input id="idx" placeholder="feature index"><input id="tok" placeholder="token (e.g. Paris)">
+<div id="list"></div><script>
+const DATA = {data};
+function show() {{
+  const i = document.getElementById('idx').value.trim(), t = document.getElementById('tok').value.trim();
+  const out = [];
+  for (const f of DATA.features) {{
+    if (i !== '' && String(f.index) !== i) continue;
+    if (t !== '' && !f.top.some(c => c.token.trim() === t)) continue;
+    if (!f.top.length) continue;
+    const ctx = c => `<div class="ctx">${{c.value.toFixed(2)}}  ${{esc(c.left)}}` +
+      `<b class="tok">${{esc(c.token)}}</b>${{esc(c.right)}}</div>`;
+    out.push(`<div class="f"><b>#${{f.index}}</b> density ${{f.density.toExponential(2)}} max ${{f.max.toFixed(2)}}` +
+      f.top.map(ctx).join('') + '</div>');
+    if (out.length >= 200) break;
+  }}
+  document.getElementById('list').innerHTML = out.join('') || 'no match';
+}}
+function esc(s) {{ return s.replace(/[&<>]/g, c => ({{'&':'&amp;','<':'&lt;','>':'&gt;'}}[c])); }}
+document.getElementById('idx').oninput = show; document.getElementById('tok').oninput = show; show();
+</script></body></html>"""
+
+
+def write_features(result: dict[str, Any], out: Path) -> Path:
+    """features.json and a static searchable index.html in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FEATURES_FILE).write_text(json.dumps(result))
+    s = result["sae"]
+    summary = (f"{html.escape(s['source'])} at {s['hook']}: {s['d_sae']} latents, {len(result['dead'])} dead "
+               f"on {result['tokens']} tokens")
+    page = _PAGE.format(title=html.escape(f"SAE features: {s['name']}"), summary=summary,
+                        data=json.dumps(result).replace("</", "<\\/"))
+    (out / "index.html").write_text(page)
+    return out
+
+
+def run_features(cfg: FeaturesConfig) -> list[Path]:
+    """Describe the latents of each SAE in `cfg.saes`; returns the output folders."""
+    from saelora.adapters.bundle import attach_bundle, load_bundle
+    from saelora.adapters.corpus import CorpusConfig, load_corpus
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+
+    if not cfg.saes:
+        raise ConfigError("at least one SAE is needed (--sae PATH)")
+    lm = load_model(cfg.model, device=cfg.device)
+    saes = [load_sae(lm.model, s) for s in cfg.saes]
+    model = lm.model
+    if cfg.adapter:
+        model = attach_bundle(model, load_bundle(cfg.adapter, lm.fingerprint, saes), "adapter")
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len))
+    rows = torch.cat([corpus.val, corpus.train])[: cfg.rows].to(next(model.parameters()).device)
+    outs = []
+    for spec, sae in zip(cfg.saes, saes, strict=True):
+        result = describe_features(model, lm.tokenizer, sae, rows, cfg)
+        result["config"] = asdict(cfg)
+        out = Path(cfg.out) / sae.name if cfg.out and len(saes) > 1 else Path(cfg.out or Path(spec) / "features")
+        outs.append(write_features(result, out))
+        log.info("features of %s written to %s (%d dead of %d)", sae.name, out, len(result["dead"]), sae.d_sae)
+    return outs
