@@ -223,8 +223,8 @@ class Splice:
         b, t, _ = x.shape  # x: (B, T, d) residual stream at the hook
         modes = self._row_modes(s.name, b)
         capture = self.top_k > 0 or self.dense
-        if not capture and not self.stats_enabled and all(m == "off" for m in modes):
-            return x
+        if not capture and not self.stats_enabled and not self._any_active(s.name, modes):
+            return x  # every row is off, or error_term without edits: the stream is exactly x
         pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
         z = s.sae.encode(x)  # (B, T, d_sae)
         z_edit, edited = self._edit_latents(s.name, z, pos)  # edited: (B, T) bool, or None
@@ -250,6 +250,14 @@ class Splice:
         if bool(keep.any()):
             out = torch.where(keep[..., None], x, out)
         return out
+
+    def _any_active(self, name: str, modes: list[str]) -> bool:
+        if "replace" in modes:
+            return True
+        if self.rows is None or "error_term" not in modes:
+            return False
+        return any(m == "error_term" and any(e.sae == name for e in r.edits)
+                   for m, r in zip(modes, self.rows, strict=True))
 
     def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor):
         if not self.rows or not any(e.sae == name for r in self.rows for e in r.edits):

@@ -1,0 +1,133 @@
+"""The engine interface the HTTP layer talks to. The embedded torch engine (`torch_engine.py`) implements it
+and is the reference; a vLLM engine implements the same interface.
+
+A generation streams events: `PromptFeatures` (when asked), one `TokenEvent` per generated token (with its
+text delta, logprobs and latents), then `Finished`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from saelora.adapters.splice import LatentEdit
+
+
+class EngineError(Exception):
+    """An error the HTTP layer maps to a status: kind is one of
+    invalid (400), not_found (404), conflict (409), queue_full (429), not_ready (503)."""
+
+    def __init__(self, kind: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.param = kind, message, param
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob and the top k
+
+
+@dataclass
+class SpliceRequest:
+    mode: str = "error_term"  # replace | error_term | off, for every SAE
+    top_k: int = 0  # latents per token and SAE to return (0: none)
+    include_prompt: bool = False
+    saes: list[str] | None = None  # SAEs to report (None: all)
+    edits: list[LatentEdit] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: Sampling
+    splice: SpliceRequest
+    adapter: str | None = None  # None: the base model
+
+
+Latents = dict[str, tuple[list[int], list[float]]]  # sae id -> (indices, values)
+
+
+@dataclass
+class TokenFeaturesOut:
+    position: int
+    token_id: int
+    features: Latents
+
+
+@dataclass
+class PromptFeatures:
+    tokens: list[TokenFeaturesOut]
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    position: int
+    text: str  # text delta released with this token (stop-string hold-back may delay text)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    features: Latents | None = None
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # stop | length
+    text: str  # remaining text released at the end
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = PromptFeatures | TokenEvent | Finished
+
+
+class Engine(abc.ABC):
+    """What a serving engine provides."""
+
+    tokenizer: Any
+    model_id: str
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream the events of one generation; raises EngineError for bad input or a full queue."""
+
+    @abc.abstractmethod
+    async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
+                     adapter: str | None) -> list[TokenFeaturesOut]:
+        """Per-token top-k latents of a prompt, without generating."""
+
+    @abc.abstractmethod
+    def saes(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def adapters(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def unload_adapter(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: running rows, queued requests, adapters loaded."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...

@@ -1,0 +1,90 @@
+"""Every error leaves the server as the OpenAI envelope {"error": {message, type, param, code}}; the mapping
+from exceptions to statuses lives here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import EngineError
+
+log = logging.getLogger(__name__)
+
+# EngineError.kind -> (HTTP status, OpenAI error type)
+KINDS = {
+    "invalid": (400, "invalid_request_error"),
+    "unauthorized": (401, "authentication_error"),
+    "not_found": (404, "not_found_error"),
+    "conflict": (409, "conflict_error"),
+    "too_large": (413, "invalid_request_error"),
+    "queue_full": (429, "rate_limit_error"),
+    "internal": (500, "internal_server_error"),
+    "not_ready": (503, "service_unavailable_error"),
+}
+RETRY_AFTER_S = 1
+
+
+def envelope(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": KINDS.get(kind, (status, kind))[1], "param": param,
+                      "code": status}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(e: EngineError) -> JSONResponse:
+    return envelope(KINDS.get(e.kind, (500, ""))[0], e.kind, e.message, e.param)
+
+
+def error_event(e: BaseException) -> dict:
+    """The SSE payload for an error in the middle of a stream."""
+    if isinstance(e, EngineError):
+        status, kind = KINDS.get(e.kind, (500, "internal"))[0], e.kind
+        return {"error": {"message": e.message, "type": KINDS.get(kind, (500, kind))[1], "param": e.param,
+                          "code": status}}
+    return {"error": {"message": f"{type(e).__name__}: {e}", "type": "internal_server_error", "param": None,
+                      "code": 500}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    extra = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{param + ': ' if param else ''}{msg}{extra}", param
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers that produce the envelope."""
+
+    @app.exception_handler(EngineError)
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return envelope(400, "invalid", message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 401: "unauthorized", 413: "too_large"}.get(exc.status_code, "invalid")
+        return envelope(exc.status_code, kind, str(exc.detail))
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        return envelope(400, "invalid", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return envelope(500, "internal", f"internal error: {type(exc).__name__}")

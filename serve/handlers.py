@@ -1,0 +1,276 @@
+"""OpenAI-compatible handlers: HTTP models (clients/protocol.py) <-> engine requests and events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from saelora.adapters.splice import LatentEdit
+from saelora.clients import protocol as P
+
+from .engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
+                     SpliceRequest, TokenEvent, TokenFeaturesOut)
+from .errors import error_event
+
+DEFAULT_CHAT_MAX_TOKENS = 256
+
+
+class Handlers:
+    def __init__(self, engine: Engine, served_name: str,
+                 on_finish: Callable[[int, int], None] | None = None) -> None:
+        self.engine, self.name = engine, served_name
+        self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
+
+    # ---- request conversion ---------------------------------------------------------------------------
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.name:
+            return None
+        if any(a["name"] == model for a in self.engine.adapters()):
+            return model
+        raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
+
+    def splice_request(self, sae: P.SAEOptions | None) -> SpliceRequest:
+        if sae is None:
+            return SpliceRequest()
+        ids = [s["name"] for s in self.engine.saes()]
+        if (sae.edits or sae.mode != "off" or sae.features) and not ids:
+            raise EngineError("invalid", "this server has no SAE loaded", "sae")
+        edits = []
+        for i, e in enumerate(sae.edits):
+            name = e.sae
+            if name is None:
+                if len(ids) != 1:
+                    raise EngineError("invalid", f"sae.edits[{i}].sae is required: several SAEs are loaded {ids}",
+                                      f"sae.edits.{i}.sae")
+                name = ids[0]
+            positions = tuple(e.positions) if isinstance(e.positions, list) else e.positions
+            edits.append(LatentEdit(name, e.feature, e.op, e.value, positions))
+        f = sae.features or P.SAEFeatureOptions()
+        return SpliceRequest(mode=sae.mode, top_k=f.top_k, include_prompt=f.include_prompt, saes=f.saes, edits=edits)
+
+    def sampling(self, r: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
+                 logprobs: int | None) -> Sampling:
+        try:
+            stop = r.stop_list()
+        except ValueError as e:
+            raise EngineError("invalid", str(e), "stop") from e
+        return Sampling(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or -1,
+                        seed=r.seed, stop=stop, logprobs=logprobs)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer(text)["input_ids"]
+
+    def chat_ids(self, messages: list[P.ChatMessage]) -> list[int]:
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise EngineError("invalid", "this model's tokenizer has no chat template; use /v1/completions", "messages")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def _requests(self, ids: list[int], n: int, sampling: Sampling, splice: SpliceRequest,
+                  adapter: str | None) -> list[GenerationRequest]:
+        out = []
+        for i in range(n):
+            s = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + i})
+            out.append(GenerationRequest(ids, s, splice, adapter))
+        return out
+
+    # ---- running n choices ------------------------------------------------------------------------------
+    async def _merged(self, reqs: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+        """Events of all choices, interleaved as they come: (choice index, event)."""
+        q: asyncio.Queue = asyncio.Queue()
+        gens = [self.engine.generate(r) for r in reqs]
+
+        async def pump(i: int, gen: AsyncIterator[Event]) -> None:
+            try:
+                async for ev in gen:
+                    await q.put((i, ev))
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                await q.put((i, e))
+        # Start the first generation eagerly so validation errors surface before any response is sent.
+        first = await gens[0].__anext__()
+        await q.put((0, first))
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)
+                 if i > 0 or not isinstance(first, Finished)]
+        finished = 0
+        try:
+            while finished < len(reqs):
+                i, ev = await q.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, Finished):
+                    finished += 1
+                    self.on_finish(ev.prompt_tokens, ev.completion_tokens)
+                yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+            for g in gens:
+                await g.aclose()
+
+    # ---- completions --------------------------------------------------------------------------------------
+    def _completion_inputs(self, r: P.CompletionRequest) -> list[GenerationRequest]:
+        adapter = self.adapter_for(r.model)
+        p = r.prompt_text_or_ids()
+        ids = self.tokenize(p) if isinstance(p, str) else list(p)
+        return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(r.sae),
+                              adapter)
+
+    async def completion(self, r: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+        reqs = self._completion_inputs(r)
+        if r.stream:
+            return await self._stream(reqs, chat=False, model=r.model)
+        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
+        async for i, ev in self._merged(reqs):
+            choices[i].add(ev)
+        out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
+                                  logprobs=c.completion_logprobs() if r.logprobs is not None else None,
+                                  features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
+        return P.CompletionResponse(model=r.model, choices=out, usage=_usage(reqs, choices))
+
+    async def chat(self, r: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+        adapter = self.adapter_for(r.model)
+        ids = self.chat_ids(r.messages)
+        budget = r.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, max(1, self.engine.max_model_len - len(ids))))
+        lp = (r.top_logprobs or 0) if r.logprobs else None
+        reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter)
+        if r.stream:
+            return await self._stream(reqs, chat=True, model=r.model)
+        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
+        async for i, ev in self._merged(reqs):
+            choices[i].add(ev)
+        out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
+                            logprobs=c.chat_logprobs() if r.logprobs else None, features=c.features(reqs[i].splice))
+               for i, c in enumerate(choices)]
+        return P.ChatCompletionResponse(model=r.model, choices=out, usage=_usage(reqs, choices))
+
+    async def _stream(self, reqs: list[GenerationRequest], chat: bool, model: str) -> AsyncIterator[str]:
+        """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
+        merged = self._merged(reqs)
+        first = await merged.__anext__()
+        return _sse(first, merged, reqs, chat, model, self.engine.tokenizer)
+
+    # ---- encode only ----------------------------------------------------------------------------------------
+    async def features(self, r: P.FeaturesRequest) -> P.FeaturesResponse:
+        adapter = self.adapter_for(r.model)
+        ids = self.tokenize(r.input) if r.input is not None else self.chat_ids(r.messages or [])
+        if not self.engine.saes():
+            raise EngineError("invalid", "this server has no SAE loaded", "saes")
+        toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
+        return P.FeaturesResponse(model=r.model, tokens=[_token_features(t, self.engine.tokenizer) for t in toks],
+                                  usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids)))
+
+
+def _latents(lat: Latents | None) -> list[P.SAELatents]:
+    return [P.SAELatents(sae=k, indices=v[0], values=v[1]) for k, v in (lat or {}).items()]
+
+
+def _token_features(t: TokenFeaturesOut, tok: Any) -> P.TokenFeatures:
+    return P.TokenFeatures(token=tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
+                           features=_latents(t.features))
+
+
+class _Collected:
+    """One choice's events gathered for a non-streaming response."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok, self.text, self.finish = tokenizer, "", None
+        self.tokens: list[TokenEvent] = []
+        self.prompt: list[TokenFeaturesOut] | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, PromptFeatures):
+            self.prompt = ev.tokens
+        elif isinstance(ev, TokenEvent):
+            self.tokens.append(ev)
+            self.text += ev.text
+        elif isinstance(ev, Finished):
+            self.text += ev.text
+            self.finish = ev.finish_reason
+            self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+
+    def features(self, splice: SpliceRequest) -> P.ChoiceFeatures | None:
+        if not splice.top_k:
+            return None
+        gen = [P.TokenFeatures(token=self.tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
+                               features=_latents(t.features)) for t in self.tokens]
+        prompt = [_token_features(t, self.tok) for t in self.prompt] if self.prompt is not None else None
+        return P.ChoiceFeatures(prompt=prompt, generated=gen)
+
+    def completion_logprobs(self) -> P.CompletionLogprobs:
+        lp, offset = P.CompletionLogprobs(), 0
+        for t in self.tokens:
+            s = self.tok.decode([t.token_id])
+            lp.tokens.append(s)
+            lp.token_logprobs.append(t.logprob if t.logprob is not None else 0.0)
+            lp.top_logprobs.append({self.tok.decode([i]): v for i, v in (t.top_logprobs or [])})
+            lp.text_offset.append(offset)
+            offset += len(s)
+        return lp
+
+    def chat_logprobs(self) -> P.ChatLogprobs:
+        return P.ChatLogprobs(content=[_chat_lp(t, self.tok) for t in self.tokens])
+
+
+def _chat_lp(t: TokenEvent, tok: Any) -> P.ChatTokenLogprob:
+    s = tok.decode([t.token_id])
+    return P.ChatTokenLogprob(token=s, logprob=t.logprob or 0.0, bytes=list(s.encode()),
+                              top_logprobs=[P.TopLogprob(token=tok.decode([i]), logprob=v,
+                                                         bytes=list(tok.decode([i]).encode()))
+                                            for i, v in (t.top_logprobs or [])])
+
+
+def _usage(reqs: list[GenerationRequest], choices: list[_Collected]) -> P.Usage:
+    completion = sum(c.completion_tokens for c in choices)
+    prompt = len(reqs[0].prompt_ids)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _chunk(i: int, ev: Event, chat: bool, tok: Any, created: int, cid: str, model: str) -> dict[str, Any]:
+    text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
+    finish = ev.finish_reason if isinstance(ev, Finished) else None
+    feats = None
+    if isinstance(ev, PromptFeatures):
+        feats = P.ChoiceFeatures(prompt=[_token_features(t, tok) for t in ev.tokens])
+    elif isinstance(ev, TokenEvent) and ev.features is not None:
+        feats = P.ChoiceFeatures(generated=[_token_features(TokenFeaturesOut(ev.position, ev.token_id, ev.features),
+                                                                            tok)])
+    if chat:
+        lp = P.ChatLogprobs(content=[_chat_lp(ev, tok)]) if isinstance(ev, TokenEvent) and ev.logprob is not None \
+            else None
+        choice = P.ChatChunkChoice(index=i, delta=P.ChatDelta(content=text), finish_reason=finish, logprobs=lp,
+                                   features=feats)
+        return P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump(
+            exclude_none=True)
+    lp = None
+    if isinstance(ev, TokenEvent) and ev.logprob is not None:
+        s = tok.decode([ev.token_id])
+        lp = P.CompletionLogprobs(tokens=[s], token_logprobs=[ev.logprob],
+                                  top_logprobs=[{tok.decode([j]): v for j, v in (ev.top_logprobs or [])}])
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=lp,
+                                           features=feats).model_dump(exclude_none=True)]}
+
+
+async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], reqs: list[GenerationRequest],
+               chat: bool, model: str, tok: Any) -> AsyncIterator[str]:
+    created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if chat:
+        for i in range(len(reqs)):
+            head = P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[
+                P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
+            yield f"data: {json.dumps(head.model_dump(exclude_none=True))}\n\n"
+    try:
+        yield f"data: {json.dumps(_chunk(*first, chat, tok, created, cid, model))}\n\n"
+        async for i, ev in rest:
+            yield f"data: {json.dumps(_chunk(i, ev, chat, tok, created, cid, model))}\n\n"
+    except Exception as e:  # noqa: BLE001 - a failure mid-stream becomes an error event
+        yield f"data: {json.dumps(error_event(e))}\n\n"
+    finally:
+        await rest.aclose()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,101 @@
+"""Adapters the server knows: validated bundles keyed by name, with in-flight request counts.
+
+Runtime loads are confined to `--adapter-root`: the path is resolved (symlinks followed) and must stay
+inside the root's real path; safetensors only (the bundle validator refuses pickle). A bundle is fully
+validated against the base model's and SAEs' fingerprints before it becomes visible. Unloading an
+adapter that requests are using fails with 409 (conflict) instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from saelora.adapters.bundle import Bundle, load_bundle, validate_bundle
+from saelora.adapters.saes import LoadedSAE
+
+from .engine import EngineError
+
+BASE = "__base__"
+
+
+def safe_adapter_path(root: str | None, requested: str) -> Path:
+    """Resolve `requested` under `root`; refuse anything that escapes it (.., absolute paths, symlinks)."""
+    if not root:
+        raise EngineError("invalid", "runtime adapter loading is disabled: start the server with --adapter-root",
+                          "lora_path")
+    if "\x00" in requested:
+        raise EngineError("invalid", "lora_path contains a NUL byte", "lora_path")
+    real_root = os.path.realpath(root)
+    candidate = requested if os.path.isabs(requested) else os.path.join(real_root, requested)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise EngineError("invalid", f"lora_path {requested!r} is outside the adapter root", "lora_path")
+    return Path(real)
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    bundle: Bundle
+    in_flight: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        return {"name": self.name, "path": str(self.bundle.path), "rank": int(self.bundle.lora_config.get("r", 0)),
+                "saes": [s.get("hook", "") for s in m.saes], "in_flight": self.in_flight,
+                "metrics": {k: v for k, v in (m.metrics.get("final") or {}).items() if isinstance(v, (int, float))}}
+
+
+class AdapterRegistry:
+    def __init__(self, fingerprint: dict[str, Any], saes: Sequence[LoadedSAE], model: torch.nn.Module) -> None:
+        self.fingerprint, self.saes, self.model = fingerprint, list(saes), model
+        self.entries: dict[str, AdapterEntry] = {}
+        self.lock = threading.Lock()
+
+    def validate(self, name: str, path: Path) -> Bundle:
+        if name == BASE:
+            raise EngineError("invalid", f"{BASE!r} is reserved for the base model", "lora_name")
+        if name in self.entries:
+            raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
+        if not path.is_dir():
+            raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
+        problems = validate_bundle(path, self.fingerprint, self.saes, self.model)
+        if problems:
+            raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(problems), "lora_path")
+        return load_bundle(path)
+
+    def add(self, name: str, bundle: Bundle) -> None:
+        with self.lock:
+            self.entries[name] = AdapterEntry(name, bundle)
+
+    def acquire(self, name: str | None) -> None:
+        """Count a request against its adapter (so it cannot be unloaded under the request)."""
+        if name is None:
+            return
+        with self.lock:
+            if name not in self.entries:
+                raise EngineError("not_found", f"The model `{name}` does not exist.", "model")
+            self.entries[name].in_flight += 1
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self.lock:
+            if name in self.entries:
+                self.entries[name].in_flight -= 1
+
+    def remove(self, name: str) -> AdapterEntry:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise EngineError("not_found", f"no adapter named {name!r} is loaded", "lora_name")
+            if entry.in_flight:
+                raise EngineError("conflict", f"adapter {name!r} is in use by {entry.in_flight} request(s); "
+                                  "retry when they finish", "lora_name")
+            return self.entries.pop(name)

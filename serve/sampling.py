@@ -1,0 +1,67 @@
+"""Per-row sampling, logprobs, and incremental detokenisation with stop strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .engine import Sampling
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+    """One token from a row's logits (V,): greedy at temperature 0, else temperature / top-k / top-p."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    scores = logits.float() / s.temperature
+    if s.top_k and s.top_k > 0 and s.top_k < scores.numel():
+        kth = scores.topk(s.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    probs = torch.softmax(scores, -1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The sampled token's logprob under the model (raw logits) and the top-k (token, logprob) pairs."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k > 0 else None
+    pairs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)] if top is not None else []
+    return float(lp[token]), pairs
+
+
+class Detokenizer:
+    """Releases text as tokens arrive, holding back what could still become a stop string or a partial
+    UTF-8 character; `finish` releases the rest (cut at the stop string)."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.released = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (text delta, hit a stop string)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, self.released - len(stop)))
+            if at != -1:
+                self.text = self.text[:at]
+                return "", True
+        safe = len(self.text) - self.hold
+        if self.text.endswith("\ufffd"):
+            safe = min(safe, len(self.text) - 1)
+        if safe <= self.released:
+            return "", False
+        delta, self.released = self.text[self.released:safe], safe
+        return delta, False
+
+    def finish(self) -> str:
+        delta, self.released = self.text[self.released:], len(self.text)
+        return delta

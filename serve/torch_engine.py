@@ -1,0 +1,365 @@
+"""The embedded torch engine: transformers + PEFT + the splice, with step-level continuous batching.
+
+One background thread owns the model. Between steps it runs commands (adapter load/unload, encode-only
+requests) and admits queued requests (their prompts are prefilled together, left-padded); then one
+batched decode step advances every running row. Each row keeps its own KV cache (serve/kv.py), its own
+adapter (PEFT mixed batch, `__base__` for none), splice mode, edits and sampling settings.
+
+A generated token's latents are those at the token's own position, known one step after it is sampled;
+so with features on, a token's event is released one step later, and a finished row takes one more
+(feature-only) step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from saelora.adapters.activations import run_to_hook
+from saelora.adapters.bundle import attach_bundle, detach_adapter
+from saelora.adapters.models import LoadedModel
+from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.splice import RowSpec, Splice, SpliceError
+
+from . import kv
+from .engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
+                     TokenFeaturesOut)
+from .registry import BASE, AdapterRegistry, safe_adapter_path
+from .sampling import Detokenizer, logprobs_of, sample
+
+log = logging.getLogger(__name__)
+
+
+class _Row:
+    def __init__(self, req: GenerationRequest, emit: Callable[[Any], None], engine: "TorchEngine") -> None:
+        self.req, self.emit = req, emit
+        self.ids = list(req.prompt_ids)  # every token fed, or to be fed next
+        self.prompt_len = len(req.prompt_ids)
+        self.kv: kv.RowKV | None = None
+        self.generated = 0
+        self.pending: TokenEvent | None = None  # sampled, waiting for its latents
+        self.flush_reason: str | None = None  # finished; one more step for the last token's latents
+        self.cancelled = False
+        self.done = False
+        self.detok = Detokenizer(engine.tokenizer, req.sampling.stop)
+        seed = req.sampling.seed
+        self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        names = list(engine.splice.saes)
+        self.spec = RowSpec(modes={n: req.splice.mode for n in names}, edits=list(req.splice.edits),
+                            prompt_len=self.prompt_len)
+        self.report = set(req.splice.saes or names)
+
+
+class TorchEngine(Engine):
+    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
+                 max_model_len: int | None = None, adapter_root: str | None = None) -> None:
+        self.model, self.tokenizer, self.model_id = lm.model, lm.tokenizer, lm.spec
+        self.lm, self.sae_list = lm, saes
+        self.splice = Splice(lm.model, saes, mode="error_term").install()
+        self.max_batch, self.max_queue, self.adapter_root = max_batch, max_queue, adapter_root
+        cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
+        self._max_len = min(max_model_len or cfg_len, cfg_len)
+        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        eos = lm.tokenizer.eos_token_id
+        self.eos = {eos} if eos is not None else set()
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
+        self.incoming: queue.Queue[_Row] = queue.Queue()
+        self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
+            queue.Queue()
+        self.active: list[_Row] = []
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.n_queued = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="saelora-engine", daemon=True)
+        self.thread.start()
+
+    async def stop(self) -> None:
+        self.running = False
+        self.wake.set()
+        if self.thread:
+            await asyncio.to_thread(self.thread.join, 10)
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.thread is not None and self.thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    def stats(self) -> dict[str, float]:
+        return {"running": len(self.active), "queued": self.n_queued, "adapters": len(self.registry.entries)}
+
+    def saes(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.sae_list]
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [e.describe() for e in self.registry.entries.values()]
+
+    # ---- requests (event loop side) -----------------------------------------------------------------
+    def _check(self, req: GenerationRequest) -> None:
+        if not req.prompt_ids:
+            raise EngineError("invalid", "the prompt is empty", "prompt")
+        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
+            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
+                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
+                              "max_tokens")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
+        try:
+            self.splice.validate_row(RowSpec(edits=req.splice.edits))
+        except SpliceError as e:
+            raise EngineError("invalid", str(e), "sae.edits") from e
+        unknown = set(req.splice.saes or []) - set(self.splice.saes)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.splice.saes)}",
+                              "sae.features.saes")
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        self._check(req)
+        if self.n_queued >= self.max_queue:
+            raise EngineError("queue_full", "the server is at capacity; retry shortly")
+        self.registry.acquire(req.adapter)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        row = _Row(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), self)
+        self.n_queued += 1
+        self.incoming.put(row)
+        self.wake.set()
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            row.cancelled = True  # no-op when finished; otherwise the engine drops the row
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        loop, fut = asyncio.get_running_loop(), None
+        fut = loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            def settle() -> None:
+                if not fut.done():
+                    fut.set_exception(error) if error else fut.set_result(result)
+            loop.call_soon_threadsafe(settle)
+        self.commands.put((fn, done))
+        self.wake.set()
+        return await fut
+
+    async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
+                     adapter: str | None) -> list[TokenFeaturesOut]:
+        if len(prompt_ids) > self._max_len:
+            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
+                              "input")
+        unknown = set(saes or []) - set(self.splice.saes)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+        self.registry.acquire(adapter)
+        try:
+            return await self._call(lambda: self._encode(prompt_ids, top_k, set(saes or self.splice.saes), adapter))
+        finally:
+            self.registry.release(adapter)
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        real = safe_adapter_path(self.adapter_root, path)
+        bundle = await asyncio.to_thread(self.registry.validate, name, real)
+        await self._call(lambda: self._attach(name, bundle))
+        return self.registry.entries[name].describe()
+
+    def load_adapter_now(self, name: str, path: str) -> None:
+        """Start-up loading (trusted paths from the command line), before the engine thread runs."""
+        from pathlib import Path
+
+        self._attach(name, self.registry.validate(name, Path(path).resolve()))
+
+    async def unload_adapter(self, name: str) -> None:
+        entry = self.registry.remove(name)
+        try:
+            await self._call(lambda: self._detach(name))
+        except BaseException:
+            self.registry.entries[name] = entry
+            raise
+
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _attach(self, name: str, bundle: Any) -> None:
+        self.model = attach_bundle(self.model, bundle, name)
+        self.registry.add(name, bundle)
+        log.info("adapter %s loaded from %s", name, bundle.path)
+
+    def _detach(self, name: str) -> None:
+        self.model = detach_adapter(self.model, name)
+        log.info("adapter %s unloaded", name)
+
+    def _loop(self) -> None:
+        while self.running:
+            self._run_commands()
+            self._admit()
+            if not self.active:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                self._decode_step()
+            except Exception as e:  # noqa: BLE001 - fail the rows, keep serving
+                log.exception("decode step failed")
+                for row in self.active:
+                    self._fail(row, e)
+                self.active = []
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, done = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done(fn(), None)
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                done(None, e)
+
+    def _admit(self) -> None:
+        new = []
+        while len(self.active) + len(new) < self.max_batch:
+            try:
+                row = self.incoming.get_nowait()
+            except queue.Empty:
+                break
+            self.n_queued -= 1
+            if row.cancelled:
+                self.registry.release(row.req.adapter)
+                continue
+            new.append(row)
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                for row in new:
+                    self._fail(row, e)
+                return
+            self.active += [r for r in new if not r.done]
+
+    def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
+        self.splice.rows = [r.spec for r in rows]
+        self.splice.top_k = max(r.req.splice.top_k for r in rows)
+        self.splice.positions = pos
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos.clamp(min=0),
+                                      past_key_values=cache, use_cache=True)
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = [r.req.adapter or BASE for r in rows]
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        return out, self.splice.pop_captures()
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask, pos = kv.left_pad([r.ids for r in rows], self.pad_id)  # (b, T) each
+        out, caps = self._forward(rows, ids, mask, pos, DynamicCache())
+        for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [len(r.ids) for r in rows]),
+                                              strict=True)):
+            row.kv = row_kv
+            if row.req.splice.include_prompt and row.req.splice.top_k:
+                k = row.req.splice.top_k
+                row.emit(PromptFeatures([TokenFeaturesOut(int(pos[i, j]), int(ids[i, j]),
+                                                          self._latents(caps, row.report, k, i, j))
+                                         for j in range(ids.shape[1]) if pos[i, j] >= 0]))
+            self._next_token(row, out.logits[i, -1])
+
+    def _decode_step(self) -> None:
+        for row in [r for r in self.active if r.cancelled]:
+            self._drop(row)
+        rows = self.active
+        if not rows:
+            return
+        lengths = [kv.row_len(r.kv) for r in rows]
+        cache, s_max = kv.stack([r.kv for r in rows])
+        ids = torch.tensor([[r.ids[-1]] for r in rows])  # (B, 1)
+        mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
+        pos = torch.tensor([[n] for n in lengths])  # (B, 1)
+        out, caps = self._forward(rows, ids, mask, pos, cache)
+        for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [n + 1 for n in lengths]),
+                                              strict=True)):
+            row.kv = row_kv
+            if row.pending is not None:
+                row.pending.features = self._latents(caps, row.report, row.req.splice.top_k, i, 0)
+                row.emit(row.pending)
+                row.pending = None
+            if row.flush_reason:
+                self._finish(row, row.flush_reason)
+            else:
+                self._next_token(row, out.logits[i, -1])
+        self.active = [r for r in self.active if not r.done]
+
+    def _next_token(self, row: _Row, logits: torch.Tensor) -> None:
+        s = row.req.sampling
+        tok = sample(logits, s, row.gen)
+        row.generated += 1
+        if tok in self.eos:
+            self._finish(row, "stop")
+            return
+        row.ids.append(tok)
+        lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
+        delta, hit_stop = row.detok.add(tok)
+        event = TokenEvent(tok, len(row.ids) - 1, delta, lp, top)
+        reason = "stop" if hit_stop else "length" if row.generated >= s.max_tokens else None
+        if row.req.splice.top_k:
+            row.pending, row.flush_reason = event, reason
+        else:
+            row.emit(event)
+            if reason:
+                self._finish(row, reason)
+
+    @staticmethod
+    def _latents(caps: dict[str, list[Any]], report: set[str], k: int, i: int, j: int) -> Latents:
+        """Top-k latents of batch row i, column j, for the SAEs in `report` (inactive ones dropped)."""
+        out = {}
+        for name, per in caps.items():
+            if name in report and per:
+                vals, idx = per[-1].values[i, j, :k], per[-1].indices[i, j, :k]
+                keep = vals != 0
+                out[name] = (idx[keep].tolist(), [round(float(v), 5) for v in vals[keep]])
+        return out
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.done = True
+        self.registry.release(row.req.adapter)
+        row.emit(Finished(reason, row.detok.finish(), row.prompt_len, row.generated))
+
+    def _drop(self, row: _Row) -> None:
+        row.done = True
+        self.registry.release(row.req.adapter)
+        self.active = [r for r in self.active if r is not row]
+
+    def _fail(self, row: _Row, error: Exception) -> None:
+        row.done = True
+        self.registry.release(row.req.adapter)
+        row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+
+    def _encode(self, prompt_ids: list[int], top_k: int, report: set[str],
+                adapter: str | None) -> list[TokenFeaturesOut]:
+        names = [n for n in self.splice.saes if n in report]
+        deepest = max((self.splice.saes[n].hook for n in names), key=lambda p: p.depth)
+        ids = torch.tensor([prompt_ids])
+        self.splice.rows = [RowSpec(modes={n: "off" for n in self.splice.saes})]
+        self.splice.top_k, self.splice.positions = top_k, torch.arange(len(prompt_ids))[None]
+        kwargs = {"adapter_names": [adapter or BASE]} if hasattr(self.model, "peft_config") else {}
+        with torch.no_grad():
+            run_to_hook(self.model, deepest, ids, **kwargs)
+        caps = self.splice.pop_captures()
+        return [TokenFeaturesOut(j, prompt_ids[j], self._latents(caps, report, top_k, 0, j))
+                for j in range(len(prompt_ids))]
