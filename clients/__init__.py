@@ -1,1 +1,9 @@
-"""saelora.clients."""
+"""saelora.clients: typed clients for a saelora server (httpx + pydantic, no torch)."""
+
+from .client import AsyncSaeloraClient, Edit, SaeloraClient
+from .errors import (AuthenticationError, ConflictError, InternalServerError, InvalidRequestError, NotFoundError,
+                     RateLimitError, SaeloraAPIError, ServiceUnavailableError)
+
+__all__ = ["SaeloraClient", "AsyncSaeloraClient", "Edit", "SaeloraAPIError", "InvalidRequestError",
+           "AuthenticationError", "NotFoundError", "ConflictError", "RateLimitError", "ServiceUnavailableError",
+           "InternalServerError"]

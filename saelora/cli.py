@@ -14,7 +14,7 @@ from typing import Sequence
 from saelora import __version__
 
 # Modules that add subcommands; one missing (e.g. a client-only install without torch) is skipped.
-SUBCOMMAND_MODULES = ("saelora.trainer.cli", "saelora.serve.cli", "saelora.clients.cli")
+SUBCOMMAND_MODULES = ("saelora.trainer.cli", "saelora.serve.cli", "saelora.clients.cli", "saelora.demo")
 
 
 def _versions() -> dict[str, str | None]:

@@ -22,3 +22,42 @@ def gpt2():
     from tiny import tiny_gpt2
 
     return tiny_gpt2()
+
+
+SAE = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    """A tiny model, its SAE, a corpus and two adapter bundles under an adapter root."""
+    from tiny import make_bundle, tiny_workspace
+
+    root = tmp_path_factory.mktemp("ws")
+    os.environ.setdefault("SAELORA_CACHE", str(root / "cache"))
+    ws = tiny_workspace(root)
+    (root / "adapters").mkdir()
+    ws["root"] = str(root / "adapters")
+    ws["a1"] = str(make_bundle(ws, root / "adapters" / "a1", seed=1))
+    ws["a2"] = str(make_bundle(ws, root / "adapters" / "a2", seed=2))
+    return ws
+
+
+def make_engine(ws, **kw):
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.serve.torch_engine import TorchEngine
+
+    lm = load_model(ws["model"], device="cpu")
+    return TorchEngine(lm, [load_sae(lm.model, ws["saes"][0])], adapter_root=ws["root"], **kw)
+
+
+@pytest.fixture(scope="session")
+def server(ws):
+    """A real server on 127.0.0.1 with the tiny model, its SAE and adapter a1 loaded at start."""
+    from saelora.serve.app import create_app
+    from server_util import LiveServer
+
+    engine = make_engine(ws)
+    engine.load_adapter_now("a1", ws["a1"])
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        yield srv

@@ -67,7 +67,10 @@ def tiny_tokenizer(texts: list[str]):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant :{% endif %}")
+    return fast
 
 
 WORDS = ("the cat dog sat ran on under a mat log big small red blue quick slow fox jumps over lazy bird "
@@ -109,3 +112,23 @@ def tiny_workspace(root: Path, n_layers: int = 3,
         folders.append(str(save_sae(make_sae(arch, hook=hook, seed=i), root / f"sae{i}")))
     (root / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return {"model": str(root / "model"), "saes": folders, "corpus": str(root / "corpus.jsonl")}
+
+
+def make_bundle(ws: dict, out: Path, seed: int = 0, rank: int = 4, scale: float = 0.3) -> Path:
+    """A real adapter bundle for the tiny workspace's model and first SAE, with random (non-zero) LoRA weights."""
+    from saelora.adapters.bundle import BundleManifest, save_bundle
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.trainer.lora import LoraSettings, add_lora
+
+    lm = load_model(ws["model"], device="cpu")
+    sae = load_sae(lm.model, ws["saes"][0])
+    peft = add_lora(lm.model, LoraSettings(rank=rank), [sae.hook])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    manifest = BundleManifest(base_model={"spec": ws["model"], "fingerprint": lm.fingerprint}, saes=[sae.describe()],
+                              metrics={"final": {"gap_closed": 0.5}})
+    return save_bundle(out, peft, manifest)

@@ -1,0 +1,33 @@
+# saelora server image. Default: CPU, serving the embedded SmolLM2-135M (and the demo SAE/adapter if mounted
+# into $SAELORA_CACHE/demo). The install steps are the Makefile's own (`make setup`), so image and checkout agree.
+#   docker build -t saelora .                                   # CPU (set TORCH_INDEX to a CPU-wheel index)
+#   docker build -t saelora:gpu --build-arg DEVICE=cuda .       # GPU: CUDA torch from PyPI
+FROM python:3.11-slim
+
+ARG DEVICE=cpu
+ARG EXTRAS=serve
+ARG TORCH_INDEX=""
+
+ENV PYTHONUNBUFFERED=1 \
+    SAELORA_CACHE=/home/saelora/.cache/saelora \
+    SAELORA_DEVICE=${DEVICE} \
+    HF_HUB_OFFLINE=1
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.* \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 1000 saelora
+
+WORKDIR /app
+COPY --chown=saelora:saelora . /app
+RUN make setup VENV=/opt/saelora EXTRAS="${EXTRAS}" TORCH_INDEX="${TORCH_INDEX}" \
+    && chown -R saelora:saelora /opt/saelora
+
+USER 1000
+# The embedded model is dequantised and the embedded corpus packed at build time.
+RUN /opt/saelora/bin/saelora prepare
+
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["/opt/saelora/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"]
+CMD ["/opt/saelora/bin/saelora", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,148 @@
+"""`saelora chat`: an interactive terminal chat against a saelora server that shows each generated token's top
+SAE latents, with steering commands. Uses only the client (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from . import protocol as P
+from .client import Edit, SaeloraClient
+from .errors import SaeloraAPIError
+
+HELP = """commands:
+  /steer <feature> <op> [value]   add a latent edit (op: set add scale clamp_max clamp_min ablate)
+  /unsteer                        drop all edits
+  /clear                          forget the conversation
+  /adapter <name|base>            talk to an adapter (see /models)
+  /features on|off                show the top latents of each token
+  /models                         list the base model and adapters
+  /help, /quit"""
+
+
+class ChatSession:
+    """State and commands of one chat; `out` receives everything shown."""
+
+    def __init__(self, client: SaeloraClient, out: TextIO, top_k: int = 3, max_tokens: int = 64) -> None:
+        self.c, self.out, self.top_k, self.max_tokens = client, out, top_k, max_tokens
+        self.base = client.default_model()
+        self.model = self.base
+        self.messages: list[dict[str, str]] = []
+        self.edits: list[P.SAEEdit] = []
+        self.show = True
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        parts = line.split()
+        cmd, args = parts[0], parts[1:]
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self.say(HELP)
+        elif cmd == "/clear":
+            self.messages.clear()
+            self.say("[conversation cleared]")
+        elif cmd == "/features" and args in (["on"], ["off"]):
+            self.show = args == ["on"]
+            self.say(f"[features {args[0]}]")
+        elif cmd == "/adapter" and len(args) == 1:
+            names = [m.id for m in self.c.models().data]
+            target = self.base if args[0] == "base" else args[0]
+            if target not in names:
+                self.say(f"[no model {args[0]!r}; available: {', '.join(names)}]")
+            else:
+                self.model = target
+                self.say(f"[talking to {target}]")
+        elif cmd == "/models":
+            for m in self.c.models().data:
+                self.say(f"  {m.id}" + (f"  (adapter of {m.parent})" if m.parent else ""))
+        elif cmd == "/unsteer":
+            self.edits.clear()
+            self.say("[no edits]")
+        elif cmd == "/steer":
+            self._steer(args)
+        else:
+            self.say(f"[unknown command {line!r}; /help lists them]")
+        return True
+
+    def _steer(self, args: list[str]) -> None:
+        try:
+            feature, op = int(args[0]), args[1]
+            value = float(args[2]) if len(args) > 2 else 0.0
+            self.edits.append(Edit.make(op, feature, value, positions="generated"))
+            self.say(f"[steering: {', '.join(f'{e.op} #{e.feature} {e.value:g}' for e in self.edits)}]")
+        except (IndexError, ValueError) as e:
+            self.say(f"[usage: /steer <feature> <op> [value] ({e.__class__.__name__})]")
+
+    def ask(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        sae = {"features": {"top_k": self.top_k}, "edits": [e.model_dump(exclude_none=True) for e in self.edits]}
+        reply, shown = "", []
+        try:
+            for chunk in self.c.stream_chat(self.messages, model=self.model, max_tokens=self.max_tokens,
+                                            temperature=0.0, sae=sae):
+                for ch in chunk.choices:
+                    reply += ch.delta.content or ""
+                    if self.show and ch.features:
+                        shown += [_compact(t) for t in ch.features.generated]
+                    elif ch.delta.content:
+                        self.out.write(ch.delta.content)
+                        self.out.flush()
+        except SaeloraAPIError as e:
+            self.messages.pop()
+            self.say(f"[error {e.status}: {e.message}]")
+            return
+        if self.show:
+            self.say(" ".join(shown))
+        else:
+            self.say("")
+        self.messages.append({"role": "assistant", "content": reply})
+
+
+def _compact(t: P.TokenFeatures) -> str:
+    lat = " ".join(f"#{i}:{v:.1f}" for f in t.features for i, v in zip(f.indices, f.values, strict=True))
+    return f"{t.token!r}[{lat}]" if lat else repr(t.token)
+
+
+def run_chat(session: ChatSession, stdin: TextIO) -> int:
+    session.say(f"saelora chat with {session.model} — /help for commands")
+    while True:
+        session.out.write("> ")
+        session.out.flush()
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return 0
+        else:
+            session.ask(line)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    with SaeloraClient(args.url, api_key=args.api_key, model=args.model) as client:
+        try:
+            session = ChatSession(client, sys.stdout, top_k=args.top_k, max_tokens=args.max_tokens)
+        except (SaeloraAPIError, OSError) as e:
+            print(f"saelora chat: cannot reach a server at {args.url}: {e}", file=sys.stderr)
+            return 2
+        return run_chat(session, sys.stdin)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("chat", help="interactive chat showing each token's top SAE latents, with /steer",
+                       description="Chat with a saelora server; see /help inside.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="API key, if the server needs one")
+    p.add_argument("--model", help="model or adapter to talk to (default: the server's base model)")
+    p.add_argument("--top-k", type=int, default=3, help="latents shown per token (default 3)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default 64)")
+    p.set_defaults(func=_cmd_chat)

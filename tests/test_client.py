@@ -1,0 +1,136 @@
+"""The typed client against a live server; the terminal chat through a pseudo-terminal."""
+
+import asyncio
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from conftest import SAE, make_engine
+from saelora.clients import (AsyncSaeloraClient, ConflictError, Edit, InvalidRequestError, NotFoundError,
+                             RateLimitError, SaeloraClient)
+from saelora.clients import protocol as P
+from server_util import LiveServer
+
+
+def test_client_never_imports_torch():
+    code = "import sys, saelora.clients, saelora.clients.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def client(server):
+    with SaeloraClient(server.url) as c:
+        yield c
+
+
+def test_typed_calls(client):
+    assert client.default_model() == "tiny"
+    r = client.complete("the cat sat on", max_tokens=4, temperature=0)
+    assert isinstance(r, P.CompletionResponse) and r.usage.completion_tokens == 4
+    chat = client.chat([{"role": "user", "content": "the cat"}], max_tokens=3, temperature=0)
+    assert chat.choices[0].message.content
+    streamed = "".join(d["choices"][0]["text"] for d in client.stream("the cat sat on", max_tokens=4, temperature=0))
+    assert streamed == r.choices[0].text
+    chunks = list(client.stream_chat([{"role": "user", "content": "the cat"}], max_tokens=3, temperature=0))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    feats = client.features("the cat sat", top_k=2)
+    assert [t.token for t in feats.tokens] == ["the", "cat", "sat"] and feats.tokens[0].features[0].sae == SAE
+    assert client.saes.list().data[0].d_sae == 64
+    assert client.feature(SAE, 5).index == 5
+    assert [a.name for a in client.adapters.list().data] == ["a1"]
+
+
+def test_steer_and_compare(client):
+    steered = client.steer("the cat sat on", [Edit.set(3, 25.0, positions="generated")], top_k=2, max_tokens=4,
+                           temperature=0)
+    assert all(t.features[0].indices[0] == 3 for t in steered.choices[0].features.generated)
+    cmp = client.compare("the cat sat on", [Edit.set(3, 25.0, positions="generated")], max_tokens=6)
+    assert cmp["default"] != cmp["steered"]
+    assert cmp["changed"][0]["feature"] == 3 and cmp["changed"][0]["steered"] == 25.0
+    c = client.contrast(["the cat sat on the mat", "a cat and a dog"], ["sun rises east", "river flows to sea"], n=3)
+    assert len(c) == 3 and abs(c[0]["diff"]) >= abs(c[-1]["diff"])
+    assert Edit.ablate(4).op == "ablate" and Edit.clamp_max(4, 1.0).value == 1.0
+
+
+def test_errors_map_to_classes(client):
+    with pytest.raises(NotFoundError):
+        client.complete("x", model="nope")
+    with pytest.raises(InvalidRequestError, match="outside"):
+        client.steer("x", [Edit.set(64, 1.0)])
+    with pytest.raises(ConflictError):
+        client.adapters.load("a1", "a2")
+    with pytest.raises(InvalidRequestError, match="outside the adapter root"):
+        client.adapters.load("x", "../a1")
+
+
+def test_adapter_load_unload_through_client(client):
+    client.adapters.load("c2", "a2")
+    assert client.complete("the cat", model="c2", max_tokens=2, temperature=0).choices[0].text
+    client.adapters.unload("c2")
+    with pytest.raises(NotFoundError):
+        client.adapters.unload("c2")
+
+
+def test_retries_429_honouring_retry_after(ws):
+    with LiveServer(__import__("saelora.serve.app", fromlist=["create_app"]).create_app(
+            make_engine(ws, max_batch=1, max_queue=1), served_name="tiny")) as srv:
+        async def burst(retries):
+            async with AsyncSaeloraClient(srv.url, model="tiny", max_retries=retries) as c:
+                return await asyncio.gather(*[c.complete("the cat", max_tokens=20) for _ in range(5)],
+                                            return_exceptions=True)
+        no_retry = asyncio.run(burst(0))
+        assert any(isinstance(r, RateLimitError) for r in no_retry)
+        with_retry = asyncio.run(burst(6))
+        assert all(isinstance(r, P.CompletionResponse) for r in with_retry), with_retry
+
+
+def test_async_client(server):
+    async def go():
+        async with AsyncSaeloraClient(server.url) as c:
+            r = await c.complete("the cat sat on", max_tokens=3, temperature=0)
+            parts = [d["choices"][0]["text"] async for d in c.stream("the cat sat on", max_tokens=3, temperature=0)]
+            f = await c.features("the cat", top_k=1)
+            s = await c.steer("the cat", [Edit.set(3, 25.0, positions="generated")], top_k=1, max_tokens=2)
+            return r, parts, f, s
+    r, parts, f, s = asyncio.run(go())
+    assert "".join(parts) == r.choices[0].text and len(f.tokens) == 2
+    assert s.choices[0].features.generated[0].features[0].indices == [3]
+
+
+def test_terminal_chat_in_a_pty(server):
+    child = pexpect.spawn(sys.executable, ["-m", "saelora", "chat", "--url", server.url, "--max-tokens", "4"],
+                          encoding="utf-8", timeout=60)
+    try:
+        child.expect("saelora chat with tiny")
+        child.expect("> ")
+        child.sendline("the cat")
+        child.expect(r"'\S+'\[#\d+:\d+\.\d")  # a token with its top latents
+        child.expect("> ")
+        child.sendline("/steer 3 set 25")
+        child.expect(r"\[steering: set #3 25\]")
+        child.sendline("the cat")
+        child.expect("#3:25.0")
+        child.expect("> ")
+        child.sendline("/features off")
+        child.expect(r"\[features off\]")
+        child.sendline("/adapter a1")
+        child.expect(r"\[talking to a1\]")
+        child.sendline("/adapter nope")
+        child.expect(r"\[no model 'nope'")
+        child.sendline("/steer x")
+        child.expect(r"\[usage: /steer")
+        child.sendline("/clear")
+        child.expect(r"\[conversation cleared\]")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_without_a_server_is_a_clear_error():
+    r = subprocess.run([sys.executable, "-m", "saelora", "chat", "--url", "http://127.0.0.1:9"], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "cannot reach a server" in r.stderr and "Traceback" not in r.stderr
