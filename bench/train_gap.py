@@ -93,7 +93,7 @@ def step_costs(args: argparse.Namespace, sae: Path, repeats: int = 3) -> dict[st
         loss.backward()
     steps = {"plain_lora": plain, "lora_sae_all": lambda: around(None),
              "lora_sae_after_prefix": lambda: around(after_point)}
-    for name, fn in steps.items():  # warm-up
+    for fn in steps.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in steps.items():

@@ -1,0 +1,244 @@
+"""Benchmark the server on the embedded model, against a live `saelora serve` on 127.0.0.1.
+
+(1) tokens/s with the splice + top-k features vs splice off, interleaved, same server;
+(2) aggregate tokens/s at 1, 4 and 8 concurrent streams;
+(3) 4 rows with 4 different adapters vs 4 rows of one adapter;
+(4) hot-load latency of a rank-16 all-linear adapter, and failed requests during 50 load/unload cycles under load;
+(5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy).
+Writes bench/results/serve.{json,md}.
+
+    python bench/serve.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("bench.serve")
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = ["The history of the Roman Empire", "In mathematics, a prime number", "The river flows through the city of",
+           "Photosynthesis is the process by which", "The first computers were", "Music in the 20th century",
+           "The capital of France is", "Volcanoes form when"]
+
+
+def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
+    """n random rank-`rank` LoRA bundles on all linear layers of the embedded model (speed only)."""
+    import torch
+
+    from saelora.adapters.bundle import BundleManifest, save_bundle
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.trainer.lora import LoraSettings, add_lora
+
+    lm = load_model("smollm2-135m", device="cpu")
+    s = load_sae(lm.model, sae)
+    peft = add_lora(lm.model, LoraSettings(rank=rank), [s.hook])
+    names = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        save_bundle(root / f"r{i}", peft, BundleManifest(base_model={"spec": "smollm2-135m",
+                                                                     "fingerprint": lm.fingerprint},
+                                                         saes=[s.describe()]))
+        names.append(f"r{i}")
+    return names
+
+
+class Server:
+    def __init__(self, sae: str, root: Path, port: int = 8765) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--sae", sae, "--adapter-root",
+                                      str(root), "--port", str(port), "--max-batch", "8"],
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def _run(url: str, bodies: list[dict]) -> tuple[float, int, int]:
+    """Send `bodies` concurrently; returns (seconds, completion tokens, failures)."""
+    async with httpx.AsyncClient(timeout=600) as c:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*[c.post(url + "/v1/completions", json=b) for b in bodies])
+        dt = time.perf_counter() - t0
+    ok = [r for r in rs if r.status_code == 200]
+    return dt, sum(r.json()["usage"]["completion_tokens"] for r in ok), len(rs) - len(ok)
+
+
+def _bodies(n: int, max_tokens: int, model: str = "smollm2-135m", sae: dict | None = None,
+            models: list[str] | None = None) -> list[dict]:
+    return [{"model": (models[i % len(models)] if models else model), "prompt": PROMPTS[i % len(PROMPTS)],
+             "max_tokens": max_tokens, "temperature": 0, **({"sae": sae} if sae else {})} for i in range(n)]
+
+
+def features_overhead(url: str, tokens: int, reps: int) -> dict:
+    on, off = [], []
+    feats = {"mode": "error_term", "features": {"top_k": 8}}
+    for _ in range(reps):  # interleaved
+        for bucket, sae in ((off, {"mode": "off"}), (on, feats)):
+            dt, n, _ = asyncio.run(_run(url, _bodies(4, tokens, sae=sae)))
+            bucket.append(n / dt)
+    return {"tok_s_off": round(statistics.median(off), 1), "tok_s_features": round(statistics.median(on), 1),
+            "ratio": round(statistics.median(on) / statistics.median(off), 3)}
+
+
+def concurrency(url: str, tokens: int) -> dict:
+    out = {}
+    for n in (1, 4, 8):
+        dt, toks, fails = asyncio.run(_run(url, _bodies(n, tokens)))
+        out[f"streams_{n}"] = {"tok_s": round(toks / dt, 1), "failures": fails}
+    out["ratio_8_vs_1"] = round(out["streams_8"]["tok_s"] / out["streams_1"]["tok_s"], 2)
+    return out
+
+
+def mixed_adapters(url: str, names: list[str], tokens: int, reps: int) -> dict:
+    for n in names[:4]:
+        httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": n, "lora_path": n}, timeout=120).raise_for_status()
+    one, four = [], []
+    for _ in range(reps):
+        one.append(asyncio.run(_run(url, _bodies(4, tokens, models=[names[0]])))[0])
+        four.append(asyncio.run(_run(url, _bodies(4, tokens, models=names[:4])))[0])
+    for n in names[:4]:
+        httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": n}, timeout=120)
+    return {"s_one_adapter": round(statistics.median(one), 2), "s_four_adapters": round(statistics.median(four), 2),
+            "ratio": round(statistics.median(four) / statistics.median(one), 3)}
+
+
+def hot_swap(url: str, name: str, cycles: int) -> dict:
+    failures, sent, done = [], [0], threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not done.is_set():
+                r = c.post(url + "/v1/completions", json=_bodies(1, 8)[0])
+                sent[0] += 1
+                if r.status_code != 200:
+                    failures.append(r.status_code)
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    load_s, unload_s = [], []
+    try:
+        for i in range(cycles):
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": f"hot{i}", "lora_path": name}, timeout=120)
+            load_s.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                failures.append(f"load {r.status_code}")
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": f"hot{i}"}, timeout=120)
+            unload_s.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                failures.append(f"unload {r.status_code}")
+    finally:
+        done.set()
+        for w in workers:
+            w.join()
+    return {"cycles": cycles, "load_s_median": round(statistics.median(load_s), 3),
+            "unload_s_median": round(statistics.median(unload_s), 3), "requests_during": sent[0],
+            "failed": len(failures)}
+
+
+def vs_transformers(url: str, tokens: int) -> dict:
+    """Same batch (4 prompts, greedy, `tokens` new tokens): the server vs in-process HF generate."""
+    import torch
+
+    from saelora.adapters.models import load_model
+
+    dt, n, _ = asyncio.run(_run(url, _bodies(4, tokens, sae={"mode": "off"})))
+    lm = load_model("smollm2-135m", device="cpu")
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(PROMPTS[:4], return_tensors="pt", padding=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = lm.model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                pad_token_id=tok.eos_token_id)
+    hf_dt = time.perf_counter() - t0
+    hf_tokens = (out.shape[1] - enc["input_ids"].shape[1]) * 4
+    return {"server_tok_s": round(n / dt, 1), "transformers_tok_s": round(hf_tokens / hf_dt, 1),
+            "ratio": round((n / dt) / (hf_tokens / hf_dt), 3)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", help="sae-lens folder (default: the demo SAE, else the train_gap benchmark SAE)")
+    p.add_argument("--tokens", type=int, default=48, help="tokens per request")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    p.add_argument("--cycles", type=int, default=50, help="load/unload cycles under load")
+    p.add_argument("--quick", action="store_true", help="small numbers, checks the script")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from saelora.adapters.config import cache_dir
+
+    if args.quick:
+        args.tokens, args.reps, args.cycles = 8, 1, 3
+    sae = args.sae or next((str(p) for p in [cache_dir() / "demo" / "sae", *sorted((cache_dir() / "bench").glob(
+        "sae-L*"))] if (p / "cfg.json").is_file()), None)
+    if sae is None:
+        raise SystemExit("no SAE: run `make demo` or pass --sae")
+    root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
+    names = make_adapters(root, sae, 4, rank=16)
+    server = Server(sae, root)
+    try:
+        res = {"sae": sae, "settings": vars(args)}
+        res["features_overhead"] = features_overhead(server.url, args.tokens, args.reps)
+        res["concurrency"] = concurrency(server.url, args.tokens)
+        res["mixed_adapters"] = mixed_adapters(server.url, names, args.tokens, args.reps)
+        res["hot_swap"] = hot_swap(server.url, names[0], args.cycles)
+        res["vs_transformers"] = vs_transformers(server.url, args.tokens)
+    finally:
+        server.close()
+    res["targets"] = {"features_ratio_min": 0.9, "features_ratio_aim": 0.95, "streams_8_vs_1_min": 3.0,
+                      "four_adapters_ratio_max": 1.2, "hot_swap_failures": 0}
+    stem = "serve_quick" if args.quick else "serve"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    f, c, m, h, v = (res[k] for k in ("features_overhead", "concurrency", "mixed_adapters", "hot_swap",
+                                      "vs_transformers"))
+    md = ["# serve benchmark (embedded SmolLM2-135M, 2 CPU cores, torch engine)", "",
+          f"SAE: `{sae}`; {args.tokens} tokens per request, greedy.", "",
+          "| measure | value | target |", "|---|---|---|",
+          f"| splice + top-8 features vs splice off (tok/s, 4 streams) | {f['tok_s_features']} / {f['tok_s_off']} = "
+          f"**{f['ratio']}** | ≥ 0.9 (aim 0.95) |",
+          f"| aggregate tok/s at 1 / 4 / 8 streams | {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
+          f"{c['streams_8']['tok_s']} (8 vs 1: **{c['ratio_8_vs_1']}×**) | ≥ 3× |",
+          f"| 4 rows × 4 adapters vs 4 rows × 1 adapter (s) | {m['s_four_adapters']} / {m['s_one_adapter']} = "
+          f"**{m['ratio']}** | ≤ 1.2 |",
+          f"| hot load / unload, rank-16 all-linear (median s) | {h['load_s_median']} / {h['unload_s_median']} | |",
+          f"| failed requests during {h['cycles']} load/unload cycles under load | **{h['failed']}** of "
+          f"{h['requests_during']} | 0 |",
+          f"| server vs transformers generate, batch 4 (tok/s) | {v['server_tok_s']} / {v['transformers_tok_s']} = "
+          f"**{v['ratio']}** | |"]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
