@@ -43,8 +43,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001
-        t0, route = time.perf_counter(), request.url.path
-        if api_key and route not in OPEN_PATHS:
+        t0, route = time.perf_counter(), _route_label(request.url.path)
+        if api_key and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 response = errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
@@ -145,6 +145,17 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
         return JSONResponse({"status": "unloaded", "lora_name": body.lora_name})
 
     return app
+
+
+_ROUTES = {"/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
+           "/v1/features", "/v1/saes", "/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+
+
+def _route_label(path: str) -> str:
+    """Metric label for a path: the route template, so label cardinality stays bounded."""
+    if path in _ROUTES:
+        return path
+    return "/v1/saes/{id}/features/{index}" if path.startswith("/v1/saes/") else "other"
 
 
 def _descriptions_file(sae: dict[str, Any]) -> Path:

@@ -68,8 +68,8 @@ class Handlers:
         if not getattr(tok, "chat_template", None):
             raise EngineError("invalid", "this model's tokenizer has no chat template; use /v1/completions", "messages")
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)  # BatchEncoding in transformers 5
 
     def _requests(self, ids: list[int], n: int, sampling: Sampling, splice: SpliceRequest,
                   adapter: str | None) -> list[GenerationRequest]:

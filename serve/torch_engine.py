@@ -75,7 +75,6 @@ class TorchEngine(Engine):
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.running = False
-        self.n_queued = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,7 +97,7 @@ class TorchEngine(Engine):
         return self._max_len
 
     def stats(self) -> dict[str, float]:
-        return {"running": len(self.active), "queued": self.n_queued, "adapters": len(self.registry.entries)}
+        return {"running": len(self.active), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries)}
 
     def saes(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.sae_list]
@@ -128,12 +127,11 @@ class TorchEngine(Engine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)
-        if self.n_queued >= self.max_queue:
+        if self.incoming.qsize() >= self.max_queue:
             raise EngineError("queue_full", "the server is at capacity; retry shortly")
         self.registry.acquire(req.adapter)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         row = _Row(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), self)
-        self.n_queued += 1
         self.incoming.put(row)
         self.wake.set()
         try:
@@ -238,7 +236,6 @@ class TorchEngine(Engine):
                 row = self.incoming.get_nowait()
             except queue.Empty:
                 break
-            self.n_queued -= 1
             if row.cancelled:
                 self.registry.release(row.req.adapter)
                 continue

@@ -13,6 +13,8 @@ from saelora.clients import (AsyncSaeloraClient, ConflictError, Edit, InvalidReq
 from saelora.clients import protocol as P
 from server_util import LiveServer
 
+pytestmark = pytest.mark.integration
+
 
 def test_client_never_imports_torch():
     code = "import sys, saelora.clients, saelora.clients.cli; assert 'torch' not in sys.modules, 'torch imported'"

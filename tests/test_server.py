@@ -16,6 +16,8 @@ from server_util import LiveServer
 
 PROMPTS = ["the cat sat on", "a big red fox jumps over the lazy", "sun rises east", "river flows to"]
 
+pytestmark = pytest.mark.integration
+
 
 def _complete(server, prompt, **kw):
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}

@@ -156,3 +156,32 @@ def test_after_mode_shares_the_prefix(ws, tmp_path):
     assert shared_prefix_point(lm.model, [sae], [2]) == HookPoint(1, "post")
     assert shared_prefix_point(lm.model, [sae], None) is None
     assert shared_prefix_point(lm.model, [sae], [1, 2]) is None
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(ws, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "saelora", "train", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus",
+            ws["corpus"], "--out", str(out), "--rank", "4", "--seq-len", "32", "--eval-rows", "4", "--lr", "3e-3",
+            "--device", "cpu", "--checkpoint-interval", "0"]
+    proc = subprocess.Popen(args + ["--max-steps", "100000"], env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"kl"') < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "--resume" in err
+    assert (out / "checkpoint" / "state.pt").is_file()
+    steps_done = sum(1 for ln in metrics.read_text().splitlines() if '"kl"' in ln and "eval" not in ln)
+    r = subprocess.run(args + ["--max-steps", str(steps_done + 2), "--resume"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"kl"' in ln and "eval" not in ln]
+    assert [ln["step"] for ln in lines] == list(range(1, steps_done + 3))

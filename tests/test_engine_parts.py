@@ -1,0 +1,67 @@
+"""The torch engine's parts: KV stacking, sampling, incremental detokenisation with stop strings."""
+
+import torch
+
+from saelora.serve import kv
+from saelora.serve.engine import Sampling
+from saelora.serve.sampling import Detokenizer, logprobs_of, sample
+from tiny import tiny_llama, tiny_tokenizer
+
+
+def test_stacked_caches_reproduce_solo_decoding():
+    model = tiny_llama()
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    solo_logits, kvs = [], []
+    with torch.no_grad():
+        for p in prompts:
+            from transformers import DynamicCache
+
+            out = model(torch.tensor([p]), past_key_values=DynamicCache(), use_cache=True)
+            kvs.append(kv.split(out.past_key_values, [len(p)])[0])
+            nxt = model(torch.tensor([[3]]), past_key_values=out.past_key_values, use_cache=True)
+            solo_logits.append(nxt.logits[0, -1])
+        cache, s_max = kv.stack(kvs)
+        lengths = [kv.row_len(k) for k in kvs]
+        mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])
+        out = model(torch.tensor([[3], [3]]), attention_mask=mask, position_ids=torch.tensor([[n] for n in lengths]),
+                    past_key_values=cache, use_cache=True)
+    for r in range(2):
+        torch.testing.assert_close(out.logits[r, -1], solo_logits[r], atol=1e-5, rtol=1e-5)
+    back = kv.split(out.past_key_values, [n + 1 for n in lengths])
+    assert [kv.row_len(b) for b in back] == [6, 3]
+
+
+def test_left_pad_positions():
+    ids, mask, pos = kv.left_pad([[4, 5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [-1, -1, 0]]
+
+
+def test_sampling_rules():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    assert sample(logits, Sampling(temperature=0), None) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, Sampling(temperature=1.0, top_k=2), g) for _ in range(200)}
+    assert draws == {1, 3}
+    draws = {sample(logits, Sampling(temperature=1.0, top_p=0.01), g) for _ in range(50)}
+    assert draws == {1}
+    a = [sample(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1  # same seed, same draw
+    lp, top = logprobs_of(logits, 1, 2)
+    assert abs(lp - torch.log_softmax(logits, -1)[1].item()) < 1e-6 and [t for t, _ in top] == [1, 3]
+
+
+def test_detokenizer_holds_back_stop_strings():
+    tok = tiny_tokenizer(["the cat sat on the mat"])
+    ids = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    d = Detokenizer(tok, stops=["on the"])
+    released, hit = "", False
+    for t in ids:
+        delta, hit = d.add(t)
+        released += delta
+        if hit:
+            break
+    released += d.finish()
+    assert hit and released == "the cat sat "
+    d = Detokenizer(tok, stops=[])
+    assert "".join(d.add(t)[0] for t in ids) + d.finish() == "the cat sat on the mat"
