@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import httpx
 from typing import Any, TextIO
 
 from . import protocol as P
@@ -131,7 +133,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     with SaeloraClient(args.url, api_key=args.api_key, model=args.model) as client:
         try:
             session = ChatSession(client, sys.stdout, top_k=args.top_k, max_tokens=args.max_tokens)
-        except (SaeloraAPIError, OSError) as e:
+        except (SaeloraAPIError, httpx.HTTPError, OSError) as e:
             print(f"saelora chat: cannot reach a server at {args.url}: {e}", file=sys.stderr)
             return 2
         return run_chat(session, sys.stdin)

@@ -69,7 +69,8 @@ def test_errors_map_to_classes(client):
 
 def test_adapter_load_unload_through_client(client):
     client.adapters.load("c2", "a2")
-    assert client.complete("the cat", model="c2", max_tokens=2, temperature=0).choices[0].text
+    r = client.complete("the cat", model="c2", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
     client.adapters.unload("c2")
     with pytest.raises(NotFoundError):
         client.adapters.unload("c2")
