@@ -182,7 +182,8 @@ class SaeloraClient(_Base):
 
     def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
                  n: int = 10) -> list[dict[str, Any]]:
-        """Latents whose mean activation (over tokens, top-k sparse) differs most between two prompt sets."""
+        """Latents whose mean activation (over tokens after the first, top-k sparse) differs most between two
+        prompt sets."""
         return _contrast([self.features(p, top_k=top_k) for p in prompts_a],
                          [self.features(p, top_k=top_k) for p in prompts_b], n)
 
@@ -209,8 +210,9 @@ class _SAEs:
         return P.SAEList.model_validate(self.c.request("GET", "/v1/saes"))
 
 
-def _mean_latents(tokens: Sequence[P.TokenFeatures]) -> dict[tuple[str, int], float]:
+def _mean_latents(tokens: Sequence[P.TokenFeatures], skip_first: bool = False) -> dict[tuple[str, int], float]:
     sums: dict[tuple[str, int], float] = {}
+    tokens = [t for t in tokens if not (skip_first and t.position == 0)]
     for t in tokens:
         for f in t.features:
             for i, v in zip(f.indices, f.values, strict=True):
@@ -226,8 +228,9 @@ def _latent_changes(a: P.ChoiceFeatures | None, b: P.ChoiceFeatures | None, n: i
 
 
 def _contrast(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesResponse], n: int) -> list[dict[str, Any]]:
-    ma = _mean_latents([t for r in a for t in r.tokens])
-    mb = _mean_latents([t for r in b for t in r.tokens])
+    # Position 0 is skipped: its residual is an attention-sink outlier that SAEs are usually not trained on.
+    ma = _mean_latents([t for r in a for t in r.tokens], skip_first=True)
+    mb = _mean_latents([t for r in b for t in r.tokens], skip_first=True)
     keys = sorted(set(ma) | set(mb), key=lambda k: -abs(ma.get(k, 0.0) - mb.get(k, 0.0)))[:n]
     return [{"sae": k[0], "feature": k[1], "mean_a": round(ma.get(k, 0.0), 4), "mean_b": round(mb.get(k, 0.0), 4),
              "diff": round(ma.get(k, 0.0) - mb.get(k, 0.0), 4)} for k in keys]

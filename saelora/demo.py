@@ -91,7 +91,7 @@ def _session(url: str, adapter: Path) -> None:
     desc = c.feature(sae.id, steer)
     examples = ", ".join(repr(x["token"]) for x in desc.top[:4])
     print(f"\n== steering latent #{steer} (the most France-specific in a contrast; fires on {examples})")
-    value = max(8.0, 2 * (desc.max or 4.0))
+    value = 2 * (desc.max or 4.0)  # twice its strongest activation on the corpus
     cmp = c.compare("My favourite place to visit is", [Edit.set(steer, value, positions="generated")],
                     max_tokens=24, top_k=4)
     print(f"  unsteered: {cmp['default']!r}\n  steered:   {cmp['steered']!r}  (set #{steer} = {value:.1f})")
@@ -113,6 +113,7 @@ def _session(url: str, adapter: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from saelora.adapters.config import cache_dir
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     t0 = time.time()
     work = cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)

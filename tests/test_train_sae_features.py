@@ -87,7 +87,7 @@ def test_features_name_the_planted_feature_contexts(tmp_path, monkeypatch):
     result = describe_features(lm.model, lm.tokenizer, sae, rows, FeaturesConfig(top_n=5))
     f5 = result["features"][5]
     assert len(f5["top"]) == 5 and all(c["token"] == "fox" for c in f5["top"])
-    assert f5["density"] == pytest.approx((rows == fox).float().mean().item())
+    assert f5["density"] == pytest.approx((rows[:, 1:] == fox).float().mean().item())  # position 0 skipped
     assert set(result["dead"]) == set(range(16)) - {5}
     ctx = f5["top"][0]
     assert rows[ctx["row"], ctx["position"]] == fox

@@ -38,6 +38,7 @@ class FeaturesConfig:
     top_n: int = 10  # contexts kept per latent
     context_left: int = 12  # tokens shown before the activating token
     context_right: int = 4  # tokens shown after it
+    skip_first: bool = True  # ignore each row's position 0 (attention-sink outliers; SAE training drops it too)
     out: str | None = None  # default: <sae folder>/features
     device: str | None = None  # default: cuda if available, else cpu
 
@@ -82,7 +83,12 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"features {sae.name}", disable=None):
             x = run_to_hook(model, sae.hook, rows[i:i + cfg.batch_size])  # (b, T, d)
-            acc.update(sae.sae.encode(x), i)
+            z = sae.sae.encode(x)  # (b, T, d_sae)
+            if cfg.skip_first:
+                z[:, 0] = 0
+            acc.update(z, i)
+            if cfg.skip_first:
+                acc.tokens -= z.shape[0]
     rows_cpu = rows.cpu()
     features = []
     for j in range(sae.d_sae):
