@@ -11,7 +11,6 @@ import inspect
 import json
 import logging
 import re
-import sys
 from typing import Any, get_type_hints
 
 log = logging.getLogger(__name__)
@@ -136,8 +135,3 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_dataclass_args(p, cls, renames={"saes": "sae"})
         p.set_defaults(func=func)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from saelora.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

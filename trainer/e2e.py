@@ -19,12 +19,9 @@ log = logging.getLogger(__name__)
 
 def train_e2e(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the SAEs end to end; writes sae-lens folders to out/saes/<name>; returns (folder, final eval)."""
-    cfg.validate()
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
     setup = prepare(cfg)
+    out = setup.out
     named = []
     for s in setup.saes:
         s.sae.requires_grad_(True).train()

@@ -27,13 +27,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Setup:
+    out: Path
     lm: LoadedModel
     saes: list[LoadedSAE]
     corpus: PackedCorpus
 
 
 def prepare(cfg: TrainConfig) -> Setup:
-    """Model, SAEs (frozen) and packed corpus for a run; seeds torch."""
+    """Validate `cfg`, create the output folder with its resolved config.json, seed torch, and load the model,
+    the SAEs (frozen) and the packed corpus."""
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
     torch.manual_seed(cfg.seed)
     if not cfg.saes:
         raise ConfigError("at least one SAE is needed (--sae PATH)")
@@ -43,7 +49,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed))
     dev = next(lm.model.parameters()).device
     corpus.train, corpus.val = corpus.train.to(dev), corpus.val[: cfg.eval_rows].to(dev)
-    return Setup(lm, saes, corpus)
+    return Setup(out, lm, saes, corpus)
 
 
 def shared_prefix_point(model: torch.nn.Module, saes: list[LoadedSAE], layers: list[int] | None):
@@ -69,12 +75,9 @@ def manifest_for(cfg: TrainConfig, setup: Setup, st: LoopState, wall_s: float) -
 
 def train_lora(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     """Train a LoRA adapter; returns (bundle path, final eval)."""
-    cfg.validate()
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
     setup = prepare(cfg)
+    out = setup.out
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                             targets=cfg.targets, layers=cfg.layer_spec())
     points = [s.hook for s in setup.saes]
