@@ -230,20 +230,25 @@ class Splice:
         z_edit, edited = self._edit_latents(s.name, z, pos)  # edited: (B, T) bool, or None
         if capture:
             self._record(s.name, z_edit, pos)
-        out, recon = x, None
+        decoded: dict[bool, torch.Tensor] = {}
+
+        def recon(clean: bool) -> torch.Tensor:  # (B, T, d), each reconstruction decoded at most once
+            clean = clean or edited is None  # without edits z' is z
+            if clean not in decoded:
+                decoded[clean] = _decode(s.sae, x, z if clean else z_edit).to(x.dtype)
+            return decoded[clean]
+
+        out = x
         replace = torch.tensor([m == "replace" for m in modes], device=x.device)
         if bool(replace.any()):
-            recon = _decode(s.sae, x, z_edit).to(x.dtype)  # (B, T, d)
-            out = recon if bool(replace.all()) else torch.where(replace[:, None, None], recon, out)
+            out = recon(False) if bool(replace.all()) else torch.where(replace[:, None, None], recon(False), out)
         if self.stats_enabled:
-            clean = recon if recon is not None and edited is None else _decode(s.sae, x, z).to(x.dtype)
-            self._record_stats(s.name, x, z, clean, pos)
+            self._record_stats(s.name, x, z, recon(True), pos)
         if edited is not None:
             err = torch.tensor([m == "error_term" for m in modes], device=x.device)
             emask = edited & err[:, None]  # (B, T)
             if bool(emask.any()):
-                delta = (_decode(s.sae, x, z_edit) - _decode(s.sae, x, z)).to(x.dtype)
-                out = torch.where(emask[..., None], x + delta, out)
+                out = torch.where(emask[..., None], x + (recon(False) - recon(True)), out)
         keep = pos < 0
         if self.skip_first:
             keep = keep | (pos == 0)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from saelora.adapters.bundle import Bundle, load_bundle, validate_bundle
+from saelora.adapters.bundle import Bundle, BundleError, load_bundle
 from saelora.adapters.saes import LoadedSAE
 
 from .engine import EngineError
@@ -65,10 +65,10 @@ class AdapterRegistry:
             raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
         if not path.is_dir():
             raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
-        problems = validate_bundle(path, self.fingerprint, self.saes, self.model)
-        if problems:
-            raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(problems), "lora_path")
-        return load_bundle(path)
+        try:
+            return load_bundle(path, self.fingerprint, self.saes, self.model)  # validates once, then reads
+        except BundleError as e:
+            raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(e.problems), "lora_path") from e
 
     def add(self, name: str, bundle: Bundle) -> None:
         with self.lock:

@@ -9,7 +9,8 @@ import torch
 from saelora.adapters.hooks import HookPoint
 from saelora.adapters.saes import LoadedSAE
 
-from .objective import ce_per_token, kl_per_token, prefix, sae_summary, spliced_logits, teacher_logits
+from .objective import (ce_per_token, kl_per_token, plain_logits, prefix, sae_summary, spliced_logits,
+                        teacher_logits)
 
 
 def gap_closed(ce_base: float, ce_spliced: float, ce_adapted: float) -> float:
@@ -62,7 +63,7 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
             acc.add("kl_adapted", kl_per_token(base, ad))
             _merge(stats_ad, st)
             del ad
-            drift, _ = spliced_logits(model, saes, ids, point, x, adapter=True, mode="off")
+            drift = plain_logits(model, ids, point, x, adapter=True)  # the adapter alone, SAE off
             acc.add("ce_adapter_only", ce_per_token(drift, ids))
             acc.add("kl_adapter_only", kl_per_token(base, drift))
     out: dict[str, Any] = {k: acc.mean(k) for k in acc.sums}

@@ -57,11 +57,18 @@ def prefix(model: torch.nn.Module, point: HookPoint | None, ids: torch.Tensor) -
         return run_to_hook(model, point, ids)
 
 
+def plain_logits(model: torch.nn.Module, ids: torch.Tensor, point: HookPoint | None = None,
+                 x: torch.Tensor | None = None, adapter: bool = False) -> torch.Tensor:
+    """Logits with no SAE spliced, no grad: (B, T, V); the adapter is disabled unless `adapter`."""
+    ctx = contextlib.nullcontext() if adapter else adapters_disabled(model)
+    with torch.no_grad(), ctx, _from(model, point, x):
+        return model(input_ids=ids, use_cache=False).logits
+
+
 def teacher_logits(model: torch.nn.Module, ids: torch.Tensor, point: HookPoint | None = None,
                    x: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the frozen base model (adapters disabled, no SAE, no grad): (B, T, V)."""
-    with torch.no_grad(), adapters_disabled(model), _from(model, point, x):
-        return model(input_ids=ids, use_cache=False).logits
+    return plain_logits(model, ids, point, x)
 
 
 def spliced_logits(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None = None,
