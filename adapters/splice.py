@@ -212,6 +212,12 @@ class Splice:
         return pos.to(device).expand(b, t)
 
     # ---- the splice itself ---------------------------------------------------------------------
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Splice SAE `name` into x (B, T, d) under the current rows, positions and top_k, without hooks:
+        for engines that call the splice from their own layer wrappers (the vLLM engine). Returns x itself
+        when nothing changes the stream."""
+        return self._splice(self._sae(name), x)
+
     def _row_modes(self, name: str, b: int) -> list[str]:
         if self.rows is None:
             return [self.mode] * b

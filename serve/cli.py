@@ -1,4 +1,4 @@
-"""`saelora serve`: the OpenAI-compatible server over the embedded torch engine."""
+"""`saelora serve`: the OpenAI-compatible server over the torch engine (default) or the vLLM engine."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from saelora.adapters.saes import load_sae
 
     from .app import create_app
-    from .torch_engine import TorchEngine
 
     saes_specs, adapters = list(args.sae or []), list(args.adapter or [])
     if not saes_specs and (demo_dir() / "sae" / "cfg.json").is_file():
@@ -33,18 +32,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             adapters = [f"demo={demo_dir() / 'adapter'}"]
     lm = load_model(args.model, device=args.device)
     saes = [load_sae(lm.model, s) for s in saes_specs]
-    engine = TorchEngine(lm, saes, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_model_len=args.max_model_len, adapter_root=args.adapter_root)
+    engine = _make_engine(args, lm, saes)
     for spec in adapters:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
         engine.load_adapter_now(name, path)
     app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key)
-    log.info("serving %s with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, len(saes), len(adapters),
-             args.host, args.port)
+    log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, args.engine,
+             len(saes), len(adapters), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _make_engine(args: argparse.Namespace, lm, saes):  # noqa: ANN001, ANN202
+    if args.engine == "vllm":
+        from saelora.adapters.errors import ConfigError
+
+        try:
+            from .vllm_engine.engine import VllmEngine, VllmOptions
+        except ImportError as e:
+            raise ConfigError(f"--engine vllm needs vLLM: pip install 'saelora[vllm]' ({e})") from e
+        return VllmEngine(lm, saes, VllmOptions(
+            max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+            kv_cache_gb=args.kv_cache_gb, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+            prefix_caching=not args.no_prefix_caching, adapter_root=args.adapter_root))
+    from .torch_engine import TorchEngine
+
+    return TorchEngine(lm, saes, max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_model_len=args.max_model_len, adapter_root=args.adapter_root)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,4 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-model-len", type=int, help="context window: prompt + max_tokens (default: the model's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="torch: the embedded transformers + PEFT engine (default); vllm: vLLM with the SAE splice "
+                   "and native multi-LoRA (needs saelora[vllm]; llama/mistral/qwen2/qwen3/gemma/gemma2)")
+    g = p.add_argument_group("vLLM engine")
+    g.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache size in GiB (default 2)")
+    g.add_argument("--max-loras", type=int, default=4, help="adapters resident at once; 0 turns LoRA off "
+                   "(default 4)")
+    g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off (it is on, "
+                   "with a cache_salt policy that keeps latents and edits correct; see docs/vllm.md)")
     p.set_defaults(func=_cmd_serve)

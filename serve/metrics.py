@@ -19,6 +19,8 @@ class Metrics:
         self.running = Gauge("saelora_batch_size", "rows in the running batch", registry=r)
         self.queued = Gauge("saelora_queue_depth", "requests waiting for a batch slot", registry=r)
         self.adapters = Gauge("saelora_adapters_loaded", "adapters loaded", registry=r)
+        self.cached = Gauge("saelora_prefix_cached_tokens", "prompt tokens taken from the prefix cache, total "
+                            "(vLLM engine)", registry=r)
 
     def count_tokens(self, prompt: int, generated: int) -> None:
         self.prompt_tokens.inc(prompt)
@@ -29,4 +31,5 @@ class Metrics:
         self.running.set(s.get("running", 0))
         self.queued.set(s.get("queued", 0))
         self.adapters.set(s.get("adapters", 0))
+        self.cached.set(s.get("prefix_cached_tokens", 0))
         return generate_latest(self.registry)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -27,10 +26,11 @@ from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.splice import RowSpec, Splice, SpliceError
 
 from . import kv
-from .engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
+from .engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from .registry import BASE, AdapterRegistry, safe_adapter_path
 from .sampling import Detokenizer, logprobs_of, sample
+from .threaded import ThreadedEngine
 
 log = logging.getLogger(__name__)
 
@@ -55,42 +55,21 @@ class _Row:
         self.report = set(req.splice.saes or names)
 
 
-class TorchEngine(Engine):
+class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, adapter_root: str | None = None) -> None:
+        super().__init__(max_queue)
         self.model, self.tokenizer, self.model_id = lm.model, lm.tokenizer, lm.spec
         self.lm, self.sae_list = lm, saes
         self.splice = Splice(lm.model, saes, mode="error_term").install()
-        self.max_batch, self.max_queue, self.adapter_root = max_batch, max_queue, adapter_root
+        self.max_batch, self.adapter_root = max_batch, adapter_root
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self._max_len = min(max_model_len or cfg_len, cfg_len)
         self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         eos = lm.tokenizer.eos_token_id
         self.eos = {eos} if eos is not None else set()
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
-        self.incoming: queue.Queue[_Row] = queue.Queue()
-        self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
-            queue.Queue()
         self.active: list[_Row] = []
-        self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.running = False
-
-    # ---- lifecycle ----------------------------------------------------------------------------------
-    async def start(self) -> None:
-        self.running = True
-        self.thread = threading.Thread(target=self._loop, name="saelora-engine", daemon=True)
-        self.thread.start()
-
-    async def stop(self) -> None:
-        self.running = False
-        self.wake.set()
-        if self.thread:
-            await asyncio.to_thread(self.thread.join, 10)
-
-    @property
-    def ready(self) -> bool:
-        return self.running and self.thread is not None and self.thread.is_alive()
 
     @property
     def max_model_len(self) -> int:
@@ -127,36 +106,10 @@ class TorchEngine(Engine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)
-        if self.incoming.qsize() >= self.max_queue:
-            raise EngineError("queue_full", "the server is at capacity; retry shortly")
+        self._check_queue()
         self.registry.acquire(req.adapter)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        row = _Row(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), self)
-        self.incoming.put(row)
-        self.wake.set()
-        try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if isinstance(ev, Finished):
-                    return
-        finally:
-            row.cancelled = True  # no-op when finished; otherwise the engine drops the row
-
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        loop, fut = asyncio.get_running_loop(), None
-        fut = loop.create_future()
-
-        def done(result: Any, error: BaseException | None) -> None:
-            def settle() -> None:
-                if not fut.done():
-                    fut.set_exception(error) if error else fut.set_result(result)
-            loop.call_soon_threadsafe(settle)
-        self.commands.put((fn, done))
-        self.wake.set()
-        return await fut
+        async for ev in self._stream(lambda emit: _Row(req, emit, self)):
+            yield ev
 
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:
@@ -202,32 +155,16 @@ class TorchEngine(Engine):
         self.model = detach_adapter(self.model, name)
         log.info("adapter %s unloaded", name)
 
-    def _loop(self) -> None:
-        while self.running:
-            self._run_commands()
-            self._admit()
-            if not self.active:
-                self.wake.wait(0.05)
-                self.wake.clear()
-                continue
-            try:
-                self._decode_step()
-            except Exception as e:  # noqa: BLE001 - fail the rows, keep serving
-                log.exception("decode step failed")
-                for row in self.active:
-                    self._fail(row, e)
-                self.active = []
+    def _busy(self) -> bool:
+        return bool(self.active)
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, done = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                done(fn(), None)
-            except BaseException as e:  # noqa: BLE001 - delivered to the caller
-                done(None, e)
+    def _step(self) -> None:
+        self._decode_step()
+
+    def _fail_running(self, error: Exception) -> None:
+        for row in self.active:
+            self._fail(row, error)
+        self.active = []
 
     def _admit(self) -> None:
         new = []

@@ -34,7 +34,7 @@ def ws(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ws")
     os.environ.setdefault("SAELORA_CACHE", str(root / "cache"))
-    ws = tiny_workspace(root)
+    ws = tiny_workspace(root, d_model=128, n_heads=4)  # head size 32: vLLM's CPU attention runs it too
     (root / "adapters").mkdir()
     ws["root"] = str(root / "adapters")
     ws["a1"] = str(make_bundle(ws, root / "adapters" / "a1", seed=1))
@@ -52,8 +52,8 @@ def make_engine(ws, **kw):
 
 
 @pytest.fixture(scope="session")
-def server(ws):
-    """A real server on 127.0.0.1 with the tiny model, its SAE and adapter a1 loaded at start."""
+def torch_server(ws):
+    """A real server on 127.0.0.1 with the tiny model, its SAE and adapter a1 loaded at start (torch engine)."""
     from saelora.serve.app import create_app
     from server_util import LiveServer
 
@@ -61,3 +61,21 @@ def server(ws):
     engine.load_adapter_now("a1", ws["a1"])
     with LiveServer(create_app(engine, served_name="tiny")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def vllm_server(ws, tmp_path_factory):
+    """The same server with the vLLM engine (`saelora serve --engine vllm`), in a subprocess."""
+    from server_util import ServerProcess
+
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--adapter", f"a1={ws['a1']}",
+            "--adapter-root", ws["root"], "--served-model-name", "tiny", "--kv-cache-gb", "1"]
+    with ServerProcess(args, str(log)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session", params=["torch", "vllm"])
+def server(request):
+    """Every HTTP test runs against both engines: same API, fields and errors."""
+    return request.getfixturevalue(f"{request.param}_server")

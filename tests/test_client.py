@@ -45,12 +45,12 @@ def test_typed_calls(client):
 
 
 def test_steer_and_compare(client):
-    steered = client.steer("the cat sat on", [Edit.set(3, 25.0, positions="generated")], top_k=2, max_tokens=4,
+    steered = client.steer("the cat sat on", [Edit.set(3, 250.0, positions="generated")], top_k=2, max_tokens=4,
                            temperature=0)
     assert all(t.features[0].indices[0] == 3 for t in steered.choices[0].features.generated)
-    cmp = client.compare("the cat sat on", [Edit.set(3, 25.0, positions="generated")], max_tokens=6)
+    cmp = client.compare("the cat sat on", [Edit.set(3, 250.0, positions="generated")], max_tokens=6)
     assert cmp["default"] != cmp["steered"]
-    assert cmp["changed"][0]["feature"] == 3 and cmp["changed"][0]["steered"] == 25.0
+    assert cmp["changed"][0]["feature"] == 3 and cmp["changed"][0]["steered"] == 250.0
     c = client.contrast(["the cat sat on the mat", "a cat and a dog"], ["sun rises east", "river flows to sea"], n=3)
     assert len(c) == 3 and abs(c[0]["diff"]) >= abs(c[-1]["diff"])
     assert Edit.ablate(4).op == "ablate" and Edit.clamp_max(4, 1.0).value == 1.0
@@ -95,7 +95,7 @@ def test_async_client(server):
             r = await c.complete("the cat sat on", max_tokens=3, temperature=0)
             parts = [d["choices"][0]["text"] async for d in c.stream("the cat sat on", max_tokens=3, temperature=0)]
             f = await c.features("the cat", top_k=1)
-            s = await c.steer("the cat", [Edit.set(3, 25.0, positions="generated")], top_k=1, max_tokens=2)
+            s = await c.steer("the cat", [Edit.set(3, 250.0, positions="generated")], top_k=1, max_tokens=2)
             return r, parts, f, s
     r, parts, f, s = asyncio.run(go())
     assert "".join(parts) == r.choices[0].text and len(f.tokens) == 2
@@ -111,10 +111,10 @@ def test_terminal_chat_in_a_pty(server):
         child.sendline("the cat")
         child.expect(r"'\S+'\[#\d+:\d+\.\d")  # a token with its top latents
         child.expect("> ")
-        child.sendline("/steer 3 set 25")
-        child.expect(r"\[steering: set #3 25\]")
+        child.sendline("/steer 3 set 250")
+        child.expect(r"\[steering: set #3 250\]")
         child.sendline("the cat")
-        child.expect("#3:25.0")
+        child.expect("#3:250.0")
         child.expect("> ")
         child.sendline("/features off")
         child.expect(r"\[features off\]")

@@ -110,10 +110,10 @@ def test_error_term_without_edits_equals_off_and_plain(server, prompt):
 def test_set_edit_steers_and_latents_show_it(server):
     base = _complete(server, "the cat sat on", sae={"features": {"top_k": 3}})["choices"][0]
     steered = _complete(server, "the cat sat on", sae={"features": {"top_k": 3}, "edits": [
-        {"feature": 3, "op": "set", "value": 25.0, "positions": "generated"}]})["choices"][0]
+        {"feature": 3, "op": "set", "value": 250.0, "positions": "generated"}]})["choices"][0]
     assert steered["text"] != base["text"]
     for t in steered["features"]["generated"]:
-        assert t["features"][0]["indices"][0] == 3 and t["features"][0]["values"][0] == 25.0
+        assert t["features"][0]["indices"][0] == 3 and t["features"][0]["values"][0] == 250.0
     top = base["features"]["generated"][0]["features"][0]["indices"][0]
     ablated = _complete(server, "the cat sat on", sae={"features": {"top_k": 3}, "edits": [
         {"sae": SAE, "feature": top, "op": "ablate", "positions": "generated"}]})["choices"][0]

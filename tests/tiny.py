@@ -91,8 +91,10 @@ def tiny_text_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
 
 
 def tiny_workspace(root: Path, n_layers: int = 3,
-                   saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),)) -> dict:
-    """A tiny HF model folder (vocabulary fitted to a tiny tokenizer), SAE folders and a .jsonl corpus."""
+                   saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),),
+                   d_model: int = D_MODEL, n_heads: int = 4) -> dict:
+    """A tiny HF model folder (vocabulary fitted to a tiny tokenizer), SAE folders and a .jsonl corpus.
+    (vLLM's CPU attention needs head sizes that are multiples of 32: d_model=128, n_heads=4.)"""
     import json
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,8 +102,9 @@ def tiny_workspace(root: Path, n_layers: int = 3,
     docs = tiny_text_corpus()
     tok = tiny_tokenizer(docs)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
+                      max_position_embeddings=256,
                       bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       initializer_range=0.2, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
@@ -109,7 +112,7 @@ def tiny_workspace(root: Path, n_layers: int = 3,
     tok.save_pretrained(root / "model")
     folders = []
     for i, (arch, hook) in enumerate(saes):
-        folders.append(str(save_sae(make_sae(arch, hook=hook, seed=i), root / f"sae{i}")))
+        folders.append(str(save_sae(make_sae(arch, hook=hook, d_in=d_model, seed=i), root / f"sae{i}")))
     (root / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return {"model": str(root / "model"), "saes": folders, "corpus": str(root / "corpus.jsonl")}
 

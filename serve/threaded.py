@@ -1,0 +1,149 @@
+"""The part both engines share: one background thread owns the model.
+
+Between steps the thread runs commands (adapter load/unload, encode-only work) and admits queued
+requests; then the engine advances every running request by one step. The event loop side streams each
+request's events from an asyncio queue that the thread fills (`_stream`), and awaits commands (`_call`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable
+
+from .engine import Engine, Event, Finished
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Any], None]
+
+
+class ThreadedEngine(Engine):
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.incoming: queue.Queue[Any] = queue.Queue()
+        self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
+            queue.Queue()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.running = False
+
+    # ---- what an engine provides to the loop ---------------------------------------------------------
+    def _setup(self) -> None:
+        """Runs first on the engine thread (the vLLM engine builds vLLM here)."""
+
+    @abc.abstractmethod
+    def _admit(self) -> None:
+        """Take queued requests (`self.incoming`) into the running batch."""
+
+    @abc.abstractmethod
+    def _busy(self) -> bool:
+        """Whether any request is running."""
+
+    @abc.abstractmethod
+    def _step(self) -> None:
+        """Advance every running request by one step."""
+
+    @abc.abstractmethod
+    def _fail_running(self, error: Exception) -> None:
+        """A step raised: fail the running requests (the server keeps serving)."""
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop, started = asyncio.get_running_loop(), None
+        started = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not started.done():
+                started.set_exception(error) if error else started.set_result(None)
+
+        self.running = True
+        self.thread = threading.Thread(target=self._main, args=(lambda e: loop.call_soon_threadsafe(settle, e),),
+                                       name="saelora-engine", daemon=True)
+        self.thread.start()
+        await started
+
+    async def stop(self) -> None:
+        self.running = False
+        self.wake.set()
+        if self.thread:
+            await asyncio.to_thread(self.thread.join, 10)
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.thread is not None and self.thread.is_alive()
+
+    # ---- event loop side ------------------------------------------------------------------------------
+    def _check_queue(self) -> None:
+        from .engine import EngineError
+
+        if self.incoming.qsize() >= self.max_queue:
+            raise EngineError("queue_full", "the server is at capacity; retry shortly")
+
+    async def _stream(self, make_row: Callable[[Emit], Any]) -> AsyncIterator[Event]:
+        """Queue the row `make_row(emit)` builds and yield its events until `Finished` (or an error)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        self.incoming.put(row)
+        self.wake.set()
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            row.cancelled = True  # no-op when finished; otherwise the engine drops the row
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps and return its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            def settle() -> None:
+                if not fut.done():
+                    fut.set_exception(error) if error else fut.set_result(result)
+            loop.call_soon_threadsafe(settle)
+        self.commands.put((fn, done))
+        self.wake.set()
+        return await fut
+
+    # ---- engine thread --------------------------------------------------------------------------------
+    def _main(self, started: Callable[[BaseException | None], None]) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            log.exception("engine set-up failed")
+            self.running = False
+            started(e)
+            return
+        started(None)
+        while self.running:
+            self._run_commands()
+            self._admit()
+            if not self._busy():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - fail the rows, keep serving
+                log.exception("engine step failed")
+                self._fail_running(e)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, done = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done(fn(), None)
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                done(None, e)

@@ -1,0 +1,419 @@
+"""`VllmEngine`: the server's engine interface over vLLM (`saelora serve --engine vllm`).
+
+One thread owns a vLLM `LLMEngine` (in-process by default: `VLLM_ENABLE_V1_MULTIPROCESSING=0`) and calls
+`step()`; vLLM does the batching (continuous batching, paged KV cache, chunked prefill, multi-LoRA). Each
+request carries its splice settings in `SamplingParams.extra_args` (see tracker.py); after each step the
+engine drains the captured latents and releases token events once their latents are in.
+
+Semantics match the torch engine (the reference):
+- sampling stops at the tokenizer's EOS, at `max_tokens` or at a stop string, all decided here (vLLM runs
+  with `ignore_eos` and no stop strings, the model's generation_config ignored), text comes from the same
+  `Detokenizer`;
+- a token's latents are those at its own position, computed when it is fed back, so with latents on vLLM
+  is asked for one token more than `max_tokens` and the extra token is dropped;
+- prefix caching stays on, with a policy that keeps it correct (`cache_salt`): requests that do not change
+  the stream share the base cache; requests that do are salted by their splice settings (and by prompt
+  length when an edit targets prompt/generated positions); requests that want prompt latents get a salt of
+  their own, so every prompt position is computed and captured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from saelora.adapters.errors import ConfigError
+from saelora.adapters.models import LoadedModel
+from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.splice import RowSpec, Splice, SpliceError
+
+from ..engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
+                      TokenFeaturesOut)
+from ..registry import AdapterRegistry, safe_adapter_path
+from ..sampling import Detokenizer
+from ..threaded import Emit, ThreadedEngine
+from . import ARCHITECTURES, register, spliced_architecture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VllmOptions:
+    """vLLM engine settings (`saelora serve --engine vllm`)."""
+
+    max_batch: int = 8  # requests decoded together (vLLM max_num_seqs)
+    max_queue: int = 64  # waiting requests before 429
+    max_model_len: int | None = None  # prompt + max_tokens (default: the model's)
+    kv_cache_gb: float = 2.0  # KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE)
+    max_loras: int = 4  # adapters resident at once (0: LoRA off)
+    max_lora_rank: int = 64  # largest adapter rank accepted
+    prefix_caching: bool = True  # vLLM prefix caching, with the cache_salt policy of the module docstring
+    adapter_root: str | None = None  # folder runtime adapter loads are confined to
+
+
+def configure_cpu_env(kv_cache_gb: float) -> None:
+    """Defaults for vLLM on CPU, set before vLLM is imported: in-process, every core bound, no reserved core."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class _Row:
+    def __init__(self, rid: str, req: GenerationRequest, emit: Emit, engine: "VllmEngine",
+                 prompt_only: bool = False) -> None:
+        self.rid, self.req, self.emit, self.prompt_only = rid, req, emit, prompt_only
+        self.prompt_len = len(req.prompt_ids)
+        self.top_k = req.splice.top_k
+        self.report = list(req.splice.saes or engine.sae_names)
+        self.detok = Detokenizer(engine.tokenizer, req.sampling.stop)
+        self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in engine.sae_names}
+        self.pending: collections.deque[TokenEvent] = collections.deque()  # waiting for their latents
+        self.prompt_due = bool(self.top_k and (req.splice.include_prompt or prompt_only))
+        self.generated = 0
+        self.reason: str | None = None  # finished (stop | length); flushes pending events first
+        self.in_vllm = False  # added to vLLM and not finished there
+        self.cached_tokens = 0  # prompt tokens vLLM took from its prefix cache
+        self.cancelled = False
+
+    def latents_at(self, pos: int) -> Latents | None:
+        """This row's reported latents at `pos` (top_k each), or None while any SAE's are missing."""
+        out = {}
+        for name in self.report:
+            got = self.latents[name].get(pos)
+            if got is None:
+                return None
+            out[name] = (got[0][:self.top_k], got[1][:self.top_k])
+        return out
+
+
+class VllmEngine(ThreadedEngine):
+    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], options: VllmOptions | None = None) -> None:
+        self.opts = options or VllmOptions()
+        super().__init__(self.opts.max_queue)
+        arch = (getattr(lm.model.config, "architectures", None) or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
+        self.lm, self.tokenizer, self.model_id, self.arch = lm, lm.tokenizer, lm.spec, arch
+        self.sae_list, self.sae_names = saes, [s.name for s in saes]
+        self.checker = Splice(None, saes)  # type: ignore[arg-type]  # validates edits; never installed
+        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
+        self._max_len = min(self.opts.max_model_len or cfg_len, cfg_len - 1)  # room for the extra token
+        eos = lm.tokenizer.eos_token_id
+        self.eos = {eos} if eos is not None else set()
+        self.rows: dict[str, _Row] = {}
+        self.lora_ids: dict[str, int] = {}
+        self.startup_adapters: list[tuple[str, Any]] = []
+        self.llm: Any = None
+        self._next_id = 0
+        self.cached_tokens = 0  # total over finished requests
+        self._inproc = True
+
+    # ---- engine interface -----------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    def stats(self) -> dict[str, float]:
+        return {"running": len(self.rows), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries),
+                "prefix_cached_tokens": self.cached_tokens}
+
+    def saes(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.sae_list]
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [e.describe() for e in self.registry.entries.values()]
+
+    def _check(self, req: GenerationRequest) -> None:
+        if not req.prompt_ids:
+            raise EngineError("invalid", "the prompt is empty", "prompt")
+        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
+            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
+                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
+                              "max_tokens")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
+        try:
+            self.checker.validate_row(RowSpec(edits=req.splice.edits))
+        except SpliceError as e:
+            raise EngineError("invalid", str(e), "sae.edits") from e
+        unknown = set(req.splice.saes or []) - set(self.sae_names)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
+                              "sae.features.saes")
+
+    def _new_rid(self) -> str:
+        self._next_id += 1
+        return f"saelora-{self._next_id}"
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        self._check(req)
+        self._check_queue()
+        self.registry.acquire(req.adapter)
+        rid = self._new_rid()
+        async for ev in self._stream(lambda emit: _Row(rid, req, emit, self)):
+            yield ev
+
+    async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
+                     adapter: str | None) -> list[TokenFeaturesOut]:
+        from ..engine import Sampling, SpliceRequest
+
+        if len(prompt_ids) > self._max_len:
+            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
+                              "input")
+        unknown = set(saes or []) - set(self.sae_names)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+        self.registry.acquire(adapter)
+        req = GenerationRequest(list(prompt_ids), Sampling(max_tokens=1, temperature=0.0),
+                                SpliceRequest(mode="off", top_k=top_k, include_prompt=True, saes=saes), adapter)
+        rid, tokens = self._new_rid(), []
+        async for ev in self._stream(lambda emit: _Row(rid, req, emit, self, prompt_only=True)):
+            if isinstance(ev, PromptFeatures):
+                tokens = ev.tokens
+        return tokens
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        real = safe_adapter_path(self.opts.adapter_root, path)
+        bundle = await asyncio.to_thread(self._validate_adapter, name, real)
+        await self._call(lambda: self._add_lora(name, bundle))
+        return self.registry.entries[name].describe()
+
+    def load_adapter_now(self, name: str, path: str) -> None:
+        """Start-up loading (trusted paths from the command line); added to vLLM once it is built."""
+        bundle = self._validate_adapter(name, Path(path).resolve())
+        self.startup_adapters.append((name, bundle))
+        self.registry.add(name, bundle)
+
+    async def unload_adapter(self, name: str) -> None:
+        entry = self.registry.remove(name)
+        try:
+            await self._call(lambda: self._remove_lora(name))
+        except BaseException:
+            self.registry.entries[name] = entry
+            raise
+
+    def _validate_adapter(self, name: str, path: Path) -> Any:
+        if self.opts.max_loras <= 0:
+            raise EngineError("invalid", "this server runs without LoRA (--max-loras 0)", "lora_path")
+        bundle = self.registry.validate(name, path)
+        rank = int(bundle.lora_config.get("r", 0))
+        if rank > self.opts.max_lora_rank:
+            raise EngineError("invalid", f"adapter rank {rank} exceeds --max-lora-rank {self.opts.max_lora_rank}",
+                              "lora_path")
+        return bundle
+
+    # ---- engine thread: set-up and adapters -----------------------------------------------------------
+    def _setup(self) -> None:
+        configure_cpu_env(self.opts.kv_cache_gb)
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from .tracker import SliceTracker
+
+        register()
+        self._inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        saes = [{"name": s.name, "path": s.source, "layer": s.hook.layer, "kind": s.hook.kind}
+                for s in self.sae_list]
+        lora = self.opts.max_loras > 0
+        args = EngineArgs(
+            model=self.lm.path, tokenizer=self.lm.path, dtype=str(self.lm.model.dtype).removeprefix("torch."),
+            enforce_eager=True, max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
+            enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm",
+            hf_overrides={"architectures": [spliced_architecture(self.arch)], "saelora_saes": saes},
+            logits_processors=[SliceTracker],
+            worker_extension_cls="saelora.serve.vllm_engine.tracker.SaeloraWorkerExtension",
+            enable_lora=lora, max_loras=max(1, self.opts.max_loras), max_lora_rank=self.opts.max_lora_rank,
+            kv_cache_memory_bytes=None if self._on_cpu() else int(self.opts.kv_cache_gb * 2**30))
+        self.llm = LLMEngine.from_engine_args(args)
+        for name, bundle in self.startup_adapters:
+            self._add_lora(name, bundle, register=False)
+        log.info("vLLM engine ready: %s (%s) with %d SAE(s), in-process=%s", self.lm.spec, self.arch,
+                 len(saes), self._inproc)
+
+    def _on_cpu(self) -> bool:
+        return str(self.lm.model.device).startswith("cpu")
+
+    def _add_lora(self, name: str, bundle: Any, register: bool = True) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora_id = max(self.lora_ids.values(), default=0) + 1
+        if not self.llm.add_lora(LoRARequest(name, lora_id, str(bundle.path))):
+            raise EngineError("invalid", f"vLLM could not load adapter {name!r}", "lora_path")
+        self.lora_ids[name] = lora_id
+        if register:
+            self.registry.add(name, bundle)
+        log.info("adapter %s loaded from %s (LoRA id %d)", name, bundle.path, lora_id)
+
+    def _remove_lora(self, name: str) -> None:
+        self.llm.remove_lora(self.lora_ids.pop(name))
+        log.info("adapter %s unloaded", name)
+
+    # ---- engine thread: requests -------------------------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self.rows)
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                row = self.incoming.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                return
+            if row.cancelled:
+                self.registry.release(row.req.adapter)
+                continue
+            try:
+                self._add_request(row)
+            except Exception as e:  # noqa: BLE001
+                log.exception("adding a request to vLLM failed")
+                self._fail(row, e)
+
+    def _add_request(self, row: _Row) -> None:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        from .tracker import encode_settings
+
+        req, s = row.req, row.req.sampling
+        modes = {n: req.splice.mode for n in self.sae_names}
+        extra = 1 if row.top_k and not row.prompt_only else 0  # the last token's latents need one more step
+        params = SamplingParams(
+            n=1, max_tokens=s.max_tokens + extra, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k if s.top_k and s.top_k > 0 else 0, seed=s.seed, logprobs=s.logprobs, ignore_eos=True,
+            detokenize=False, output_kind=RequestOutputKind.DELTA,
+            extra_args=encode_settings(row.rid, modes, req.splice.edits, row.prompt_len, row.top_k))
+        prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
+        salt = self._cache_salt(row)
+        if salt:
+            prompt["cache_salt"] = salt
+        lora = None
+        if req.adapter is not None:
+            lora = LoRARequest(req.adapter, self.lora_ids[req.adapter], str(self.registry.entries[req.adapter]
+                                                                              .bundle.path))
+        self.llm.add_request(row.rid, prompt, params, lora_request=lora)
+        row.in_vllm = True
+        self.rows[row.rid] = row
+
+    def _cache_salt(self, row: _Row) -> str | None:
+        """None: may share the base model's prefix cache. See the module docstring for the policy."""
+        sp = row.req.splice
+        if row.prompt_due:
+            return "prompt-latents-" + row.rid  # every prompt position must be computed (and captured)
+        if sp.mode == "off" or (sp.mode == "error_term" and not sp.edits):
+            return None  # the stream is the base model's
+        edits = [[e.sae, e.feature, e.op, e.value, e.positions if isinstance(e.positions, str) else
+                  list(e.positions)] for e in sp.edits]
+        by_len = any(e.positions in ("prompt", "generated") for e in sp.edits)
+        key = json.dumps([sp.mode, edits, row.prompt_len if by_len else None], sort_keys=True)
+        return "splice-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    def _step(self) -> None:
+        for row in [r for r in self.rows.values() if r.cancelled]:
+            self._close(row)
+        if not self.rows:
+            return
+        outputs = self.llm.step()
+        self._collect_latents()
+        for out in outputs:
+            row = self.rows.get(out.request_id)
+            if row is None:
+                continue
+            for comp in out.outputs[:1]:
+                for j, tok in enumerate(comp.token_ids):
+                    self._on_token(row, tok, comp.logprobs[j] if comp.logprobs else None)
+            row.cached_tokens = max(row.cached_tokens, out.num_cached_tokens or 0)
+            if out.finished:
+                row.in_vllm = False
+        for row in list(self.rows.values()):
+            self._release(row)
+
+    def _collect_latents(self) -> None:
+        if self._inproc:
+            from .tracker import pop_captures
+
+            caps = pop_captures()
+        else:
+            caps = self.llm.collective_rpc("saelora_pop_captures")[0]
+        for rid, per_sae in caps.items():
+            row = self.rows.get(rid)
+            if row is not None:
+                for name, per_pos in per_sae.items():
+                    row.latents[name].update(per_pos)
+
+    def _on_token(self, row: _Row, tok: int, logprobs: Any) -> None:
+        if row.reason is not None:
+            return  # the extra token asked for the last token's latents
+        row.generated += 1
+        if row.prompt_only:
+            row.reason = "length"
+            return
+        if tok in self.eos:
+            row.reason = "stop"
+            return
+        s = row.req.sampling
+        lp, top = _logprobs(tok, logprobs, s.logprobs) if s.logprobs is not None else (None, None)
+        delta, hit_stop = row.detok.add(tok)
+        row.pending.append(TokenEvent(tok, row.prompt_len + row.generated - 1, delta, lp, top))
+        row.reason = "stop" if hit_stop else "length" if row.generated >= s.max_tokens else None
+
+    def _release(self, row: _Row) -> None:
+        """Emit what is ready: prompt latents, then token events whose latents are in; finish when done."""
+        final = not row.in_vllm  # nothing more will be computed for this row
+        if row.prompt_due:
+            feats = [row.latents_at(p) for p in range(row.prompt_len)]
+            if any(f is None for f in feats) and not final:
+                return
+            row.emit(PromptFeatures([TokenFeaturesOut(p, row.req.prompt_ids[p], f or {})
+                                     for p, f in enumerate(feats)]))
+            row.prompt_due = False
+        while row.pending:
+            ev = row.pending[0]
+            if row.top_k:
+                feats = row.latents_at(ev.position)
+                if feats is None and not final:
+                    break
+                ev.features = feats or {}
+            row.emit(row.pending.popleft())
+        if row.reason is None and not final:
+            return
+        if row.pending:
+            return
+        self._close(row)
+        row.emit(Finished(row.reason or "length", row.detok.finish(), row.prompt_len, row.generated))
+
+    def _close(self, row: _Row) -> None:
+        if row.in_vllm:
+            self.llm.abort_request([row.rid])
+            row.in_vllm = False
+        if self.rows.pop(row.rid, None) is not None:
+            self.cached_tokens += row.cached_tokens
+        self.registry.release(row.req.adapter)
+
+    def _fail(self, row: _Row, error: Exception) -> None:
+        self._close(row)
+        row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+
+    def _fail_running(self, error: Exception) -> None:
+        for row in list(self.rows.values()):
+            try:
+                self._fail(row, error)
+            except Exception:  # noqa: BLE001 - vLLM itself may be broken; the row is failed anyway
+                self.rows.pop(row.rid, None)
+
+
+def _logprobs(tok: int, logprobs: dict[int, Any], k: int) -> tuple[float | None, list[tuple[int, float]]]:
+    """vLLM's {token: Logprob(logprob, rank)} of one position -> the sampled token's logprob and the top k."""
+    lp = logprobs.get(tok)
+    ranked = sorted(((v.rank, t, v.logprob) for t, v in logprobs.items() if v.rank is not None and v.rank <= k))
+    return (float(lp.logprob) if lp is not None else None), [(int(t), float(v)) for _, t, v in ranked[:k]]

@@ -1,0 +1,153 @@
+"""vLLM model classes with SAEs spliced into the residual stream.
+
+`Saelora<Arch>` subclasses vLLM's own `<Arch>` (llama, mistral, qwen2, qwen3, gemma, gemma2) and wraps the
+forward of the decoder layer at each SAE's hook. vLLM decoder layers return `(hidden, residual)` with the
+residual add fused into the next layer's norm, so the true residual stream is `hidden + residual`:
+
+    resid_post of layer L:  x = h + r  ->  x' = splice(x)  ->  return (x', 0)
+    resid_pre of layer L:   x = h + r  ->  x' = splice(x)  ->  layer(x', residual=None)
+
+Only requests whose settings need it are touched (`tracker.SlotSpec`); when no request in the batch needs
+the SAE, the layer's output is returned as it is, so `off` and `error_term` without edits are exactly the
+base model. The splice itself is `saelora.adapters.splice.Splice` (the torch engine's code), called once
+per request on that request's token range with its own rows/positions/top_k.
+
+The SAEs come from the model config: the engine passes `hf_overrides={"architectures": ["Saelora..."],
+"saelora_saes": [{"name", "path", "layer", "kind"}, ...]}`. Layer wrappers are plain Python, so the
+engine runs vLLM with `enforce_eager=True` (see docs/vllm.md on CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.gemma import GemmaForCausalLM
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from saelora.adapters.hooks import HookPoint
+from saelora.adapters.saes import LoadedSAE, read_sae
+from saelora.adapters.splice import Splice
+
+from . import tracker
+
+log = logging.getLogger(__name__)
+
+
+def _slot_ranges() -> list[int] | None:
+    """query_start_loc of the current forward (num_reqs + 1 offsets), or None outside a real batch."""
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    if not meta:
+        return None
+    first = next(iter(meta.values())) if isinstance(meta, dict) else meta
+    qsl = getattr(first, "query_start_loc", None)
+    return qsl.tolist() if isinstance(qsl, torch.Tensor) else None
+
+
+class SpliceRuntime:
+    """The SAEs of one model and the per-request splice over vLLM's flat token batch."""
+
+    def __init__(self, saes: list[LoadedSAE]) -> None:
+        self.splice = Splice(None, saes, mode="error_term")  # type: ignore[arg-type]  # never installed
+
+    def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """x: (N, d) residual stream at SAE `name`'s hook; positions: (N,). The new stream, or None if unchanged."""
+        qsl = _slot_ranges()
+        if qsl is None or not tracker.SLOTS:
+            return None
+        out = None
+        for slot in range(len(qsl) - 1):
+            spec = tracker.SLOTS.get(slot)
+            a, b = qsl[slot], qsl[slot + 1]
+            if spec is None or b <= a or not spec.needed(name):
+                continue
+            sp = self.splice
+            sp.rows, sp.top_k, sp.positions = [spec.row], spec.top_k, positions[a:b][None]  # (1, T)
+            y = sp.apply(name, x[None, a:b])[0]  # (T, d)
+            for cap in sp.pop_captures()[name]:
+                tracker.record(spec.rid, name, cap.positions[0], cap.indices[0], cap.values[0])
+            if spec.changes_stream(name):
+                out = x.clone() if out is None else out
+                out[a:b] = y
+        return out
+
+
+def _wrap_layer(layer: torch.nn.Module, runtime: SpliceRuntime, name: str, kind: str) -> None:
+    inner = layer.forward
+
+    def forward_post(positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                     *args: Any, **kwargs: Any) -> Any:
+        h, r = inner(positions, hidden_states, residual, *args, **kwargs)
+        x = h if r is None else h + r  # (N, d): the residual stream after this layer
+        y = runtime(name, x, positions)
+        return (h, r) if y is None else (y, torch.zeros_like(y))
+
+    def forward_pre(positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                    *args: Any, **kwargs: Any) -> Any:
+        x = hidden_states if residual is None else hidden_states + residual  # (N, d): this layer's input
+        y = runtime(name, x, positions)
+        if y is None:
+            return inner(positions, hidden_states, residual, *args, **kwargs)
+        return inner(positions, y, None, *args, **kwargs)
+
+    layer.forward = forward_post if kind == "post" else forward_pre
+
+
+def _load_saes(vllm_config: Any) -> list[LoadedSAE]:
+    specs = getattr(vllm_config.model_config.hf_config, "saelora_saes", None) or []
+    device = str(vllm_config.device_config.device)
+    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    saes = []
+    for s in specs:
+        sae, source = read_sae(s["path"], device=device, dtype=dtype)
+        saes.append(LoadedSAE(name=s["name"], sae=sae, hook=HookPoint(int(s["layer"]), s["kind"]), source=source,
+                              fingerprint={}))
+    return saes
+
+
+class _SpliceMixin:
+    """Loads the SAEs named in the config and wraps the decoder layers at their hooks."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        saes = _load_saes(vllm_config)
+        self.saelora = SpliceRuntime(saes)  # a plain object: not a submodule, invisible to weights and LoRA
+        layers = self.model.layers  # type: ignore[attr-defined]
+        for s in saes:
+            _wrap_layer(layers[s.hook.layer], self.saelora, s.name, s.hook.kind)
+        log.info("spliced %d SAE(s) into %s: %s", len(saes), type(self).__name__,
+                 ", ".join(f"{s.name}@{s.hook.name}" for s in saes))
+
+
+class SaeloraLlamaForCausalLM(_SpliceMixin, LlamaForCausalLM):
+    pass
+
+
+class SaeloraMistralForCausalLM(_SpliceMixin, MistralForCausalLM):
+    pass
+
+
+class SaeloraQwen2ForCausalLM(_SpliceMixin, Qwen2ForCausalLM):
+    pass
+
+
+class SaeloraQwen3ForCausalLM(_SpliceMixin, Qwen3ForCausalLM):
+    pass
+
+
+class SaeloraGemmaForCausalLM(_SpliceMixin, GemmaForCausalLM):
+    pass
+
+
+class SaeloraGemma2ForCausalLM(_SpliceMixin, Gemma2ForCausalLM):
+    pass

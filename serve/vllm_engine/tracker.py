@@ -1,0 +1,109 @@
+"""Per-request splice settings inside vLLM's worker, and the latents captured for each request.
+
+vLLM's model forward sees one flat batch of tokens (N, d), not requests. Two public vLLM hooks tell the
+spliced model which tokens belong to which request and what that request asked for:
+
+- the request's `SamplingParams.extra_args["saelora"]` carries its settings (`encode_settings`);
+- `SliceTracker`, a logits processor that never changes logits, is told by vLLM before every forward
+  which request sits in which batch slot (`update_state`), so it keeps `SLOTS`: slot -> `SlotSpec`.
+  Inside the forward, the attention metadata's `query_start_loc` gives each slot's token range.
+
+Captured top-k latents go to `CAPTURES` (rid -> sae -> position -> (indices, values)), which the engine
+drains after each step: directly when vLLM runs in-process, else through `SaeloraWorkerExtension`
+(`collective_rpc("saelora_pop_captures")`). State is per process: one vLLM engine per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from saelora.adapters.splice import LatentEdit, RowSpec
+
+KEY = "saelora"  # the extra_args key
+Latents = dict[str, tuple[list[int], list[float]]]
+
+
+@dataclass
+class SlotSpec:
+    """What one running request asked the splice for."""
+
+    rid: str  # saelora's request id (keys CAPTURES)
+    row: RowSpec  # modes per SAE, edits, prompt length
+    top_k: int  # latents per token to capture (0: none)
+
+    def changes_stream(self, sae: str) -> bool:
+        """Whether the splice alters this request's residual stream at `sae` (else only capture)."""
+        mode = self.row.modes.get(sae, "error_term")
+        return mode == "replace" or (mode == "error_term" and any(e.sae == sae for e in self.row.edits))
+
+    def needed(self, sae: str) -> bool:
+        return self.top_k > 0 or self.changes_stream(sae)
+
+
+def encode_settings(rid: str, modes: dict[str, str], edits: list[LatentEdit], prompt_len: int,
+                    top_k: int) -> dict[str, Any]:
+    """The extra_args entry for one request (plain JSON types, so it also crosses process boundaries)."""
+    return {KEY: {"rid": rid, "modes": modes, "prompt_len": prompt_len, "top_k": top_k,
+                  "edits": [[e.sae, e.feature, e.op, e.value,
+                             e.positions if isinstance(e.positions, str) else list(e.positions)] for e in edits]}}
+
+
+def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
+    data = (extra_args or {}).get(KEY)
+    if not data:
+        return None
+    edits = [LatentEdit(sae, int(f), op, float(v), p if isinstance(p, str) else tuple(int(i) for i in p))
+             for sae, f, op, v, p in data["edits"]]
+    row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]))
+    return SlotSpec(rid=str(data["rid"]), row=row, top_k=int(data["top_k"]))
+
+
+SLOTS: dict[int, SlotSpec] = {}  # batch slot -> settings of the request in it (worker side)
+CAPTURES: dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]] = {}
+_LOCK = threading.Lock()  # CAPTURES is written by the worker and drained by the engine thread
+
+
+class SliceTracker(LogitsProcessor):
+    """Keeps `SLOTS` in step with vLLM's persistent batch; leaves logits untouched."""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        SLOTS.clear()
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(SLOTS, batch_update, lambda params, prompt, out: decode_settings(params.extra_args))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+def record(rid: str, sae: str, positions: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """Store one request's captured latents: positions (T,), indices/values (T, k); inactive latents dropped."""
+    rows = zip(positions.tolist(), indices.tolist(), values.tolist(), strict=True)
+    with _LOCK:
+        per = CAPTURES.setdefault(rid, {}).setdefault(sae, {})
+        for pos, idx, val in rows:
+            keep = [j for j, v in enumerate(val) if v != 0]
+            per[pos] = ([idx[j] for j in keep], [round(val[j], 5) for j in keep])
+
+
+def pop_captures() -> dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]]:
+    global CAPTURES
+    with _LOCK:
+        out, CAPTURES = CAPTURES, {}
+    return out
+
+
+class SaeloraWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): lets the engine drain captures over RPC."""
+
+    def saelora_pop_captures(self) -> dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]]:
+        return pop_captures()

@@ -1,0 +1,156 @@
+"""The vLLM engine against the torch engine (the reference), both behind real servers on 127.0.0.1.
+
+Greedy tokens must be identical and latents equal within float tolerance for: the plain model, `off`,
+`error_term` without edits, `replace`, latent edits, an adapter, and mixtures of these in one batch; the
+prefix cache must never hand one splice setting another's KV or skip latents. (test_server.py and
+test_client.py also run every HTTP test against both engines.)
+"""
+
+import asyncio
+
+import httpx
+import pytest
+
+from conftest import SAE
+from tiny import WORDS
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["the cat sat on", "a big red fox jumps over the lazy", "sun rises east and", "river flows to"]
+LONG = " ".join(WORDS * 4)  # ~150 tokens: spans whole prefix-cache blocks
+TOL = 2e-3  # latent values: relative tolerance between the two engines' float arithmetic
+
+CASES = {
+    "plain": ("tiny", None),
+    "off": ("tiny", {"mode": "off"}),
+    "error_term": ("tiny", {"mode": "error_term"}),
+    "replace": ("tiny", {"mode": "replace"}),
+    "set_generated": ("tiny", {"edits": [{"feature": 3, "op": "set", "value": 250.0, "positions": "generated"}]}),
+    "ablate_all": ("tiny", {"mode": "error_term", "edits": [{"feature": 17, "op": "ablate"}, {"feature": 57, "op":
+                                                                                                "ablate"}]}),
+    "scale_prompt": ("tiny", {"edits": [{"feature": 62, "op": "scale", "value": 4.0, "positions": "prompt"}]}),
+    "adapter": ("a1", None),
+    "adapter_replace": ("a1", {"mode": "replace"}),
+}
+
+
+def complete(srv, prompt, model="tiny", sae=None, top_k=4, include_prompt=False, max_tokens=10, **kw):
+    sae = dict(sae or {}, features={"top_k": top_k, "include_prompt": include_prompt}) if top_k else sae
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
+    if sae:
+        body["sae"] = sae
+    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def assert_latents_close(got: list[dict], want: list[dict]) -> None:
+    """Per token: same positions and tokens; per SAE, the same top latents with values within TOL (a latent
+    may swap in or out of the top k only where its value ties with the k-th one)."""
+    assert [(t["position"], t["token_id"]) for t in got] == [(t["position"], t["token_id"]) for t in want]
+    for g, w in zip(got, want, strict=True):
+        gs, ws_ = {f["sae"]: f for f in g["features"]}, {f["sae"]: f for f in w["features"]}
+        assert gs.keys() == ws_.keys()
+        for name in gs:
+            a = dict(zip(gs[name]["indices"], gs[name]["values"], strict=True))
+            b = dict(zip(ws_[name]["indices"], ws_[name]["values"], strict=True))
+            for i in a.keys() & b.keys():
+                assert a[i] == pytest.approx(b[i], rel=TOL, abs=TOL), (g["position"], i)
+            floor = min([*a.values(), *b.values()], default=0.0)
+            for i in a.keys() ^ b.keys():
+                assert abs(a.get(i, b.get(i)) - floor) <= TOL * max(1.0, abs(floor)), (g["position"], i, a, b)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_and_latents_match_torch_engine(case, torch_server, vllm_server):
+    model, sae = CASES[case]
+    for prompt in PROMPTS[:3]:
+        want = complete(torch_server, prompt, model, sae, include_prompt=True)
+        got = complete(vllm_server, prompt, model, sae, include_prompt=True)
+        assert got["text"] == want["text"], (case, prompt)
+        assert got["finish_reason"] == want["finish_reason"]
+        assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
+        assert_latents_close(got["features"]["generated"], want["features"]["generated"])
+
+
+def test_splice_settings_change_the_output(vllm_server):
+    texts = {case: complete(vllm_server, PROMPTS[1], *CASES[case], top_k=0)["text"] for case in CASES}
+    assert texts["plain"] == texts["off"] == texts["error_term"]  # error_term without edits is the base model
+    assert len({texts[c] for c in ("plain", "replace", "set_generated", "adapter", "adapter_replace")}) == 5
+
+
+def test_mixed_batch_equals_solo_and_torch(torch_server, vllm_server):
+    bodies = [(PROMPTS[i % 4] if i != 2 else LONG, *CASES[c]) for i, c in enumerate(CASES)]
+    solo = [complete(vllm_server, p, m, s) for p, m, s in bodies]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(vllm_server.url + "/v1/completions", json={
+                "model": m, "prompt": p, "max_tokens": 10, "temperature": 0,
+                "sae": dict(s or {}, features={"top_k": 4})}) for p, m, s in bodies])
+    batched = [r.json()["choices"][0] for r in asyncio.run(together())]
+    for b, s, (p, m, sae) in zip(batched, solo, bodies, strict=True):
+        assert b["text"] == s["text"]
+        assert_latents_close(b["features"]["generated"], s["features"]["generated"])
+        assert b["text"] == complete(torch_server, p, m, sae)["text"]
+
+
+def test_logprobs_match_torch_engine(torch_server, vllm_server):
+    want = complete(torch_server, PROMPTS[0], top_k=0, logprobs=3)["logprobs"]
+    got = complete(vllm_server, PROMPTS[0], top_k=0, logprobs=3)["logprobs"]
+    assert got["tokens"] == want["tokens"]
+    assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-3)
+    for g, w in zip(got["top_logprobs"], want["top_logprobs"], strict=True):
+        assert g.keys() == w.keys() and list(g.values()) == pytest.approx(list(w.values()), abs=1e-3)
+
+
+def test_encode_only_features_match_torch_engine(torch_server, vllm_server):
+    def enc(srv):
+        r = httpx.post(srv.url + "/v1/features", json={"model": "a1", "input": LONG, "top_k": 5}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+    assert_latents_close(enc(vllm_server), enc(torch_server))
+
+
+def test_hot_loaded_adapter_matches_torch_engine(torch_server, vllm_server):
+    for srv in (torch_server, vllm_server):
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "p2", "lora_path": "a2"})
+        assert r.status_code == 200, r.text
+    try:
+        want = complete(torch_server, PROMPTS[2], "p2", {"mode": "replace"})
+        got = complete(vllm_server, PROMPTS[2], "p2", {"mode": "replace"})
+        assert got["text"] == want["text"] != complete(vllm_server, PROMPTS[2], "a1", {"mode": "replace"})["text"]
+        assert_latents_close(got["features"]["generated"], want["features"]["generated"])
+    finally:
+        for srv in (torch_server, vllm_server):
+            httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "p2"})
+    assert httpx.post(vllm_server.url + "/v1/completions", json={"model": "p2", "prompt": "x"}).status_code == 404
+
+
+def _cached_tokens(srv) -> float:
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        if line.startswith("saelora_prefix_cached_tokens "):
+            return float(line.split()[1])
+    raise AssertionError("no saelora_prefix_cached_tokens in /metrics")
+
+
+def test_prefix_cache_is_used_but_never_crosses_splice_settings(torch_server, vllm_server):
+    edit = {"edits": [{"feature": 3, "op": "set", "value": 250.0, "positions": "prompt"}]}
+    want = {name: complete(torch_server, LONG, sae=sae, top_k=0) for name, sae in
+            [("base", None), ("replace", {"mode": "replace"}), ("edit", edit)]}
+    before = _cached_tokens(vllm_server)
+    order = ["base", "base", "replace", "replace", "edit", "base", "edit", "replace"]
+    for name in order:
+        sae = {"base": None, "replace": {"mode": "replace"}, "edit": edit}[name]
+        assert complete(vllm_server, LONG, sae=sae, top_k=0)["text"] == want[name]["text"], name
+    assert _cached_tokens(vllm_server) > before, "repeated prompts with equal settings reuse the prefix cache"
+
+
+def test_prompt_latents_are_complete_on_repeated_prompts(torch_server, vllm_server):
+    want = complete(torch_server, LONG, sae={"mode": "replace"}, include_prompt=True)
+    complete(vllm_server, LONG, sae={"mode": "replace"}, top_k=0)  # would put this prompt's KV in the cache
+    for _ in range(2):
+        got = complete(vllm_server, LONG, sae={"mode": "replace"}, include_prompt=True)
+        assert [t["position"] for t in got["features"]["prompt"]] == list(range(len(want["features"]["prompt"])))
+        assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
+        assert got["features"]["prompt"][0]["features"][0]["sae"] == SAE
