@@ -154,3 +154,69 @@ def test_prompt_latents_are_complete_on_repeated_prompts(torch_server, vllm_serv
         assert [t["position"] for t in got["features"]["prompt"]] == list(range(len(want["features"]["prompt"])))
         assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
         assert got["features"]["prompt"][0]["features"][0]["sae"] == SAE
+
+
+# ---- slow tier: the embedded SmolLM2 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_servers(tmp_path_factory):
+    """Torch and vLLM servers on SmolLM2 with a random TopK SAE at layer 10 and a random adapter bundle."""
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.serve.app import create_app
+    from saelora.serve.torch_engine import TorchEngine
+    from server_util import LiveServer, ServerProcess
+    from tiny import make_bundle, make_sae, save_sae
+
+    root = tmp_path_factory.mktemp("smol")
+    sae_dir = str(save_sae(make_sae("topk", hook="blocks.10.hook_resid_post", d_in=576, d_sae=2048, k=32),
+                           root / "sae"))
+    bundle = str(make_bundle({"model": "smollm2-135m", "saes": [sae_dir]}, root / "adapter", seed=5, scale=0.05))
+    lm = load_model("smollm2-135m", device="cpu")
+    engine = TorchEngine(lm, [load_sae(lm.model, sae_dir)])
+    engine.load_adapter_now("ad", bundle)
+    args = ["--engine", "vllm", "--model", "smollm2-135m", "--sae", sae_dir, "--adapter", f"ad={bundle}",
+            "--served-model-name", "smol", "--kv-cache-gb", "1"]
+    with LiveServer(create_app(engine, served_name="smol")) as t, ServerProcess(args, str(root / "vllm.log")) as v:
+        yield t, v
+
+
+SMOL_PROMPTS = ["The capital of France is", "Sparse autoencoders find features that"]
+SMOL_CASES = {
+    "error_term": ("smol", None),
+    "off": ("smol", {"mode": "off"}),
+    "replace": ("smol", {"mode": "replace"}),
+    "ablate": ("smol", {"edits": [{"feature": 7, "op": "ablate"}, {"feature": 11, "op": "set", "value": 30.0,
+                                                                  "positions": "generated"}]}),
+    "adapter": ("ad", None),
+    "adapter_replace": ("ad", {"mode": "replace"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SMOL_CASES))
+def test_smollm2_greedy_parity(case, smol_servers):
+    torch_srv, vllm_srv = smol_servers
+    model, sae = SMOL_CASES[case]
+    for prompt in SMOL_PROMPTS:
+        want = complete(torch_srv, prompt, model, sae, max_tokens=16, include_prompt=True)
+        got = complete(vllm_srv, prompt, model, sae, max_tokens=16, include_prompt=True)
+        assert got["text"] == want["text"], (case, prompt, got["text"], want["text"])
+        assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
+        assert_latents_close(got["features"]["generated"], want["features"]["generated"])
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_batch_equals_solo(smol_servers):
+    _, vllm_srv = smol_servers
+    bodies = [(SMOL_PROMPTS[i % 2], *SMOL_CASES[c]) for i, c in enumerate(SMOL_CASES)]
+    solo = [complete(vllm_srv, p, m, s, max_tokens=12)["text"] for p, m, s in bodies]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as c:
+            return await asyncio.gather(*[c.post(vllm_srv.url + "/v1/completions", json={
+                "model": m, "prompt": p, "max_tokens": 12, "temperature": 0, **({"sae": s} if s else {})})
+                for p, m, s in bodies])
+    assert [r.json()["choices"][0]["text"] for r in asyncio.run(together())] == solo
+    assert "Paris" in solo[0]
+    assert solo[2] != solo[0] != solo[4], "replace and the adapter each change the text"
