@@ -2,6 +2,7 @@
 # into $SAELORA_CACHE/demo). The install steps are the Makefile's own (`make setup`), so image and checkout agree.
 #   docker build -t saelora .                                   # CPU (set TORCH_INDEX to a CPU-wheel index)
 #   docker build -t saelora:gpu --build-arg DEVICE=cuda .       # GPU: CUDA torch from PyPI
+#   docker build -t saelora:vllm --build-arg EXTRAS=serve,vllm .  # CPU with the vLLM engine (--engine vllm)
 FROM python:3.11-slim
 
 ARG DEVICE=cpu

@@ -5,9 +5,12 @@
 (3) 4 rows with 4 different adapters vs 4 rows of one adapter;
 (4) hot-load latency of a rank-16 all-linear adapter, and failed requests during 50 load/unload cycles under load;
 (5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy).
-Writes bench/results/serve.{json,md}.
+With `--engine vllm` the same figures for the vLLM engine, plus, side by side in the same run (both servers up,
+measurements interleaved): (6) vLLM engine vs torch engine tok/s at 1, 4 and 8 streams, and (7) what LoRA costs
+on each engine (4 streams through an adapter vs 4 streams of the base model).
+Writes bench/results/serve.{json,md} (torch) or serve_vllm.{json,md}.
 
-    python bench/serve.py [--quick]
+    python bench/serve.py [--engine vllm] [--quick]
 """
 
 from __future__ import annotations
@@ -61,10 +64,11 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, sae: str, root: Path, port: int = 8765) -> None:
+    def __init__(self, sae: str, root: Path, port: int = 8765, engine: str = "torch") -> None:
         self.url = f"http://127.0.0.1:{port}"
+        extra = ["--engine", "vllm", "--kv-cache-gb", "2"] if engine == "vllm" else []
         self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--sae", sae, "--adapter-root",
-                                      str(root), "--port", str(port), "--max-batch", "8"],
+                                      str(root), "--port", str(port), "--max-batch", "8", *extra],
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -185,6 +189,40 @@ def vs_transformers(url: str, tokens: int) -> dict:
             "ratio": round((n / dt) / (hf_tokens / hf_dt), 3)}
 
 
+def engines_side_by_side(urls: dict[str, str], tokens: int, reps: int) -> dict:
+    """Aggregate tok/s of each engine at 1, 4 and 8 streams (greedy, splice off), interleaved engine by engine."""
+    got: dict[str, dict[int, list[float]]] = {e: {1: [], 4: [], 8: []} for e in urls}
+    for _ in range(reps):
+        for n in (1, 4, 8):
+            for engine, url in urls.items():
+                dt, toks, _ = asyncio.run(_run(url, _bodies(n, tokens, sae={"mode": "off"})))
+                got[engine][n].append(toks / dt)
+    out = {e: {f"streams_{n}": round(statistics.median(v), 1) for n, v in per.items()} for e, per in got.items()}
+    out["vllm_vs_torch"] = {f"streams_{n}": round(out["vllm"][f"streams_{n}"] / out["torch"][f"streams_{n}"], 2)
+                            for n in (1, 4, 8)}
+    return out
+
+
+def lora_cost(urls: dict[str, str], name: str, tokens: int, reps: int) -> dict:
+    """4 streams through one adapter vs 4 streams of the base model, per engine (tok/s, interleaved)."""
+    for url in urls.values():
+        httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "cost", "lora_path": name},
+                   timeout=120).raise_for_status()
+    got: dict[str, dict[str, list[float]]] = {e: {"base": [], "lora": []} for e in urls}
+    for _ in range(reps):
+        for engine, url in urls.items():
+            for kind, model in (("base", "smollm2-135m"), ("lora", "cost")):
+                dt, toks, _ = asyncio.run(_run(url, _bodies(4, tokens, model=model, sae={"mode": "off"})))
+                got[engine][kind].append(toks / dt)
+    for url in urls.values():
+        httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "cost"}, timeout=120)
+    out = {}
+    for engine, per in got.items():
+        base, lora = statistics.median(per["base"]), statistics.median(per["lora"])
+        out[engine] = {"base_tok_s": round(base, 1), "lora_tok_s": round(lora, 1), "ratio": round(lora / base, 3)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", help="sae-lens folder (default: the demo SAE, else the train_gap benchmark SAE)")
@@ -192,6 +230,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--cycles", type=int, default=50, help="load/unload cycles under load")
     p.add_argument("--quick", action="store_true", help="small numbers, checks the script")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch", help="engine to benchmark; vllm also "
+                   "runs the torch engine side by side")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from saelora.adapters.config import cache_dir
@@ -204,24 +244,38 @@ def main() -> int:
         raise SystemExit("no SAE: run `make demo` or pass --sae")
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
-    server = Server(sae, root)
+    server = Server(sae, root, engine=args.engine)
+    other = Server(sae, root, port=8766) if args.engine == "vllm" else None
     try:
-        res = {"sae": sae, "settings": vars(args)}
+        res = {"sae": sae, "engine": args.engine, "settings": vars(args)}
         res["features_overhead"] = features_overhead(server.url, args.tokens, args.reps)
         res["concurrency"] = concurrency(server.url, args.tokens)
         res["mixed_adapters"] = mixed_adapters(server.url, names, args.tokens, args.reps)
         res["hot_swap"] = hot_swap(server.url, names[0], args.cycles)
         res["vs_transformers"] = vs_transformers(server.url, args.tokens)
+        if other is not None:
+            urls = {"vllm": server.url, "torch": other.url}
+            res["vs_torch_engine"] = engines_side_by_side(urls, args.tokens, args.reps)
+            res["lora_cost"] = lora_cost(urls, names[0], args.tokens, args.reps)
     finally:
         server.close()
+        if other is not None:
+            other.close()
     res["targets"] = {"features_ratio_min": 0.9, "features_ratio_aim": 0.95, "streams_8_vs_1_min": 3.0,
                       "four_adapters_ratio_max": 1.2, "hot_swap_failures": 0}
-    stem = "serve_quick" if args.quick else "serve"
+    stem = ("serve" if args.engine == "torch" else "serve_vllm") + ("_quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    md = report(res, sae, args)
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
     f, c, m, h, v = (res[k] for k in ("features_overhead", "concurrency", "mixed_adapters", "hot_swap",
                                       "vs_transformers"))
-    md = ["# serve benchmark (embedded SmolLM2-135M, 2 CPU cores, torch engine)", "",
+    md = [f"# serve benchmark (embedded SmolLM2-135M, 2 CPU cores, {args.engine} engine)", "",
           f"SAE: `{sae}`; {args.tokens} tokens per request, greedy.", "",
           "| measure | value | target |", "|---|---|---|",
           f"| splice + top-8 features vs splice off (tok/s, 4 streams) | {f['tok_s_features']} / {f['tok_s_off']} = "
@@ -235,9 +289,16 @@ def main() -> int:
           f"{h['requests_during']} | 0 |",
           f"| server vs transformers generate, batch 4 (tok/s) | {v['server_tok_s']} / {v['transformers_tok_s']} = "
           f"**{v['ratio']}** | |"]
-    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    if "vs_torch_engine" in res:
+        e, lc = res["vs_torch_engine"], res["lora_cost"]
+        md += ["", "Side by side in the same run (both servers up, measurements interleaved; greedy, splice off):", "",
+               "| measure | vLLM engine | torch engine | vLLM / torch |", "|---|---|---|---|"]
+        md += [f"| tok/s, {n} stream(s) | {e['vllm'][f'streams_{n}']} | {e['torch'][f'streams_{n}']} | "
+               f"**{e['vllm_vs_torch'][f'streams_{n}']}×** |" for n in (1, 4, 8)]
+        md += [f"| LoRA cost: 4 streams via a rank-16 adapter / base (tok/s) | {lc['vllm']['lora_tok_s']} / "
+               f"{lc['vllm']['base_tok_s']} = **{lc['vllm']['ratio']}** | {lc['torch']['lora_tok_s']} / "
+               f"{lc['torch']['base_tok_s']} = **{lc['torch']['ratio']}** | |"]
+    return md
 
 
 if __name__ == "__main__":

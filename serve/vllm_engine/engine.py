@@ -229,6 +229,7 @@ class VllmEngine(ThreadedEngine):
         args = EngineArgs(
             model=self.lm.path, tokenizer=self.lm.path, dtype=str(self.lm.model.dtype).removeprefix("torch."),
             enforce_eager=True, max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
+            disable_log_stats=True,
             enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm",
             hf_overrides={"architectures": [spliced_architecture(self.arch)], "saelora_saes": saes},
             logits_processors=[SliceTracker],
@@ -238,7 +239,8 @@ class VllmEngine(ThreadedEngine):
         self.llm = LLMEngine.from_engine_args(args)
         for name, bundle in self.startup_adapters:
             self._add_lora(name, bundle, register=False)
-        log.info("vLLM engine ready: %s (%s) with %d SAE(s), in-process=%s", self.lm.spec, self.arch,
+        log.info("vLLM engine ready: %s (%s) with %d SAE(s), in-process=%s, eager mode (the splice is per-request "
+                 "Python; CUDA graphs would replay a frozen batch layout: docs/vllm.md)", self.lm.spec, self.arch,
                  len(saes), self._inproc)
 
     def _on_cpu(self) -> bool:

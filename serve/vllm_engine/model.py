@@ -61,25 +61,49 @@ class SpliceRuntime:
         self.splice = Splice(None, saes, mode="error_term")  # type: ignore[arg-type]  # never installed
 
     def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """x: (N, d) residual stream at SAE `name`'s hook; positions: (N,). The new stream, or None if unchanged."""
+        """x: (N, d) residual stream at SAE `name`'s hook; positions: (N,). The new stream, or None if unchanged.
+
+        Requests with one token in this forward (decoding) go through the SAE together, one row per request;
+        requests with several (prefill chunks) go one by one, as a row of their own length."""
         qsl = _slot_ranges()
         if qsl is None or not tracker.SLOTS:
             return None
+        singles: list[tuple[int, tracker.SlotSpec]] = []  # (token index, spec)
         out = None
         for slot in range(len(qsl) - 1):
             spec = tracker.SLOTS.get(slot)
             a, b = qsl[slot], qsl[slot + 1]
             if spec is None or b <= a or not spec.needed(name):
                 continue
-            sp = self.splice
-            sp.rows, sp.top_k, sp.positions = [spec.row], spec.top_k, positions[a:b][None]  # (1, T)
-            y = sp.apply(name, x[None, a:b])[0]  # (T, d)
-            for cap in sp.pop_captures()[name]:
-                tracker.record(spec.rid, name, cap.positions[0], cap.indices[0], cap.values[0])
+            if b - a == 1:
+                singles.append((a, spec))
+                continue
+            y = self._rows(name, x[None, a:b], positions[None, a:b], [spec])[0]  # (T, d)
             if spec.changes_stream(name):
                 out = x.clone() if out is None else out
                 out[a:b] = y
+        if singles:
+            idx = torch.tensor([i for i, _ in singles], device=x.device)
+            specs = [s for _, s in singles]
+            y = self._rows(name, x[idx][:, None], positions[idx][:, None], specs)[:, 0]  # (S, d)
+            changed = torch.tensor([s.changes_stream(name) for s in specs], device=x.device)
+            if bool(changed.any()):
+                out = x.clone() if out is None else out
+                out[idx[changed]] = y[changed]
         return out
+
+    def _rows(self, name: str, x: torch.Tensor, pos: torch.Tensor, specs: list[tracker.SlotSpec]) -> torch.Tensor:
+        """Splice x (R, T, d) at positions (R, T), row r with specs[r]; record each row's own top-k latents."""
+        sp = self.splice
+        sp.rows, sp.positions = [s.row for s in specs], pos
+        sp.top_k = max(s.top_k for s in specs)
+        y = sp.apply(name, x)
+        for cap in sp.pop_captures()[name]:
+            for r, s in enumerate(specs):
+                if s.top_k:
+                    tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :s.top_k],
+                                   cap.values[r, :, :s.top_k])
+        return y
 
 
 def _wrap_layer(layer: torch.nn.Module, runtime: SpliceRuntime, name: str, kind: str) -> None:
