@@ -220,3 +220,26 @@ def test_smollm2_mixed_batch_equals_solo(smol_servers):
     assert [r.json()["choices"][0]["text"] for r in asyncio.run(together())] == solo
     assert "Paris" in solo[0]
     assert solo[2] != solo[0] != solo[4], "replace and the adapter each change the text"
+
+
+def test_base_rows_stay_base_when_every_lora_slot_is_full(torch_server, vllm_server):
+    """vLLM-CPU's LoRA ops index the adapter stack with -1 for base tokens, i.e. the last slot: once all
+    --max-loras slots hold adapters, base rows batched with adapter rows must still get the base model."""
+    names = ["f2", "f3", "f4"]  # with a1: 4 adapters = --max-loras
+    for n in names:
+        assert httpx.post(vllm_server.url + "/v1/load_lora_adapter", json={"lora_name": n, "lora_path": "a2"},
+                          timeout=60).status_code == 200
+    try:
+        want = complete(torch_server, PROMPTS[1], top_k=0, max_tokens=16)["text"]
+
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as c:
+                return await asyncio.gather(*[c.post(vllm_server.url + "/v1/completions", json={
+                    "model": m, "prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0})
+                    for m in ["tiny", "a1", *names, "tiny"]])
+        got = [r.json()["choices"][0]["text"] for r in asyncio.run(together())]
+        assert got[0] == got[-1] == want
+        assert got[1] != want and got[2] == got[3] == got[4] != want
+    finally:
+        for n in names:
+            httpx.post(vllm_server.url + "/v1/unload_lora_adapter", json={"lora_name": n})

@@ -14,9 +14,17 @@ def spliced_architecture(arch: str) -> str:
 
 
 def register() -> None:
+    """Register the spliced model classes; on CPU also install the grouped LoRA ops (lora_ops.py), which fix
+    base rows picking up an adapter when every LoRA slot is in use (SAELORA_VLLM_LORA_OPS=vllm keeps vLLM's)."""
+    import os
+
     from vllm import ModelRegistry
 
     for arch in ARCHITECTURES:
         name = spliced_architecture(arch)
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"saelora.serve.vllm_engine.model:{name}")
+    if os.environ.get("SAELORA_VLLM_LORA_OPS", "grouped") != "vllm":
+        from .lora_ops import install
+
+        install()

@@ -43,6 +43,10 @@ from . import ARCHITECTURES, register, spliced_architecture
 
 log = logging.getLogger(__name__)
 
+# The modules saelora's trainer puts LoRA on (HF names in the llama/mistral/qwen/gemma families). vLLM wraps only
+# these: with no list it also wraps lm_head, and every base request then pays a LoRA pass over the vocabulary.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class VllmOptions:
@@ -207,6 +211,12 @@ class VllmEngine(ThreadedEngine):
         if self.opts.max_loras <= 0:
             raise EngineError("invalid", "this server runs without LoRA (--max-loras 0)", "lora_path")
         bundle = self.registry.validate(name, path)
+        targets = bundle.lora_config.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else targets
+        other = sorted(set(targets) - set(LORA_TARGETS))
+        if other:
+            raise EngineError("invalid", f"the vLLM engine serves LoRA on {', '.join(LORA_TARGETS)}; this adapter "
+                              f"also targets {other}", "lora_path")
         rank = int(bundle.lora_config.get("r", 0))
         if rank > self.opts.max_lora_rank:
             raise EngineError("invalid", f"adapter rank {rank} exceeds --max-lora-rank {self.opts.max_lora_rank}",
@@ -235,6 +245,7 @@ class VllmEngine(ThreadedEngine):
             logits_processors=[SliceTracker],
             worker_extension_cls="saelora.serve.vllm_engine.tracker.SaeloraWorkerExtension",
             enable_lora=lora, max_loras=max(1, self.opts.max_loras), max_lora_rank=self.opts.max_lora_rank,
+            lora_target_modules=list(LORA_TARGETS) if lora else None,
             kv_cache_memory_bytes=None if self._on_cpu() else int(self.opts.kv_cache_gb * 2**30))
         self.llm = LLMEngine.from_engine_args(args)
         for name, bundle in self.startup_adapters:
