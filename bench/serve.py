@@ -7,7 +7,8 @@
 (5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy).
 With `--engine vllm` the same figures for the vLLM engine, plus, side by side in the same run (both servers up,
 measurements interleaved): (6) vLLM engine vs torch engine tok/s at 1, 4 and 8 streams, and (7) what LoRA costs
-on each engine (4 streams through an adapter vs 4 streams of the base model).
+on each engine (4 streams through an adapter vs 4 streams of the base model), also with vLLM's own CPU LoRA
+ops instead of saelora's grouped ones (a third server, SAELORA_VLLM_LORA_OPS=vllm).
 Writes bench/results/serve.{json,md} (torch) or serve_vllm.{json,md}.
 
     python bench/serve.py [--engine vllm] [--quick]
@@ -64,12 +65,13 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, sae: str, root: Path, port: int = 8765, engine: str = "torch") -> None:
+    def __init__(self, sae: str, root: Path, port: int = 8765, engine: str = "torch",
+                 env: dict[str, str] | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
         extra = ["--engine", "vllm", "--kv-cache-gb", "2"] if engine == "vllm" else []
         self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--sae", sae, "--adapter-root",
                                       str(root), "--port", str(port), "--max-batch", "8", *extra],
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
@@ -216,7 +218,7 @@ def lora_cost(urls: dict[str, str], name: str, tokens: int, reps: int) -> dict:
                 got[engine][kind].append(toks / dt)
     for url in urls.values():
         httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "cost"}, timeout=120)
-    out = {}
+    out: dict = {}
     for engine, per in got.items():
         base, lora = statistics.median(per["base"]), statistics.median(per["lora"])
         out[engine] = {"base_tok_s": round(base, 1), "lora_tok_s": round(lora, 1), "ratio": round(lora / base, 3)}
@@ -246,6 +248,8 @@ def main() -> int:
     names = make_adapters(root, sae, 4, rank=16)
     server = Server(sae, root, engine=args.engine)
     other = Server(sae, root, port=8766) if args.engine == "vllm" else None
+    stock = Server(sae, root, port=8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"}) \
+        if args.engine == "vllm" else None
     try:
         res = {"sae": sae, "engine": args.engine, "settings": vars(args)}
         res["features_overhead"] = features_overhead(server.url, args.tokens, args.reps)
@@ -256,11 +260,11 @@ def main() -> int:
         if other is not None:
             urls = {"vllm": server.url, "torch": other.url}
             res["vs_torch_engine"] = engines_side_by_side(urls, args.tokens, args.reps)
-            res["lora_cost"] = lora_cost(urls, names[0], args.tokens, args.reps)
+            res["lora_cost"] = lora_cost(dict(urls, vllm_stock_lora_ops=stock.url), names[0], args.tokens, args.reps)
     finally:
-        server.close()
-        if other is not None:
-            other.close()
+        for s in (server, other, stock):
+            if s is not None:
+                s.close()
     res["targets"] = {"features_ratio_min": 0.9, "features_ratio_aim": 0.95, "streams_8_vs_1_min": 3.0,
                       "four_adapters_ratio_max": 1.2, "hot_swap_failures": 0}
     stem = ("serve" if args.engine == "torch" else "serve_vllm") + ("_quick" if args.quick else "")
@@ -297,7 +301,12 @@ def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
                f"**{e['vllm_vs_torch'][f'streams_{n}']}×** |" for n in (1, 4, 8)]
         md += [f"| LoRA cost: 4 streams via a rank-16 adapter / base (tok/s) | {lc['vllm']['lora_tok_s']} / "
                f"{lc['vllm']['base_tok_s']} = **{lc['vllm']['ratio']}** | {lc['torch']['lora_tok_s']} / "
-               f"{lc['torch']['base_tok_s']} = **{lc['torch']['ratio']}** | |"]
+               f"{lc['torch']['base_tok_s']} = **{lc['torch']['ratio']}** | |",
+               "", f"vLLM with its own CPU LoRA ops (SAELORA_VLLM_LORA_OPS=vllm, same run): "
+               f"{lc['vllm_stock_lora_ops']['lora_tok_s']} / {lc['vllm_stock_lora_ops']['base_tok_s']} = "
+               f"**{lc['vllm_stock_lora_ops']['ratio']}**; saelora's grouped ops make LoRA requests "
+               f"**{round(lc['vllm']['lora_tok_s'] / lc['vllm_stock_lora_ops']['lora_tok_s'], 2)}×** faster "
+               "(and fix base rows picking up an adapter when every LoRA slot is in use)."]
     return md
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -44,16 +45,17 @@ class ServerProcess:
     """`saelora serve ARGS` in a subprocess on 127.0.0.1 (the vLLM engine keeps per-process state, so it gets
     a process of its own); waits for /health, and shows the server's log when it fails to come up."""
 
-    def __init__(self, args: list[str], log_path: str, timeout: float = 300) -> None:
+    def __init__(self, args: list[str], log_path: str, timeout: float = 300, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args, self.log_path, self.timeout = args, log_path, timeout
+        self.args, self.log_path, self.timeout, self.env = args, log_path, timeout, env
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServerProcess":
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--port", str(self.port), *self.args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **(self.env or {})))
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -44,7 +44,7 @@ def complete(srv, prompt, model="tiny", sae=None, top_k=4, include_prompt=False,
     return r.json()["choices"][0]
 
 
-def assert_latents_close(got: list[dict], want: list[dict]) -> None:
+def assert_latents_close(got: list[dict], want: list[dict], tol: float = TOL) -> None:
     """Per token: same positions and tokens; per SAE, the same top latents with values within TOL (a latent
     may swap in or out of the top k only where its value ties with the k-th one)."""
     assert [(t["position"], t["token_id"]) for t in got] == [(t["position"], t["token_id"]) for t in want]
@@ -55,10 +55,10 @@ def assert_latents_close(got: list[dict], want: list[dict]) -> None:
             a = dict(zip(gs[name]["indices"], gs[name]["values"], strict=True))
             b = dict(zip(ws_[name]["indices"], ws_[name]["values"], strict=True))
             for i in a.keys() & b.keys():
-                assert a[i] == pytest.approx(b[i], rel=TOL, abs=TOL), (g["position"], i)
+                assert a[i] == pytest.approx(b[i], rel=tol, abs=tol), (g["position"], i)
             floor = min([*a.values(), *b.values()], default=0.0)
             for i in a.keys() ^ b.keys():
-                assert abs(a.get(i, b.get(i)) - floor) <= TOL * max(1.0, abs(floor)), (g["position"], i, a, b)
+                assert abs(a.get(i, b.get(i)) - floor) <= tol * max(1.0, abs(floor)), (g["position"], i, a, b)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -156,6 +156,22 @@ def test_prompt_latents_are_complete_on_repeated_prompts(torch_server, vllm_serv
         assert got["features"]["prompt"][0]["features"][0]["sae"] == SAE
 
 
+def test_multiprocess_mode_matches_torch_engine(ws, torch_server, tmp_path):
+    """With vLLM's engine core in its own process (needed for tensor parallelism) latents come back over RPC."""
+    from server_util import ServerProcess
+
+    args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--adapter", f"a1={ws['a1']}",
+            "--served-model-name", "tiny", "--kv-cache-gb", "1"]
+    with ServerProcess(args, str(tmp_path / "mp.log"), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as mp:
+        for case in ("replace", "set_generated", "adapter"):
+            want = complete(torch_server, PROMPTS[0], *CASES[case], include_prompt=True)
+            got = complete(mp, PROMPTS[0], *CASES[case], include_prompt=True)
+            assert got["text"] == want["text"], case
+            assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
+            assert_latents_close(got["features"]["generated"], want["features"]["generated"])
+    assert "in-process=False" in (tmp_path / "mp.log").read_text()
+
+
 # ---- slow tier: the embedded SmolLM2 ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -243,3 +259,34 @@ def test_base_rows_stay_base_when_every_lora_slot_is_full(torch_server, vllm_ser
     finally:
         for n in names:
             httpx.post(vllm_server.url + "/v1/unload_lora_adapter", json={"lora_name": n})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "gemma2", "mistral"])
+def test_other_families_match_torch_engine(family, tmp_path):
+    """Each spliced vLLM class (beyond llama, covered above) against the torch engine on a tiny random model,
+    with SAEs at a layer's output and at another layer's input."""
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.serve.app import create_app
+    from saelora.serve.torch_engine import TorchEngine
+    from server_util import LiveServer, ServerProcess
+    from tiny import tiny_workspace
+
+    # Gemma2 (soft-capped attention, four norms per layer: more float paths that differ between HF's and vLLM's
+    # kernels) measured up to 2.1e-3 relative on this model; the other families stay within 2e-3.
+    tol = 5e-3 if family == "gemma2" else TOL
+    ws = tiny_workspace(tmp_path, d_model=128, n_heads=4, family=family,
+                        saes=(("topk", "blocks.0.hook_resid_post"), ("standard", "blocks.2.hook_resid_pre")))
+    lm = load_model(ws["model"], device="cpu")
+    engine = TorchEngine(lm, [load_sae(lm.model, s) for s in ws["saes"]])
+    args = ["--engine", "vllm", "--model", ws["model"], "--served-model-name", "tiny", "--kv-cache-gb", "1",
+            "--max-loras", "0", *[a for s in ws["saes"] for a in ("--sae", s)]]
+    with LiveServer(create_app(engine, served_name="tiny")) as t, ServerProcess(args, str(tmp_path / "v.log")) as v:
+        for sae in (None, {"mode": "replace"}, {"edits": [{"sae": "blocks.2.hook_resid_pre", "feature": 5,
+                                                            "op": "set", "value": 40.0}]}):
+            want = complete(t, PROMPTS[1], sae=sae, include_prompt=True)
+            got = complete(v, PROMPTS[1], sae=sae, include_prompt=True)
+            assert got["text"] == want["text"], (family, sae)
+            assert_latents_close(got["features"]["prompt"], want["features"]["prompt"], tol)
+            assert_latents_close(got["features"]["generated"], want["features"]["generated"], tol)
+        assert complete(v, PROMPTS[1], sae={"mode": "replace"})["text"] != complete(v, PROMPTS[1])["text"]

@@ -90,24 +90,38 @@ def tiny_text_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
     return docs
 
 
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral")
+
+
+def tiny_config(family: str, vocab: int, d_model: int, n_heads: int, n_layers: int, tok) -> object:  # noqa: ANN001
+    """A small random config of one decoder family (head size d_model / n_heads, set explicitly)."""
+    import transformers
+
+    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gemma": "GemmaConfig",
+           "gemma2": "Gemma2Config", "mistral": "MistralConfig"}[family]
+    extra = {"head_dim": d_model // n_heads} if family in ("qwen3", "gemma", "gemma2", "mistral") else {}
+    if family == "gemma2":
+        extra.update(sliding_window=64, query_pre_attn_scalar=d_model // n_heads)
+    return getattr(transformers, cls)(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=256,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2,
+        tie_word_embeddings=family.startswith("gemma"), **extra)  # gemma always ties (vLLM assumes it)
+
+
 def tiny_workspace(root: Path, n_layers: int = 3,
                    saes: tuple[tuple[str, str], ...] = (("topk", "blocks.1.hook_resid_post"),),
-                   d_model: int = D_MODEL, n_heads: int = 4) -> dict:
+                   d_model: int = D_MODEL, n_heads: int = 4, family: str = "llama") -> dict:
     """A tiny HF model folder (vocabulary fitted to a tiny tokenizer), SAE folders and a .jsonl corpus.
     (vLLM's CPU attention needs head sizes that are multiples of 32: d_model=128, n_heads=4.)"""
     import json
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     docs = tiny_text_corpus()
     tok = tiny_tokenizer(docs)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
-                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
-                      max_position_embeddings=256,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      initializer_range=0.2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), d_model, n_heads, n_layers, tok))
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     folders = []
