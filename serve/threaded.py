@@ -3,6 +3,8 @@
 Between steps the thread runs commands (adapter load/unload, encode-only work) and admits queued
 requests; then the engine advances every running request by one step. The event loop side streams each
 request's events from an asyncio queue that the thread fills (`_stream`), and awaits commands (`_call`).
+Request validation, SAE/adapter listings and unloading are shared too; an engine sets `checker` (a `Splice`
+over its SAEs, used to validate edits), `registry`, `tokenizer`, `sae_list` and `_max_len`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Callable
 
-from .engine import Engine, Event, Finished
+from saelora.adapters.splice import RowSpec, Splice, SpliceError
+
+from .engine import Engine, EngineError, Event, Finished, GenerationRequest
+from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,11 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
+    checker: Splice
+    registry: AdapterRegistry
+    sae_list: list[Any]
+    _max_len: int
+
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
         self.incoming: queue.Queue[Any] = queue.Queue()
@@ -50,6 +60,61 @@ class ThreadedEngine(Engine):
     @abc.abstractmethod
     def _fail_running(self, error: Exception) -> None:
         """A step raised: fail the running requests (the server keeps serving)."""
+
+    @abc.abstractmethod
+    def _detach(self, name: str) -> None:
+        """Engine thread: drop adapter `name` from the model."""
+
+    # ---- shared parts of the interface ---------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def sae_names(self) -> list[str]:
+        return list(self.checker.saes)
+
+    def saes(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.sae_list]
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [e.describe() for e in self.registry.entries.values()]
+
+    def _check(self, req: GenerationRequest) -> None:
+        """Raise EngineError (400) for a request that cannot run: empty, too long, bad ids, edits or SAE ids."""
+        if not req.prompt_ids:
+            raise EngineError("invalid", "the prompt is empty", "prompt")
+        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
+            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
+                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
+                              "max_tokens")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
+        try:
+            self.checker.validate_row(RowSpec(edits=req.splice.edits))
+        except SpliceError as e:
+            raise EngineError("invalid", str(e), "sae.edits") from e
+        unknown = set(req.splice.saes or []) - set(self.sae_names)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
+                              "sae.features.saes")
+
+    def _check_encode(self, prompt_ids: list[int], saes: list[str] | None) -> None:
+        if len(prompt_ids) > self._max_len:
+            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
+                              "input")
+        unknown = set(saes or []) - set(self.sae_names)
+        if unknown:
+            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+
+    async def unload_adapter(self, name: str) -> None:
+        entry = self.registry.remove(name)  # 404 / 409 (in use) before anything changes
+        try:
+            await self._call(lambda: self._detach(name))
+        except BaseException:
+            self.registry.entries[name] = entry
+            raise
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -23,7 +23,7 @@ from saelora.adapters.activations import run_to_hook
 from saelora.adapters.bundle import attach_bundle, detach_adapter
 from saelora.adapters.models import LoadedModel
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import RowSpec, Splice, SpliceError
+from saelora.adapters.splice import RowSpec, Splice
 
 from . import kv
 from .engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
@@ -62,6 +62,7 @@ class TorchEngine(ThreadedEngine):
         self.model, self.tokenizer, self.model_id = lm.model, lm.tokenizer, lm.spec
         self.lm, self.sae_list = lm, saes
         self.splice = Splice(lm.model, saes, mode="error_term").install()
+        self.checker = self.splice
         self.max_batch, self.adapter_root = max_batch, adapter_root
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self._max_len = min(max_model_len or cfg_len, cfg_len)
@@ -71,38 +72,8 @@ class TorchEngine(ThreadedEngine):
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
 
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
     def stats(self) -> dict[str, float]:
         return {"running": len(self.active), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries)}
-
-    def saes(self) -> list[dict[str, Any]]:
-        return [s.describe() for s in self.sae_list]
-
-    def adapters(self) -> list[dict[str, Any]]:
-        return [e.describe() for e in self.registry.entries.values()]
-
-    # ---- requests (event loop side) -----------------------------------------------------------------
-    def _check(self, req: GenerationRequest) -> None:
-        if not req.prompt_ids:
-            raise EngineError("invalid", "the prompt is empty", "prompt")
-        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
-            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
-                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
-                              "max_tokens")
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in req.prompt_ids):
-            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
-        try:
-            self.splice.validate_row(RowSpec(edits=req.splice.edits))
-        except SpliceError as e:
-            raise EngineError("invalid", str(e), "sae.edits") from e
-        unknown = set(req.splice.saes or []) - set(self.splice.saes)
-        if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.splice.saes)}",
-                              "sae.features.saes")
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)
@@ -113,12 +84,7 @@ class TorchEngine(ThreadedEngine):
 
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:
-        if len(prompt_ids) > self._max_len:
-            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
-                              "input")
-        unknown = set(saes or []) - set(self.splice.saes)
-        if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+        self._check_encode(prompt_ids, saes)
         self.registry.acquire(adapter)
         try:
             return await self._call(lambda: self._encode(prompt_ids, top_k, set(saes or self.splice.saes), adapter))
@@ -136,14 +102,6 @@ class TorchEngine(ThreadedEngine):
         from pathlib import Path
 
         self._attach(name, self.registry.validate(name, Path(path).resolve()))
-
-    async def unload_adapter(self, name: str) -> None:
-        entry = self.registry.remove(name)
-        try:
-            await self._call(lambda: self._detach(name))
-        except BaseException:
-            self.registry.entries[name] = entry
-            raise
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _attach(self, name: str, bundle: Any) -> None:

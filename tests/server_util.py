@@ -55,7 +55,8 @@ class ServerProcess:
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--port", str(self.port), *self.args],
                                      stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, **(self.env or {})))
+                                     env=dict(os.environ, **(self.env or {})),
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -169,13 +169,20 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(ws, tmp_path):
     args = [sys.executable, "-m", "saelora", "train", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus",
             ws["corpus"], "--out", str(out), "--rank", "4", "--seq-len", "32", "--eval-rows", "4", "--lr", "3e-3",
             "--device", "cpu", "--checkpoint-interval", "0"]
-    proc = subprocess.Popen(args + ["--max-steps", "100000"], env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a parent started without job control (a background CI job)
+    # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(args + ["--max-steps", "100000"], env=dict(os.environ), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"kl"') < 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"kl"') < 4):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "--resume" in err
     assert (out / "checkpoint" / "state.pt").is_file()

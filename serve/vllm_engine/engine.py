@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.models import LoadedModel
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import RowSpec, Splice, SpliceError
+from saelora.adapters.splice import Splice
 
 from ..engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                       TokenFeaturesOut)
@@ -107,7 +107,7 @@ class VllmEngine(ThreadedEngine):
         if arch not in ARCHITECTURES:
             raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
         self.lm, self.tokenizer, self.model_id, self.arch = lm, lm.tokenizer, lm.spec, arch
-        self.sae_list, self.sae_names = saes, [s.name for s in saes]
+        self.sae_list = saes
         self.checker = Splice(None, saes)  # type: ignore[arg-type]  # validates edits; never installed
         self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
@@ -123,38 +123,9 @@ class VllmEngine(ThreadedEngine):
         self._inproc = True
 
     # ---- engine interface -----------------------------------------------------------------------------
-    @property
-    def max_model_len(self) -> int:
-        return self._max_len
-
     def stats(self) -> dict[str, float]:
         return {"running": len(self.rows), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries),
                 "prefix_cached_tokens": self.cached_tokens}
-
-    def saes(self) -> list[dict[str, Any]]:
-        return [s.describe() for s in self.sae_list]
-
-    def adapters(self) -> list[dict[str, Any]]:
-        return [e.describe() for e in self.registry.entries.values()]
-
-    def _check(self, req: GenerationRequest) -> None:
-        if not req.prompt_ids:
-            raise EngineError("invalid", "the prompt is empty", "prompt")
-        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
-            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
-                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
-                              "max_tokens")
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in req.prompt_ids):
-            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
-        try:
-            self.checker.validate_row(RowSpec(edits=req.splice.edits))
-        except SpliceError as e:
-            raise EngineError("invalid", str(e), "sae.edits") from e
-        unknown = set(req.splice.saes or []) - set(self.sae_names)
-        if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
-                              "sae.features.saes")
 
     def _new_rid(self) -> str:
         self._next_id += 1
@@ -172,12 +143,7 @@ class VllmEngine(ThreadedEngine):
                      adapter: str | None) -> list[TokenFeaturesOut]:
         from ..engine import Sampling, SpliceRequest
 
-        if len(prompt_ids) > self._max_len:
-            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
-                              "input")
-        unknown = set(saes or []) - set(self.sae_names)
-        if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+        self._check_encode(prompt_ids, saes)
         self.registry.acquire(adapter)
         req = GenerationRequest(list(prompt_ids), Sampling(max_tokens=1, temperature=0.0),
                                 SpliceRequest(mode="off", top_k=top_k, include_prompt=True, saes=saes), adapter)
@@ -198,14 +164,6 @@ class VllmEngine(ThreadedEngine):
         bundle = self._validate_adapter(name, Path(path).resolve())
         self.startup_adapters.append((name, bundle))
         self.registry.add(name, bundle)
-
-    async def unload_adapter(self, name: str) -> None:
-        entry = self.registry.remove(name)
-        try:
-            await self._call(lambda: self._remove_lora(name))
-        except BaseException:
-            self.registry.entries[name] = entry
-            raise
 
     def _validate_adapter(self, name: str, path: Path) -> Any:
         if self.opts.max_loras <= 0:
@@ -268,7 +226,7 @@ class VllmEngine(ThreadedEngine):
             self.registry.add(name, bundle)
         log.info("adapter %s loaded from %s (LoRA id %d)", name, bundle.path, lora_id)
 
-    def _remove_lora(self, name: str) -> None:
+    def _detach(self, name: str) -> None:
         self.llm.remove_lora(self.lora_ids.pop(name))
         log.info("adapter %s unloaded", name)
 
