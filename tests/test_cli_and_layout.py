@@ -70,7 +70,7 @@ def test_namespace_maps_onto_top_level_folders():
         assert Path(mod.__file__).parent == ROOT / folder
 
 
-@pytest.mark.parametrize("command", ["train", "train-e2e", "train-sae", "eval", "features"])
+@pytest.mark.parametrize("command", ["train", "train-e2e", "train-sae", "eval", "features", "serve"])
 def test_every_option_is_documented(command):
     from saelora.cli import build_parser
 

@@ -290,3 +290,19 @@ def test_other_families_match_torch_engine(family, tmp_path):
             assert_latents_close(got["features"]["prompt"], want["features"]["prompt"], tol)
             assert_latents_close(got["features"]["generated"], want["features"]["generated"], tol)
         assert complete(v, PROMPTS[1], sae={"mode": "replace"})["text"] != complete(v, PROMPTS[1])["text"]
+
+
+def test_unsupported_layout_is_a_clear_error(tmp_path):
+    """GPT-2-style layers have no (hidden, residual) pair to splice in vLLM: one line, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    from tiny import make_sae, save_sae, tiny_gpt2, tiny_tokenizer, tiny_text_corpus
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer(tiny_text_corpus(20)).save_pretrained(tmp_path / "gpt2")
+    sae = save_sae(make_sae(), tmp_path / "sae")
+    r = subprocess.run([sys.executable, "-m", "saelora", "serve", "--engine", "vllm", "--model", str(tmp_path / "gpt2"),
+                        "--sae", str(sae)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "the vLLM engine supports LlamaForCausalLM" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
