@@ -306,3 +306,19 @@ def test_unsupported_layout_is_a_clear_error(tmp_path):
                         "--sae", str(sae)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "the vLLM engine supports LlamaForCausalLM" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_chunked_prefill_latents_match_torch_engine(smol_servers):
+    """A prompt longer than vLLM's 2048-token prefill chunk: every position's latents, spliced across chunks."""
+    from pathlib import Path
+
+    torch_srv, vllm_srv = smol_servers
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = (docs / "architecture.md").read_text() + (docs / "vllm.md").read_text()
+    want = complete(torch_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)
+    got = complete(vllm_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)
+    assert len(want["features"]["prompt"]) > 2048
+    assert got["text"] == want["text"]
+    assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
+    assert_latents_close(got["features"]["generated"], want["features"]["generated"])
