@@ -52,13 +52,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(sae: Path, work: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(sae: Path, work: Path, engine: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "saelora", "serve", "--sae", str(sae), "--adapter-root", str(work), "--port",
-           str(port)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+           str(port), "--engine", engine]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # --engine vllm: keep vLLM's start-up log out of the report
+    proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     work = cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     sae, adapter = _prepare(work, args)
-    proc, url = _start_server(sae, work)
+    proc, url = _start_server(sae, work, args.engine)
     try:
         _session(url, adapter)
     finally:
@@ -136,4 +138,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae-tokens", type=int, default=300_000, help="SAE training tokens, first run (default 300000)")
     p.add_argument("--lora-minutes", type=float, default=4.0, help="adapter training minutes, first run (default 4)")
     p.add_argument("--feature-rows", type=int, default=128, help="corpus rows scanned for feature descriptions")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch", help="serving engine for the client "
+                   "session (default torch; vllm: the same session on vLLM, see docs/vllm.md)")
     p.set_defaults(func=run)
