@@ -263,12 +263,8 @@ class Splice:
         return out
 
     def _any_active(self, name: str, modes: list[str]) -> bool:
-        if "replace" in modes:
-            return True
-        if self.rows is None or "error_term" not in modes:
-            return False
-        return any(m == "error_term" and any(e.sae == name for e in r.edits)
-                   for m, r in zip(modes, self.rows, strict=True))
+        rows = self.rows if self.rows is not None else [RowSpec()] * len(modes)
+        return any(changes_stream(m, r.edits, name) for m, r in zip(modes, rows, strict=True))
 
     def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor):
         if not self.rows or not any(e.sae == name for r in self.rows for e in r.edits):
@@ -330,6 +326,12 @@ def _decode(sae: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     if sae.cfg.normalize_activations in _STATEFUL_NORMS:
         sae.encode(x)  # these SAEs keep the input's norm from encode for decode; refresh it
     return sae.decode(z)
+
+
+def changes_stream(mode: str, edits: Sequence[LatentEdit], sae: str) -> bool:
+    """Whether a row with this mode and these edits has its residual stream changed at SAE `sae`: `replace`,
+    or `error_term` with an edit of that SAE. Otherwise the stream is exactly the base model's."""
+    return mode == "replace" or (mode == "error_term" and any(e.sae == sae for e in edits))
 
 
 def _check_mode(mode: str) -> None:
