@@ -202,6 +202,17 @@ class ThreadedEngine(Engine):
                 log.exception("engine step failed")
                 self._fail_running(e)
 
+    def _next_incoming(self) -> Any | None:
+        """The next queued row that is still wanted (cancelled ones release their adapter), or None."""
+        while True:
+            try:
+                row = self.incoming.get_nowait()
+            except queue.Empty:
+                return None
+            if not row.cancelled:
+                return row
+            self.registry.release(row.req.adapter)
+
     def _run_commands(self) -> None:
         while True:
             try:

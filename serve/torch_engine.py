@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -127,13 +126,9 @@ class TorchEngine(ThreadedEngine):
     def _admit(self) -> None:
         new = []
         while len(self.active) + len(new) < self.max_batch:
-            try:
-                row = self.incoming.get_nowait()
-            except queue.Empty:
+            row = self._next_incoming()
+            if row is None:
                 break
-            if row.cancelled:
-                self.registry.release(row.req.adapter)
-                continue
             new.append(row)
         if new:
             try:

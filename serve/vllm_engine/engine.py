@@ -235,14 +235,7 @@ class VllmEngine(ThreadedEngine):
         return bool(self.rows)
 
     def _admit(self) -> None:
-        while True:
-            try:
-                row = self.incoming.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
-                return
-            if row.cancelled:
-                self.registry.release(row.req.adapter)
-                continue
+        while (row := self._next_incoming()) is not None:
             try:
                 self._add_request(row)
             except Exception as e:  # noqa: BLE001
