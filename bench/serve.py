@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,26 +62,13 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
     return names
 
 
-class Server:
-    def __init__(self, sae: str, root: Path, port: int = 8765, engine: str = "torch",
-                 env: dict[str, str] | None = None) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        extra = ["--engine", "vllm", "--kv-cache-gb", "2"] if engine == "vllm" else []
-        self.proc = subprocess.Popen([sys.executable, "-m", "saelora", "serve", "--sae", sae, "--adapter-root",
-                                      str(root), "--port", str(port), "--max-batch", "8", *extra],
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise RuntimeError("server did not start")
+def server(sae: str, root: Path, port: int, engine: str = "torch", env: dict[str, str] | None = None):  # noqa: ANN201
+    """`saelora serve` with the SAE, adapters under `root`, 8 rows a batch; started and healthy."""
+    from saelora.launch import ServeProcess
 
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+    extra = ["--engine", "vllm", "--kv-cache-gb", "2"] if engine == "vllm" else []
+    return ServeProcess(["--sae", sae, "--adapter-root", str(root), "--max-batch", "8", *extra], port=port,
+                        env=env).start()
 
 
 async def _run(url: str, bodies: list[dict]) -> tuple[float, int, int]:
@@ -246,23 +231,23 @@ def main() -> int:
         raise SystemExit("no SAE: run `make demo` or pass --sae")
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
-    server = Server(sae, root, engine=args.engine)
-    other = Server(sae, root, port=8766) if args.engine == "vllm" else None
-    stock = Server(sae, root, port=8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"}) \
+    main_server = server(sae, root, 8765, engine=args.engine)
+    other = server(sae, root, 8766) if args.engine == "vllm" else None
+    stock = server(sae, root, 8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"}) \
         if args.engine == "vllm" else None
     try:
         res = {"sae": sae, "engine": args.engine, "settings": vars(args)}
-        res["features_overhead"] = features_overhead(server.url, args.tokens, args.reps)
-        res["concurrency"] = concurrency(server.url, args.tokens)
-        res["mixed_adapters"] = mixed_adapters(server.url, names, args.tokens, args.reps)
-        res["hot_swap"] = hot_swap(server.url, names[0], args.cycles)
-        res["vs_transformers"] = vs_transformers(server.url, args.tokens)
+        res["features_overhead"] = features_overhead(main_server.url, args.tokens, args.reps)
+        res["concurrency"] = concurrency(main_server.url, args.tokens)
+        res["mixed_adapters"] = mixed_adapters(main_server.url, names, args.tokens, args.reps)
+        res["hot_swap"] = hot_swap(main_server.url, names[0], args.cycles)
+        res["vs_transformers"] = vs_transformers(main_server.url, args.tokens)
         if other is not None:
-            urls = {"vllm": server.url, "torch": other.url}
+            urls = {"vllm": main_server.url, "torch": other.url}
             res["vs_torch_engine"] = engines_side_by_side(urls, args.tokens, args.reps)
             res["lora_cost"] = lora_cost(dict(urls, vllm_stock_lora_ops=stock.url), names[0], args.tokens, args.reps)
     finally:
-        for s in (server, other, stock):
+        for s in (main_server, other, stock):
             if s is not None:
                 s.close()
     res["targets"] = {"features_ratio_min": 0.9, "features_ratio_aim": 0.95, "streams_8_vs_1_min": 3.0,

@@ -14,11 +14,12 @@ import argparse
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from saelora.launch import ServeProcess
 
 log = logging.getLogger("saelora.demo")
 PROMPT = "The capital of France is"
@@ -46,34 +47,12 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return sae, adapter
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _server(sae: Path, work: Path, engine: str) -> "ServeProcess":
+    from saelora.launch import ServeProcess
 
-
-def _start_server(sae: Path, work: Path, engine: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "saelora", "serve", "--sae", str(sae), "--adapter-root", str(work), "--port",
-           str(port), "--engine", engine]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # --engine vllm: keep vLLM's start-up log out of the report
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the server did not become healthy within 180 s")
+    # --engine vllm: keep vLLM's start-up log out of the report unless the caller set a level
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    return ServeProcess(["--sae", str(sae), "--adapter-root", str(work), "--engine", engine], env=env)
 
 
 def _session(url: str, adapter: Path) -> None:
@@ -120,12 +99,8 @@ def run(args: argparse.Namespace) -> int:
     work = cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     sae, adapter = _prepare(work, args)
-    proc, url = _start_server(sae, work, args.engine)
-    try:
-        _session(url, adapter)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _server(sae, work, args.engine) as srv:
+        _session(srv.url, adapter)
     print(f"\n== demo finished in {time.time() - t0:.0f} s (artifacts in {work})")
     return 0
 

@@ -66,12 +66,12 @@ def torch_server(ws):
 @pytest.fixture(scope="session")
 def vllm_server(ws, tmp_path_factory):
     """The same server with the vLLM engine (`saelora serve --engine vllm`), in a subprocess."""
-    from server_util import ServerProcess
+    from saelora.launch import ServeProcess
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--adapter", f"a1={ws['a1']}",
             "--adapter-root", ws["root"], "--served-model-name", "tiny", "--kv-cache-gb", "1"]
-    with ServerProcess(args, str(log)) as srv:
+    with ServeProcess(args, log_path=str(log), timeout=300) as srv:
         yield srv
 
 

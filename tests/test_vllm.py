@@ -158,11 +158,12 @@ def test_prompt_latents_are_complete_on_repeated_prompts(torch_server, vllm_serv
 
 def test_multiprocess_mode_matches_torch_engine(ws, torch_server, tmp_path):
     """With vLLM's engine core in its own process (needed for tensor parallelism) latents come back over RPC."""
-    from server_util import ServerProcess
+    from saelora.launch import ServeProcess
 
     args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--adapter", f"a1={ws['a1']}",
             "--served-model-name", "tiny", "--kv-cache-gb", "1"]
-    with ServerProcess(args, str(tmp_path / "mp.log"), env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as mp:
+    with ServeProcess(args, log_path=str(tmp_path / "mp.log"), timeout=300,
+                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as mp:
         for case in ("replace", "set_generated", "adapter"):
             want = complete(torch_server, PROMPTS[0], *CASES[case], include_prompt=True)
             got = complete(mp, PROMPTS[0], *CASES[case], include_prompt=True)
@@ -181,7 +182,8 @@ def smol_servers(tmp_path_factory):
     from saelora.adapters.saes import load_sae
     from saelora.serve.app import create_app
     from saelora.serve.torch_engine import TorchEngine
-    from server_util import LiveServer, ServerProcess
+    from saelora.launch import ServeProcess
+    from server_util import LiveServer
     from tiny import make_bundle, make_sae, save_sae
 
     root = tmp_path_factory.mktemp("smol")
@@ -193,7 +195,8 @@ def smol_servers(tmp_path_factory):
     engine.load_adapter_now("ad", bundle)
     args = ["--engine", "vllm", "--model", "smollm2-135m", "--sae", sae_dir, "--adapter", f"ad={bundle}",
             "--served-model-name", "smol", "--kv-cache-gb", "1"]
-    with LiveServer(create_app(engine, served_name="smol")) as t, ServerProcess(args, str(root / "vllm.log")) as v:
+    vllm_srv = ServeProcess(args, log_path=str(root / "vllm.log"), timeout=300)
+    with LiveServer(create_app(engine, served_name="smol")) as t, vllm_srv as v:
         yield t, v
 
 
@@ -269,7 +272,8 @@ def test_other_families_match_torch_engine(family, tmp_path):
     from saelora.adapters.saes import load_sae
     from saelora.serve.app import create_app
     from saelora.serve.torch_engine import TorchEngine
-    from server_util import LiveServer, ServerProcess
+    from saelora.launch import ServeProcess
+    from server_util import LiveServer
     from tiny import tiny_workspace
 
     # Gemma2 (soft-capped attention, four norms per layer: more float paths that differ between HF's and vLLM's
@@ -281,7 +285,8 @@ def test_other_families_match_torch_engine(family, tmp_path):
     engine = TorchEngine(lm, [load_sae(lm.model, s) for s in ws["saes"]])
     args = ["--engine", "vllm", "--model", ws["model"], "--served-model-name", "tiny", "--kv-cache-gb", "1",
             "--max-loras", "0", *[a for s in ws["saes"] for a in ("--sae", s)]]
-    with LiveServer(create_app(engine, served_name="tiny")) as t, ServerProcess(args, str(tmp_path / "v.log")) as v:
+    vllm_srv = ServeProcess(args, log_path=str(tmp_path / "v.log"), timeout=300)
+    with LiveServer(create_app(engine, served_name="tiny")) as t, vllm_srv as v:
         for sae in (None, {"mode": "replace"}, {"edits": [{"sae": "blocks.2.hook_resid_pre", "feature": 5,
                                                             "op": "set", "value": 40.0}]}):
             want = complete(t, PROMPTS[1], sae=sae, include_prompt=True)
