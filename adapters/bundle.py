@@ -21,6 +21,7 @@ import torch
 
 from .errors import SaeloraError
 from .fingerprint import compare_fingerprints
+from .policy import PositionPolicy
 from .saes import LoadedSAE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -184,6 +185,11 @@ def _check_compat(manifest: dict[str, Any], model_fingerprint: Mapping[str, Any]
             if diffs:
                 problems.append(f"SAE mismatch at {s.hook.name}: loaded {s.source} differs from the bundle's "
                                 f"{entry.get('source')} in {', '.join(diffs)}")
+            want = entry.get("policy")
+            if want is not None and want != s.policy.to_json():
+                problems.append(f"position policy mismatch at {s.hook.name}: the bundle was trained splicing "
+                                f"{PositionPolicy.from_json(want).describe()}, the loaded SAE splices "
+                                f"{s.policy.describe()}")
 
 
 def validate_bundle(path: str | Path, model_fingerprint: Mapping[str, Any] | None = None,

@@ -7,9 +7,12 @@ Sources (`CorpusConfig.sources`):
   document per record, field `text_field`), or a folder of such files (recursive, sorted);
 - `hf:NAME[:SPLIT[:COLUMN]]`: a Hugging Face dataset, online only.
 
-Each document goes wholly to train or validation by a hash of its text (stable across runs,
-machines and source order); documents are shuffled with `seed`, tokenised, joined with EOS
-between them and cut into rows of `seq_len` tokens (the remainder is dropped).
+Each document goes wholly to test, validation or train by a hash of its text h in [0, 1) (stable across
+runs, machines and source order): test when h < test_fraction, validation when h < test_fraction +
+val_fraction, train otherwise. The bands nest, so an SAE trained with a larger held-out share never saw
+the test or validation documents of a run with smaller ones. Documents are shuffled with `seed`,
+tokenised, joined with EOS between them and cut into rows of `seq_len` tokens (the remainder is
+dropped); with `prepend_bos` every row is BOS followed by seq_len - 1 tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class CorpusConfig:
 
     sources: tuple[str, ...] = (DEFAULT_CORPUS,)  # see the module docstring
     seq_len: int = 256  # tokens per packed row (EOS between documents)
-    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their text
+    val_fraction: float = 0.05  # share of documents held out for validation, chosen by a hash of their text
+    test_fraction: float = 0.0  # share held out for test (below the validation band); 0: no test split
+    prepend_bos: bool = False  # every row starts with the tokenizer's BOS (Gemma/Llama, or an SAE that expects it)
     seed: int = 0  # shuffles documents before packing
     max_docs: int | None = None  # cap on documents read from each source (None: all)
     text_field: str = "text"  # field holding the text in .jsonl records and HF datasets
@@ -52,11 +57,12 @@ class CorpusConfig:
 
 @dataclass
 class PackedCorpus:
-    """Packed token rows: train (N, seq_len) and val (M, seq_len), int64."""
+    """Packed token rows: train (N, seq_len), val (M, seq_len) and test (K, seq_len; K=0 without a test band)."""
 
     train: torch.Tensor
     val: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    test: torch.Tensor | None = None
 
 
 def embedded_corpus_path() -> Path:
@@ -125,17 +131,32 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     raise CorpusError(f"corpus source {source!r}: not 'wiki', not hf:NAME, and no such file or folder")
 
 
+def doc_hash(doc: str) -> float:
+    """A document's place in [0, 1), from a hash of its text."""
+    return int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "big") / 2**32
+
+
 def is_validation(doc: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the validation split (by a hash of its text)."""
-    h = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:4], "big")
-    return h / 2**32 < val_fraction
+    """Whether a document is held out (validation band, or test + validation when both are set)."""
+    return doc_hash(doc) < val_fraction
 
 
-def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
-    """Join documents with EOS after each and cut into (N, seq_len) rows; the remainder is dropped."""
+def split_of(doc: str, cfg: CorpusConfig) -> str:
+    """'test', 'val' or 'train' for one document under `cfg`'s nested hash bands."""
+    h = doc_hash(doc)
+    return "test" if h < cfg.test_fraction else "val" if h < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+    """Join documents with EOS after each and cut into (N, seq_len) rows; the remainder is dropped.
+    With `bos_id`, each row is BOS followed by seq_len - 1 tokens of the stream."""
     flat = np.fromiter((t for toks in token_lists for t in (*toks, eos_id)), dtype=np.int64)
-    n = len(flat) // seq_len
-    return torch.from_numpy(flat[: n * seq_len].reshape(n, seq_len).copy())
+    width = seq_len - (bos_id is not None)
+    n = len(flat) // width
+    rows = flat[: n * width].reshape(n, width)
+    if bos_id is not None:
+        rows = np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), rows], axis=1)
+    return torch.from_numpy(rows.copy())
 
 
 def _source_stamp(source: str) -> Any:
@@ -159,36 +180,41 @@ def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool
     cfg = cfg or CorpusConfig()
     if tokenizer.eos_token_id is None:
         raise CorpusError("the tokenizer has no EOS token to separate documents")
+    if cfg.prepend_bos and tokenizer.bos_token_id is None:
+        raise CorpusError("prepend_bos is set but the tokenizer has no BOS token")
     key_src = json.dumps([asdict(cfg), [_source_stamp(s) for s in cfg.sources], _tokenizer_id(tokenizer)],
                          sort_keys=True, default=str)
     cache = cache_dir() / "corpus" / f"{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.npz"
     if use_cache and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return PackedCorpus(torch.from_numpy(z["train"]).long(), torch.from_numpy(z["val"]).long(),
-                                json.loads(str(z["info"])))
-    train_docs, val_docs = [], []
+                                json.loads(str(z["info"])), torch.from_numpy(z["test"]).long())
+    docs: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for source in cfg.sources:
         for i, doc in enumerate(iter_documents(source, cfg.text_field)):
             if cfg.max_docs is not None and i >= cfg.max_docs:
                 break
-            (val_docs if is_validation(doc, cfg.val_fraction) else train_docs).append(doc)
-    if not train_docs:
+            docs[split_of(doc, cfg)].append(doc)
+    if not docs["train"]:
         raise CorpusError(f"no training documents in {list(cfg.sources)}")
     rng = random.Random(cfg.seed)
-    rng.shuffle(train_docs)
-    rng.shuffle(val_docs)
+    for split in ("train", "val", "test"):
+        rng.shuffle(docs[split])
 
-    def tok(docs: list[str]) -> list[list[int]]:
-        return tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+    def packed(split: str) -> torch.Tensor:
+        toks = tokenizer(docs[split], add_special_tokens=False)["input_ids"] if docs[split] else []
+        return pack(toks, tokenizer.eos_token_id, cfg.seq_len, tokenizer.bos_token_id if cfg.prepend_bos else None)
 
-    train = pack(tok(train_docs), tokenizer.eos_token_id, cfg.seq_len)
-    val = pack(tok(val_docs), tokenizer.eos_token_id, cfg.seq_len)
-    info = {"config": json.loads(json.dumps(asdict(cfg))), "train_docs": len(train_docs), "val_docs": len(val_docs),
-            "train_tokens": int(train.numel()), "val_tokens": int(val.numel())}
-    log.info("corpus %s: %d train rows, %d val rows of %d tokens", list(cfg.sources), len(train), len(val), cfg.seq_len)
+    train, val, test = packed("train"), packed("val"), packed("test")
+    info = {"config": json.loads(json.dumps(asdict(cfg))),
+            **{f"{k}_docs": len(v) for k, v in docs.items()},
+            "train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "test_tokens": int(test.numel())}
+    log.info("corpus %s: %d train, %d val, %d test rows of %d tokens", list(cfg.sources), len(train), len(val),
+             len(test), cfg.seq_len)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, train=train.numpy().astype(np.int32), val=val.numpy().astype(np.int32), info=json.dumps(info))
+        np.savez(tmp, train=train.numpy().astype(np.int32), val=val.numpy().astype(np.int32),
+                 test=test.numpy().astype(np.int32), info=json.dumps(info))
         tmp.replace(cache)
-    return PackedCorpus(train, val, info)
+    return PackedCorpus(train, val, info, test)

@@ -19,6 +19,7 @@ import torch
 from .errors import SaeloraError
 
 _TL = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_TL_OTHER = re.compile(r"^blocks\.\d+\.(.*hook_\w+)$")  # TransformerLens hooks that are not the residual stream
 # Attribute paths, from the causal-LM wrapper, to the list of decoder layers of known families.
 _LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
                 "model.language_model.layers")
@@ -97,8 +98,12 @@ def resolve_hook(model: torch.nn.Module, hook_name: str) -> HookPoint:
     layers = decoder_layers(model)
     n = len(layers)
     m = _TL.match(hook_name)
+    other = _TL_OTHER.match(hook_name)
     if m:
         point = HookPoint(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
+    elif other:
+        raise HookError(f"Hook {hook_name!r} ({other.group(1)}) is not supported: saelora splices SAEs of the "
+                        "residual stream only (blocks.L.hook_resid_pre / blocks.L.hook_resid_post).")
     else:
         point = _resolve_module_path(model, layers, hook_name)
     if not 0 <= point.layer < n:

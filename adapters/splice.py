@@ -11,7 +11,10 @@ z' = z after this row's latent edits:
 so `error_term` without edits is exactly the base model (the serving default for steering).
 Every row of the batch has its own modes, edits and prompt length (`RowSpec`). Positions come from
 `attention_mask` / the KV-cache length of each forward (pads get position -1 and are never
-touched), or are set explicitly by an engine through `Splice.positions`.
+touched), or are set explicitly by an engine through `Splice.positions`; token ids come from the
+forward's `input_ids` (or `Splice.token_ids`). Positions outside each SAE's position policy
+(adapters/policy.py: position 0 without BOS, BOS/EOS ids) stay exactly x in every mode, take no edit
+and are left out of the stats; the SAE computes in fp32 whatever the model dtype.
 
     with splice(model, [sae], mode="replace", top_k=8) as sp:
         logits = model(input_ids).logits
@@ -35,7 +38,6 @@ Mode = Literal["replace", "error_term", "off"]
 MODES: tuple[str, ...] = ("replace", "error_term", "off")
 OPS: tuple[str, ...] = ("set", "add", "scale", "clamp_max", "clamp_min", "ablate")
 POSITION_WORDS: tuple[str, ...] = ("all", "prompt", "generated")
-_STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")  # sae-lens keeps encode state for decode
 
 
 class SpliceError(SaeloraError, ValueError):
@@ -106,7 +108,7 @@ class Splice:
     """SAEs spliced into a model's residual stream; see the module docstring. Use as a context manager."""
 
     def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace",
-                 top_k: int = 0, dense: bool = False, skip_first: bool = False, stats: bool = False) -> None:
+                 top_k: int = 0, dense: bool = False, stats: bool = False) -> None:
         names = [s.name for s in saes]
         hooks = [s.hook.name for s in saes]
         if len(set(names)) != len(names):
@@ -117,14 +119,16 @@ class Splice:
         if top_k < 0:
             raise SpliceError(f"top_k must be >= 0, got {top_k}")
         self.model, self.saes = model, {s.name: s for s in saes}
-        self.mode, self.top_k, self.dense, self.skip_first = mode, top_k, dense, skip_first
+        self.mode, self.top_k, self.dense = mode, top_k, dense
         self.stats_enabled = stats  # record L0 / reconstruction error per forward (see `pop_stats`)
         self.stats: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.saes}
         self.rows: list[RowSpec] | None = None
         self.positions: torch.Tensor | None = None  # explicit (B, T) positions; overrides the automatic ones
+        self.token_ids: torch.Tensor | None = None  # explicit (B, T) token ids, for the policy's kept ids
         self.captures: dict[str, list[Capture]] = {n: [] for n in self.saes}
         self.dense_latents: dict[str, list[torch.Tensor]] = {n: [] for n in self.saes}
         self._auto_pos: torch.Tensor | None = None
+        self._auto_ids: torch.Tensor | None = None
         self._handles: list[Any] = []
 
     # ---- configuration -------------------------------------------------------------------------
@@ -166,7 +170,7 @@ class Splice:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._auto_pos = None
+        self._auto_pos = self._auto_ids = None
 
     def __enter__(self) -> "Splice":
         return self.install()
@@ -192,6 +196,7 @@ class Splice:
     def _track_positions(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Derive each token's position in its row from attention_mask or the KV-cache length."""
         ids = args[0] if args else kwargs.get("input_ids")
+        self._auto_ids = ids
         t = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -210,6 +215,12 @@ class Splice:
         if pos.shape[-1] != t or pos.shape[0] not in (1, b):
             raise SpliceError(f"positions of shape {tuple(pos.shape)} do not fit a batch of ({b}, {t})")
         return pos.to(device).expand(b, t)
+
+    def _ids(self, b: int, t: int) -> torch.Tensor | None:
+        ids = self.token_ids if self.token_ids is not None else self._auto_ids
+        if ids is None or ids.dim() != 2 or ids.shape[-1] != t or ids.shape[0] not in (1, b):
+            return None
+        return ids
 
     # ---- the splice itself ---------------------------------------------------------------------
     def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +243,9 @@ class Splice:
         if not capture and not self.stats_enabled and not self._any_active(s.name, modes):
             return x  # every row is off, or error_term without edits: the stream is exactly x
         pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
-        z = s.sae.encode(x)  # (B, T, d_sae)
-        z_edit, edited = self._edit_latents(s.name, z, pos)  # edited: (B, T) bool, or None
+        keep = s.policy.keep_mask(pos, self._ids(b, t))  # (B, T): stays exactly x (padding, sink, BOS/EOS)
+        z = s.encode(x)  # (B, T, d_sae), fp32
+        z_edit, edited = self._edit_latents(s.name, z, pos, keep)  # edited: (B, T) bool, or None
         if capture:
             self._record(s.name, z_edit, pos)
         decoded: dict[bool, torch.Tensor] = {}
@@ -241,7 +253,7 @@ class Splice:
         def recon(clean: bool) -> torch.Tensor:  # (B, T, d), each reconstruction decoded at most once
             clean = clean or edited is None  # without edits z' is z
             if clean not in decoded:
-                decoded[clean] = _decode(s.sae, x, z if clean else z_edit).to(x.dtype)
+                decoded[clean] = s.decode(z if clean else z_edit, x)
             return decoded[clean]
 
         out = x
@@ -249,15 +261,12 @@ class Splice:
         if bool(replace.any()):
             out = recon(False) if bool(replace.all()) else torch.where(replace[:, None, None], recon(False), out)
         if self.stats_enabled:
-            self._record_stats(s.name, x, z, recon(True), pos)
+            self._record_stats(s.name, x, z, recon(True), ~keep)
         if edited is not None:
             err = torch.tensor([m == "error_term" for m in modes], device=x.device)
             emask = edited & err[:, None]  # (B, T)
             if bool(emask.any()):
                 out = torch.where(emask[..., None], x + (recon(False) - recon(True)), out)
-        keep = pos < 0
-        if self.skip_first:
-            keep = keep | (pos == 0)
         if bool(keep.any()):
             out = torch.where(keep[..., None], x, out)
         return out
@@ -266,7 +275,7 @@ class Splice:
         rows = self.rows if self.rows is not None else [RowSpec()] * len(modes)
         return any(changes_stream(m, r.edits, name) for m, r in zip(modes, rows, strict=True))
 
-    def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor):
+    def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor):
         if not self.rows or not any(e.sae == name for r in self.rows for e in r.edits):
             return z, None
         z = z.clone()
@@ -275,7 +284,7 @@ class Splice:
             for e in row.edits:
                 if e.sae != name:
                     continue
-                m = position_mask(e.positions, pos[r], row.prompt_len)  # (T,)
+                m = position_mask(e.positions, pos[r], row.prompt_len) & ~keep[r]  # (T,)
                 if not bool(m.any()):
                     continue
                 col = z[r, :, e.feature]
@@ -292,9 +301,9 @@ class Splice:
             self.dense_latents[name].append(z)
 
     def _record_stats(self, name: str, x: torch.Tensor, z: torch.Tensor, recon: torch.Tensor,
-                      pos: torch.Tensor) -> None:
-        real = pos >= 0  # (B, T)
-        xr, err = x[real], (x - recon)[real]  # (n, d)
+                      real: torch.Tensor) -> None:
+        """real (B, T): the spliced positions (under the policy, not padding); only they are counted."""
+        xr, err = x[real].float(), (x - recon)[real].float()  # (n, d)
         self.stats[name].append({
             "sse": err.pow(2).sum(),  # keeps its graph: usable as a training term
             "sst": (xr - xr.mean(0, keepdim=True)).pow(2).sum().detach(),
@@ -320,12 +329,6 @@ class Splice:
         out = self.dense_latents
         self.dense_latents = {n: [] for n in self.saes}
         return out
-
-
-def _decode(sae: Any, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    if sae.cfg.normalize_activations in _STATEFUL_NORMS:
-        sae.encode(x)  # these SAEs keep the input's norm from encode for decode; refresh it
-    return sae.decode(z)
 
 
 def changes_stream(mode: str, edits: Sequence[LatentEdit], sae: str) -> bool:
@@ -356,10 +359,10 @@ def check_edit(e: LatentEdit, d_sae: int) -> None:
 
 @contextlib.contextmanager
 def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace", *, top_k: int = 0,
-           dense: bool = False, skip_first: bool = False, stats: bool = False,
+           dense: bool = False, stats: bool = False,
            rows: Sequence[RowSpec] | None = None) -> Iterator[Splice]:
     """Context manager: SAEs spliced into `model`; hooks are removed on exit, also after an exception."""
-    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, skip_first=skip_first, stats=stats)
+    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, stats=stats)
     sp.set_rows(rows)
     sp.install()
     try:

@@ -182,10 +182,11 @@ class SaeloraClient(_Base):
 
     def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
                  n: int = 10) -> list[dict[str, Any]]:
-        """Latents whose mean activation (over tokens after the first, top-k sparse) differs most between two
-        prompt sets."""
+        """Latents whose mean activation (top-k sparse, over the tokens each SAE's position policy splices: not
+        the attention sink or BOS/EOS) differs most between two prompt sets."""
+        policies = {s.id: s.policy for s in self.saes.list().data}
         return _contrast([self.features(p, top_k=top_k) for p in prompts_a],
-                         [self.features(p, top_k=top_k) for p in prompts_b], n)
+                         [self.features(p, top_k=top_k) for p in prompts_b], n, policies)
 
 
 class _Adapters:
@@ -210,14 +211,26 @@ class _SAEs:
         return P.SAEList.model_validate(self.c.request("GET", "/v1/saes"))
 
 
-def _mean_latents(tokens: Sequence[P.TokenFeatures], skip_first: bool = False) -> dict[tuple[str, int], float]:
+def _kept(policy: dict[str, Any] | None, t: P.TokenFeatures) -> bool:
+    """Whether an SAE's position policy (as /v1/saes lists it) leaves this token original."""
+    if not policy:
+        return False
+    return (bool(policy.get("keep_first")) and t.position == 0) or t.token_id in policy.get("keep_token_ids", ())
+
+
+def _mean_latents(tokens: Sequence[P.TokenFeatures],
+                  policies: dict[str, dict[str, Any] | None] | None = None) -> dict[tuple[str, int], float]:
+    """Mean latent value per (sae, feature) over the tokens each SAE is spliced at (all, without policies)."""
     sums: dict[tuple[str, int], float] = {}
-    tokens = [t for t in tokens if not (skip_first and t.position == 0)]
+    counts: dict[str, int] = {}
     for t in tokens:
         for f in t.features:
+            if policies is not None and _kept(policies.get(f.sae), t):
+                continue
+            counts[f.sae] = counts.get(f.sae, 0) + 1
             for i, v in zip(f.indices, f.values, strict=True):
                 sums[(f.sae, i)] = sums.get((f.sae, i), 0.0) + v
-    return {k: v / max(1, len(tokens)) for k, v in sums.items()}
+    return {k: v / max(1, counts[k[0]]) for k, v in sums.items()}
 
 
 def _latent_changes(a: P.ChoiceFeatures | None, b: P.ChoiceFeatures | None, n: int = 10) -> list[dict[str, Any]]:
@@ -227,10 +240,11 @@ def _latent_changes(a: P.ChoiceFeatures | None, b: P.ChoiceFeatures | None, n: i
             for k in keys]
 
 
-def _contrast(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesResponse], n: int) -> list[dict[str, Any]]:
-    # Position 0 is skipped: its residual is an attention-sink outlier that SAEs are usually not trained on.
-    ma = _mean_latents([t for r in a for t in r.tokens], skip_first=True)
-    mb = _mean_latents([t for r in b for t in r.tokens], skip_first=True)
+def _contrast(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesResponse], n: int,
+              policies: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    # Tokens an SAE's position policy keeps original (the attention sink, BOS/EOS) are left out, as in training.
+    ma = _mean_latents([t for r in a for t in r.tokens], policies)
+    mb = _mean_latents([t for r in b for t in r.tokens], policies)
     keys = sorted(set(ma) | set(mb), key=lambda k: -abs(ma.get(k, 0.0) - mb.get(k, 0.0)))[:n]
     return [{"sae": k[0], "feature": k[1], "mean_a": round(ma.get(k, 0.0), 4), "mean_b": round(mb.get(k, 0.0), 4),
              "diff": round(ma.get(k, 0.0) - mb.get(k, 0.0), 4)} for k in keys]

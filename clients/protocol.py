@@ -287,6 +287,8 @@ class SAEInfo(BaseModel):
     source: str
     fingerprint: str
     has_descriptions: bool = False
+    policy: dict[str, Any] | None = Field(default=None, description="positions left original (never spliced or "
+                                          "edited): keep_first, keep_token_ids, prepend_bos")
 
 
 class SAEList(BaseModel):

@@ -109,7 +109,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     async def saes() -> P.SAEList:
         return P.SAEList(data=[P.SAEInfo(id=s["name"], hook=s["hook"], architecture=s["architecture"], d_in=s["d_in"],
                                          d_sae=s["d_sae"], source=s["source"], fingerprint=s["fingerprint"]["id"],
-                                         has_descriptions=_descriptions_file(s).is_file()) for s in engine.saes()])
+                                         has_descriptions=_descriptions_file(s).is_file(), policy=s.get("policy"))
+                                for s in engine.saes()])
 
     @app.get("/v1/saes/{sae_id}/features/{index}", response_model=P.FeatureDescription)
     async def feature(sae_id: str, index: int) -> P.FeatureDescription:

@@ -31,7 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not adapters and (demo_dir() / "adapter" / "saelora.json").is_file():
             adapters = [f"demo={demo_dir() / 'adapter'}"]
     lm = load_model(args.model, device=args.device)
-    saes = [load_sae(lm.model, s) for s in saes_specs]
+    saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]
     engine = _make_engine(args, lm, saes)
     for spec in adapters:
         name, sep, path = spec.partition("=")
@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="base model spec (default: the embedded smollm2-135m)")
     p.add_argument("--sae", action="append", help="sae-lens folder to splice (repeatable; default: the demo SAE "
                    "from `make demo` when present)")
+    p.add_argument("--policy", help="position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default: "
+                   "each SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less position 0 stay original)")
     p.add_argument("--adapter", action="append", help="NAME=PATH of an adapter bundle to load at start (repeatable)")
     p.add_argument("--adapter-root", help="folder from which adapters may be loaded at runtime "
                    "(POST /v1/load_lora_adapter); runtime loading is off without it")

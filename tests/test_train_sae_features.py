@@ -49,7 +49,7 @@ def test_train_sae_on_a_model(tmp_path, monkeypatch):
     from saelora.trainer.train_sae import train_sae
 
     cfg = SAETrainConfig(model=ws["model"], hook="blocks.1.hook_resid_post", d_sae=64, k=4, tokens=80_000, lr=3e-3,
-                         batch_tokens=256, seq_len=32, model_batch=8, corpus=[ws["corpus"]], val_rows=8,
+                         batch_tokens=256, seq_len=32, model_batch=8, corpus=[ws["corpus"]], val_tokens=2000, epochs=1,
                          out=str(tmp_path / "sae"), device="cpu")
     folder, q = train_sae(cfg)
     meta = json.loads((folder / "cfg.json").read_text())["metadata"]

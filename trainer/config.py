@@ -16,11 +16,14 @@ class TrainConfig:
     model: str = "smollm2-135m"  # base model spec (embedded name, HF folder, .gguf, hub id when online)
     saes: list[str] = field(default_factory=list)  # sae-lens folders (or release:id online); one per hook
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources (see adapters/corpus.py)
+    val_fraction: float = 0.05  # documents held out for evals during training (hash band above the test band)
+    test_fraction: float = 0.0  # documents held out for a final test (never used in training or its evals)
     out: str = "runs/lora"  # output folder: bundle in out/adapter, metrics, curves, checkpoint, config
     # LoRA (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all layers)
     rank: int = 64  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
-    dropout: float = 0.0  # LoRA dropout (0 keeps runs bit-for-bit reproducible)
+    dropout: float = 0.0  # LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model
+    #                       always runs in eval mode, so the teacher never sees dropout)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # short names
     #                     (mapped per architecture) or literal module-name suffixes
@@ -29,14 +32,16 @@ class TrainConfig:
     lr: float = 5e-5  # AdamW learning rate
     schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the end of the budget)
     warmup_steps: int = 0  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights (0: decoupled decay would pull the
+    #                            small adapter back towards the base model, which KL already does)
     clip: float = 1.0  # max grad norm
     # objective
     kl_reduction: str = "mean"  # "mean" per token; "sum" over positions then mean over rows (the paper's
     #                             batch-1 x 1024-position sum: gradients T times larger, so clip bites more)
     ce_weight: float = 0.0  # + ce_weight * CE(student)
     mse_weight: float = 0.0  # + mse_weight * normalised SAE reconstruction MSE (meaningful with layers=all)
-    skip_first: bool = False  # leave position 0 unspliced (the paper does this for Gemma Scope SAEs)
+    policy: str | None = None  # position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default:
+    #                            each SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less sink kept)
     # budget and batching (a step = batch_size x grad_accum rows of seq_len tokens)
     max_steps: int | None = None  # optimizer steps
     max_tokens: int | None = None  # training tokens (rounded up to whole steps)

@@ -41,7 +41,7 @@ def _merge(into: dict[str, list], new: dict[str, list]) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tensor, batch_size: int = 4,
-             adapter: bool = True, point: HookPoint | None = None, skip_first: bool = False) -> dict[str, Any]:
+             adapter: bool = True, point: HookPoint | None = None) -> dict[str, Any]:
     """Evaluate on `rows` (N, T). `adapter=False` skips the adapter variants (a plain or pre-training model).
 
     `point`: share the layers up to it between variants (valid when the adapter touches no layer before it).
@@ -52,13 +52,13 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
         x = prefix(model, point, ids)
         base = teacher_logits(model, ids, point, x)
         acc.add("ce_base", ce_per_token(base, ids))
-        sp, st = spliced_logits(model, saes, ids, point, x, adapter=False, skip_first=skip_first)
+        sp, st = spliced_logits(model, saes, ids, point, x, adapter=False)
         acc.add("ce_spliced", ce_per_token(sp, ids))
         acc.add("kl_spliced", kl_per_token(base, sp))
         _merge(stats_sp, st)
         del sp
         if adapter:
-            ad, st = spliced_logits(model, saes, ids, point, x, adapter=True, skip_first=skip_first)
+            ad, st = spliced_logits(model, saes, ids, point, x, adapter=True)
             acc.add("ce_adapted", ce_per_token(ad, ids))
             acc.add("kl_adapted", kl_per_token(base, ad))
             _merge(stats_ad, st)
@@ -79,7 +79,8 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
 
 def format_table(result: dict[str, Any]) -> str:
     """A terminal table of an `evaluate` result."""
-    lines = [f"{'metric':28s} value", "-" * 40]
+    lines = [f"spliced at {name}: {desc}" for name, desc in result.get("positions", {}).items()]
+    lines += [f"{'metric':28s} value", "-" * 40]
     for key in ("ce_base", "ce_spliced", "ce_adapted", "gap_closed", "kl_spliced", "kl_adapted",
                 "ce_adapter_only", "kl_adapter_only", "tokens"):
         if key in result:

@@ -38,7 +38,7 @@ class FeaturesConfig:
     top_n: int = 10  # contexts kept per latent
     context_left: int = 12  # tokens shown before the activating token
     context_right: int = 4  # tokens shown after it
-    skip_first: bool = True  # ignore each row's position 0 (attention-sink outliers; SAE training drops it too)
+    policy: str | None = None  # position-policy override (default: the SAE's; positions it keeps are never shown)
     out: str | None = None  # default: <sae folder>/features
     device: str | None = None  # default: cuda if available, else cpu
 
@@ -53,12 +53,13 @@ class TopContexts:
         self.max = torch.zeros(d_sae)
         self.tokens = 0
 
-    def update(self, z: torch.Tensor, row_offset: int) -> None:
+    def update(self, z: torch.Tensor, row_offset: int, counted: int | None = None) -> None:
+        """z (B, T, S) latents (zero where not counted); counted: tokens that count (default B * T)."""
         b, t, s = z.shape
         flat = z.reshape(b * t, s).float().cpu()  # (N, S)
         self.active += (flat > 0).sum(0)
         self.max = torch.maximum(self.max, flat.max(0).values)
-        self.tokens += b * t
+        self.tokens += b * t if counted is None else counted
         k = min(self.values.shape[0], b * t)
         v, i = flat.topk(k, dim=0)  # (k, S)
         vals = torch.cat([self.values, v])
@@ -82,13 +83,12 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
     acc = TopContexts(sae.d_sae, cfg.top_n)
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"features {sae.name}", disable=None):
-            x = run_to_hook(model, sae.hook, rows[i:i + cfg.batch_size])  # (b, T, d)
-            z = sae.sae.encode(x)  # (b, T, d_sae)
-            if cfg.skip_first:
-                z[:, 0] = 0
-            acc.update(z, i)
-            if cfg.skip_first:
-                acc.tokens -= z.shape[0]
+            ids = rows[i:i + cfg.batch_size]
+            x = run_to_hook(model, sae.hook, ids)  # (b, T, d)
+            z = sae.encode(x)  # (b, T, d_sae)
+            keep = sae.policy.keep_mask(torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids), ids)
+            z[keep] = 0  # positions the SAE is not spliced at (attention sink, BOS/EOS) describe nothing
+            acc.update(z, i, counted=int((~keep).sum()))
     rows_cpu = rows.cpu()
     features = []
     for j in range(sae.d_sae):
@@ -145,16 +145,18 @@ def run_features(cfg: FeaturesConfig) -> list[Path]:
     from saelora.adapters.bundle import attach_bundle, load_bundle
     from saelora.adapters.corpus import CorpusConfig, load_corpus
     from saelora.adapters.models import load_model
+    from saelora.adapters.policy import corpus_bos
     from saelora.adapters.saes import load_sae
 
     if not cfg.saes:
         raise ConfigError("at least one SAE is needed (--sae PATH)")
     lm = load_model(cfg.model, device=cfg.device)
-    saes = [load_sae(lm.model, s) for s in cfg.saes]
+    saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=cfg.policy) for s in cfg.saes]
     model = lm.model
     if cfg.adapter:
         model = attach_bundle(model, load_bundle(cfg.adapter, lm.fingerprint, saes), "adapter")
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len))
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len,
+                                                    prepend_bos=corpus_bos([s.policy for s in saes])))
     rows = torch.cat([corpus.val, corpus.train])[: cfg.rows].to(next(model.parameters()).device)
     outs = []
     for spec, sae in zip(cfg.saes, saes, strict=True):

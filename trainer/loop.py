@@ -47,6 +47,18 @@ class LoopState:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
+def training_mode(tr: Trainee) -> None:
+    """Train mode for what is trained, eval mode for what is frozen: the base model (teacher and student alike)
+    runs without dropout, so the teacher's logits are a fixed target; LoRA dropout and trained SAEs train."""
+    tr.model.eval()
+    for name, module in tr.model.named_modules():
+        if "lora_dropout" in name.split("."):
+            module.train()
+    for s in tr.saes:
+        if any(p.requires_grad for p in s.sae.parameters()):
+            s.sae.train()
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     total = cfg.total_steps()
 
@@ -103,9 +115,10 @@ def _load_checkpoint(out: Path, tr: Trainee, opt: torch.optim.Optimizer, sched: 
 
 def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metrics: Path) -> dict[str, Any]:
     tr.model.eval()
-    res = evaluate(tr.model, tr.saes, val, batch_size=cfg.batch_size, adapter=tr.has_adapter, point=tr.point,
-                   skip_first=cfg.skip_first)
-    tr.model.train()
+    for s in tr.saes:
+        s.sae.eval()
+    res = evaluate(tr.model, tr.saes, val, batch_size=cfg.batch_size, adapter=tr.has_adapter, point=tr.point)
+    training_mode(tr)
     res.update(step=st.step, tokens=st.tokens, train_s=round(st.train_s, 2))
     st.evals.append(res)
     _append(metrics, {"step": st.step, "eval": res})
@@ -140,7 +153,7 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
         st = LoopState()
         _eval(tr, val, cfg, st, metrics)
     last_eval_s = st.evals[-1]["train_s"] if st.evals else 0.0
-    tr.model.train()
+    training_mode(tr)
     bar = tqdm(total=total, initial=st.step, desc="train", unit="step", disable=None)
     try:
         while not _done(cfg, st, total):
@@ -149,7 +162,7 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
             parts: dict[str, float] = {}
             for m in range(cfg.grad_accum):
                 ids = batch_rows(train, order, st.step * cfg.grad_accum + m, cfg.batch_size)  # (B, T)
-                loss, p = objective(tr.model, tr.saes, ids, weights, tr.point, cfg.skip_first)
+                loss, p = objective(tr.model, tr.saes, ids, weights, tr.point)
                 (loss / cfg.grad_accum).backward()
                 parts = {k: parts.get(k, 0.0) + v / cfg.grad_accum for k, v in p.items()}
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)

@@ -1,7 +1,8 @@
 """Teacher and student logits, and the KL objective of the paper.
 
 teacher = the frozen model, SAEs off, adapters disabled, no grad.
-student = the model with its LoRA adapter, SAEs spliced in `replace` mode.
+student = the model with its LoRA adapter, SAEs spliced in `replace` mode at the positions of each
+          SAE's position policy (the others stay original, as the paper does for BOS/EOS).
 loss    = KL(p_teacher || p_student) over every next-token position (+ optional CE and MSE terms).
 
 When the LoRA adapter touches no layer before the first SAE (`layers="after"`), teacher and student
@@ -73,10 +74,10 @@ def teacher_logits(model: torch.nn.Module, ids: torch.Tensor, point: HookPoint |
 
 def spliced_logits(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None = None,
                    x: torch.Tensor | None = None, adapter: bool = True, mode: str = "replace",
-                   skip_first: bool = False) -> tuple[torch.Tensor, dict[str, list[dict[str, torch.Tensor]]]]:
+                   ) -> tuple[torch.Tensor, dict[str, list[dict[str, torch.Tensor]]]]:
     """Logits (B, T, V) with `saes` spliced in `mode`, and the splice's per-SAE stats."""
     ctx = contextlib.nullcontext() if adapter else adapters_disabled(model)
-    with ctx, _from(model, point, x), splice(model, saes, mode=mode, stats=True, skip_first=skip_first) as sp:
+    with ctx, _from(model, point, x), splice(model, saes, mode=mode, stats=True) as sp:
         logits = model(input_ids=ids, use_cache=False).logits
     return logits, sp.pop_stats()
 
@@ -91,11 +92,11 @@ class ObjectiveWeights:
 
 
 def objective(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, w: ObjectiveWeights,
-              point: HookPoint | None = None, skip_first: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+              point: HookPoint | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss for one batch `ids` (B, T) and its parts (floats, for logging)."""
     x = prefix(model, point, ids)  # (B, T, d) or None
     t_logits = teacher_logits(model, ids, point, x)
-    s_logits, stats = spliced_logits(model, saes, ids, point, x, skip_first=skip_first)
+    s_logits, stats = spliced_logits(model, saes, ids, point, x)
     kl = kl_per_token(t_logits, s_logits)  # (B, T)
     loss = kl.sum(1).mean() if w.kl_reduction == "sum" else kl.mean()
     parts: dict[str, float] = {"kl": kl.mean().item()}

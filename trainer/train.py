@@ -15,6 +15,7 @@ from saelora.adapters.errors import ConfigError
 from saelora.adapters.bundle import BundleManifest, save_bundle
 from saelora.adapters.corpus import CorpusConfig, PackedCorpus, load_corpus
 from saelora.adapters.models import LoadedModel, load_model
+from saelora.adapters.policy import corpus_bos
 from saelora.adapters.saes import LoadedSAE, load_sae
 
 from .config import TrainConfig
@@ -45,8 +46,12 @@ def prepare(cfg: TrainConfig) -> Setup:
         raise ConfigError("at least one SAE is needed (--sae PATH)")
     lm = load_model(cfg.model, device=cfg.device)
     lm.model.requires_grad_(False)
-    saes = [load_sae(lm.model, spec) for spec in cfg.saes]
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed))
+    saes = [load_sae(lm.model, spec, tokenizer=lm.tokenizer, policy=cfg.policy) for spec in cfg.saes]
+    for s in saes:
+        log.info("SAE %s spliced at %s", s.name, s.policy.describe())
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed,
+                                                    val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                                    prepend_bos=corpus_bos([s.policy for s in saes])))
     dev = next(lm.model.parameters()).device
     corpus.train, corpus.val = corpus.train.to(dev), corpus.val[: cfg.eval_rows].to(dev)
     return Setup(out, lm, saes, corpus)

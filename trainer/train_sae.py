@@ -1,27 +1,39 @@
-"""`saelora train-sae`: train an SAE with sae-lens's trainer on activations streamed from a model at a hook.
+"""`saelora train-sae`: train an SAE with sae-lens's trainer on cached activations of a model at a hook.
 
-The forward stops after the hook layer (`run_to_hook`); activations from several forwards are mixed in
-a shuffle buffer before they reach the trainer. The result is a sae-lens folder whose metadata names
-the hook, model, context size, corpus, and the held-out L0 / FVU / dead latents.
+Read top to bottom:
+1. the corpus is packed with a held-out band (`holdout_fraction` of documents, by hash: it contains the
+   validation and test bands of every `train`/`eval` run with smaller fractions, so the SAE never sees them);
+2. activations at the hook are collected once at the positions the SAE's policy splices (position 0 of a
+   model without BOS and BOS/EOS tokens are dropped) and cached on disk as fp16;
+3. sae-lens's trainer runs `epochs` passes over them in a fresh shuffled order each: activation norm
+   scaling (`expected_average_only_in`, folded into the weights when saving), encoder initialised from the
+   decoder, b_dec initialised at the activation mean, AuxK loss on latents dead for `dead_window` steps;
+4. held-out FVU / L0 / dead latents are measured on >= `val_tokens` activations of held-out documents, and
+   written with the policy and the resolved config into the sae-lens cfg metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
-
-from saelora.adapters.errors import ConfigError
+from tqdm.auto import tqdm
 
 from saelora.adapters.activations import run_to_hook
+from saelora.adapters.config import cache_dir
 from saelora.adapters.corpus import CorpusConfig, load_corpus
+from saelora.adapters.errors import ConfigError
 from saelora.adapters.hooks import resolve_hook
 from saelora.adapters.models import load_model
+from saelora.adapters.policy import POLICY_KEY, PositionPolicy, apply_override, default_policy
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
@@ -30,36 +42,41 @@ ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
 @dataclass
 class SAETrainConfig:
     model: str = "smollm2-135m"  # base model spec
-    hook: str = "blocks.15.hook_resid_post"  # where the SAE reads (TransformerLens name or HF module path)
+    hook: str = "blocks.12.hook_resid_post"  # where the SAE reads (TransformerLens name or HF module path)
     architecture: str = "topk"  # topk | relu | jumprelu | batchtopk
     d_sae: int = 4608  # number of latents (8x SmolLM2's 576)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coefficient: float = 5.0  # L1 (relu) or L0 (jumprelu) coefficient
-    lr: float = 4e-4  # Adam learning rate (sae-lens trainer)
-    tokens: int = 1_000_000  # training activations (tokens)
+    lr: float = 5e-4  # Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%
+    tokens: int = 1_000_000  # distinct training activations collected (capped by the corpus)
+    epochs: int = 3  # passes over the collected activations, reshuffled each time
     batch_tokens: int = 1024  # activations per SAE step
     seq_len: int = 128  # context size of the model forwards
     model_batch: int = 16  # rows per model forward
-    buffer_batches: int = 8  # forwards mixed in the shuffle buffer
-    skip_first: bool = True  # drop position 0 (attention-sink activations have outlier norms)
+    aux_coefficient: float = 1.0 / 32  # AuxK loss weight (topk): reconstruct the residual with dead latents
+    dead_window: int = 100  # steps without firing after which a latent is dead for AuxK
+    policy: str | None = None  # position-policy override, e.g. keep_first=0 (default: the paper's, per tokenizer)
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources for activations
-    val_rows: int = 32  # held-out rows for FVU / L0 / dead latents
+    holdout_fraction: float = 0.12  # documents never trained on (contains train/eval's val and test bands)
+    val_tokens: int = 100_000  # held-out activations for FVU / L0 / dead latents (capped by the held-out band)
     out: str = "runs/sae"  # the sae-lens folder written
     seed: int = 0  # seeds the SAE init and the activation order
     device: str | None = None  # default: cuda if available, else cpu
 
 
 def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> Any:
-    """A fresh sae-lens training SAE of `arch`."""
+    """A fresh sae-lens training SAE of `arch` (fp32, activation norm scaling, encoder = decoder transpose)."""
     import sae_lens as sl
     from sae_lens.saes.sae import SAEMetadata
 
     common = dict(d_in=d_in, d_sae=cfg.d_sae, metadata=SAEMetadata(**metadata), device=cfg.device or "cpu",
                   normalize_activations="expected_average_only_in")
     if arch == "topk":
-        return sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(k=cfg.k, **common))
+        return sl.TopKTrainingSAE(sl.TopKTrainingSAEConfig(k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient,
+                                                           **common))
     if arch == "batchtopk":
-        return sl.BatchTopKTrainingSAE(sl.BatchTopKTrainingSAEConfig(k=cfg.k, **common))
+        return sl.BatchTopKTrainingSAE(sl.BatchTopKTrainingSAEConfig(k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient,
+                                                                     **common))
     if arch == "relu":
         return sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(l1_coefficient=cfg.sparsity_coefficient, **common))
     if arch == "jumprelu":
@@ -67,48 +84,95 @@ def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, 
     raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
 
 
-def fit_sae(activations: Iterator[torch.Tensor], d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> Any:
-    """Train on an iterator of (batch_tokens, d_in) activation batches; returns the trained training-SAE."""
+def fit_sae(activations: Iterator[torch.Tensor], d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any],
+            total: int | None = None, stats: tuple[torch.Tensor, float] | None = None) -> Any:
+    """Train on an iterator of (batch_tokens, d_in) activation batches; returns the trained training-SAE.
+
+    total: training samples (default cfg.tokens); stats: (mean activation, mean norm) of the data, which set
+    the norm scaling factor sqrt(d_in) / mean norm and initialise b_dec at the scaled mean (else sae-lens
+    estimates the factor on 20 batches and b_dec starts at 0)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cfg.seed)
     sae = training_sae(cfg.architecture, d_in, cfg, metadata)
-    tcfg = SAETrainerConfig(total_training_samples=cfg.tokens, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr,
-                            lr_end=cfg.lr / 10, lr_scheduler_name="constant", device=cfg.device or "cpu",
-                            n_batches_for_norm_estimate=20, dead_feature_window=200, feature_sampling_window=400,
+    total = total or cfg.tokens
+    steps = total // cfg.batch_tokens
+    tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr,
+                            lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
+                            device=cfg.device or "cpu", n_batches_for_norm_estimate=20,
+                            dead_feature_window=cfg.dead_window, feature_sampling_window=max(cfg.dead_window, 200),
                             logger=LoggingConfig(log_to_wandb=False))
-    return SAETrainer(tcfg, sae, activations).fit()
+    trainer = SAETrainer(tcfg, sae, activations)
+    if stats is not None:
+        mean, mean_norm = stats
+        factor = math.sqrt(d_in) / mean_norm
+        trainer.activation_scaler.scaling_factor = factor
+        with torch.no_grad():
+            sae.b_dec.copy_(mean.to(sae.b_dec) * factor)
+    return trainer.fit()
 
 
-def stream_activations(model: torch.nn.Module, point: Any, rows: torch.Tensor, cfg: SAETrainConfig,
-                       ) -> Iterator[torch.Tensor]:
-    """Endless (batch_tokens, d) batches of activations at `point` over `rows`, shuffled in a buffer."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    while True:
-        order = torch.randperm(len(rows), generator=gen)
-        for start in range(0, len(order), cfg.model_batch * cfg.buffer_batches):
-            chunk = rows[order[start:start + cfg.model_batch * cfg.buffer_batches]]
-            acts = []
-            with torch.no_grad():
-                for i in range(0, len(chunk), cfg.model_batch):
-                    x = run_to_hook(model, point, chunk[i:i + cfg.model_batch])  # (b, T, d)
-                    acts.append((x[:, 1:] if cfg.skip_first else x).reshape(-1, x.shape[-1]))
-            buf = torch.cat(acts)
-            buf = buf[torch.randperm(len(buf), generator=gen)]
-            for j in range(0, len(buf) - cfg.batch_tokens + 1, cfg.batch_tokens):
-                yield buf[j:j + cfg.batch_tokens]
+def _cache_key(lm: Any, point: Any, cfg: SAETrainConfig, policy: PositionPolicy, split: str, rows: int) -> Path:
+    key = json.dumps([lm.fingerprint["id"], point.name, cfg.corpus, cfg.seq_len, cfg.holdout_fraction,
+                      policy.to_json(), split, rows])
+    return cache_dir() / "activations" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
 
 @torch.no_grad()
-def sae_quality(sae: Any, acts: torch.Tensor) -> dict[str, float]:
+def collect_activations(model: torch.nn.Module, point: Any, rows: torch.Tensor, policy: PositionPolicy,
+                        batch: int, desc: str = "activations") -> torch.Tensor:
+    """Activations (N, d) fp16 at `point` over `rows` (R, T), at the positions `policy` splices only."""
+    dev = next(model.parameters()).device
+    pos = torch.arange(rows.shape[1])[None]
+    out = []
+    for i in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", disable=None):
+        ids = rows[i:i + batch]
+        x = run_to_hook(model, point, ids.to(dev)).float().cpu()  # (b, T, d)
+        keep = policy.keep_mask(pos.expand_as(ids), ids)
+        out.append(x[~keep].half())
+    return torch.cat(out)
+
+
+def cached_activations(lm: Any, point: Any, rows: torch.Tensor, cfg: SAETrainConfig, policy: PositionPolicy,
+                       split: str) -> torch.Tensor:
+    """`collect_activations`, cached on disk by model, hook, corpus, policy and rows."""
+    path = _cache_key(lm, point, cfg, policy, split, len(rows))
+    if path.is_file():
+        log.info("reusing cached %s activations %s", split, path)
+        return torch.from_numpy(np.load(path))
+    acts = collect_activations(lm.model, point, rows, policy, cfg.model_batch, desc=f"{split} activations")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, acts.numpy())
+    tmp.replace(path)
+    return acts
+
+
+def epoch_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless fp32 (batch, d) batches over `acts`, each epoch in a fresh seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=gen)
+        for j in range(0, len(order) - batch + 1, batch):
+            yield acts[order[j:j + batch]].float()
+
+
+@torch.no_grad()
+def sae_quality(sae: Any, acts: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
     """Held-out FVU, mean L0 and dead latents (never active on `acts`) of an inference SAE; acts (N, d)."""
-    z = sae.encode(acts)
-    recon = sae.decode(z)
-    fvu = (acts - recon).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
-    active = (z > 0)
-    return {"fvu": float(fvu), "l0": float(active.sum(-1).float().mean()),
-            "dead_latents": int((~active.any(0)).sum()), "d_sae": int(z.shape[-1]), "tokens": int(len(acts))}
+    sse, l0, active, n = 0.0, 0.0, None, len(acts)
+    mean = acts.float().mean(0)
+    sst = float((acts.float() - mean).pow(2).sum())
+    for i in range(0, n, chunk):
+        x = acts[i:i + chunk].float()
+        z = sae.encode(x)
+        sse += float((x - sae.decode(z)).pow(2).sum())
+        fired = z > 0
+        l0 += float(fired.sum())
+        active = fired.any(0) if active is None else active | fired.any(0)
+    return {"fvu": sse / sst, "l0": l0 / n, "dead_latents": int((~active).sum()), "d_sae": int(active.numel()),
+            "tokens": int(n)}
 
 
 def save_inference(training: Any, out: Path, extra_metadata: dict[str, Any]) -> Any:
@@ -130,21 +194,38 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device)
     point = resolve_hook(lm.model, cfg.hook)
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed))
-    dev = next(lm.model.parameters()).device
+    policy = apply_override(default_policy(lm.tokenizer), cfg.policy)
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed,
+                                                    val_fraction=cfg.holdout_fraction, prepend_bos=policy.prepend_bos))
+    per_row = cfg.seq_len - 2  # about the spliced positions per row (position 0 and an EOS or so are kept)
+    train_rows = corpus.train[: -(-cfg.tokens // per_row)]
+    val_rows = corpus.val[: -(-cfg.val_tokens // per_row)]
+    acts = cached_activations(lm, point, train_rows, cfg, policy, "train")
+    val = cached_activations(lm, point, val_rows, cfg, policy, "held-out")
+    collect_s = time.perf_counter() - t0
+    if len(val) < cfg.val_tokens:
+        log.warning("only %d held-out activations (asked for %d): raise holdout_fraction or add corpus text",
+                    len(val), cfg.val_tokens)
     meta = {"hook_name": point.name, "model_name": cfg.model, "context_size": cfg.seq_len,
-            "model_fingerprint": lm.fingerprint["id"], "corpus": list(cfg.corpus)}
-    d_in = lm.model.config.hidden_size
-    trained = fit_sae(stream_activations(lm.model, point, corpus.train.to(dev), cfg), d_in, cfg, meta)
-    with torch.no_grad():
-        val = run_to_hook(lm.model, point, corpus.val[: cfg.val_rows].to(dev))
-    val = (val[:, 1:] if cfg.skip_first else val).reshape(-1, d_in)
+            "prepend_bos": policy.prepend_bos, "model_fingerprint": lm.fingerprint["id"], "corpus": list(cfg.corpus),
+            POLICY_KEY: policy.to_json()}
+    total = len(acts) * cfg.epochs
+    log.info("training a %s SAE (%d latents) on %d activations x %d epochs; policy: %s", cfg.architecture,
+             cfg.d_sae, len(acts), cfg.epochs, policy.describe())
+    sample = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed))[:65536]].float()
+    stats = (sample.mean(0), float(sample.norm(dim=-1).mean()))
+    trained = fit_sae(epoch_batches(acts, cfg.batch_tokens, cfg.seed), acts.shape[1], cfg, meta, total, stats)
     out = Path(cfg.out)
     sae = save_inference(trained, out, meta)
-    quality = sae_quality(sae.to(dev), val)
-    quality["train_seconds"] = round(time.perf_counter() - t0, 1)
+    quality = sae_quality(sae, val)
+    if quality["fvu"] > 1:
+        log.warning("held-out FVU %.2f > 1: the SAE reconstructs worse than the mean activation; check the hook, "
+                    "the learning rate and the activation scale", quality["fvu"])
+    quality.update(train_seconds=round(time.perf_counter() - t0, 1), collect_seconds=round(collect_s, 1),
+                   train_activations=len(acts), dead_fraction=quality["dead_latents"] / quality["d_sae"])
     save_inference(trained, out, {**meta, **quality, "train_config": asdict(cfg)})
-    (out / "train_sae.json").write_text(json.dumps({"config": asdict(cfg), "quality": quality}, indent=2))
-    log.info("SAE written to %s: held-out FVU %.3f, L0 %.1f, dead %d/%d", out, quality["fvu"], quality["l0"],
-             quality["dead_latents"], quality["d_sae"])
+    (out / "train_sae.json").write_text(json.dumps({"config": asdict(cfg), "policy": policy.to_json(),
+                                                    "quality": quality}, indent=2))
+    log.info("SAE written to %s: held-out FVU %.3f, L0 %.1f, dead %d/%d on %d held-out tokens", out, quality["fvu"],
+             quality["l0"], quality["dead_latents"], quality["d_sae"], quality["tokens"])
     return out, quality

@@ -191,7 +191,8 @@ class VllmEngine(ThreadedEngine):
 
         register()
         self._inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-        saes = [{"name": s.name, "path": s.source, "layer": s.hook.layer, "kind": s.hook.kind}
+        saes = [{"name": s.name, "path": s.source, "layer": s.hook.layer, "kind": s.hook.kind,
+                 "policy": s.policy.to_json(), "center": s.center, "folded_scale": s.folded_scale}
                 for s in self.sae_list]
         lora = self.opts.max_loras > 0
         args = EngineArgs(

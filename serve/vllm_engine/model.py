@@ -12,9 +12,12 @@ the SAE, the layer's output is returned as it is, so `off` and `error_term` with
 base model. The splice itself is `saelora.adapters.splice.Splice` (the torch engine's code), called once
 per request on that request's token range with its own rows/positions/top_k.
 
+Each SAE's position policy (adapters/policy.py) needs the token ids of the flat batch: the mixin wraps the
+backbone's forward to hand `input_ids` to the runtime before the layers run.
+
 The SAEs come from the model config: the engine passes `hf_overrides={"architectures": ["Saelora..."],
-"saelora_saes": [{"name", "path", "layer", "kind"}, ...]}`. Layer wrappers are plain Python, so the
-engine runs vLLM with `enforce_eager=True` (see docs/vllm.md on CUDA graphs).
+"saelora_saes": [{"name", "path", "layer", "kind", "policy", "center", "folded_scale"}, ...]}`. Layer
+wrappers are plain Python, so the engine runs vLLM with `enforce_eager=True` (see docs/vllm.md on CUDA graphs).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from saelora.adapters.hooks import HookPoint
+from saelora.adapters.policy import PositionPolicy
 from saelora.adapters.saes import LoadedSAE, read_sae
 from saelora.adapters.splice import Splice
 
@@ -59,6 +63,7 @@ class SpliceRuntime:
 
     def __init__(self, saes: list[LoadedSAE]) -> None:
         self.splice = Splice(None, saes, mode="error_term")  # type: ignore[arg-type]  # never installed
+        self.ids: torch.Tensor | None = None  # (N,) token ids of the current forward (None: prompt embeddings)
 
     def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """x: (N, d) residual stream at SAE `name`'s hook; positions: (N,). The new stream, or None if unchanged.
@@ -78,24 +83,27 @@ class SpliceRuntime:
             if b - a == 1:
                 singles.append((a, spec))
                 continue
-            y = self._rows(name, x[None, a:b], positions[None, a:b], [spec])[0]  # (T, d)
+            y = self._rows(name, x[None, a:b], positions[None, a:b], [spec], (None, slice(a, b)))[0]  # (T, d)
             if spec.changes_stream(name):
                 out = x.clone() if out is None else out
                 out[a:b] = y
         if singles:
             idx = torch.tensor([i for i, _ in singles], device=x.device)
             specs = [s for _, s in singles]
-            y = self._rows(name, x[idx][:, None], positions[idx][:, None], specs)[:, 0]  # (S, d)
+            y = self._rows(name, x[idx][:, None], positions[idx][:, None], specs, (idx, None))[:, 0]  # (S, d)
             changed = torch.tensor([s.changes_stream(name) for s in specs], device=x.device)
             if bool(changed.any()):
                 out = x.clone() if out is None else out
                 out[idx[changed]] = y[changed]
         return out
 
-    def _rows(self, name: str, x: torch.Tensor, pos: torch.Tensor, specs: list[tracker.SlotSpec]) -> torch.Tensor:
-        """Splice x (R, T, d) at positions (R, T), row r with specs[r]; record each row's own top-k latents."""
+    def _rows(self, name: str, x: torch.Tensor, pos: torch.Tensor, specs: list[tracker.SlotSpec],
+              idx: Any) -> torch.Tensor:
+        """Splice x (R, T, d) at positions (R, T), row r with specs[r]; record each row's own top-k latents.
+        idx indexes the flat batch's token ids into the same (R, T) shape."""
         sp = self.splice
         sp.rows, sp.positions = [s.row for s in specs], pos
+        sp.token_ids = None if self.ids is None else self.ids[idx]
         sp.top_k = max(s.top_k for s in specs)
         y = sp.apply(name, x)
         for cap in sp.pop_captures()[name]:
@@ -130,13 +138,26 @@ def _wrap_layer(layer: torch.nn.Module, runtime: SpliceRuntime, name: str, kind:
 def _load_saes(vllm_config: Any) -> list[LoadedSAE]:
     specs = getattr(vllm_config.model_config.hf_config, "saelora_saes", None) or []
     device = str(vllm_config.device_config.device)
-    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     saes = []
     for s in specs:
-        sae, source = read_sae(s["path"], device=device, dtype=dtype)
+        sae, source = read_sae(s["path"], device=device)  # fp32, whatever the model dtype
+        if s.get("folded_scale"):
+            sae.fold_activation_norm_scaling_factor(float(s["folded_scale"]))
         saes.append(LoadedSAE(name=s["name"], sae=sae, hook=HookPoint(int(s["layer"]), s["kind"]), source=source,
-                              fingerprint={}))
+                              fingerprint={}, policy=PositionPolicy.from_json(s.get("policy") or {}),
+                              center=bool(s.get("center")), folded_scale=s.get("folded_scale")))
     return saes
+
+
+def _hand_ids_to(backbone: torch.nn.Module, runtime: SpliceRuntime) -> None:
+    """Wrap the backbone's forward so the runtime sees each forward's flat input_ids (for the policy)."""
+    inner = backbone.forward
+
+    def forward(input_ids: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        runtime.ids = input_ids
+        return inner(input_ids, *args, **kwargs)
+
+    backbone.forward = forward
 
 
 class _SpliceMixin:
@@ -146,6 +167,7 @@ class _SpliceMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         saes = _load_saes(vllm_config)
         self.saelora = SpliceRuntime(saes)  # a plain object: not a submodule, invisible to weights and LoRA
+        _hand_ids_to(self.model, self.saelora)  # type: ignore[attr-defined]
         layers = self.model.layers  # type: ignore[attr-defined]
         for s in saes:
             _wrap_layer(layers[s.hook.layer], self.saelora, s.name, s.hook.kind)
