@@ -2,7 +2,10 @@
 
 The paper (Chen, Engels, Tegmark 2025) keeps BOS and EOS tokens original when it splices sae-lens SAEs;
 for a model whose tokenizer adds no BOS, the first position of a sequence is the attention sink (residual
-norm ~100x the median) and stays original too. A position outside the policy is never spliced, never
+norm ~100x the median) and stays original too. The same massive activations occur, rarely, later in a
+row (SmolLM2 at layer 12: ~1 token in 8,000 with norm 1,000-30,000 against a median of 144); with
+`keep_norm_above` set, a position whose residual norm at the hook exceeds it stays original as well.
+A position outside the policy is never spliced, never
 edited, and never counted in FVU, L0 or the MSE term; SAE training and feature descriptions drop it.
 
 The policy travels with the SAE: `train-sae` writes it into the sae-lens cfg metadata (`saelora_policy`),
@@ -35,15 +38,20 @@ class PositionPolicy:
     keep_first: bool = True  # position 0 stays original (the attention sink of a model without BOS)
     keep_token_ids: tuple[int, ...] = ()  # tokens (BOS, EOS ids) that stay original wherever they occur
     prepend_bos: bool = False  # rows start with the tokenizer's BOS token
+    keep_norm_above: float | None = None  # positions whose residual norm exceeds this stay original (sinks)
 
-    def keep_mask(self, pos: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) bool: True where the stream stays original (padding, pos -1, included)."""
+    def keep_mask(self, pos: torch.Tensor, ids: torch.Tensor | None,
+                  x: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) bool: True where the stream stays original (padding, pos -1, included); x (B, T, d) the
+        residual stream at the hook, for `keep_norm_above`."""
         keep = pos < 0
         if self.keep_first:
             keep = keep | (pos == 0)
         if self.keep_token_ids and ids is not None:
             wanted = torch.tensor(self.keep_token_ids, dtype=ids.dtype, device=ids.device)
             keep = keep | torch.isin(ids, wanted).expand_as(keep)
+        if self.keep_norm_above is not None and x is not None:
+            keep = keep | (x.float().norm(dim=-1) > self.keep_norm_above)
         return keep
 
     def to_json(self) -> dict[str, Any]:
@@ -53,14 +61,17 @@ class PositionPolicy:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PositionPolicy":
+        norm = d.get("keep_norm_above")
         return cls(keep_first=bool(d.get("keep_first", True)),
                    keep_token_ids=tuple(int(i) for i in d.get("keep_token_ids", ())),
-                   prepend_bos=bool(d.get("prepend_bos", False)))
+                   prepend_bos=bool(d.get("prepend_bos", False)),
+                   keep_norm_above=None if norm is None else float(norm))
 
     def describe(self) -> str:
         """One line for logs and the CLI: which positions are spliced."""
         kept = (["position 0"] if self.keep_first else []) + \
-            ([f"token ids {list(self.keep_token_ids)}"] if self.keep_token_ids else [])
+            ([f"token ids {list(self.keep_token_ids)}"] if self.keep_token_ids else []) + \
+            ([f"residual norm > {self.keep_norm_above:g}"] if self.keep_norm_above is not None else [])
         bos = ", rows start with BOS" if self.prepend_bos else ""
         return ("every position" if not kept else "every position except " + " and ".join(kept)) + bos
 
@@ -99,7 +110,8 @@ def policy_from_metadata(metadata: Any, tokenizer: Any) -> PositionPolicy:
 
 
 def parse_override(text: str | None) -> dict[str, Any]:
-    """`keep_first=0,keep_ids=1+2,prepend_bos=1` (any subset) -> fields to replace; '' or None -> {}."""
+    """`keep_first=0,keep_ids=1+2,prepend_bos=1,keep_norm_above=1000` (any subset; keep_norm_above= for none)
+    -> fields to replace; '' or None -> {}."""
     if not text:
         return {}
     out: dict[str, Any] = {}
@@ -113,11 +125,16 @@ def parse_override(text: str | None) -> dict[str, Any]:
                 out[key] = value.lower() in ("1", "true")
             elif key == "keep_ids" and sep:
                 out["keep_token_ids"] = tuple(sorted(int(v) for v in value.split("+") if v))
+            elif key == "keep_norm_above" and sep:
+                out[key] = float(value) if value else None
+                if out[key] is not None and not out[key] > 0:
+                    raise ValueError(value)
             else:
                 raise ValueError(part)
         except ValueError:
             raise PolicyError(f"position policy {text!r}: expected comma-separated keep_first=0|1, "
-                              "keep_ids=ID+ID (or empty), prepend_bos=0|1") from None
+                              "keep_ids=ID+ID (or empty), prepend_bos=0|1, keep_norm_above=NORM (or empty)"
+                              ) from None
     return out
 
 

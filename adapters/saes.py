@@ -97,6 +97,21 @@ class LoadedSAE:
                 "fingerprint": self.fingerprint, "policy": self.policy.to_json(), "center": self.center}
 
 
+# SAEs shipped inside the package (saelora/data/saes/<folder>), per embedded model: trained by the command in
+# the folder's README.md, with their held-out quality in cfg.json's metadata.
+SHIPPED_SAES = {"smollm2-135m": "smollm2-135m-L12-topk"}
+
+
+def shipped_sae(model: str) -> Path:
+    """The folder of the SAE shipped for embedded model `model`."""
+    if model not in SHIPPED_SAES:
+        raise SAELoadError(f"no SAE is shipped for model {model!r} (shipped: {sorted(SHIPPED_SAES)}); "
+                           "train one with `saelora train-sae` and pass its folder.")
+    from importlib.resources import files
+
+    return Path(str(files("saelora"))) / "data" / "saes" / SHIPPED_SAES[model]
+
+
 def sae_hook_name(sae: Any) -> str | None:
     """The hook an SAE was trained on, from its sae-lens metadata."""
     return sae.cfg.metadata.hook_name
@@ -173,7 +188,7 @@ def _fold_estimated_norm(loaded: LoadedSAE, model: torch.nn.Module, tokenizer: A
         rows = load_corpus(tokenizer, CorpusConfig(seq_len=128, prepend_bos=loaded.policy.prepend_bos)).val[:32]
     with torch.no_grad():
         x = run_to_hook(model, loaded.hook, rows.to(next(model.parameters()).device)).float()
-        keep = loaded.policy.keep_mask(torch.arange(rows.shape[1])[None].expand_as(rows), rows)
+        keep = loaded.policy.keep_mask(torch.arange(rows.shape[1])[None].expand_as(rows), rows, x)
         if loaded.center:
             x = x - x.mean(-1, keepdim=True)
         mean_norm = float(x[~keep].norm(dim=-1).mean())

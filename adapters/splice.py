@@ -243,7 +243,7 @@ class Splice:
         if not capture and not self.stats_enabled and not self._any_active(s.name, modes):
             return x  # every row is off, or error_term without edits: the stream is exactly x
         pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
-        keep = s.policy.keep_mask(pos, self._ids(b, t))  # (B, T): stays exactly x (padding, sink, BOS/EOS)
+        keep = s.policy.keep_mask(pos, self._ids(b, t), x)  # (B, T): stays exactly x (padding, sinks, BOS/EOS)
         z = s.encode(x)  # (B, T, d_sae), fp32
         z_edit, edited = self._edit_latents(s.name, z, pos, keep)  # edited: (B, T) bool, or None
         if capture:

@@ -1,12 +1,21 @@
-"""Benchmark: how much of the SAE's CE gap LoRA closes, and how fast, vs the e2e SAE baseline.
+"""Study: how much of a frozen SAE's CE gap LoRA closes, and how fast, against the paper's baselines.
 
-On the embedded model and corpus: train a TopK SAE at a middle layer; then, for the same training
-wall-clock budget each, train (a) LoRA `all`, (b) LoRA `after`, (c) e2e SAE fine-tuning, with held-out
-evals every few minutes. Also measures the step cost of LoRA-around-SAE vs a plain LoRA (CE) step,
-interleaved. Writes bench/results/train_gap.{json,md,png}.
+Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md says what differs):
+- the embedded model and its shipped TopK SAE (or --sae), spliced under the SAE's position policy;
+- the corpus split by document hash into train, validation (learning-rate choice) and test (reported
+  numbers, >= --eval-tokens tokens); the SAE was trained with a larger held-out band, so it saw neither;
+- arms, each at an equal training wall-clock budget: LoRA on all layers (`lora_all`), LoRA on the layers
+  after the SAE (`lora_after`), and KL fine-tuning of the SAE itself (`sae_kl`, Karvonen 2025);
+- a learning-rate sweep per arm with seed 0 on the validation split, the chosen rate rerun with seed 1;
+  reported: test CE of both seeds, their mean and spread;
+- the paper's own comparison (`from_scratch`): an SAE trained from scratch end to end with KL against a
+  TopK SAE trained from scratch with MSE followed by LoRA, counting total wall time (SAE + LoRA).
+  speedup = e2e's time to its final validation CE / TopK+LoRA's time to the same CE.
 
-    python bench/train_gap.py                 # full (~60 min on 2 CPU cores)
-    python bench/train_gap.py --quick         # smoke run, a few minutes
+    python bench/train_gap.py            # the full study, about 90 min on 2 CPU cores (run it in the background)
+    python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
+
+Writes <out>/train_gap.{json,md,png} (train_gap_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -18,195 +27,251 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from saelora.adapters.config import cache_dir
-from saelora.trainer.config import TrainConfig
-from saelora.trainer.e2e import train_e2e
-from saelora.trainer.train import train_lora
-from saelora.trainer.train_sae import SAETrainConfig, train_sae
+sys.path.insert(0, str(Path(__file__).parent))
+from train_gap_report import plot, write_md  # noqa: E402
 
 log = logging.getLogger("bench.train_gap")
 RESULTS = Path(__file__).parent / "results"
+ARMS = ("lora_all", "lora_after", "sae_kl")
 
 
-def get_sae(args: argparse.Namespace) -> Path:
-    folder = cache_dir() / "bench" / f"sae-L{args.layer}-topk-{args.sae_tokens}"
-    if (folder / "cfg.json").is_file() and not args.fresh_sae:
-        log.info("reusing SAE %s", folder)
-        return folder
+def train_config(args: argparse.Namespace, arm: str, lr: float, seed: int, out: Path, sae: str) -> Any:
+    from saelora.trainer.config import TrainConfig
+
+    layers = "after" if arm == "lora_after" else "all"
+    return TrainConfig(model=args.model, saes=[sae], corpus=list(args.corpus), out=str(out), layers=layers,
+                       rank=args.rank, lr=lr, seed=seed, max_minutes=args.run_minutes, eval_every_s=args.eval_every_s,
+                       eval_interval=0, eval_rows=args.val_rows, batch_size=args.batch_size, seq_len=args.seq_len,
+                       val_fraction=args.val_fraction, test_fraction=args.test_fraction, checkpoint_interval=0)
+
+
+def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sae: str) -> dict[str, Any]:
+    """Train one arm; returns its record: config, validation curve, final validation CE, output paths."""
+    from saelora.trainer.e2e import train_e2e
+    from saelora.trainer.train import train_lora
+
+    out = work / f"{arm}-lr{lr:g}-s{seed}"
+    cfg = train_config(args, arm, lr, seed, out, sae)
+    log.info("%s lr %g seed %d for %.1f min", arm, lr, seed, args.run_minutes)
+    artifact, _ = (train_e2e if arm in ("sae_kl", "e2e_scratch") else train_lora)(cfg)
+    key = "ce_spliced" if arm in ("sae_kl", "e2e_scratch") else "ce_adapted"
+    evals = [json.loads(ln)["eval"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    curve = [(e["train_s"], e[key]) for e in evals]
+    return {"arm": arm, "lr": lr, "seed": seed, "dir": str(out), "artifact": str(artifact), "val_curve": curve,
+            "val_ce": curve[-1][1], "val_kl": evals[-1].get("kl_adapted", evals[-1]["kl_spliced"]),
+            "steps": sum(1 for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in ln)}
+
+
+class TestSet:
+    """The test rows with the residual at the SAE's hook cached once, so each arm costs one partial forward."""
+
+    def __init__(self, args: argparse.Namespace, sae_path: str) -> None:
+        from saelora.adapters.activations import run_to_hook
+        from saelora.adapters.corpus import CorpusConfig, load_corpus
+        from saelora.adapters.models import load_model
+        from saelora.adapters.saes import load_sae
+
+        self.args = args
+        self.lm = load_model(args.model)
+        self.lm.model.requires_grad_(False)
+        sae = load_sae(self.lm.model, sae_path, tokenizer=self.lm.tokenizer)
+        corpus = load_corpus(self.lm.tokenizer, CorpusConfig(tuple(args.corpus), args.seq_len,
+                                                             val_fraction=args.val_fraction,
+                                                             test_fraction=args.test_fraction,
+                                                             prepend_bos=sae.policy.prepend_bos))
+        n = -(-args.eval_tokens // args.seq_len)
+        if len(corpus.test) < n:
+            log.warning("test split has %d rows, fewer than the %d asked for", len(corpus.test), n)
+        self.rows = corpus.test[:n]
+        self.point = sae.hook
+        with torch.no_grad():
+            self.prefix = torch.cat([run_to_hook(self.lm.model, sae.hook, self.rows[i:i + 8])
+                                     for i in range(0, len(self.rows), 8)])
+        self.corpus_info = corpus.info
+
+    def ce(self, sae_path: str | None, adapter: str | None = None, layers_after: bool = True) -> float:
+        """Mean next-token CE on the test rows: base (no SAE), SAE spliced, or SAE spliced + adapter."""
+        from saelora.adapters.bundle import attach_bundle, detach_adapter, load_bundle
+        from saelora.adapters.saes import load_sae
+        from saelora.trainer.objective import ce_per_token, plain_logits, spliced_logits
+
+        model, saes = self.lm.model, []
+        if sae_path:
+            saes = [load_sae(model, sae_path, tokenizer=self.lm.tokenizer)]
+        if adapter:
+            model = attach_bundle(model, load_bundle(adapter, self.lm.fingerprint, saes, self.lm.model), "adapter")
+        shared = adapter is None or layers_after  # no adapted layer before the hook: reuse the cached prefix
+        total, count = 0.0, 0
+        try:
+            for i in range(0, len(self.rows), 8):
+                ids, x = self.rows[i:i + 8], (self.prefix[i:i + 8] if shared else None)
+                point = self.point if shared else None
+                with torch.no_grad():
+                    logits = spliced_logits(model, saes, ids, point, x, adapter=True)[0] if saes else \
+                        plain_logits(model, ids, point, x)
+                ce = ce_per_token(logits, ids)
+                total, count = total + float(ce.sum()), count + ce.numel()
+        finally:
+            if adapter:
+                detach_adapter(model, "adapter")  # the next call starts from the plain base model again
+        return total / count
+
+
+def sweep(args: argparse.Namespace, sae: str, work: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per arm: the learning-rate grid with seed 0 (chosen on validation CE), then the chosen rate with seed 1."""
+    grids = {"lora_all": args.lora_lrs, "lora_after": args.lora_lrs, "sae_kl": args.sae_lrs}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for arm in ARMS:
+        runs[arm] = [run(args, arm, lr, 0, work, sae) for lr in grids[arm]]
+        best = min(runs[arm], key=lambda r: r["val_ce"])
+        best["chosen"] = True
+        runs[arm].append(dict(run(args, arm, best["lr"], 1, work, sae), chosen=True))
+    return runs
+
+
+def scratch_sae(args: argparse.Namespace, work: Path, steps: bool) -> tuple[str, float]:
+    """A TopK SAE from scratch: trained with MSE (steps=True) or only initialised (steps=False, for e2e).
+    Returns (folder, wall seconds, activation collection included)."""
+    from saelora.trainer.train_sae import SAETrainConfig, train_sae
+
+    sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
+    cfg = SAETrainConfig(model=args.model, hook=sae_cfg["metadata"]["hook_name"], d_sae=sae_cfg["d_sae"],
+                         k=sae_cfg.get("k", 32), corpus=list(args.corpus),
+                         tokens=args.scratch_sae_tokens if steps else args.scratch_val_tokens, epochs=int(steps),
+                         val_tokens=args.scratch_val_tokens, seq_len=args.sae_seq_len,
+                         out=str(work / ("scratch_topk" if steps else "scratch_init")), seed=0)
     t0 = time.perf_counter()
-    train_sae(SAETrainConfig(hook=f"blocks.{args.layer}.hook_resid_post", tokens=args.sae_tokens, d_sae=args.d_sae,
-                             k=args.k, out=str(folder)))
-    log.info("SAE trained in %.1f min", (time.perf_counter() - t0) / 60)
-    return folder
+    folder, _ = train_sae(cfg)
+    return str(folder), time.perf_counter() - t0
 
 
-def run_configs(args: argparse.Namespace, sae: Path, work: Path) -> dict[str, TrainConfig]:
-    common = dict(saes=[str(sae)], max_minutes=args.run_minutes, eval_every_s=args.eval_every_s, eval_interval=0,
-                  eval_rows=args.eval_rows, batch_size=args.batch_size, seq_len=args.seq_len, checkpoint_interval=0)
-    return {
-        "lora_all": TrainConfig(out=str(work / "lora_all"), layers="all", rank=args.rank, lr=args.lora_lr, **common),
-        "lora_after": TrainConfig(out=str(work / "lora_after"), layers="after", rank=args.rank, lr=args.lora_lr,
-                                  **common),
-        "e2e": TrainConfig(out=str(work / "e2e"), lr=args.e2e_lr, **common),
-    }
-
-
-def curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
-    """(training minutes, held-out CE) at each eval."""
-    evals = [json.loads(ln)["eval"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
-    return [(e["train_s"] / 60, e[key]) for e in evals]
-
-
-def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-    """First time the curve reaches `target` CE, linearly interpolated between evals."""
-    for (t0, c0), (t1, c1) in zip(points, points[1:], strict=False):
+def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First time (s) a (time, CE) curve reaches `target`, linearly interpolated between evals."""
+    if curve and curve[0][1] <= target:
+        return curve[0][0]
+    for (t0, c0), (t1, c1) in zip(curve, curve[1:], strict=False):
         if c1 <= target:
             return t1 if c0 == c1 else t0 + (t1 - t0) * (c0 - target) / (c0 - c1)
-    return 0.0 if points and points[0][1] <= target else None
+    return None
 
 
-def step_costs(args: argparse.Namespace, sae: Path, repeats: int = 3) -> dict[str, float]:
-    """Median seconds per step: LoRA-around-SAE (all, after) vs a plain LoRA CE step, interleaved."""
-    from saelora.adapters.models import load_model
-    from saelora.adapters.saes import load_sae
-    from saelora.trainer.lora import LoraSettings, add_lora
-    from saelora.trainer.objective import ObjectiveWeights, objective
-    from saelora.trainer.train import shared_prefix_point
-
-    lm = load_model("smollm2-135m")
-    lm.model.requires_grad_(False)
-    s = load_sae(lm.model, str(sae))
-    ids = torch.randint(0, 49152, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
-    model = add_lora(lm.model, LoraSettings(rank=args.rank), [s.hook])  # all layers
-    after_point = shared_prefix_point(lm.model, [s], list(range(s.hook.depth, 30)))
-    times: dict[str, list[float]] = {"plain_lora": [], "lora_sae_all": [], "lora_sae_after_prefix": []}
-
-    def plain() -> None:
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-
-    def around(point) -> None:
-        loss, _ = objective(model, [s], ids, ObjectiveWeights(), point)
-        loss.backward()
-    steps = {"plain_lora": plain, "lora_sae_all": lambda: around(None),
-             "lora_sae_after_prefix": lambda: around(after_point)}
-    for fn in steps.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {**{f"{k}_s": round(v, 3) for k, v in med.items()},
-            "ratio_all": round(med["lora_sae_all"] / med["plain_lora"], 3),
-            "ratio_after_shared_prefix": round(med["lora_sae_after_prefix"] / med["plain_lora"], 3),
-            "note": "lora_sae_after_prefix: LoRA on all layers but the layers before the SAE run once for teacher "
-                    "and student (the saving `layers=after` gets); plain_lora: CE loss, no teacher, no SAE"}
+def from_scratch(args: argparse.Namespace, work: Path, test: TestSet) -> dict[str, Any]:
+    """The paper's comparison: e2e SAE from scratch (KL) vs TopK SAE from scratch (MSE) + LoRA, total wall time."""
+    topk, topk_s = scratch_sae(args, work, steps=True)
+    init, _ = scratch_sae(args, work, steps=False)
+    lora = run(args, "lora_after", args.scratch_lora_lr, 0, work / "scratch", topk)
+    e2e_args = argparse.Namespace(**{**vars(args), "run_minutes": args.e2e_minutes})
+    e2e = run(e2e_args, "e2e_scratch", args.scratch_e2e_lr, 0, work / "scratch", init)
+    lora_curve = [(topk_s + t, c) for t, c in lora["val_curve"]]
+    e2e_final_t, e2e_final = e2e["val_curve"][-1]
+    e2e_t = time_to_reach(e2e["val_curve"], e2e_final)
+    reach = time_to_reach(lora_curve, e2e_final)
+    return {"topk_sae": topk, "topk_sae_seconds": round(topk_s, 1), "e2e_budget_minutes": args.e2e_minutes,
+            "lora": lora, "e2e": e2e, "topk_lora_val_curve": lora_curve,
+            "e2e_final_val_ce": e2e_final, "e2e_seconds_to_final": e2e_t,
+            "topk_lora_seconds_to_e2e_final": reach,
+            "speedup": None if reach is None else round(e2e_t / reach, 2),
+            "test_ce": {"topk_spliced": test.ce(topk), "topk_lora": test.ce(topk, lora["artifact"]),
+                        "e2e": test.ce(_e2e_folder(e2e))}}
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], base: float, spliced: float, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.axhline(base, color="k", ls="--", label="base model")
-    ax.axhline(spliced, color="r", ls=":", label="SAE spliced, no training")
-    ax.set(xlabel="training wall time (min, 2 CPU cores)", ylabel="held-out CE (nats/token)",
-           title="SmolLM2-135M + TopK SAE: CE vs training time")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+def _e2e_folder(rec: dict[str, Any]) -> str:
+    """The fine-tuned SAE folder an e2e run wrote (out/saes/<name>)."""
+    folders = sorted(p for p in Path(rec["artifact"]).iterdir() if (p / "cfg.json").is_file())
+    return str(folders[0])
 
 
-def summarise(args, work: Path, sae: Path, costs: dict) -> dict:
-    keys = {"lora_all": "ce_adapted", "lora_after": "ce_adapted", "e2e": "ce_spliced"}
-    curves = {name: curve(work / name, key) for name, key in keys.items()}
-    first = json.loads((work / "lora_all" / "metrics.jsonl").read_text().splitlines()[0])["eval"]
-    base, spliced = first["ce_base"], first["ce_spliced"]
-    gap = {n: (spliced - c[-1][1]) / (spliced - base) for n, c in curves.items()}
-    e2e_final, e2e_time = curves["e2e"][-1][1], curves["e2e"][-1][0]
-    reach = {n: time_to_reach(curves[n], e2e_final) for n in ("lora_all", "lora_after")}
-    speedup = {n: (round(e2e_time / t, 2) if t else None) for n, t in reach.items()}
-    sae_cfg = json.loads((sae / "cfg.json").read_text())
-    return {"settings": vars(args), "sae": {"folder": str(sae), "hook": sae_cfg["metadata"]["hook_name"],
-            "d_sae": sae_cfg["d_sae"], "k": sae_cfg.get("k"),
-            **{k: sae_cfg["metadata"].get(k) for k in ("fvu", "l0", "dead_latents", "train_seconds")}},
-            "ce_base": base, "ce_spliced": spliced, "curves": curves,
-            "gap_closed": {n: round(g, 4) for n, g in gap.items()},
-            "final_ce": {n: c[-1][1] for n, c in curves.items()},
-            "e2e_final_ce": e2e_final, "minutes_to_reach_e2e_final_ce": reach,
-            "speedup_vs_e2e": speedup, "step_cost": costs,
-            "targets": {"gap_closed_min": 0.30, "gap_closed_aim": 0.55, "speedup_min": 2, "speedup_aim": 5,
-                        "step_cost_ratio_max": 1.3}}
+def summarise(args: argparse.Namespace, test: TestSet, runs: dict[str, list[dict[str, Any]]],
+              scratch: dict[str, Any] | None) -> dict[str, Any]:
+    base, spliced = test.ce(None), test.ce(args.sae)
+    arms = {}
+    for arm, recs in runs.items():
+        for r in recs:
+            if r.get("chosen"):
+                r["test_ce"] = test.ce(_e2e_folder(r)) if arm == "sae_kl" else \
+                    test.ce(args.sae, r["artifact"], layers_after=arm == "lora_after")
+                r["gap_closed"] = (spliced - r["test_ce"]) / (spliced - base)
+        chosen = [r for r in recs if r.get("chosen")]
+        gaps = [r["gap_closed"] for r in chosen]
+        arms[arm] = {"lr": chosen[0]["lr"], "gap_closed_mean": statistics.mean(gaps),
+                     "gap_closed_seeds": gaps, "gap_closed_spread": max(gaps) - min(gaps),
+                     "test_ce_seeds": [r["test_ce"] for r in chosen], "runs": recs}
+    sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
+    meta = sae_cfg["metadata"]
+    return {"settings": {**vars(args), "eval_tokens": int(test.rows.numel()), "test_rows": len(test.rows)},
+            "sae": {"folder": args.sae, "hook": meta["hook_name"], "d_sae": sae_cfg["d_sae"], "k": sae_cfg.get("k"),
+                    **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "train_seconds",
+                                                "saelora_policy")}},
+            "corpus": test.corpus_info, "ce_base": base, "ce_spliced": spliced, "gap": spliced - base,
+            "arms": arms, "from_scratch": scratch,
+            "targets": {"gap_closed_min": 0.30, "gap_closed_aim": 0.55, "speedup_min": 2}}
 
 
-def write_md(res: dict, path: Path) -> None:
-    lines = ["# train_gap: LoRA around a frozen SAE vs e2e SAE fine-tuning", "",
-             f"SAE: TopK at `{res['sae']['hook']}`, d_sae {res['sae']['d_sae']}, held-out FVU "
-             f"{res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}; budget {res['settings']['run_minutes']} min of "
-             "training each on 2 CPU cores.", "",
-             f"CE base {res['ce_base']:.4f}, spliced {res['ce_spliced']:.4f} (gap "
-             f"{res['ce_spliced'] - res['ce_base']:.4f})", "",
-             "| run | final CE | gap closed | min to reach e2e final CE | speed-up vs e2e |", "|---|---|---|---|---|"]
-    for n in ("lora_all", "lora_after", "e2e"):
-        reach = res["minutes_to_reach_e2e_final_ce"].get(n)
-        lines.append(f"| {n} | {res['final_ce'][n]:.4f} | {res['gap_closed'][n]:.1%} | "
-                     f"{'' if reach is None else f'{reach:.1f}'} | {res['speedup_vs_e2e'].get(n) or ''} |")
-    c = res["step_cost"]
-    lines += ["", f"Step cost (median s/step): plain LoRA {c['plain_lora_s']}, LoRA+SAE all {c['lora_sae_all_s']} "
-              f"(ratio {c['ratio_all']}), with the shared prefix {c['lora_sae_after_prefix_s']} "
-              f"(ratio {c['ratio_after_shared_prefix']}).", "", "![curves](train_gap.png)"]
-    path.write_text("\n".join(lines) + "\n")
+def parse_args() -> argparse.Namespace:
+    from saelora.adapters.config import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--quick", action="store_true", help="tiny budgets for CI (pair with a tiny --model/--sae/--corpus)")
+    a("--model", default=DEFAULT_MODEL, help="model spec")
+    a("--sae", default=None, help="SAE folder (default: the shipped SAE of the embedded model)")
+    a("--corpus", action="append", default=None, help="corpus sources (default: wiki)")
+    a("--run-minutes", type=float, default=4.0, help="training wall-clock budget per run")
+    a("--eval-every-s", type=float, default=60.0, help="seconds of training between validation evals")
+    a("--val-rows", type=int, default=16, help="validation rows per eval (for the learning-rate choice and curves)")
+    a("--eval-tokens", type=int, default=64_000, help="test tokens for the reported numbers")
+    a("--lora-lrs", type=float, nargs="+", default=[5e-4, 2e-3], help="LoRA learning-rate grid")
+    a("--sae-lrs", type=float, nargs="+", default=[1e-4, 5e-4], help="SAE KL fine-tune learning-rate grid")
+    a("--rank", type=int, default=64, help="LoRA rank (the paper's 64)")
+    a("--batch-size", type=int, default=2, help="rows per step")
+    a("--seq-len", type=int, default=128, help="tokens per row (the SAE's training context)")
+    a("--val-fraction", type=float, default=0.03, help="validation band of documents")
+    a("--test-fraction", type=float, default=0.07, help="test band of documents (below the validation band)")
+    a("--no-scratch", action="store_true", help="skip the from-scratch comparison")
+    a("--scratch-sae-tokens", type=int, default=250_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
+    a("--scratch-val-tokens", type=int, default=20_000, help="held-out tokens for its quality record")
+    a("--sae-seq-len", type=int, default=128, help="context of SAE training forwards")
+    a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
+    a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
+    a("--e2e-minutes", type=float, default=12.0, help="training budget of the e2e-from-scratch SAE")
+    a("--out", default=str(RESULTS), help="results folder")
+    args = p.parse_args()
+    args.corpus = args.corpus or ["wiki"]
+    if args.quick:
+        args.run_minutes, args.eval_every_s, args.val_rows, args.eval_tokens = 0.05, 1.0, 2, 256
+        args.lora_lrs, args.sae_lrs, args.seq_len, args.sae_seq_len = [1e-3, 3e-3], [1e-3], 32, 32
+        args.scratch_sae_tokens, args.scratch_val_tokens, args.e2e_minutes = 4_000, 500, 0.1
+        args.val_fraction, args.test_fraction, args.rank = 0.1, 0.2, 4
+    if args.sae is None:
+        from saelora.adapters.saes import shipped_sae
+
+        args.sae = str(shipped_sae(args.model))
+    return args
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, numbers meaningless")
-    p.add_argument("--layer", type=int, default=12, help="SAE at blocks.LAYER.hook_resid_post")
-    p.add_argument("--sae-tokens", type=int, default=500_000, help="SAE training activations")
-    p.add_argument("--d-sae", type=int, default=4608, help="SAE latents")
-    p.add_argument("--k", type=int, default=32, help="TopK k")
-    p.add_argument("--run-minutes", type=float, default=12.0, help="training wall-clock budget per run")
-    p.add_argument("--eval-every-s", type=float, default=150.0, help="seconds of training between evals")
-    p.add_argument("--eval-rows", type=int, default=8, help="held-out rows of seq-len tokens per eval")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank")
-    p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
-    p.add_argument("--e2e-lr", type=float, default=3e-4, help="e2e SAE learning rate (constant)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per step")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
-    p.add_argument("--fresh-sae", action="store_true", help="retrain the SAE even if cached")
-    p.add_argument("--out", default=str(RESULTS), help="results folder")
-    args = p.parse_args()
-    if args.quick:
-        args.sae_tokens, args.d_sae, args.run_minutes, args.eval_every_s, args.eval_rows = 20_000, 1152, 0.4, 10, 2
-        args.seq_len = 64
+    from saelora.adapters.config import cache_dir
+
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = cache_dir() / "bench" / ("train_gap_quick" if args.quick else "train_gap")
-    sae = get_sae(args)
-    costs = step_costs(args, sae, repeats=1 if args.quick else 3)
-    log.info("step costs: %s", costs)
-    for name, cfg in run_configs(args, sae, work).items():
-        log.info("run %s for %.1f min", name, args.run_minutes)
-        (train_e2e if name == "e2e" else train_lora)(cfg)
-    res = summarise(args, work, sae, costs)
     stem = "train_gap_quick" if args.quick else "train_gap"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    work = cache_dir() / "bench" / stem
+    t0 = time.perf_counter()
+    test = TestSet(args, args.sae)
+    runs = sweep(args, args.sae, work)
+    scratch = None if args.no_scratch else from_scratch(args, work, test)
+    res = summarise(args, test, runs, scratch)
+    res["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
     write_md(res, out / f"{stem}.md")
-    plot(res["curves"], res["ce_base"], res["ce_spliced"], out / f"{stem}.png")
-    print((out / f"{stem}.md").read_text())
+    plot(res, out / f"{stem}.png")
+    log.info("results in %s", out / f"{stem}.md")
     return 0
 
 

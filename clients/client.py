@@ -211,7 +211,7 @@ class _SAEs:
         return P.SAEList.model_validate(self.c.request("GET", "/v1/saes"))
 
 
-def _kept(policy: dict[str, Any] | None, t: P.TokenFeatures) -> bool:
+def kept_by_policy(policy: dict[str, Any] | None, t: P.TokenFeatures) -> bool:
     """Whether an SAE's position policy (as /v1/saes lists it) leaves this token original."""
     if not policy:
         return False
@@ -225,7 +225,7 @@ def _mean_latents(tokens: Sequence[P.TokenFeatures],
     counts: dict[str, int] = {}
     for t in tokens:
         for f in t.features:
-            if policies is not None and _kept(policies.get(f.sae), t):
+            if policies is not None and kept_by_policy(policies.get(f.sae), t):
                 continue
             counts[f.sae] = counts.get(f.sae, 0) + 1
             for i, v in zip(f.indices, f.values, strict=True):

@@ -1,7 +1,8 @@
 """`saelora demo`: the main job on the embedded default, end to end.
 
 1. prepares the embedded model and corpus (dequantised once into the cache);
-2. trains, or reuses from $SAELORA_CACHE/demo, a TopK SAE at a middle layer and a LoRA adapter around it;
+2. copies the shipped TopK SAE (layer 12, its held-out quality in its cfg.json) into $SAELORA_CACHE/demo and
+   trains, or reuses from there, a LoRA adapter around it, spliced under the SAE's position policy;
 3. writes the SAE's feature descriptions;
 4. starts `saelora serve` on 127.0.0.1 and runs a scripted client session: the top latents of a prompt,
    a steered and an unsteered completion side by side, a hot-loaded adapter and the CE gap it closes;
@@ -26,23 +27,23 @@ PROMPT = "The capital of France is"
 
 
 def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    import shutil
+
+    from saelora.adapters.saes import shipped_sae
     from saelora.trainer.config import TrainConfig
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.train import train_lora
-    from saelora.trainer.train_sae import SAETrainConfig, train_sae
 
     sae, adapter = work / "sae", work / "adapter"
     if not (sae / "cfg.json").is_file():
-        log.info("training the demo SAE (once; %d tokens)", args.sae_tokens)
-        train_sae(SAETrainConfig(hook=f"blocks.{args.layer}.hook_resid_post", d_sae=args.d_sae, k=32,
-                                 tokens=args.sae_tokens, out=str(sae)))
+        shutil.copytree(shipped_sae("smollm2-135m"), sae, dirs_exist_ok=True)
     if not (sae / "features" / "features.json").is_file():
         run_features(FeaturesConfig(saes=[str(sae)], rows=args.feature_rows, top_n=8))
     if not (adapter / "saelora.json").is_file():
         log.info("training the demo adapter (once; %.1f min)", args.lora_minutes)
-        train_lora(TrainConfig(saes=[str(sae)], out=str(work / "lora-run"), layers="after", rank=16, alpha=32,
-                               lr=1e-3, max_minutes=args.lora_minutes, eval_interval=0, eval_rows=8,
-                               checkpoint_interval=0))
+        train_lora(TrainConfig(saes=[str(sae)], out=str(work / "lora-run"), layers="after", rank=args.rank,
+                               alpha=32, lr=args.lora_lr, max_minutes=args.lora_minutes, batch_size=2, seq_len=128,
+                               eval_interval=0, eval_rows=args.eval_rows, checkpoint_interval=0))
         (work / "lora-run" / "adapter").replace(adapter)
     return sae, adapter
 
@@ -56,7 +57,9 @@ def _server(sae: Path, work: Path, engine: str) -> "ServeProcess":
 
 
 def _session(url: str, adapter: Path) -> None:
+    from saelora.adapters.policy import PositionPolicy
     from saelora.clients import Edit, SaeloraClient
+    from saelora.clients.client import kept_by_policy
 
     c = SaeloraClient(url)
     sae = c.saes.list().data[0]
@@ -65,7 +68,8 @@ def _session(url: str, adapter: Path) -> None:
     print(f"\n== top latents of {PROMPT!r}")
     for t in feats.tokens:
         lat = ", ".join(f"#{i} {v:.1f}" for f in t.features for i, v in zip(f.indices, f.values, strict=True))
-        print(f"  {t.token!r:>12}  {lat}")
+        kept = "  (left original: the SAE's policy keeps it)" if kept_by_policy(sae.policy, t) else ""
+        print(f"  {t.token!r:>12}  {lat}{kept}")
     contrast = c.contrast(["Paris is the capital of France.", "The Eiffel Tower is in Paris.", "French wine"],
                           ["The cat sat on the mat.", "Water boils at 100 degrees.", "He plays the guitar."], n=3)
     steer = contrast[0]["feature"]
@@ -82,11 +86,15 @@ def _session(url: str, adapter: Path) -> None:
     spliced = c.complete(PROMPT, max_tokens=12, temperature=0, sae={"mode": "replace"}).choices[0].text
     base = c.complete(PROMPT, max_tokens=12, temperature=0).choices[0].text
     final = manifest["metrics"]["final"]
-    print(f"\n== adapter 'demo' hot-loaded ({manifest['lora']['r']}-rank LoRA, layers {manifest['lora']['layers']})")
+    policy = PositionPolicy.from_json(manifest["saes"][0]["policy"])
+    print(f"\n== adapter 'demo' hot-loaded ({manifest['lora']['r']}-rank LoRA, layers {manifest['lora']['layers']}, "
+          f"{manifest['training']['train_seconds'] / 60:.1f} min of training)")
     print(f"  base model:           {base!r}\n  SAE spliced:          {spliced!r}\n  SAE spliced+adapter:  "
           f"{adapted!r}")
-    print(f"  held-out CE: base {final['ce_base']:.3f}, spliced {final['ce_spliced']:.3f}, spliced+adapter "
-          f"{final['ce_adapted']:.3f} -> the adapter closes {final['gap_closed']:.1%} of the SAE's CE gap")
+    print(f"  SAE spliced at {policy.describe()}")
+    print(f"  held-out CE ({final['tokens']} tokens): base {final['ce_base']:.3f}, spliced {final['ce_spliced']:.3f}, "
+          f"spliced+adapter {final['ce_adapted']:.3f} -> the adapter closes {final['gap_closed']:.1%} of the SAE's "
+          "CE gap")
     c.adapters.unload("demo")
     c.close()
 
@@ -108,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default: SAE, adapter, server, client session",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", type=int, default=12, help="SAE at blocks.LAYER.hook_resid_post (default 12)")
-    p.add_argument("--d-sae", type=int, default=4608, help="SAE latents (default 4608)")
-    p.add_argument("--sae-tokens", type=int, default=300_000, help="SAE training tokens, first run (default 300000)")
-    p.add_argument("--lora-minutes", type=float, default=4.0, help="adapter training minutes, first run (default 4)")
+    p.add_argument("--lora-minutes", type=float, default=6.0, help="adapter training minutes, first run (default 6)")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="adapter learning rate (default 2e-3)")
+    p.add_argument("--rank", type=int, default=64, help="adapter LoRA rank (default 64, the paper's)")
+    p.add_argument("--eval-rows", type=int, default=32, help="held-out rows of 128 tokens for the adapter's final "
+                   "eval (default 32)")
     p.add_argument("--feature-rows", type=int, default=128, help="corpus rows scanned for feature descriptions")
     p.add_argument("--engine", choices=("torch", "vllm"), default="torch", help="serving engine for the client "
                    "session (default torch; vllm: the same session on vLLM, see docs/vllm.md)")

@@ -117,3 +117,19 @@ def test_edits_never_reach_kept_positions(llama):
     cap = sp.pop_captures()["s"][0]
     set_at = (cap.indices == 3) & (cap.values == 50.0)  # (B, T, k)
     assert set_at.any(-1)[0, 1] and not set_at.any(-1)[0, 0] and not set_at.any(-1)[0, 5]
+
+
+def test_invariant_massive_activations_stay_original(llama):
+    """keep_norm_above: positions whose residual norm at the hook exceeds it are the base model's, bit for bit."""
+    base_h, _ = _hidden_after(llama, 1)
+    threshold = float(base_h.norm(dim=-1).median())
+    policy = PositionPolicy(keep_first=False, keep_norm_above=threshold)
+    massive = base_h.norm(dim=-1) > threshold
+    s = place_sae(llama, make_sae("topk"), source="t", name="s", policy=policy)
+    with splice(llama, [s], mode="replace", stats=True) as sp:
+        h, _ = _hidden_after(llama, 1)
+    assert 0 < int(massive.sum()) < massive.numel()
+    assert torch.equal(h[massive], base_h[massive])
+    assert int(sp.pop_stats()["s"][0]["n"]) == int((~massive).sum())
+    assert apply_override(policy, "keep_norm_above=") == PositionPolicy(keep_first=False)
+    assert PositionPolicy.from_json(policy.to_json()) == policy

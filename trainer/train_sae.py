@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,12 +49,15 @@ class SAETrainConfig:
     sparsity_coefficient: float = 5.0  # L1 (relu) or L0 (jumprelu) coefficient
     lr: float = 5e-4  # Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%
     tokens: int = 1_000_000  # distinct training activations collected (capped by the corpus)
-    epochs: int = 3  # passes over the collected activations, reshuffled each time
+    epochs: int = 3  # passes over the collected activations, reshuffled each time (0: initialise only, from
+    #                  the activation statistics, with no training step: the start of an e2e-from-scratch SAE)
     batch_tokens: int = 1024  # activations per SAE step
     seq_len: int = 128  # context size of the model forwards
     model_batch: int = 16  # rows per model forward
     aux_coefficient: float = 1.0 / 32  # AuxK loss weight (topk): reconstruct the residual with dead latents
     dead_window: int = 100  # steps without firing after which a latent is dead for AuxK
+    sink_ratio: float | None = 5.0  # positions with residual norm > ratio x the median norm stay original (massive
+    #                                 activations, attention sinks past position 0); recorded in the policy
     policy: str | None = None  # position-policy override, e.g. keep_first=0 (default: the paper's, per tokenizer)
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources for activations
     holdout_fraction: float = 0.12  # documents never trained on (contains train/eval's val and test bands)
@@ -129,7 +132,7 @@ def collect_activations(model: torch.nn.Module, point: Any, rows: torch.Tensor, 
     for i in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", disable=None):
         ids = rows[i:i + batch]
         x = run_to_hook(model, point, ids.to(dev)).float().cpu()  # (b, T, d)
-        keep = policy.keep_mask(pos.expand_as(ids), ids)
+        keep = policy.keep_mask(pos.expand_as(ids), ids, x)
         out.append(x[~keep].half())
     return torch.cat(out)
 
@@ -147,6 +150,19 @@ def cached_activations(lm: Any, point: Any, rows: torch.Tensor, cfg: SAETrainCon
     np.save(tmp, acts.numpy())
     tmp.replace(path)
     return acts
+
+
+def drop_sinks(policy: PositionPolicy, acts: torch.Tensor, val: torch.Tensor, ratio: float
+               ) -> tuple[PositionPolicy, torch.Tensor, torch.Tensor]:
+    """Set the policy's `keep_norm_above` to ratio x the median activation norm and drop those activations."""
+    norms = acts[:: max(1, len(acts) // 100_000)].float().norm(dim=-1)
+    threshold = round(ratio * float(norms.median()), 1)
+    policy = replace(policy, keep_norm_above=threshold)
+    keep_a, keep_v = acts.float().norm(dim=-1) <= threshold, val.float().norm(dim=-1) <= threshold
+    log.info("massive activations (norm > %.1f, %g x the median): %d of %d training and %d of %d held-out "
+             "positions stay original", threshold, ratio, int((~keep_a).sum()), len(acts), int((~keep_v).sum()),
+             len(val))
+    return policy, acts[keep_a], val[keep_v]
 
 
 def epoch_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
@@ -202,6 +218,8 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
     val_rows = corpus.val[: -(-cfg.val_tokens // per_row)]
     acts = cached_activations(lm, point, train_rows, cfg, policy, "train")
     val = cached_activations(lm, point, val_rows, cfg, policy, "held-out")
+    if cfg.sink_ratio is not None:
+        policy, acts, val = drop_sinks(policy, acts, val, cfg.sink_ratio)
     collect_s = time.perf_counter() - t0
     if len(val) < cfg.val_tokens:
         log.warning("only %d held-out activations (asked for %d): raise holdout_fraction or add corpus text",

@@ -1,0 +1,105 @@
+"""The train_gap study's report: a markdown page that says what was measured and how it differs from the paper,
+and a PNG of validation CE against training wall time for every arm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DIFFERENCES = """\
+What differs from the paper (Chen, Engels, Tegmark 2025):
+- Model: SmolLM2-135M-Instruct (30 layers, d_model 576) on 2 CPU cores; the paper uses Gemma-2-2B,
+  Llama-3.2-1B and Llama-3.1-8B on GPUs.
+- SAE: one TopK SAE at layer 12 trained here on ~0.9M Wikipedia tokens (3 epochs); the paper adapts
+  pretrained or self-trained SAEs trained on hundreds of millions of tokens.
+- Tokens: each run trains for minutes (tens of thousands of tokens); the paper trains LoRA on ~15M+ tokens.
+- Data: Wikipedia lead sections (embedded corpus), rows of 128 tokens without BOS; SmolLM2 adds no BOS,
+  so position 0 (the attention sink) and the BOS/EOS ids are left original under the policy.
+- The e2e-from-scratch arm optimises KL only (no downstream MSE terms) at the budget stated.
+"""
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def _arm_rows(res: dict[str, Any]) -> list[str]:
+    rows = ["| arm | lr (chosen on validation) | test CE, seed 0 / 1 | gap closed, seed 0 / 1 | mean | spread |",
+            "|---|---|---|---|---|---|"]
+    for arm, a in res["arms"].items():
+        ce = " / ".join(f"{c:.4f}" for c in a["test_ce_seeds"])
+        gaps = " / ".join(_pct(g) for g in a["gap_closed_seeds"])
+        rows.append(f"| {arm} | {a['lr']:g} | {ce} | {gaps} | {_pct(a['gap_closed_mean'])} | "
+                    f"{a['gap_closed_spread'] * 100:.1f} pts |")
+    return rows
+
+
+def _sweep_rows(res: dict[str, Any]) -> list[str]:
+    rows = ["| arm | lr | seed | steps | validation CE | validation KL |", "|---|---|---|---|---|---|"]
+    for arm, a in res["arms"].items():
+        for r in a["runs"]:
+            rows.append(f"| {arm} | {r['lr']:g} | {r['seed']} | {r['steps']} | {r['val_ce']:.4f} | "
+                        f"{r['val_kl']:.4f} |")
+    return rows
+
+
+def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
+    if not s:
+        return ["(from-scratch comparison skipped)"]
+    reach = s["topk_lora_seconds_to_e2e_final"]
+    return [
+        f"- TopK SAE from scratch (MSE): {s['topk_sae_seconds'] / 60:.1f} min including activation collection; "
+        f"then LoRA (layers after) for {s['lora']['val_curve'][-1][0] / 60:.1f} min.",
+        f"- e2e SAE from scratch (KL): {s['e2e_budget_minutes']} min budget; final validation CE "
+        f"{s['e2e_final_val_ce']:.4f}, reached at {s['e2e_seconds_to_final'] / 60:.1f} min.",
+        f"- TopK + LoRA reach that CE at {'never' if reach is None else f'{reach / 60:.1f} min'} "
+        f"(total wall time, SAE training included): **speed-up {s['speedup']}**.",
+        f"- Test CE: e2e {s['test_ce']['e2e']:.4f}, TopK spliced {s['test_ce']['topk_spliced']:.4f}, "
+        f"TopK + LoRA {s['test_ce']['topk_lora']:.4f}.",
+    ]
+
+
+def write_md(res: dict[str, Any], path: Path) -> None:
+    st, sae = res["settings"], res["sae"]
+    lines = [
+        "# train_gap: LoRA around a frozen SAE, measured on a held-out test split", "",
+        f"Rerun: `python bench/train_gap.py` ({res['wall_minutes']} min here). SAE `{sae['folder']}` at "
+        f"`{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU {sae['fvu']:.3f}, dead latents "
+        f"{sae['dead_latents']}; spliced positions: every position except those its policy keeps "
+        f"({sae['saelora_policy']}).", "",
+        f"Test split: {st['eval_tokens']} tokens ({st['test_rows']} rows of {st['seq_len']}), documents never seen "
+        f"by the SAE or any run. Budget per run: {st['run_minutes']} min of training wall time; LoRA rank "
+        f"{st['rank']}; batch {st['batch_size']} x {st['seq_len']} tokens.", "",
+        f"CE base {res['ce_base']:.4f}, SAE spliced {res['ce_spliced']:.4f}: gap {res['gap']:.4f} nats.", "",
+        *_arm_rows(res), "", "Every run (learning-rate choice on the validation split):", "", *_sweep_rows(res), "",
+        "## The paper's comparison: from scratch, total wall time", "", *_scratch_rows(res["from_scratch"]), "",
+        DIFFERENCES, "![validation CE vs training time](" + path.with_suffix(".png").name + ")"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(res: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, a in res["arms"].items():
+        for r in a["runs"]:
+            if r.get("chosen"):
+                ax.plot([t / 60 for t, _ in r["val_curve"]], [c for _, c in r["val_curve"]], "o-", ms=3,
+                        label=f"{arm} lr {r['lr']:g} seed {r['seed']}")
+    s = res.get("from_scratch")
+    if s:
+        ax.plot([t / 60 for t, _ in s["topk_lora_val_curve"]], [c for _, c in s["topk_lora_val_curve"]], "s--",
+                ms=3, label="TopK from scratch + LoRA (incl. SAE time)")
+        ax.plot([t / 60 for t, _ in s["e2e"]["val_curve"]], [c for _, c in s["e2e"]["val_curve"]], "^--", ms=3,
+                label="e2e SAE from scratch (KL)")
+    ax.axhline(res["ce_base"], color="k", ls=":", label="base model (test)")
+    ax.axhline(res["ce_spliced"], color="r", ls=":", label="SAE spliced, no training (test)")
+    ax.set(xlabel="training wall time (min, 2 CPU cores)", ylabel="validation CE (nats/token)",
+           title="CE vs training time (validation curves; test levels dotted)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
