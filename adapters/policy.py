@@ -57,6 +57,8 @@ class PositionPolicy:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep_token_ids"] = list(self.keep_token_ids)
+        if d["keep_norm_above"] is None:
+            del d["keep_norm_above"]  # the same record as a policy without the field
         return d
 
     @classmethod
