@@ -12,7 +12,7 @@ Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md s
   TopK SAE trained from scratch with MSE followed by LoRA, counting total wall time (SAE + LoRA).
   speedup = e2e's time to its final validation CE / TopK+LoRA's time to the same CE.
 
-    python bench/train_gap.py            # the full study, about 80 min on 2 CPU cores (run it in the background)
+    python bench/train_gap.py            # the full study, about 65 min on 2 CPU cores (run it in the background)
     python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
 
 Writes <out>/train_gap.{json,md,png} (train_gap_quick.* with --quick).
@@ -220,9 +220,9 @@ def parse_args() -> argparse.Namespace:
     a("--model", default=DEFAULT_MODEL, help="model spec")
     a("--sae", default=None, help="SAE folder (default: the shipped SAE of the embedded model)")
     a("--corpus", action="append", default=None, help="corpus sources (default: wiki)")
-    a("--run-minutes", type=float, default=3.5, help="training wall-clock budget per run")
-    a("--eval-every-s", type=float, default=90.0, help="seconds of training between validation evals")
-    a("--val-rows", type=int, default=16, help="validation rows per eval (for the learning-rate choice and curves)")
+    a("--run-minutes", type=float, default=2.5, help="training wall-clock budget per run")
+    a("--eval-every-s", type=float, default=60.0, help="seconds of training between validation evals")
+    a("--val-rows", type=int, default=8, help="validation rows per eval (for the learning-rate choice and curves)")
     a("--eval-tokens", type=int, default=64_000, help="test tokens for the reported numbers")
     a("--lora-lrs", type=float, nargs="+", default=[5e-4, 2e-3], help="LoRA learning-rate grid")
     a("--sae-lrs", type=float, nargs="+", default=[1e-4, 5e-4], help="SAE KL fine-tune learning-rate grid")
@@ -232,12 +232,12 @@ def parse_args() -> argparse.Namespace:
     a("--val-fraction", type=float, default=0.03, help="validation band of documents")
     a("--test-fraction", type=float, default=0.07, help="test band of documents (below the validation band)")
     a("--no-scratch", action="store_true", help="skip the from-scratch comparison")
-    a("--scratch-sae-tokens", type=int, default=150_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
+    a("--scratch-sae-tokens", type=int, default=100_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
     a("--scratch-val-tokens", type=int, default=20_000, help="held-out tokens for its quality record")
     a("--sae-seq-len", type=int, default=128, help="context of SAE training forwards")
     a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
     a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
-    a("--e2e-minutes", type=float, default=10.0, help="training budget of the e2e-from-scratch SAE")
+    a("--e2e-minutes", type=float, default=8.0, help="training budget of the e2e-from-scratch SAE")
     a("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args()
     args.corpus = args.corpus or ["wiki"]

@@ -61,10 +61,11 @@ def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
 
 def write_md(res: dict[str, Any], path: Path) -> None:
     st, sae = res["settings"], res["sae"]
+    fvu = "unrecorded" if sae.get("fvu") is None else f"{sae['fvu']:.3f}"
     lines = [
         "# train_gap: LoRA around a frozen SAE, measured on a held-out test split", "",
         f"Rerun: `python bench/train_gap.py` ({res['wall_minutes']} min here). SAE `{sae['folder']}` at "
-        f"`{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU {sae['fvu']:.3f}, dead latents "
+        f"`{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU {fvu}, dead latents "
         f"{sae['dead_latents']}; spliced positions: every position except those its policy keeps "
         f"({sae['saelora_policy']}).", "",
         f"Test split: {st['eval_tokens']} tokens ({st['test_rows']} rows of {st['seq_len']}), documents never seen "

@@ -48,7 +48,7 @@ def make_engine(ws, **kw):
     from saelora.serve.torch_engine import TorchEngine
 
     lm = load_model(ws["model"], device="cpu")
-    return TorchEngine(lm, [load_sae(lm.model, ws["saes"][0])], adapter_root=ws["root"], **kw)
+    return TorchEngine(lm, [load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer)], adapter_root=ws["root"], **kw)
 
 
 @pytest.fixture(scope="session")

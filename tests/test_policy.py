@@ -133,3 +133,20 @@ def test_invariant_massive_activations_stay_original(llama):
     assert int(sp.pop_stats()["s"][0]["n"]) == int((~massive).sum())
     assert apply_override(policy, "keep_norm_above=") == PositionPolicy(keep_first=False)
     assert PositionPolicy.from_json(policy.to_json()) == policy
+
+
+def test_bundle_trained_under_another_policy_is_refused(tmp_path):
+    """An adapter was trained for the positions its SAE was spliced at; serving it under another policy is an error."""
+    from saelora.adapters.bundle import validate_bundle
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from tiny import make_bundle, tiny_workspace
+
+    ws = tiny_workspace(tmp_path)
+    bundle = make_bundle(ws, tmp_path / "b")
+    lm = load_model(ws["model"], device="cpu")
+    same = load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer)
+    other = load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer, policy="keep_first=0")
+    assert validate_bundle(bundle, lm.fingerprint, [same]) == []
+    problems = validate_bundle(bundle, lm.fingerprint, [other])
+    assert any("position policy mismatch" in p for p in problems), problems

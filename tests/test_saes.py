@@ -58,7 +58,7 @@ def test_hook_names_gpt2(gpt2):
 
 @pytest.mark.parametrize("name,msg", [
     ("blocks.3.hook_resid_post", "has 3 layers"),
-    ("blocks.1.hook_attn_out", "Unknown hook"),
+    ("blocks.1.hook_attn_out", "not supported: saelora splices SAEs of the residual stream only"),
     ("model.layers.1.mlp", "Unknown hook"),
     ("model.layers.9", "Unknown hook"),
     ("transformer.h.1", "Unknown hook"),

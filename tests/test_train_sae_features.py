@@ -126,13 +126,19 @@ def test_cli_train_then_eval_then_features(tmp_path):
     env = dict(os.environ, SAELORA_CACHE=str(tmp_path / "cache"))
     r = _cli("train", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--out",
              str(tmp_path / "run"), "--rank", "4", "--max-steps", "6", "--seq-len", "32", "--eval-rows", "4",
-             "--lr", "3e-3", "--device", "cpu", env=env)
+             "--lr", "3e-3", "--device", "cpu", "--policy", "keep_first=0", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "gap_closed" in r.stdout and (tmp_path / "run" / "adapter" / "saelora.json").is_file()
-    r = _cli("eval", "--model", ws["model"], "--adapter", str(tmp_path / "run" / "adapter"), "--corpus", ws["corpus"],
-             "--rows", "4", "--seq-len", "32", "--device", "cpu", env=env)
+    trained = json.loads((tmp_path / "run" / "adapter" / "saelora.json").read_text())["saes"][0]["policy"]
+    assert trained["keep_first"] is False  # the override, recorded in the manifest
+    # eval restores the SAE, its policy and the corpus (sources, row length) from the manifest
+    r = _cli("eval", "--model", ws["model"], "--adapter", str(tmp_path / "run" / "adapter"), "--rows", "4",
+             "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "run" / "adapter" / "eval.json").read_text())["results"]["held-out"]
+    assert "spliced at" in r.stdout and "position 0" not in r.stdout.split("spliced at")[1].splitlines()[0]
+    out = json.loads((tmp_path / "run" / "adapter" / "eval.json").read_text())
+    assert list(out["policies"].values()) == [trained]
+    res = out["results"]["held-out"]
     assert {"ce_base", "ce_spliced", "ce_adapted", "gap_closed", "kl_adapted", "ce_adapter_only"} <= set(res)
     r = _cli("features", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--rows", "8",
              "--seq-len", "32", "--out", str(tmp_path / "feat"), "--device", "cpu", env=env)

@@ -191,7 +191,7 @@ def smol_servers(tmp_path_factory):
                            root / "sae"))
     bundle = str(make_bundle({"model": "smollm2-135m", "saes": [sae_dir]}, root / "adapter", seed=5, scale=0.05))
     lm = load_model("smollm2-135m", device="cpu")
-    engine = TorchEngine(lm, [load_sae(lm.model, sae_dir)])
+    engine = TorchEngine(lm, [load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)])
     engine.load_adapter_now("ad", bundle)
     args = ["--engine", "vllm", "--model", "smollm2-135m", "--sae", sae_dir, "--adapter", f"ad={bundle}",
             "--served-model-name", "smol", "--kv-cache-gb", "1"]
@@ -282,7 +282,7 @@ def test_other_families_match_torch_engine(family, tmp_path):
     ws = tiny_workspace(tmp_path, d_model=128, n_heads=4, family=family,
                         saes=(("topk", "blocks.0.hook_resid_post"), ("standard", "blocks.2.hook_resid_pre")))
     lm = load_model(ws["model"], device="cpu")
-    engine = TorchEngine(lm, [load_sae(lm.model, s) for s in ws["saes"]])
+    engine = TorchEngine(lm, [load_sae(lm.model, s, tokenizer=lm.tokenizer) for s in ws["saes"]])
     args = ["--engine", "vllm", "--model", ws["model"], "--served-model-name", "tiny", "--kv-cache-gb", "1",
             "--max-loras", "0", *[a for s in ws["saes"] for a in ("--sae", s)]]
     vllm_srv = ServeProcess(args, log_path=str(tmp_path / "v.log"), timeout=300)

@@ -139,7 +139,7 @@ def make_bundle(ws: dict, out: Path, seed: int = 0, rank: int = 4, scale: float 
     from saelora.trainer.lora import LoraSettings, add_lora
 
     lm = load_model(ws["model"], device="cpu")
-    sae = load_sae(lm.model, ws["saes"][0])
+    sae = load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer)
     peft = add_lora(lm.model, LoraSettings(rank=rank), [sae.hook])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

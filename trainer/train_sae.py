@@ -99,7 +99,7 @@ def fit_sae(activations: Iterator[torch.Tensor], d_in: int, cfg: SAETrainConfig,
 
     torch.manual_seed(cfg.seed)
     sae = training_sae(cfg.architecture, d_in, cfg, metadata)
-    total = total or cfg.tokens
+    total = cfg.tokens if total is None else total
     steps = total // cfg.batch_tokens
     tcfg = SAETrainerConfig(total_training_samples=total, train_batch_size_samples=cfg.batch_tokens, lr=cfg.lr,
                             lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
@@ -167,6 +167,8 @@ def drop_sinks(policy: PositionPolicy, acts: torch.Tensor, val: torch.Tensor, ra
 
 def epoch_batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless fp32 (batch, d) batches over `acts`, each epoch in a fresh seeded order."""
+    if len(acts) < batch:
+        raise ConfigError(f"{len(acts)} activations are fewer than one batch of {batch}: raise --tokens")
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(acts), generator=gen)
