@@ -119,7 +119,7 @@ def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metri
         s.sae.eval()
     res = evaluate(tr.model, tr.saes, val, batch_size=cfg.batch_size, adapter=tr.has_adapter, point=tr.point)
     training_mode(tr)
-    res.update(step=st.step, tokens=st.tokens, train_s=round(st.train_s, 2))
+    res.update(step=st.step, tokens_seen=st.tokens, train_s=round(st.train_s, 2))  # res["tokens"]: eval tokens
     st.evals.append(res)
     _append(metrics, {"step": st.step, "eval": res})
     log.info("eval step %d: ce base %.4f spliced %.4f adapted %s kl %s", st.step, res["ce_base"], res["ce_spliced"],
