@@ -54,6 +54,11 @@ class PositionPolicy:
             keep = keep | (x.float().norm(dim=-1) > self.keep_norm_above)
         return keep
 
+    def keep_in_rows(self, ids: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep_mask` for whole rows ids (B, T) that start at position 0 (corpus rows, no padding)."""
+        pos = torch.arange(ids.shape[-1], device=ids.device)[None].expand_as(ids)
+        return self.keep_mask(pos, ids, x)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep_token_ids"] = list(self.keep_token_ids)

@@ -188,7 +188,7 @@ def _fold_estimated_norm(loaded: LoadedSAE, model: torch.nn.Module, tokenizer: A
         rows = load_corpus(tokenizer, CorpusConfig(seq_len=128, prepend_bos=loaded.policy.prepend_bos)).val[:32]
     with torch.no_grad():
         x = run_to_hook(model, loaded.hook, rows.to(next(model.parameters()).device)).float()
-        keep = loaded.policy.keep_mask(torch.arange(rows.shape[1])[None].expand_as(rows), rows, x)
+        keep = loaded.policy.keep_in_rows(rows, x)
         if loaded.center:
             x = x - x.mean(-1, keepdim=True)
         mean_norm = float(x[~keep].norm(dim=-1).mean())

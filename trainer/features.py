@@ -86,8 +86,7 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
             ids = rows[i:i + cfg.batch_size]
             x = run_to_hook(model, sae.hook, ids)  # (b, T, d)
             z = sae.encode(x)  # (b, T, d_sae)
-            pos = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-            keep = sae.policy.keep_mask(pos, ids, x)
+            keep = sae.policy.keep_in_rows(ids, x)
             z[keep] = 0  # positions the SAE is not spliced at (attention sink, BOS/EOS) describe nothing
             acc.update(z, i, counted=int((~keep).sum()))
     rows_cpu = rows.cpu()

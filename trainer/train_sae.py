@@ -127,12 +127,11 @@ def collect_activations(model: torch.nn.Module, point: Any, rows: torch.Tensor, 
                         batch: int, desc: str = "activations") -> torch.Tensor:
     """Activations (N, d) fp16 at `point` over `rows` (R, T), at the positions `policy` splices only."""
     dev = next(model.parameters()).device
-    pos = torch.arange(rows.shape[1])[None]
     out = []
     for i in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", disable=None):
         ids = rows[i:i + batch]
         x = run_to_hook(model, point, ids.to(dev)).float().cpu()  # (b, T, d)
-        keep = policy.keep_mask(pos.expand_as(ids), ids, x)
+        keep = policy.keep_in_rows(ids, x)
         out.append(x[~keep].half())
     return torch.cat(out)
 
