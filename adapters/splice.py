@@ -13,8 +13,8 @@ Every row of the batch has its own modes, edits and prompt length (`RowSpec`). P
 `attention_mask` / the KV-cache length of each forward (pads get position -1 and are never
 touched), or are set explicitly by an engine through `Splice.positions`; token ids come from the
 forward's `input_ids` (or `Splice.token_ids`). Positions outside each SAE's position policy
-(adapters/policy.py: position 0 without BOS, BOS/EOS ids, massive activations) stay exactly x in every mode, take no edit
-and are left out of the stats; the SAE computes in fp32 whatever the model dtype.
+(adapters/policy.py: position 0 without BOS, BOS/EOS ids, massive activations) stay exactly x in
+every mode, take no edit and are left out of the stats; the SAE computes in fp32 whatever the model dtype.
 
     with splice(model, [sae], mode="replace", top_k=8) as sp:
         logits = model(input_ids).logits
