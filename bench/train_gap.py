@@ -4,7 +4,7 @@ Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md s
 - the embedded model and its shipped TopK SAE (or --sae), spliced under the SAE's position policy;
 - the corpus split by document hash into train, validation (learning-rate choice) and test (reported
   numbers, >= --eval-tokens tokens); the SAE was trained with a larger held-out band, so it saw neither;
-- arms, each at an equal training wall-clock budget: LoRA on all layers (`lora_all`), LoRA on the layers
+- arms, each at an equal budget of optimizer steps (equal tokens; cosine decay to 0): LoRA on all layers (`lora_all`), LoRA on the layers
   after the SAE (`lora_after`), and KL fine-tuning of the SAE itself (`sae_kl`, Karvonen 2025);
 - a learning-rate sweep per arm with seed 0 on the validation split, the chosen rate rerun with seed 1;
   reported: test CE of both seeds, their mean and spread;
@@ -39,29 +39,37 @@ RESULTS = Path(__file__).parent / "results"
 ARMS = ("lora_all", "lora_after", "sae_kl")
 
 
-def train_config(args: argparse.Namespace, arm: str, lr: float, seed: int, out: Path, sae: str) -> Any:
+def train_config(args: argparse.Namespace, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int) -> Any:
     from saelora.trainer.config import TrainConfig
 
-    layers = "after" if arm == "lora_after" else "all"
+    layers = "after" if arm in ("lora_after", "scratch_lora") else "all"
     return TrainConfig(model=args.model, saes=[sae], corpus=list(args.corpus), out=str(out), layers=layers,
-                       rank=args.rank, lr=lr, seed=seed, max_minutes=args.run_minutes, eval_every_s=args.eval_every_s,
-                       eval_interval=0, eval_rows=args.val_rows, batch_size=args.batch_size, seq_len=args.seq_len,
+                       rank=args.rank, lr=lr, seed=seed, max_steps=steps, schedule=args.schedule,
+                       warmup_steps=min(args.warmup_steps, steps // 4), eval_interval=max(1, steps // args.evals),
+                       eval_rows=args.val_rows, batch_size=args.batch_size, seq_len=args.seq_len,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction, checkpoint_interval=0)
 
 
-def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sae: str) -> dict[str, Any]:
-    """Train one arm; returns its record: config, validation curve, final validation CE, output paths."""
+def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sae: str,
+        steps: int | None = None) -> dict[str, Any]:
+    """Train one arm for `steps` (default --run-steps); returns its record: config, validation curve
+    (training seconds, CE), final validation CE, output paths."""
     from saelora.trainer.e2e import train_e2e
+    from saelora.trainer.evaluate import gap_closed
     from saelora.trainer.train import train_lora
 
+    steps = steps or args.run_steps
     out = work / f"{arm}-lr{lr:g}-s{seed}"
-    cfg = train_config(args, arm, lr, seed, out, sae)
-    log.info("%s lr %g seed %d for %.1f min", arm, lr, seed, args.run_minutes)
+    cfg = train_config(args, arm, lr, seed, out, sae, steps)
+    log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
     artifact, _ = (train_e2e if arm in ("sae_kl", "e2e_scratch") else train_lora)(cfg)
     key = "ce_spliced" if arm in ("sae_kl", "e2e_scratch") else "ce_adapted"
     evals = [json.loads(ln)["eval"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     curve = [(e["train_s"], e[key]) for e in evals]
+    ref = evals[0]["ce_spliced"]  # the SAE as given, before any training (sae_kl trains the SAE itself)
+    gaps = [(e["train_s"], gap_closed(e["ce_base"], ref, e[key])) for e in evals]
     return {"arm": arm, "lr": lr, "seed": seed, "dir": str(out), "artifact": str(artifact), "val_curve": curve,
+            "val_gap_curve": gaps,
             "val_ce": curve[-1][1], "val_kl": evals[-1].get("kl_adapted", evals[-1]["kl_spliced"]),
             "steps": sum(1 for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in ln)}
 
@@ -163,14 +171,13 @@ def from_scratch(args: argparse.Namespace, work: Path, test: TestSet) -> dict[st
     """The paper's comparison: e2e SAE from scratch (KL) vs TopK SAE from scratch (MSE) + LoRA, total wall time."""
     topk, topk_s = scratch_sae(args, work, steps=True)
     init, _ = scratch_sae(args, work, steps=False)
-    lora = run(args, "lora_after", args.scratch_lora_lr, 0, work / "scratch", topk)
-    e2e_args = argparse.Namespace(**{**vars(args), "run_minutes": args.e2e_minutes})
-    e2e = run(e2e_args, "e2e_scratch", args.scratch_e2e_lr, 0, work / "scratch", init)
+    lora = run(args, "scratch_lora", args.scratch_lora_lr, 0, work / "scratch", topk)
+    e2e = run(args, "e2e_scratch", args.scratch_e2e_lr, 0, work / "scratch", init, steps=args.e2e_steps)
     lora_curve = [(topk_s + t, c) for t, c in lora["val_curve"]]
     e2e_final_t, e2e_final = e2e["val_curve"][-1]
     e2e_t = time_to_reach(e2e["val_curve"], e2e_final)
     reach = time_to_reach(lora_curve, e2e_final)
-    return {"topk_sae": topk, "topk_sae_seconds": round(topk_s, 1), "e2e_budget_minutes": args.e2e_minutes,
+    return {"topk_sae": topk, "topk_sae_seconds": round(topk_s, 1), "e2e_steps": args.e2e_steps,
             "lora": lora, "e2e": e2e, "topk_lora_val_curve": lora_curve,
             "e2e_final_val_ce": e2e_final, "e2e_seconds_to_final": e2e_t,
             "topk_lora_seconds_to_e2e_final": reach,
@@ -220,12 +227,14 @@ def parse_args() -> argparse.Namespace:
     a("--model", default=DEFAULT_MODEL, help="model spec")
     a("--sae", default=None, help="SAE folder (default: the shipped SAE of the embedded model)")
     a("--corpus", action="append", default=None, help="corpus sources (default: wiki)")
-    a("--run-minutes", type=float, default=2.5, help="training wall-clock budget per run")
-    a("--eval-every-s", type=float, default=60.0, help="seconds of training between validation evals")
-    a("--val-rows", type=int, default=8, help="validation rows per eval (for the learning-rate choice and curves)")
+    a("--run-steps", type=int, default=200, help="optimizer steps per run (equal tokens for every arm)")
+    a("--schedule", default="cosine", help="learning-rate schedule of every run (decays to 0 at its last step)")
+    a("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    a("--evals", type=int, default=2, help="validation evals per run after the one at step 0")
+    a("--val-rows", type=int, default=24, help="validation rows per eval (for the learning-rate choice and curves)")
     a("--eval-tokens", type=int, default=64_000, help="test tokens for the reported numbers")
-    a("--lora-lrs", type=float, nargs="+", default=[5e-4, 2e-3], help="LoRA learning-rate grid")
-    a("--sae-lrs", type=float, nargs="+", default=[1e-4, 5e-4], help="SAE KL fine-tune learning-rate grid")
+    a("--lora-lrs", type=float, nargs="+", default=[1e-3, 2e-3], help="LoRA learning-rate grid")
+    a("--sae-lrs", type=float, nargs="+", default=[3e-5, 1e-4], help="SAE KL fine-tune learning-rate grid")
     a("--rank", type=int, default=64, help="LoRA rank (the paper's 64)")
     a("--batch-size", type=int, default=2, help="rows per step")
     a("--seq-len", type=int, default=128, help="tokens per row (the SAE's training context)")
@@ -237,14 +246,14 @@ def parse_args() -> argparse.Namespace:
     a("--sae-seq-len", type=int, default=128, help="context of SAE training forwards")
     a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
     a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
-    a("--e2e-minutes", type=float, default=8.0, help="training budget of the e2e-from-scratch SAE")
+    a("--e2e-steps", type=int, default=300, help="training steps of the e2e-from-scratch SAE")
     a("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args()
     args.corpus = args.corpus or ["wiki"]
     if args.quick:
-        args.run_minutes, args.eval_every_s, args.val_rows, args.eval_tokens = 0.05, 1.0, 2, 256
+        args.run_steps, args.evals, args.val_rows, args.eval_tokens = 3, 1, 2, 256
         args.lora_lrs, args.sae_lrs, args.seq_len, args.sae_seq_len = [1e-3, 3e-3], [1e-3], 32, 32
-        args.scratch_sae_tokens, args.scratch_val_tokens, args.e2e_minutes = 4_000, 500, 0.1
+        args.scratch_sae_tokens, args.scratch_val_tokens, args.e2e_steps = 4_000, 500, 4
         args.val_fraction, args.test_fraction, args.rank = 0.1, 0.2, 4
     if args.sae is None:
         from saelora.adapters.saes import shipped_sae
