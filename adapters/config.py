@@ -18,6 +18,11 @@ def cache_dir() -> Path:
     return root
 
 
+def demo_dir(model: str = DEFAULT_MODEL) -> Path:
+    """Where `saelora demo --model M` keeps its SAE and adapter: $SAELORA_CACHE/demo/<model>."""
+    return cache_dir() / "demo" / model
+
+
 def default_device() -> str:
     """`$SAELORA_DEVICE` if set, else `cuda` when available, else `cpu`."""
     env = os.environ.get("SAELORA_DEVICE")

@@ -221,14 +221,12 @@ def main() -> int:
                    "runs the torch engine side by side")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from saelora.adapters.config import cache_dir
 
     if args.quick:
         args.tokens, args.reps, args.cycles = 8, 1, 3
-    sae = args.sae or next((str(p) for p in [cache_dir() / "demo" / "sae", *sorted((cache_dir() / "bench").glob(
-        "sae-L*"))] if (p / "cfg.json").is_file()), None)
-    if sae is None:
-        raise SystemExit("no SAE: run `make demo` or pass --sae")
+    from saelora.adapters.saes import shipped_sae
+
+    sae = args.sae or str(shipped_sae("smollm2-135m"))
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
     main_server = server(sae, root, 8765, engine=args.engine)

@@ -4,8 +4,9 @@ Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md s
 - the embedded model and its shipped TopK SAE (or --sae), spliced under the SAE's position policy;
 - the corpus split by document hash into train, validation (learning-rate choice) and test (reported
   numbers, >= --eval-tokens tokens); the SAE was trained with a larger held-out band, so it saw neither;
-- arms, each at an equal budget of optimizer steps (equal tokens; cosine decay to 0): LoRA on all layers (`lora_all`), LoRA on the layers
-  after the SAE (`lora_after`), and KL fine-tuning of the SAE itself (`sae_kl`, Karvonen 2025);
+- arms, each at an equal budget of optimizer steps (equal tokens; cosine decay to 0): LoRA on all layers
+  (`lora_all`), LoRA on the layers after the SAE (`lora_after`), and KL fine-tuning of the SAE itself
+  (`sae_kl`, Karvonen 2025);
 - a learning-rate sweep per arm with seed 0 on the validation split, the chosen rate rerun with seed 1;
   reported: test CE of both seeds, their mean and spread;
 - the paper's own comparison (`from_scratch`): an SAE trained from scratch end to end with KL against a

@@ -1,8 +1,9 @@
-"""`saelora demo`: the main job on the embedded default, end to end.
+"""`saelora demo [--model M]`: the main job on an embedded model (default SmolLM2-135M), end to end.
 
 1. prepares the embedded model and corpus (dequantised once into the cache);
-2. copies the shipped TopK SAE (layer 12, its held-out quality in its cfg.json) into $SAELORA_CACHE/demo and
-   trains, or reuses from there, a LoRA adapter around it, spliced under the SAE's position policy;
+2. copies the SAE shipped for the model (its held-out quality in its cfg.json) into $SAELORA_CACHE/demo/<model>,
+   or trains one there with `train-sae`'s defaults, and trains, or reuses from there, a LoRA adapter around it,
+   spliced under the SAE's position policy;
 3. writes the SAE's feature descriptions;
 4. starts `saelora serve` on 127.0.0.1 and runs a scripted client session: the top latents of a prompt,
    a steered and an unsteered completion side by side, a hot-loaded adapter and the CE gap it closes;
@@ -26,34 +27,48 @@ log = logging.getLogger("saelora.demo")
 PROMPT = "The capital of France is"
 
 
-def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def _demo_sae(sae: Path, args: argparse.Namespace) -> None:
+    """The demo's SAE: the one shipped for the model, else trained here with `train-sae`'s defaults (once)."""
     import shutil
 
-    from saelora.adapters.saes import shipped_sae
+    from saelora.adapters.saes import SHIPPED_SAES, shipped_sae
+    from saelora.trainer.train_sae import SAETrainConfig, train_sae
+
+    if args.model in SHIPPED_SAES:
+        shutil.copytree(shipped_sae(args.model), sae, dirs_exist_ok=True)
+        return
+    log.info("no SAE is shipped for %s: training one with train-sae's defaults (once)", args.model)
+    train_sae(SAETrainConfig(model=args.model, out=str(sae)))
+
+
+def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from saelora.trainer.config import TrainConfig
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.train import train_lora
 
     sae, adapter = work / "sae", work / "adapter"
     if not (sae / "cfg.json").is_file():
-        shutil.copytree(shipped_sae("smollm2-135m"), sae, dirs_exist_ok=True)
+        _demo_sae(sae, args)
     if not (sae / "features" / "features.json").is_file():
-        run_features(FeaturesConfig(saes=[str(sae)], rows=args.feature_rows, top_n=8))
+        run_features(FeaturesConfig(model=args.model, saes=[str(sae)], rows=args.feature_rows, top_n=8))
     if not (adapter / "saelora.json").is_file():
-        log.info("training the demo adapter (once; %.1f min)", args.lora_minutes)
-        train_lora(TrainConfig(saes=[str(sae)], out=str(work / "lora-run"), layers="after", rank=args.rank,
-                               alpha=32, lr=args.lora_lr, max_minutes=args.lora_minutes, batch_size=2, seq_len=128,
-                               eval_interval=0, eval_rows=args.eval_rows, checkpoint_interval=0))
+        log.info("training the demo adapter (once; %d steps)", args.lora_steps)
+        train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"), layers="after",
+                               rank=args.rank, alpha=32, lr=args.lora_lr, max_steps=args.lora_steps,
+                               schedule="cosine", warmup_steps=10, batch_size=2, seq_len=128, eval_interval=0,
+                               eval_rows=args.eval_rows, val_fraction=0.03, test_fraction=0.07,
+                               checkpoint_interval=0))
         (work / "lora-run" / "adapter").replace(adapter)
     return sae, adapter
 
 
-def _server(sae: Path, work: Path, engine: str) -> "ServeProcess":
+def _server(sae: Path, work: Path, args: argparse.Namespace) -> "ServeProcess":
     from saelora.launch import ServeProcess
 
     # --engine vllm: keep vLLM's start-up log out of the report unless the caller set a level
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    return ServeProcess(["--sae", str(sae), "--adapter-root", str(work), "--engine", engine], env=env)
+    return ServeProcess(["--model", args.model, "--sae", str(sae), "--adapter-root", str(work), "--engine",
+                         args.engine], env=env)
 
 
 def _session(url: str, adapter: Path) -> None:
@@ -100,23 +115,29 @@ def _session(url: str, adapter: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saelora.adapters.config import cache_dir
+    from saelora.adapters.config import demo_dir
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     t0 = time.time()
-    work = cache_dir() / "demo"
+    work = demo_dir(args.model)
     work.mkdir(parents=True, exist_ok=True)
     sae, adapter = _prepare(work, args)
-    with _server(sae, work, args.engine) as srv:
+    with _server(sae, work, args) as srv:
         _session(srv.url, adapter)
     print(f"\n== demo finished in {time.time() - t0:.0f} s (artifacts in {work})")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from saelora.adapters.config import DEFAULT_MODEL
+    from saelora.adapters.models import EMBEDDED_MODELS
+
     p = sub.add_parser("demo", help="the main job on the embedded default: SAE, adapter, server, client session",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lora-minutes", type=float, default=6.0, help="adapter training minutes, first run (default 6)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS),
+                   help=f"embedded model (default {DEFAULT_MODEL}); artifacts go to $SAELORA_CACHE/demo/<model>")
+    p.add_argument("--lora-steps", type=int, default=200, help="adapter training steps of 2 x 128 tokens, first "
+                   "run (default 200, cosine decay)")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="adapter learning rate (default 2e-3)")
     p.add_argument("--rank", type=int, default=64, help="adapter LoRA rank (default 64, the paper's)")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows of 128 tokens for the adapter's final "

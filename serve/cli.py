@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def demo_dir() -> Path:
-    """Where `make demo` keeps the default SAE and adapter ($SAELORA_CACHE/demo)."""
-    from saelora.adapters.config import cache_dir
-
-    return cache_dir() / "demo"
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from saelora.adapters.config import demo_dir
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae
 
     from .app import create_app
 
     saes_specs, adapters = list(args.sae or []), list(args.adapter or [])
-    if not saes_specs and (demo_dir() / "sae" / "cfg.json").is_file():
-        saes_specs = [str(demo_dir() / "sae")]
+    demo = demo_dir(args.model)
+    if not saes_specs and (demo / "sae" / "cfg.json").is_file():
+        saes_specs = [str(demo / "sae")]
         log.info("no --sae given: using the demo SAE %s", saes_specs[0])
-        if not adapters and (demo_dir() / "adapter" / "saelora.json").is_file():
-            adapters = [f"demo={demo_dir() / 'adapter'}"]
+        if not adapters and (demo / "adapter" / "saelora.json").is_file():
+            adapters = [f"demo={demo / 'adapter'}"]
     lm = load_model(args.model, device=args.device)
     saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]
     engine = _make_engine(args, lm, saes)

@@ -20,7 +20,7 @@ import torch
 
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.bundle import attach_bundle, detach_adapter
-from saelora.adapters.models import LoadedModel
+from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.splice import RowSpec, Splice
 
@@ -66,8 +66,8 @@ class TorchEngine(ThreadedEngine):
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self._max_len = min(max_model_len or cfg_len, cfg_len)
         self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
-        self.eos = {eos} if eos is not None else set()
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
 

@@ -90,7 +90,7 @@ def tiny_text_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
     return docs
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mistral")
 
 
 def tiny_config(family: str, vocab: int, d_model: int, n_heads: int, n_layers: int, tok) -> object:  # noqa: ANN001
@@ -98,10 +98,12 @@ def tiny_config(family: str, vocab: int, d_model: int, n_heads: int, n_layers: i
     import transformers
 
     cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "gemma": "GemmaConfig",
-           "gemma2": "Gemma2Config", "mistral": "MistralConfig"}[family]
-    extra = {"head_dim": d_model // n_heads} if family in ("qwen3", "gemma", "gemma2", "mistral") else {}
-    if family == "gemma2":
+           "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "mistral": "MistralConfig"}[family]
+    extra = {"head_dim": d_model // n_heads} if family in ("qwen3", "gemma", "gemma2", "gemma3", "mistral") else {}
+    if family in ("gemma2", "gemma3"):
         extra.update(sliding_window=64, query_pre_attn_scalar=d_model // n_heads)
+    if family == "gemma3":  # Gemma 3's pattern: sliding-window layers with a full-attention one among them
+        extra.update(layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"])
     return getattr(transformers, cls)(
         vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=256,

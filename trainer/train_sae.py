@@ -42,9 +42,10 @@ ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
 @dataclass
 class SAETrainConfig:
     model: str = "smollm2-135m"  # base model spec
-    hook: str = "blocks.12.hook_resid_post"  # where the SAE reads (TransformerLens name or HF module path)
+    hook: str | None = None  # where the SAE reads (TransformerLens name or HF module path); default: the
+    #                          residual stream after the layer at 40% of the depth (SmolLM2: 12, Gemma 3 270M: 7)
     architecture: str = "topk"  # topk | relu | jumprelu | batchtopk
-    d_sae: int = 4608  # number of latents (8x SmolLM2's 576)
+    d_sae: int | None = None  # number of latents (default: 8 x d_model; SmolLM2: 4608, Gemma 3 270M: 5120)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coefficient: float = 5.0  # L1 (relu) or L0 (jumprelu) coefficient
     lr: float = 5e-4  # Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%
@@ -65,6 +66,14 @@ class SAETrainConfig:
     out: str = "runs/sae"  # the sae-lens folder written
     seed: int = 0  # seeds the SAE init and the activation order
     device: str | None = None  # default: cuda if available, else cpu
+
+
+def resolved(cfg: SAETrainConfig, model: torch.nn.Module) -> SAETrainConfig:
+    """`cfg` with its model-dependent defaults (hook, d_sae) filled in for `model`."""
+    from saelora.adapters.hooks import decoder_layers, hidden_size
+
+    hook = cfg.hook or f"blocks.{round(0.4 * len(decoder_layers(model)))}.hook_resid_post"
+    return replace(cfg, hook=hook, d_sae=cfg.d_sae or 8 * hidden_size(model))
 
 
 def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> Any:
@@ -210,6 +219,7 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
         raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device)
+    cfg = resolved(cfg, lm.model)
     point = resolve_hook(lm.model, cfg.hook)
     policy = apply_override(default_policy(lm.tokenizer), cfg.policy)
     corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed,

@@ -5,7 +5,7 @@ model classes (lazily, by "module:Class", so importing saelora never imports vLL
 """
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "GemmaForCausalLM", "Gemma2ForCausalLM")
+                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 def spliced_architecture(arch: str) -> str:

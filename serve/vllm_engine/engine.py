@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from saelora.adapters.errors import ConfigError
-from saelora.adapters.models import LoadedModel
+from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.splice import Splice, changes_stream
 
@@ -112,8 +112,7 @@ class VllmEngine(ThreadedEngine):
         self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         self._max_len = min(self.opts.max_model_len or cfg_len, cfg_len - 1)  # room for the extra token
-        eos = lm.tokenizer.eos_token_id
-        self.eos = {eos} if eos is not None else set()
+        self.eos = stop_token_ids(lm)
         self.rows: dict[str, _Row] = {}
         self.lora_ids: dict[str, int] = {}
         self.startup_adapters: list[tuple[str, Any]] = []

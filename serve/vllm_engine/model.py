@@ -1,6 +1,6 @@
 """vLLM model classes with SAEs spliced into the residual stream.
 
-`Saelora<Arch>` subclasses vLLM's own `<Arch>` (llama, mistral, qwen2, qwen3, gemma, gemma2) and wraps the
+`Saelora<Arch>` subclasses vLLM's own `<Arch>` (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3) and wraps the
 forward of the decoder layer at each SAE's hook. vLLM decoder layers return `(hidden, residual)` with the
 residual add fused into the next layer's norm, so the true residual stream is `hidden + residual`:
 
@@ -29,6 +29,7 @@ import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.models.gemma import GemmaForCausalLM
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -196,4 +197,8 @@ class SaeloraGemmaForCausalLM(_SpliceMixin, GemmaForCausalLM):
 
 
 class SaeloraGemma2ForCausalLM(_SpliceMixin, Gemma2ForCausalLM):
+    pass
+
+
+class SaeloraGemma3ForCausalLM(_SpliceMixin, Gemma3ForCausalLM):
     pass
