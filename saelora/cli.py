@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from saelora import __version__
+from saelora.adapters import config
 
 # Modules that add subcommands; one missing (e.g. a client-only install without torch) is skipped.
 SUBCOMMAND_MODULES = ("saelora.trainer.cli", "saelora.serve.cli", "saelora.clients.cli", "saelora.demo")
@@ -31,8 +32,6 @@ def _versions() -> dict[str, str | None]:
 
 def info() -> dict[str, object]:
     """Resolved defaults and the versions of the libraries saelora runs on."""
-    from saelora.adapters import config
-
     result: dict[str, object] = {"model": config.DEFAULT_MODEL, "corpus": config.DEFAULT_CORPUS,
                                  "cache_dir": str(config.cache_dir()), "versions": _versions()}
     try:
@@ -67,9 +66,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     """Dequantise the embedded model into the cache and pack the embedded corpus (idempotent)."""
     from saelora.adapters.corpus import CorpusConfig, load_corpus
     from saelora.adapters.models import load_model
+    from saelora.adapters.policy import adds_bos
 
     lm = load_model(args.model)
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(seq_len=args.seq_len))
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(seq_len=args.seq_len, prepend_bos=adds_bos(lm.tokenizer)))
     logging.getLogger("saelora").info("model %s at %s (fingerprint %s); corpus: %d train / %d val rows",
                                       lm.spec, lm.path, lm.fingerprint["id"], len(corpus.train), len(corpus.val))
     return 0
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("prepare", help="dequantise the embedded model into the cache and pack the embedded corpus")
-    p.add_argument("--model", default="smollm2-135m", help="model spec (default: the embedded smollm2-135m)")
+    p.add_argument("--model", default=config.DEFAULT_MODEL, help=f"model spec (default: the embedded "
+                   f"{config.DEFAULT_MODEL}; also gemma3-270m)")
     p.add_argument("--seq-len", type=int, default=256, help="packed sequence length (default 256)")
     p.set_defaults(func=_cmd_prepare)
     for name in SUBCOMMAND_MODULES:

@@ -45,12 +45,12 @@ class SAETrainConfig:
     hook: str | None = None  # where the SAE reads (TransformerLens name or HF module path); default: the
     #                          residual stream after the layer at 40% of the depth (SmolLM2: 12, Gemma 3 270M: 7)
     architecture: str = "topk"  # topk | relu | jumprelu | batchtopk
-    d_sae: int | None = None  # number of latents (default: 8 x d_model; SmolLM2: 4608, Gemma 3 270M: 5120)
+    d_sae: int | None = None  # number of latents (default: 4 x d_model; SmolLM2: 2304, Gemma 3 270M: 2560)
     k: int = 32  # active latents per token (topk, batchtopk)
     sparsity_coefficient: float = 5.0  # L1 (relu) or L0 (jumprelu) coefficient
     lr: float = 5e-4  # Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%
-    tokens: int = 1_000_000  # distinct training activations collected (capped by the corpus)
-    epochs: int = 3  # passes over the collected activations, reshuffled each time (0: initialise only, from
+    tokens: int = 600_000  # distinct training activations collected (capped by the corpus)
+    epochs: int = 2  # passes over the collected activations, reshuffled each time (0: initialise only, from
     #                  the activation statistics, with no training step: the start of an e2e-from-scratch SAE)
     batch_tokens: int = 1024  # activations per SAE step
     seq_len: int = 128  # context size of the model forwards
@@ -73,7 +73,7 @@ def resolved(cfg: SAETrainConfig, model: torch.nn.Module) -> SAETrainConfig:
     from saelora.adapters.hooks import decoder_layers, hidden_size
 
     hook = cfg.hook or f"blocks.{round(0.4 * len(decoder_layers(model)))}.hook_resid_post"
-    return replace(cfg, hook=hook, d_sae=cfg.d_sae or 8 * hidden_size(model))
+    return replace(cfg, hook=hook, d_sae=cfg.d_sae or 4 * hidden_size(model))
 
 
 def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> Any:
