@@ -21,9 +21,11 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_demo(cache: Path) -> tuple[float, str]:
+def run_demo(cache: Path, model: str | None = None) -> tuple[float, str]:
+    """Run `saelora demo [--model M]` with $SAELORA_CACHE=cache; returns (seconds, its report)."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "saelora", "demo"], capture_output=True, text=True,
+    extra = ["--model", model] if model else []
+    r = subprocess.run([sys.executable, "-m", "saelora", "demo", *extra], capture_output=True, text=True,
                        env=dict(os.environ, SAELORA_CACHE=str(cache)))
     if r.returncode != 0:
         raise SystemExit(f"demo failed:\n{r.stderr[-3000:]}")
