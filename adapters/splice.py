@@ -9,7 +9,8 @@ z' = z after this row's latent edits:
     off         x <- x                                   (latents can still be captured)
 
 so `error_term` without edits is exactly the base model (the serving default for steering).
-Every row of the batch has its own modes, edits and prompt length (`RowSpec`). Positions come from
+Every row of the batch has its own modes, edits and prompt length (`RowSpec`); the vocabulary of modes and
+edits, and their checks, live in adapters/edits.py. Positions come from
 `attention_mask` / the KV-cache length of each forward (pads get position -1 and are never
 touched), or are set explicitly by an engine through `Splice.positions`; token ids come from the
 forward's `input_ids` (or `Splice.token_ids`). Positions outside each SAE's position policy
@@ -24,40 +25,17 @@ every mode, take no edit and are left out of the stats; the SAE computes in fp32
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import SaeloraError
+from .edits import (TRAIN_MODE, LatentEdit, SpliceError, apply_op, changes_stream, check_edit, check_mode,
+                    position_mask)
 from .hooks import backbone, decoder_layers
 from .saes import LoadedSAE
 
-Mode = Literal["replace", "error_term", "off"]
-MODES: tuple[str, ...] = ("replace", "error_term", "off")
-OPS: tuple[str, ...] = ("set", "add", "scale", "clamp_max", "clamp_min", "ablate")
-POSITION_WORDS: tuple[str, ...] = ("all", "prompt", "generated")
-
-
-class SpliceError(SaeloraError, ValueError):
-    """Invalid splice configuration or edit (unknown SAE, feature out of range, bad op/value/positions)."""
-
-
-@dataclass(frozen=True)
-class LatentEdit:
-    """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`.
-
-    positions: "all", "prompt" (position < prompt_len), "generated" (position >= prompt_len),
-    or a tuple of absolute token positions (0 = first token of the row).
-    """
-
-    sae: str
-    feature: int
-    op: str
-    value: float = 0.0
-    positions: str | tuple[int, ...] = "all"
-
+__all__ = ["Capture", "LatentEdit", "RowSpec", "Splice", "SpliceError", "changes_stream", "splice"]
 
 @dataclass
 class RowSpec:
@@ -77,37 +55,10 @@ class Capture:
     positions: torch.Tensor
 
 
-def _apply_op(op: str, col: torch.Tensor, value: float) -> torch.Tensor:
-    if op == "set":
-        return torch.full_like(col, value)
-    if op == "add":
-        return col + value
-    if op == "scale":
-        return col * value
-    if op == "clamp_max":
-        return col.clamp(max=value)
-    if op == "clamp_min":
-        return col.clamp(min=value)
-    return torch.zeros_like(col)  # ablate
-
-
-def position_mask(positions: str | tuple[int, ...], pos: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
-    """Boolean mask over `pos` (any shape; -1 = padding) of the tokens an edit's `positions` selects."""
-    real = pos >= 0
-    if positions == "all":
-        return real
-    if positions == "prompt":
-        return real if prompt_len is None else real & (pos < prompt_len)
-    if positions == "generated":
-        return torch.zeros_like(real) if prompt_len is None else pos >= prompt_len
-    wanted = torch.as_tensor(list(positions), dtype=pos.dtype, device=pos.device)
-    return real & torch.isin(pos, wanted)
-
-
 class Splice:
     """SAEs spliced into a model's residual stream; see the module docstring. Use as a context manager."""
 
-    def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace",
+    def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = TRAIN_MODE,
                  top_k: int = 0, dense: bool = False, stats: bool = False) -> None:
         names = [s.name for s in saes]
         hooks = [s.hook.name for s in saes]
@@ -115,7 +66,7 @@ class Splice:
             raise SpliceError(f"SAE names must be unique, got {names}")
         if len(set(hooks)) != len(hooks):
             raise SpliceError(f"One SAE per hook point, got {hooks}")
-        _check_mode(mode)
+        check_mode(mode)
         if top_k < 0:
             raise SpliceError(f"top_k must be >= 0, got {top_k}")
         self.model, self.saes = model, {s.name: s for s in saes}
@@ -143,7 +94,7 @@ class Splice:
         """Raise `SpliceError` for anything in `row` that cannot be applied."""
         for name, mode in row.modes.items():
             self._sae(name)
-            _check_mode(mode)
+            check_mode(mode)
         for e in row.edits:
             check_edit(e, self._sae(e.sae).d_sae)
 
@@ -288,7 +239,7 @@ class Splice:
                 if not bool(m.any()):
                     continue
                 col = z[r, :, e.feature]
-                z[r, :, e.feature] = torch.where(m, _apply_op(e.op, col, e.value), col)
+                z[r, :, e.feature] = torch.where(m, apply_op(e.op, col, e.value), col)
                 edited[r] |= m
         return z, edited
 
@@ -331,34 +282,8 @@ class Splice:
         return out
 
 
-def changes_stream(mode: str, edits: Sequence[LatentEdit], sae: str) -> bool:
-    """Whether a row with this mode and these edits has its residual stream changed at SAE `sae`: `replace`,
-    or `error_term` with an edit of that SAE. Otherwise the stream is exactly the base model's."""
-    return mode == "replace" or (mode == "error_term" and any(e.sae == sae for e in edits))
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise SpliceError(f"Unknown splice mode {mode!r}; expected one of {MODES}")
-
-
-def check_edit(e: LatentEdit, d_sae: int) -> None:
-    """Raise `SpliceError` unless `e` can be applied to an SAE with `d_sae` latents."""
-    if e.op not in OPS:
-        raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
-    if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
-        raise SpliceError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
-    if not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
-        raise SpliceError(f"Edit value must be a finite number, got {e.value!r}")
-    if isinstance(e.positions, str):
-        if e.positions not in POSITION_WORDS:
-            raise SpliceError(f"positions must be one of {POSITION_WORDS} or a list of ints, got {e.positions!r}")
-    elif not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in e.positions):
-        raise SpliceError(f"positions must be non-negative ints, got {list(e.positions)!r}")
-
-
 @contextlib.contextmanager
-def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = "replace", *, top_k: int = 0,
+def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = TRAIN_MODE, *, top_k: int = 0,
            dense: bool = False, stats: bool = False,
            rows: Sequence[RowSpec] | None = None) -> Iterator[Splice]:
     """Context manager: SAEs spliced into `model`; hooks are removed on exit, also after an exception."""

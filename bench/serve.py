@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from saelora.adapters.config import DEFAULT_MODEL
+
 log = logging.getLogger("bench.serve")
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ["The history of the Roman Empire", "In mathematics, a prime number", "The river flows through the city of",
@@ -45,7 +47,7 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
     from saelora.adapters.saes import load_sae
     from saelora.trainer.lora import LoraSettings, add_lora
 
-    lm = load_model("smollm2-135m", device="cpu")
+    lm = load_model(DEFAULT_MODEL, device="cpu")
     s = load_sae(lm.model, sae)
     peft = add_lora(lm.model, LoraSettings(rank=rank), [s.hook])
     names = []
@@ -55,7 +57,7 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
             for name, p in peft.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-        save_bundle(root / f"r{i}", peft, BundleManifest(base_model={"spec": "smollm2-135m",
+        save_bundle(root / f"r{i}", peft, BundleManifest(base_model={"spec": DEFAULT_MODEL,
                                                                      "fingerprint": lm.fingerprint},
                                                          saes=[s.describe()]))
         names.append(f"r{i}")
@@ -81,7 +83,7 @@ async def _run(url: str, bodies: list[dict]) -> tuple[float, int, int]:
     return dt, sum(r.json()["usage"]["completion_tokens"] for r in ok), len(rs) - len(ok)
 
 
-def _bodies(n: int, max_tokens: int, model: str = "smollm2-135m", sae: dict | None = None,
+def _bodies(n: int, max_tokens: int, model: str = DEFAULT_MODEL, sae: dict | None = None,
             models: list[str] | None = None) -> list[dict]:
     return [{"model": (models[i % len(models)] if models else model), "prompt": PROMPTS[i % len(PROMPTS)],
              "max_tokens": max_tokens, "temperature": 0, **({"sae": sae} if sae else {})} for i in range(n)]
@@ -162,7 +164,7 @@ def vs_transformers(url: str, tokens: int) -> dict:
     from saelora.adapters.models import load_model
 
     dt, n, _ = asyncio.run(_run(url, _bodies(4, tokens, sae={"mode": "off"})))
-    lm = load_model("smollm2-135m", device="cpu")
+    lm = load_model(DEFAULT_MODEL, device="cpu")
     tok = lm.tokenizer
     tok.padding_side = "left"
     enc = tok(PROMPTS[:4], return_tensors="pt", padding=True)
@@ -198,7 +200,7 @@ def lora_cost(urls: dict[str, str], name: str, tokens: int, reps: int) -> dict:
     got: dict[str, dict[str, list[float]]] = {e: {"base": [], "lora": []} for e in urls}
     for _ in range(reps):
         for engine, url in urls.items():
-            for kind, model in (("base", "smollm2-135m"), ("lora", "cost")):
+            for kind, model in (("base", DEFAULT_MODEL), ("lora", "cost")):
                 dt, toks, _ = asyncio.run(_run(url, _bodies(4, tokens, model=model, sae={"mode": "off"})))
                 got[engine][kind].append(toks / dt)
     for url in urls.values():
@@ -226,7 +228,7 @@ def main() -> int:
         args.tokens, args.reps, args.cycles = 8, 1, 3
     from saelora.adapters.saes import shipped_sae
 
-    sae = args.sae or str(shipped_sae("smollm2-135m"))
+    sae = args.sae or str(shipped_sae(DEFAULT_MODEL))
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
     main_server = server(sae, root, 8765, engine=args.engine)

@@ -1,7 +1,7 @@
 """Request and response models of the saelora HTTP API: OpenAI shapes plus the `sae` extension.
 
-Defined once, used by the server (validation, OpenAPI docs) and by the client. Imports pydantic only:
-no torch, so `pip install saelora[client]` stays light.
+Defined once, used by the server (validation, OpenAPI docs) and by the client. Imports pydantic and the
+steering vocabulary (saelora.adapters.edits) only: no torch, so `pip install saelora[client]` stays light.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord
+
 MAX_TOP_K = 64  # latents per token per SAE
 MAX_EDITS = 64
 MAX_N = 8
 MAX_LOGPROBS = 20
 
-SpliceMode = Literal["error_term", "replace", "off"]
-EditOp = Literal["set", "add", "scale", "clamp_max", "clamp_min", "ablate"]
+SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
+EditOp = Op
 
 
 class _Strict(BaseModel):
@@ -38,8 +40,8 @@ class SAEEdit(_Strict):
     sae: str | None = Field(None, description="SAE id (GET /v1/saes); may be omitted when one SAE is loaded")
     feature: int = Field(..., ge=0, description="latent index, 0 <= feature < d_sae")
     op: EditOp
-    value: float = 0.0
-    positions: Literal["all", "prompt", "generated"] | list[Annotated[int, Field(ge=0)]] = "all"
+    value: float = Field(0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
+    positions: PositionWord | list[Annotated[int, Field(ge=0)]] = "all"
 
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
 
@@ -53,7 +55,7 @@ class SAEFeatureOptions(_Strict):
 class SAEOptions(_Strict):
     """The `sae` request extension (send it through the openai SDK's `extra_body`)."""
 
-    mode: SpliceMode = "error_term"
+    mode: SpliceMode = SERVE_MODE
     features: SAEFeatureOptions | None = None
     edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS)
 

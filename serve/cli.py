@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from saelora.adapters.config import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,8 @@ def _make_engine(args: argparse.Namespace, lm, saes):  # noqa: ANN001, ANN202
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server with SAE latents, steering and adapter hot-swap",
                        description="Serve a base model with its SAE(s) and LoRA adapters over HTTP.")
-    p.add_argument("--model", default="smollm2-135m", help="base model spec (default: the embedded smollm2-135m)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model spec (default: the embedded {DEFAULT_MODEL}; "
+                   "also gemma3-270m)")
     p.add_argument("--sae", action="append", help="sae-lens folder to splice (repeatable; default: the demo SAE "
                    "from `make demo` when present)")
     p.add_argument("--policy", help="position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default: "

@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from saelora.adapters.splice import LatentEdit
+from saelora.adapters.edits import SERVE_MODE, LatentEdit
 
 
 class EngineError(Exception):
@@ -36,7 +36,7 @@ class Sampling:
 
 @dataclass
 class SpliceRequest:
-    mode: str = "error_term"  # replace | error_term | off, for every SAE
+    mode: str = SERVE_MODE  # replace | error_term | off, for every SAE
     top_k: int = 0  # latents per token and SAE to return (0: none)
     include_prompt: bool = False
     saes: list[str] | None = None  # SAEs to report (None: all)

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from saelora.adapters.splice import LatentEdit
+from saelora.adapters.edits import LatentEdit
 from saelora.clients import protocol as P
 
 from .engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,

@@ -22,6 +22,7 @@ from saelora.adapters.activations import run_to_hook
 from saelora.adapters.bundle import attach_bundle, detach_adapter
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import RowSpec, Splice
 
 from . import kv
@@ -60,7 +61,7 @@ class TorchEngine(ThreadedEngine):
         super().__init__(max_queue)
         self.model, self.tokenizer, self.model_id = lm.model, lm.tokenizer, lm.spec
         self.lm, self.sae_list = lm, saes
-        self.splice = Splice(lm.model, saes, mode="error_term").install()
+        self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
         self.checker = self.splice
         self.max_batch, self.adapter_root = max_batch, adapter_root
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048

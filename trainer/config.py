@@ -7,13 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
 
 
 @dataclass
 class TrainConfig:
     # what to adapt
-    model: str = "smollm2-135m"  # base model spec (embedded name, HF folder, .gguf, hub id when online)
+    model: str = DEFAULT_MODEL  # base model spec (embedded name, HF folder, .gguf, hub id when online)
     saes: list[str] = field(default_factory=list)  # sae-lens folders (or release:id online); one per hook
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources (see adapters/corpus.py)
     val_fraction: float = 0.05  # documents held out for evals during training (hash band above the test band)

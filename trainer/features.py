@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ FEATURES_FILE = "features.json"
 
 @dataclass
 class FeaturesConfig:
-    model: str = "smollm2-135m"  # base model spec
+    model: str = DEFAULT_MODEL  # base model spec
     saes: list[str] = field(default_factory=list)  # sae-lens folders
     adapter: str | None = None  # adapter bundle to apply before reading latents (changes them with layers=all)
     corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources to scan

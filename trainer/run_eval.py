@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.bundle import attach_bundle, load_bundle
 from saelora.adapters.corpus import CorpusConfig, load_corpus
 from saelora.adapters.errors import ConfigError
@@ -30,7 +31,7 @@ SPLITS = ("val", "test")
 
 @dataclass
 class EvalConfig:
-    model: str = "smollm2-135m"  # base model spec
+    model: str = DEFAULT_MODEL  # base model spec
     saes: list[str] = field(default_factory=list)  # sae-lens folders (default: the adapter's SAEs)
     adapter: str | None = None  # adapter bundle to evaluate (omit to evaluate the SAEs alone)
     corpus: list[str] = field(default_factory=list)  # held-out split evaluated (default: the adapter's, else wiki)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.config import cache_dir
 from saelora.adapters.corpus import CorpusConfig, load_corpus
@@ -41,7 +42,7 @@ ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
 
 @dataclass
 class SAETrainConfig:
-    model: str = "smollm2-135m"  # base model spec
+    model: str = DEFAULT_MODEL  # base model spec
     hook: str | None = None  # where the SAE reads (TransformerLens name or HF module path); default: the
     #                          residual stream after the layer at 40% of the depth (SmolLM2: 12, Gemma 3 270M: 7)
     architecture: str = "topk"  # topk | relu | jumprelu | batchtopk

@@ -32,7 +32,8 @@ from typing import Any, AsyncIterator
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import Splice, changes_stream
+from saelora.adapters.edits import changes_stream
+from saelora.adapters.splice import Splice
 
 from ..engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                       TokenFeaturesOut)
@@ -271,15 +272,13 @@ class VllmEngine(ThreadedEngine):
 
     def _cache_salt(self, row: _Row) -> str | None:
         """None: may share the base model's prefix cache. See the module docstring for the policy."""
-        from .tracker import edit_args  # vLLM is imported on the engine thread, after configure_cpu_env
-
         sp = row.req.splice
         if row.prompt_due:
             return "prompt-latents-" + row.rid  # every prompt position must be computed (and captured)
         if not any(changes_stream(sp.mode, sp.edits, name) for name in self.sae_names):
             return None  # the stream is the base model's
         by_len = any(e.positions in ("prompt", "generated") for e in sp.edits)
-        key = json.dumps([sp.mode, [edit_args(e) for e in sp.edits], row.prompt_len if by_len else None],
+        key = json.dumps([sp.mode, [e.to_json() for e in sp.edits], row.prompt_len if by_len else None],
                          sort_keys=True)
         return "splice-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 

@@ -38,6 +38,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from saelora.adapters.hooks import HookPoint
 from saelora.adapters.policy import PositionPolicy
 from saelora.adapters.saes import LoadedSAE, read_sae
+from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import Splice
 
 from . import tracker
@@ -63,7 +64,7 @@ class SpliceRuntime:
     """The SAEs of one model and the per-request splice over vLLM's flat token batch."""
 
     def __init__(self, saes: list[LoadedSAE]) -> None:
-        self.splice = Splice(None, saes, mode="error_term")  # type: ignore[arg-type]  # never installed
+        self.splice = Splice(None, saes, mode=SERVE_MODE)  # type: ignore[arg-type]  # never installed
         self.ids: torch.Tensor | None = None  # (N,) token ids of the current forward (None: prompt embeddings)
 
     def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:

@@ -23,7 +23,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from saelora.adapters.splice import LatentEdit, RowSpec, changes_stream
+from saelora.adapters.edits import SERVE_MODE, LatentEdit, changes_stream
+from saelora.adapters.splice import RowSpec
 
 KEY = "saelora"  # the extra_args key
 Latents = dict[str, tuple[list[int], list[float]]]
@@ -39,30 +40,24 @@ class SlotSpec:
 
     def changes_stream(self, sae: str) -> bool:
         """Whether the splice alters this request's residual stream at `sae` (else only capture)."""
-        return changes_stream(self.row.modes.get(sae, "error_term"), self.row.edits, sae)
+        return changes_stream(self.row.modes.get(sae, SERVE_MODE), self.row.edits, sae)
 
     def needed(self, sae: str) -> bool:
         return self.top_k > 0 or self.changes_stream(sae)
-
-
-def edit_args(e: LatentEdit) -> list[Any]:
-    """An edit as plain JSON types: [sae, feature, op, value, positions]."""
-    return [e.sae, e.feature, e.op, e.value, e.positions if isinstance(e.positions, str) else list(e.positions)]
 
 
 def encode_settings(rid: str, modes: dict[str, str], edits: list[LatentEdit], prompt_len: int,
                     top_k: int) -> dict[str, Any]:
     """The extra_args entry for one request (plain JSON types, so it also crosses process boundaries)."""
     return {KEY: {"rid": rid, "modes": modes, "prompt_len": prompt_len, "top_k": top_k,
-                  "edits": [edit_args(e) for e in edits]}}
+                  "edits": [e.to_json() for e in edits]}}
 
 
 def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
     data = (extra_args or {}).get(KEY)
     if not data:
         return None
-    edits = [LatentEdit(sae, int(f), op, float(v), p if isinstance(p, str) else tuple(int(i) for i in p))
-             for sae, f, op, v, p in data["edits"]]
+    edits = [LatentEdit.from_json(e) for e in data["edits"]]
     row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]))
     return SlotSpec(rid=str(data["rid"]), row=row, top_k=int(data["top_k"]))
 

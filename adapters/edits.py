@@ -1,0 +1,120 @@
+"""The steering vocabulary, in one place: splice modes, edit ops and positions, the latent edit, its checks, the op
+table and the edit's JSON form. The HTTP protocol (clients/protocol.py), the splice, both engines and the
+trainer take these words from here and never retype them.
+
+This module imports no torch (the client imports it); the op table and the position mask act on tensors
+through their methods only.
+
+    replace     the residual stream <- the SAE's reconstruction (the paper's training setting)
+    error_term  reconstruction of the edited latents + the SAE's error: without edits, exactly the base model
+    off         the stream is untouched (latents can still be read)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, get_args
+
+from .errors import SaeloraError
+
+Mode = Literal["replace", "error_term", "off"]
+Op = Literal["set", "add", "scale", "clamp_max", "clamp_min", "ablate"]
+PositionWord = Literal["all", "prompt", "generated"]
+MODES: tuple[str, ...] = get_args(Mode)
+OPS: tuple[str, ...] = get_args(Op)
+POSITION_WORDS: tuple[str, ...] = get_args(PositionWord)
+
+#: Serving's default mode: no edit means the exact base model. Training splices in `replace` (TRAIN_MODE).
+SERVE_MODE: Mode = "error_term"
+TRAIN_MODE: Mode = "replace"
+#: Largest |value| an edit may carry: latents here reach ~10^4, and a value past ~10^38 is no fp32 number.
+MAX_EDIT_VALUE = 1e6
+
+
+class SpliceError(SaeloraError, ValueError):
+    """Invalid splice configuration or edit (unknown SAE, feature out of range, bad op/value/positions)."""
+
+
+@dataclass(frozen=True)
+class LatentEdit:
+    """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`.
+
+    positions: "all", "prompt" (position < prompt_len), "generated" (position >= prompt_len),
+    or a tuple of absolute token positions (0 = first token of the row).
+    """
+
+    sae: str
+    feature: int
+    op: str
+    value: float = 0.0
+    positions: str | tuple[int, ...] = "all"
+
+    def to_json(self) -> list[Any]:
+        """Plain JSON types: [sae, feature, op, value, positions] (crosses process boundaries)."""
+        return [self.sae, self.feature, self.op, self.value,
+                self.positions if isinstance(self.positions, str) else list(self.positions)]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> "LatentEdit":
+        sae, feature, op, value, positions = data
+        return cls(sae, int(feature), op, float(value),
+                   positions if isinstance(positions, str) else tuple(int(p) for p in positions))
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise SpliceError(f"Unknown splice mode {mode!r}; expected one of {MODES}")
+
+
+def check_edit(e: LatentEdit, d_sae: int) -> None:
+    """Raise `SpliceError` unless `e` can be applied to an SAE with `d_sae` latents."""
+    if e.op not in OPS:
+        raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
+    if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
+        raise SpliceError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
+    if not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
+        raise SpliceError(f"Edit value must be a finite number, got {e.value!r}")
+    if abs(e.value) > MAX_EDIT_VALUE:
+        raise SpliceError(f"Edit value {e.value!r} is outside [-{MAX_EDIT_VALUE:g}, {MAX_EDIT_VALUE:g}]")
+    if isinstance(e.positions, str):
+        if e.positions not in POSITION_WORDS:
+            raise SpliceError(f"positions must be one of {POSITION_WORDS} or a list of ints, got {e.positions!r}")
+    elif not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in e.positions):
+        raise SpliceError(f"positions must be non-negative ints, got {list(e.positions)!r}")
+
+
+#: op -> f(latent column, value): the edited column (same shape).
+OP_TABLE: dict[str, Callable[[Any, float], Any]] = {
+    "set": lambda col, v: col.new_full(col.shape, v),
+    "add": lambda col, v: col + v,
+    "scale": lambda col, v: col * v,
+    "clamp_max": lambda col, v: col.clamp(max=v),
+    "clamp_min": lambda col, v: col.clamp(min=v),
+    "ablate": lambda col, v: col.new_zeros(col.shape),
+}
+assert set(OP_TABLE) == set(OPS)
+
+
+def apply_op(op: str, col: Any, value: float) -> Any:
+    """The latent column `col` (a tensor) after edit op `op` with `value`."""
+    return OP_TABLE[op](col, value)
+
+
+def position_mask(positions: str | tuple[int, ...], pos: Any, prompt_len: int | None) -> Any:
+    """Boolean mask over `pos` (a tensor of any shape; -1 = padding) of the tokens an edit's `positions` selects."""
+    real = pos >= 0
+    if positions == "all":
+        return real
+    if positions == "prompt":
+        return real if prompt_len is None else real & (pos < prompt_len)
+    if positions == "generated":
+        return real & False if prompt_len is None else pos >= prompt_len
+    wanted = pos.new_tensor(list(positions))
+    return real & (pos[..., None] == wanted).any(-1) if len(wanted) else real & False
+
+
+def changes_stream(mode: str, edits: list[LatentEdit] | tuple[LatentEdit, ...], sae: str) -> bool:
+    """Whether a row with this mode and these edits has its residual stream changed at SAE `sae`: `replace`,
+    or `error_term` with an edit of that SAE. Otherwise the stream is exactly the base model's."""
+    return mode == "replace" or (mode == "error_term" and any(e.sae == sae for e in edits))
