@@ -149,7 +149,7 @@ def test_bad_configs(ws, tmp_path):
 
 
 def test_after_mode_shares_the_prefix(ws, tmp_path):
-    from saelora.trainer.train import shared_prefix_point
+    from saelora.trainer.setup import shared_prefix_point
 
     lm = load_model(ws["model"], device="cpu")
     sae = load_sae(lm.model, ws["saes"][0])

@@ -12,7 +12,7 @@ from typing import Any
 from .config import TrainConfig
 from .loop import Trainee, train_loop
 from .plots import plot_metrics
-from .train import manifest_for, prepare
+from .setup import manifest_for, prepare
 
 log = logging.getLogger(__name__)
 

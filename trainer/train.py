@@ -4,78 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from saelora.adapters.errors import ConfigError
-
-from saelora.adapters.bundle import BundleManifest, save_bundle
-from saelora.adapters.corpus import CorpusConfig, PackedCorpus, load_corpus
-from saelora.adapters.models import LoadedModel, load_model
-from saelora.adapters.policy import corpus_bos
-from saelora.adapters.saes import LoadedSAE, load_sae
+from saelora.adapters.bundle import save_bundle
 
 from .config import TrainConfig
 from .lora import LoraSettings, add_lora, lora_config, resolve_layers
-from .loop import LoopState, Trainee, train_loop
+from .loop import Trainee, train_loop
 from .plots import plot_metrics
+from .setup import manifest_for, prepare, shared_prefix_point
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Setup:
-    out: Path
-    lm: LoadedModel
-    saes: list[LoadedSAE]
-    corpus: PackedCorpus
-
-
-def prepare(cfg: TrainConfig) -> Setup:
-    """Validate `cfg`, create the output folder with its resolved config.json, seed torch, and load the model,
-    the SAEs (frozen) and the packed corpus."""
-    cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
-    torch.manual_seed(cfg.seed)
-    if not cfg.saes:
-        raise ConfigError("at least one SAE is needed (--sae PATH)")
-    lm = load_model(cfg.model, device=cfg.device)
-    lm.model.requires_grad_(False)
-    saes = [load_sae(lm.model, spec, tokenizer=lm.tokenizer, policy=cfg.policy) for spec in cfg.saes]
-    for s in saes:
-        log.info("SAE %s spliced at %s", s.name, s.policy.describe())
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed,
-                                                    val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                                    prepend_bos=corpus_bos([s.policy for s in saes])))
-    dev = next(lm.model.parameters()).device
-    corpus.train, corpus.val = corpus.train.to(dev), corpus.val[: cfg.eval_rows].to(dev)
-    return Setup(out, lm, saes, corpus)
-
-
-def shared_prefix_point(model: torch.nn.Module, saes: list[LoadedSAE], layers: list[int] | None):
-    """The first SAE's hook point when no adapted layer runs before it (teacher and student share it)."""
-    first = min((s.hook for s in saes), key=lambda p: p.depth)
-    if first.depth == 0 or (layers is None) or min(layers) < first.depth:
-        return None
-    return first
-
-
-def manifest_for(cfg: TrainConfig, setup: Setup, st: LoopState, wall_s: float) -> BundleManifest:
-    final = st.evals[-1] if st.evals else {}
-    return BundleManifest(
-        base_model={"spec": cfg.model, "fingerprint": setup.lm.fingerprint},
-        saes=[s.describe() for s in setup.saes],
-        lora={"layers": cfg.layers},
-        training={"config": cfg.to_json(), "steps": st.step, "tokens_seen": st.tokens,
-                  "train_seconds": round(st.train_s, 1), "wall_seconds": round(wall_s, 1),
-                  "corpus": setup.corpus.info},
-        metrics={"final": final, "history": st.evals},
-    )
 
 
 def train_lora(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
