@@ -1,13 +1,12 @@
 """Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features.
 
-Options are generated from the config dataclasses; each option's help is the comment on its field.
+Options are generated from the config dataclasses; each option's help is its field's metadata (`opt(...)`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import re
@@ -17,31 +16,13 @@ log = logging.getLogger(__name__)
 _FIELD = re.compile(r"^\s+(\w+):[^#]*?(?:#\s*(.*))?$")
 
 
-def _field_help(cls: type) -> dict[str, str]:
-    """Help text per field from the `# comment` on its line (and comment-only lines right after it)."""
-    helps: dict[str, str] = {}
-    last = None
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if re.match(r"#\s{2,}", stripped) and last:  # an indented comment continues the field above
-            helps[last] += " " + stripped.lstrip("#").strip()
-            continue
-        m = _FIELD.match(line)
-        if m and not stripped.startswith(("def ", "@", "return")):
-            last = m.group(1)
-            helps[last] = (m.group(2) or "").strip()
-        elif stripped:
-            last = None
-    return helps
-
-
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None) -> None:
     """One --option per field of dataclass `cls` (lists repeatable or comma-separated; bools as flags)."""
-    helps, hints = _field_help(cls), get_type_hints(cls)
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + (renames or {}).get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        text = f"{helps.get(f.name, '')} (default: {default})".strip()
+        text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         hint = str(hints[f.name])
         if hint == "bool" or isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)

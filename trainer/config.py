@@ -3,61 +3,68 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
 
 
+def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:  # noqa: A002
+    """A config field with its command-line help in the field's metadata (read by trainer/cli.py)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what to adapt
-    model: str = DEFAULT_MODEL  # base model spec (embedded name, HF folder, .gguf, hub id when online)
-    saes: list[str] = field(default_factory=list)  # sae-lens folders (or release:id online); one per hook
-    corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources (see adapters/corpus.py)
-    val_fraction: float = 0.05  # documents held out for evals during training (hash band above the test band)
-    test_fraction: float = 0.0  # documents held out for a final test (never used in training or its evals)
-    out: str = "runs/lora"  # output folder: bundle in out/adapter, metrics, curves, checkpoint, config
+    model: str = opt(DEFAULT_MODEL, "base model spec (embedded name, HF folder, .gguf, hub id when online)")
+    saes: list[str] = opt(factory=list, help="sae-lens folders (or release:id online); one per hook")
+    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources (see adapters/corpus.py)")
+    val_fraction: float = opt(0.05, "documents held out for evals during training (hash band above the test band)")
+    test_fraction: float = opt(0.0, "documents held out for a final test (never used in training or its evals)")
+    out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config")
     # LoRA (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all layers)
-    rank: int = 64  # LoRA rank r
-    alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
-    dropout: float = 0.0  # LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model
-    #                       always runs in eval mode, so the teacher never sees dropout)
-    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # short names
-    #                     (mapped per architecture) or literal module-name suffixes
-    layers: str = "all"  # "all" | "after" (layers after the first SAE) | comma list "12,13,14"
+    rank: int = opt(64, "LoRA rank r")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = opt(0.0, "LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model "
+                              "always runs in eval mode, so the teacher never sees dropout)")
+    rslora: bool = opt(False, "scale alpha/sqrt(r) instead of alpha/r")
+    targets: list[str] = opt(factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"],
+                             help="short names (mapped per architecture) or literal module-name suffixes")
+    layers: str = opt("all", '"all" | "after" (layers after the first SAE) | comma list "12,13,14"')
     # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)
-    lr: float = 5e-5  # AdamW learning rate
-    schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the end of the budget)
-    warmup_steps: int = 0  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights (0: decoupled decay would pull the
-    #                            small adapter back towards the base model, which KL already does)
-    clip: float = 1.0  # max grad norm
+    lr: float = opt(5e-5, "AdamW learning rate")
+    schedule: str = opt("constant", "constant | cosine | linear (decay to 0 at the end of the budget)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: decoupled decay would pull the small "
+                                   "adapter back towards the base model, which KL already does)")
+    clip: float = opt(1.0, "max grad norm")
     # objective
-    kl_reduction: str = "mean"  # "mean" per token; "sum" over positions then mean over rows (the paper's
-    #                             batch-1 x 1024-position sum: gradients T times larger, so clip bites more)
-    ce_weight: float = 0.0  # + ce_weight * CE(student)
-    mse_weight: float = 0.0  # + mse_weight * normalised SAE reconstruction MSE (meaningful with layers=all)
-    policy: str | None = None  # position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default:
-    #                            each SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less sink kept)
+    kl_reduction: str = opt("mean", "mean: per token; sum: over positions, then mean over rows (the paper's "
+                                    "batch-1 x 1024-position sum: gradients T times larger, so clip bites more)")
+    ce_weight: float = opt(0.0, "+ ce_weight * CE(student)")
+    mse_weight: float = opt(0.0, "+ mse_weight * normalised SAE reconstruction MSE (meaningful with layers=all)")
+    policy: str | None = opt(None, "position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default: each"
+                                   " SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less sink kept)")
     # budget and batching (a step = batch_size x grad_accum rows of seq_len tokens)
-    max_steps: int | None = None  # optimizer steps
-    max_tokens: int | None = None  # training tokens (rounded up to whole steps)
-    max_minutes: float | None = None  # training wall-clock budget (eval time excluded)
-    batch_size: int = 4  # rows per micro-batch
-    seq_len: int = 256  # tokens per row
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0  # seeds torch, the data order and the corpus shuffle
+    max_steps: int | None = opt(None, "optimizer steps")
+    max_tokens: int | None = opt(None, "training tokens (rounded up to whole steps)")
+    max_minutes: float | None = opt(None, "training wall-clock budget (eval time excluded)")
+    batch_size: int = opt(4, "rows per micro-batch")
+    seq_len: int = opt(256, "tokens per row")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    seed: int = opt(0, "seeds torch, the data order and the corpus shuffle")
     # evaluation and checkpoints
-    eval_interval: int = 50  # steps between held-out evals (0: only at the start and end)
-    eval_every_s: float | None = None  # or: seconds of training between evals
-    eval_rows: int = 16  # held-out rows per eval
-    checkpoint_interval: int = 100  # steps between checkpoints (also written on Ctrl-C and at the end)
-    resume: bool = False  # continue from out/checkpoint
-    device: str | None = None  # default: cuda if available, else cpu
+    eval_interval: int = opt(50, "steps between held-out evals (0: only at the start and end)")
+    eval_every_s: float | None = opt(None, "or: seconds of training between evals")
+    eval_rows: int = opt(16, "held-out rows per eval")
+    checkpoint_interval: int = opt(100, "steps between checkpoints (also written on Ctrl-C and at the end)")
+    resume: bool = opt(False, "continue from out/checkpoint")
+    device: str | None = opt(None, "default: cuda if available, else cpu")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

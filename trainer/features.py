@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +23,27 @@ from tqdm.auto import tqdm
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.saes import LoadedSAE
 
+from .config import opt
+
 log = logging.getLogger(__name__)
 FEATURES_FILE = "features.json"
 
 
 @dataclass
 class FeaturesConfig:
-    model: str = DEFAULT_MODEL  # base model spec
-    saes: list[str] = field(default_factory=list)  # sae-lens folders
-    adapter: str | None = None  # adapter bundle to apply before reading latents (changes them with layers=all)
-    corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources to scan
-    rows: int = 256  # corpus rows to scan (validation split first, then train)
-    seq_len: int = 128  # tokens per row
-    batch_size: int = 16  # rows per forward
-    top_n: int = 10  # contexts kept per latent
-    context_left: int = 12  # tokens shown before the activating token
-    context_right: int = 4  # tokens shown after it
-    policy: str | None = None  # position-policy override (default: the SAE's; positions it keeps are never shown)
-    out: str | None = None  # default: <sae folder>/features
-    device: str | None = None  # default: cuda if available, else cpu
+    model: str = opt(DEFAULT_MODEL, "base model spec")
+    saes: list[str] = opt(factory=list, help="sae-lens folders")
+    adapter: str | None = opt(None, "adapter bundle to apply before reading latents (changes them with layers=all)")
+    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources to scan")
+    rows: int = opt(256, "corpus rows to scan (validation split first, then train)")
+    seq_len: int = opt(128, "tokens per row")
+    batch_size: int = opt(16, "rows per forward")
+    top_n: int = opt(10, "contexts kept per latent")
+    context_left: int = opt(12, "tokens shown before the activating token")
+    context_right: int = opt(4, "tokens shown after it")
+    policy: str | None = opt(None, "position-policy override (default: the SAE's; positions it keeps are never shown)")
+    out: str | None = opt(None, "default: <sae folder>/features")
+    device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
 class TopContexts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from saelora.adapters.policy import PositionPolicy, apply_override, corpus_bos
 from saelora.adapters.saes import load_sae
 
 from .evaluate import evaluate
+from .config import opt
 
 log = logging.getLogger(__name__)
 SPLITS = ("val", "test")
@@ -31,20 +32,20 @@ SPLITS = ("val", "test")
 
 @dataclass
 class EvalConfig:
-    model: str = DEFAULT_MODEL  # base model spec
-    saes: list[str] = field(default_factory=list)  # sae-lens folders (default: the adapter's SAEs)
-    adapter: str | None = None  # adapter bundle to evaluate (omit to evaluate the SAEs alone)
-    corpus: list[str] = field(default_factory=list)  # held-out split evaluated (default: the adapter's, else wiki)
-    split: str = "val"  # val | test (test needs a corpus with a test band, e.g. --test-fraction)
-    val_fraction: float | None = None  # corpus hash bands (default: the adapter's, else 0.05 and 0)
-    test_fraction: float | None = None  # see val_fraction
-    extra_corpus: list[str] = field(default_factory=list)  # other sources, evaluated whole, one result each
-    rows: int = 64  # rows per corpus
-    seq_len: int | None = None  # tokens per row (default: the adapter's, else 256)
-    batch_size: int = 4  # rows per forward
-    policy: str | None = None  # position-policy override (default: the adapter's recorded policy, else the SAE's)
-    out: str | None = None  # JSON results (default: <adapter>/eval.json, else eval.json)
-    device: str | None = None  # default: cuda if available, else cpu
+    model: str = opt(DEFAULT_MODEL, "base model spec")
+    saes: list[str] = opt(factory=list, help="sae-lens folders (default: the adapter's SAEs)")
+    adapter: str | None = opt(None, "adapter bundle to evaluate (omit to evaluate the SAEs alone)")
+    corpus: list[str] = opt(factory=list, help="held-out split evaluated (default: the adapter's, else wiki)")
+    split: str = opt("val", "val | test (test needs a corpus with a test band, e.g. --test-fraction)")
+    val_fraction: float | None = opt(None, "corpus hash bands (default: the adapter's, else 0.05 and 0)")
+    test_fraction: float | None = opt(None, "see val_fraction")
+    extra_corpus: list[str] = opt(factory=list, help="other sources, evaluated whole, one result each")
+    rows: int = opt(64, "rows per corpus")
+    seq_len: int | None = opt(None, "tokens per row (default: the adapter's, else 256)")
+    batch_size: int = opt(4, "rows per forward")
+    policy: str | None = opt(None, "position-policy override (default: the adapter's recorded policy, else the SAE's)")
+    out: str | None = opt(None, "JSON results (default: <adapter>/eval.json, else eval.json)")
+    device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
 def _manifest(cfg: EvalConfig) -> dict[str, Any]:

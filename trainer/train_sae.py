@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,37 +36,39 @@ from saelora.adapters.hooks import resolve_hook
 from saelora.adapters.models import load_model
 from saelora.adapters.policy import POLICY_KEY, PositionPolicy, apply_override, default_policy
 
+from .config import opt
+
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
 
 
 @dataclass
 class SAETrainConfig:
-    model: str = DEFAULT_MODEL  # base model spec
-    hook: str | None = None  # where the SAE reads (TransformerLens name or HF module path); default: the
-    #                          residual stream after the layer at 40% of the depth (SmolLM2: 12, Gemma 3 270M: 7)
-    architecture: str = "topk"  # topk | relu | jumprelu | batchtopk
-    d_sae: int | None = None  # number of latents (default: 4 x d_model; SmolLM2: 2304, Gemma 3 270M: 2560)
-    k: int = 32  # active latents per token (topk, batchtopk)
-    sparsity_coefficient: float = 5.0  # L1 (relu) or L0 (jumprelu) coefficient
-    lr: float = 5e-4  # Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%
-    tokens: int = 600_000  # distinct training activations collected (capped by the corpus)
-    epochs: int = 2  # passes over the collected activations, reshuffled each time (0: initialise only, from
-    #                  the activation statistics, with no training step: the start of an e2e-from-scratch SAE)
-    batch_tokens: int = 1024  # activations per SAE step
-    seq_len: int = 128  # context size of the model forwards
-    model_batch: int = 16  # rows per model forward
-    aux_coefficient: float = 1.0 / 32  # AuxK loss weight (topk): reconstruct the residual with dead latents
-    dead_window: int = 100  # steps without firing after which a latent is dead for AuxK
-    sink_ratio: float | None = 5.0  # positions with residual norm > ratio x the median norm stay original (massive
-    #                                 activations, attention sinks past position 0); recorded in the policy
-    policy: str | None = None  # position-policy override, e.g. keep_first=0 (default: the paper's, per tokenizer)
-    corpus: list[str] = field(default_factory=lambda: ["wiki"])  # corpus sources for activations
-    holdout_fraction: float = 0.12  # documents never trained on (contains train/eval's val and test bands)
-    val_tokens: int = 100_000  # held-out activations for FVU / L0 / dead latents (capped by the held-out band)
-    out: str = "runs/sae"  # the sae-lens folder written
-    seed: int = 0  # seeds the SAE init and the activation order
-    device: str | None = None  # default: cuda if available, else cpu
+    model: str = opt(DEFAULT_MODEL, "base model spec")
+    hook: str | None = opt(None, "where the SAE reads (TransformerLens name or HF module path); default: the residual "
+                                 "stream after the layer at 40% of the depth (SmolLM2: 12, Gemma 3 270M: 7)")
+    architecture: str = opt("topk", "topk | relu | jumprelu | batchtopk")
+    d_sae: int | None = opt(None, "number of latents (default: 4 x d_model; SmolLM2: 2304, Gemma 3 270M: 2560)")
+    k: int = opt(32, "active latents per token (topk, batchtopk)")
+    sparsity_coefficient: float = opt(5.0, "L1 (relu) or L0 (jumprelu) coefficient")
+    lr: float = opt(5e-4, "Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%")
+    tokens: int = opt(600_000, "distinct training activations collected (capped by the corpus)")
+    epochs: int = opt(2, "passes over the collected activations, reshuffled each time (0: initialise only, from the "
+                         "activation statistics, with no training step: the start of an e2e-from-scratch SAE)")
+    batch_tokens: int = opt(1024, "activations per SAE step")
+    seq_len: int = opt(128, "context size of the model forwards")
+    model_batch: int = opt(16, "rows per model forward")
+    aux_coefficient: float = opt(1.0 / 32, "AuxK loss weight (topk): reconstruct the residual with dead latents")
+    dead_window: int = opt(100, "steps without firing after which a latent is dead for AuxK")
+    sink_ratio: float | None = opt(5.0, "positions with residual norm > ratio x the median norm stay original (massive"
+                                        " activations, attention sinks past position 0); recorded in the policy")
+    policy: str | None = opt(None, "position-policy override, e.g. keep_first=0 (default: the paper's, per tokenizer)")
+    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources for activations")
+    holdout_fraction: float = opt(0.12, "documents never trained on (contains train/eval's val and test bands)")
+    val_tokens: int = opt(100_000, "held-out activations for FVU / L0 / dead latents (capped by the held-out band)")
+    out: str = opt("runs/sae", "the sae-lens folder written")
+    seed: int = opt(0, "seeds the SAE init and the activation order")
+    device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
 def resolved(cfg: SAETrainConfig, model: torch.nn.Module) -> SAETrainConfig:
