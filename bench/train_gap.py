@@ -62,8 +62,12 @@ def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sa
     steps = steps or args.run_steps
     out = work / f"{arm}-lr{lr:g}-s{seed}"
     cfg = train_config(args, arm, lr, seed, out, sae, steps)
-    log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
-    artifact, _ = (train_e2e if arm in ("sae_kl", "e2e_scratch") else train_lora)(cfg)
+    artifact = out / ("saes" if arm in ("sae_kl", "e2e_scratch") else "adapter")
+    if args.reuse_runs and _finished(out, cfg):
+        log.info("%s lr %g seed %d: reusing the finished run in %s", arm, lr, seed, out)
+    else:
+        log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
+        artifact, _ = (train_e2e if arm in ("sae_kl", "e2e_scratch") else train_lora)(cfg)
     key = "ce_spliced" if arm in ("sae_kl", "e2e_scratch") else "ce_adapted"
     evals = [json.loads(ln)["eval"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     curve = [(e["train_s"], e[key]) for e in evals]
@@ -73,6 +77,16 @@ def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sa
             "val_gap_curve": gaps,
             "val_ce": curve[-1][1], "val_kl": evals[-1].get("kl_adapted", evals[-1]["kl_spliced"]),
             "steps": sum(1 for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in ln)}
+
+
+def _finished(out: Path, cfg: Any) -> bool:
+    """Whether `out` holds a run with exactly this config that reached its last step (for --reuse-runs)."""
+    try:
+        same = json.loads((out / "config.json").read_text()) == cfg.to_json()
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return False
+    return same and any(r.get("step") == cfg.max_steps and "eval" in r for r in rows)
 
 
 class TestSet:
@@ -248,6 +262,7 @@ def parse_args() -> argparse.Namespace:
     a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
     a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
     a("--e2e-steps", type=int, default=300, help="training steps of the e2e-from-scratch SAE")
+    a("--reuse-runs", action="store_true", help="reuse runs already finished with the same config (after a crash)")
     a("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args()
     args.corpus = args.corpus or ["wiki"]
