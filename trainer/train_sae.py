@@ -68,6 +68,8 @@ class SAETrainConfig:
     val_tokens: int = opt(100_000, "held-out activations for FVU / L0 / dead latents (capped by the held-out band)")
     out: str = opt("runs/sae", "the sae-lens folder written")
     seed: int = opt(0, "seeds the SAE init and the activation order")
+    cache_activations: bool = opt(True, "reuse (and write) the on-disk activation cache; off: always collect, so the "
+                                        "training time includes the model forwards")
     device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
@@ -150,8 +152,11 @@ def collect_activations(model: torch.nn.Module, point: Any, rows: torch.Tensor, 
 
 def cached_activations(lm: Any, point: Any, rows: torch.Tensor, cfg: SAETrainConfig, policy: PositionPolicy,
                        split: str) -> torch.Tensor:
-    """`collect_activations`, cached on disk by model, hook, corpus, policy and rows."""
+    """`collect_activations`, cached on disk by model, hook, corpus, policy and rows (unless
+    `cfg.cache_activations` is off)."""
     path = _cache_key(lm, point, cfg, policy, split, len(rows))
+    if not cfg.cache_activations:
+        return collect_activations(lm.model, point, rows, policy, cfg.model_batch, desc=f"{split} activations")
     if path.is_file():
         log.info("reusing cached %s activations %s", split, path)
         return torch.from_numpy(np.load(path))
