@@ -13,7 +13,7 @@ Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md s
   TopK SAE trained from scratch with MSE followed by LoRA, counting total wall time (SAE + LoRA).
   speedup = e2e's time to its final validation CE / TopK+LoRA's time to the same CE.
 
-    python bench/train_gap.py            # the full study, about 65 min on 2 CPU cores (run it in the background)
+    python bench/train_gap.py            # the full study, about 1.5-2 h on 2 idle CPU cores (run it in the background)
     python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
 
 Writes <out>/train_gap.{json,md,png} (train_gap_quick.* with --quick).
