@@ -9,11 +9,9 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 from typing import Any, get_type_hints
 
 log = logging.getLogger(__name__)
-_FIELD = re.compile(r"^\s+(\w+):[^#]*?(?:#\s*(.*))?$")
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None) -> None:

@@ -154,13 +154,13 @@ def cached_activations(lm: Any, point: Any, rows: torch.Tensor, cfg: SAETrainCon
                        split: str) -> torch.Tensor:
     """`collect_activations`, cached on disk by model, hook, corpus, policy and rows (unless
     `cfg.cache_activations` is off)."""
-    path = _cache_key(lm, point, cfg, policy, split, len(rows))
-    if not cfg.cache_activations:
-        return collect_activations(lm.model, point, rows, policy, cfg.model_batch, desc=f"{split} activations")
-    if path.is_file():
+    path = _cache_key(lm, point, cfg, policy, split, len(rows)) if cfg.cache_activations else None
+    if path is not None and path.is_file():
         log.info("reusing cached %s activations %s", split, path)
         return torch.from_numpy(np.load(path))
     acts = collect_activations(lm.model, point, rows, policy, cfg.model_batch, desc=f"{split} activations")
+    if path is None:
+        return acts
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, acts.numpy())
