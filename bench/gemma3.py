@@ -30,8 +30,9 @@ log = logging.getLogger("bench.gemma3")
 
 
 @torch.no_grad()
-def plain_ce(docs: int = 64, seq_len: int = 128) -> dict[str, float]:
-    """Mean next-token CE of plain transformers on held-out documents, with and without the leading BOS."""
+def plain_ce(corpus: dict, docs: int = 64) -> dict[str, float]:
+    """Mean next-token CE of plain transformers on the validation documents of `corpus` (the CorpusConfig an
+    adapter's manifest records), each cut to its row length, with and without the leading BOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from saelora.adapters.corpus import CorpusConfig, iter_documents, split_of
@@ -40,7 +41,8 @@ def plain_ce(docs: int = 64, seq_len: int = 128) -> dict[str, float]:
     path = embedded_model_dir(MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    bands = CorpusConfig(val_fraction=0.03, test_fraction=0.07)  # the demo adapter's bands
+    bands = CorpusConfig(val_fraction=corpus["val_fraction"], test_fraction=corpus["test_fraction"])
+    seq_len = corpus["seq_len"]
     held = [d for d in iter_documents("wiki") if split_of(d, bands) == "val"][:docs]
     sums = {"with_bos": [0.0, 0], "without_bos": [0.0, 0]}
     for doc in held:
@@ -64,9 +66,10 @@ def main() -> int:
     seconds, report = run_demo(cache, MODEL)
     demo = cache / "demo" / MODEL
     sae_meta = json.loads((demo / "sae" / "cfg.json").read_text())["metadata"]
-    final = json.loads((demo / "adapter" / "saelora.json").read_text())["metrics"]["final"]
+    manifest = json.loads((demo / "adapter" / "saelora.json").read_text())
+    final = manifest["metrics"]["final"]
     t0 = time.perf_counter()
-    ce = plain_ce()
+    ce = plain_ce(manifest["training"]["corpus"]["config"])  # the bands the adapter was evaluated on
     res = {"model": MODEL, "demo_seconds": round(seconds, 1), "plain_ce_seconds": round(time.perf_counter() - t0, 1),
            "sae": {k: sae_meta.get(k) for k in ("hook_name", "fvu", "l0", "dead_latents", "dead_fraction", "d_sae",
                                                 "tokens", "train_seconds", "collect_seconds", "saelora_policy")},
