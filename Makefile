@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check adapters trainer serve clients saelora tests bench
+	$(BIN)/ruff check adapters trainer serve clients cli tests bench
 
 # All tiers: fast unit tests, live-server integration tests and `slow` tests on the embedded model.
 test: setup lint

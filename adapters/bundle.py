@@ -222,8 +222,23 @@ def load_bundle(path: str | Path, model_fingerprint: Mapping[str, Any] | None = 
     if problems:
         raise BundleError(path, problems)
     path = Path(path)
-    return Bundle(path=path, manifest=BundleManifest.from_dict(json.loads((path / MANIFEST).read_text())),
+    return Bundle(path=path, manifest=read_manifest(path),
                   lora_config=json.loads((path / ADAPTER_CONFIG).read_text()))
+
+
+def read_manifest(path: str | Path) -> BundleManifest:
+    """The manifest of the bundle at `path`, without loading or validating its weights (`BundleError` if it
+    is missing or not a JSON object)."""
+    problems: list[str] = []
+    data = _read_json(Path(path) / MANIFEST, problems)
+    if data is None:
+        raise BundleError(path, problems)
+    return BundleManifest.from_dict(data)
+
+
+def has_manifest(path: str | Path) -> bool:
+    """Whether `path` looks like a bundle (holds a manifest)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def attach_bundle(model: torch.nn.Module, bundle: Bundle, adapter_name: str) -> Any:

@@ -36,3 +36,17 @@ def default_device() -> str:
 def default_dtype(device: str) -> str:
     """fp32 on CPU (bf16 is ~5x slower there and its backward is unusable), bf16 on GPU."""
     return "float32" if device == "cpu" else "bfloat16"
+
+
+FEATURES_DIR, FEATURES_FILE = "features", "features.json"
+
+
+def descriptions_dir(sae_folder: str | Path) -> Path:
+    """Where `saelora features` writes an SAE's feature descriptions by default, and where the server reads
+    them: <sae folder>/features/ (features.json and index.html)."""
+    return Path(sae_folder) / FEATURES_DIR
+
+
+def descriptions_file(sae_folder: str | Path) -> Path:
+    """<sae folder>/features/features.json (see `descriptions_dir`)."""
+    return descriptions_dir(sae_folder) / FEATURES_FILE

@@ -97,8 +97,8 @@ class LoadedSAE:
                 "fingerprint": self.fingerprint, "policy": self.policy.to_json(), "center": self.center}
 
 
-# SAEs shipped inside the package (saelora/data/saes/<folder>), per embedded model: trained by the command in
-# the folder's README.md, with their held-out quality in cfg.json's metadata.
+# SAEs shipped inside the package (cli/data/saes/<folder>, installed as saelora/data/saes/), per embedded model:
+# trained by the command in the folder's README.md, with their held-out quality in cfg.json's metadata.
 SHIPPED_SAES = {"smollm2-135m": "smollm2-135m-L12-topk"}
 
 

@@ -1,4 +1,4 @@
-"""The splice: run a model with one or several SAEs inserted into its residual stream.
+"""The splice, as a pure function: one SAE applied to one residual-stream batch.
 
 Per SAE (at hook h, residual x of shape (B, T, d)), with z = encode(x) of shape (B, T, d_sae) and
 z' = z after this row's latent edits:
@@ -10,32 +10,31 @@ z' = z after this row's latent edits:
 
 so `error_term` without edits is exactly the base model (the serving default for steering).
 Every row of the batch has its own modes, edits and prompt length (`RowSpec`); the vocabulary of modes and
-edits, and their checks, live in adapters/edits.py. Positions come from
-`attention_mask` / the KV-cache length of each forward (pads get position -1 and are never
-touched), or are set explicitly by an engine through `Splice.positions`; token ids come from the
-forward's `input_ids` (or `Splice.token_ids`). Positions outside each SAE's position policy
-(adapters/policy.py: position 0 without BOS, BOS/EOS ids, massive activations) stay exactly x in
-every mode, take no edit and are left out of the stats; the SAE computes in fp32 whatever the model dtype.
+edits, and their checks, live in adapters/edits.py. Positions outside the SAE's position policy
+(adapters/policy.py: padding at position -1, position 0 without BOS, BOS/EOS ids, massive activations) stay
+exactly x in every mode, take no edit and are left out of the stats; the SAE computes in fp32 whatever the
+model dtype.
 
-    with splice(model, [sae], mode="replace", top_k=8) as sp:
-        logits = model(input_ids).logits
-        caps = sp.pop_captures()  # {sae_name: [Capture(indices (B,T,k), values (B,T,k), positions (B,T))]}
+`splice_sae` is the only place this math lives: the hooks that put it into a transformers model
+(adapters/splice_hooks.py), the trainer through them, and the vLLM engine's layer wrappers all call it.
+
+    res = splice_sae(sae, x, pos, ids, rows, mode="replace", top_k=8)
+    res.out, res.capture, res.stats
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from .edits import (TRAIN_MODE, LatentEdit, SpliceError, apply_op, changes_stream, check_edit, check_mode,
-                    position_mask)
-from .hooks import backbone, decoder_layers
+from .edits import LatentEdit, SpliceError, apply_op, changes_stream, check_edit, check_mode, position_mask
 from .saes import LoadedSAE
 
-__all__ = ["Capture", "LatentEdit", "RowSpec", "Splice", "SpliceError", "changes_stream", "splice"]
+__all__ = ["Capture", "LatentEdit", "RowSpec", "SpliceError", "SpliceResult", "SpliceStats", "changes_stream",
+           "check_rows", "fit_positions", "splice_sae"]
+
 
 @dataclass
 class RowSpec:
@@ -55,242 +54,134 @@ class Capture:
     positions: torch.Tensor
 
 
-class Splice:
-    """SAEs spliced into a model's residual stream; see the module docstring. Use as a context manager."""
+@dataclass
+class SpliceStats:
+    """Reconstruction statistics of one forward over the spliced positions (policy-kept ones excluded).
 
-    def __init__(self, model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = TRAIN_MODE,
-                 top_k: int = 0, dense: bool = False, stats: bool = False) -> None:
-        names = [s.name for s in saes]
-        hooks = [s.hook.name for s in saes]
-        if len(set(names)) != len(names):
-            raise SpliceError(f"SAE names must be unique, got {names}")
-        if len(set(hooks)) != len(hooks):
-            raise SpliceError(f"One SAE per hook point, got {hooks}")
-        check_mode(mode)
-        if top_k < 0:
-            raise SpliceError(f"top_k must be >= 0, got {top_k}")
-        self.model, self.saes = model, {s.name: s for s in saes}
-        self.mode, self.top_k, self.dense = mode, top_k, dense
-        self.stats_enabled = stats  # record L0 / reconstruction error per forward (see `pop_stats`)
-        self.stats: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.saes}
-        self.rows: list[RowSpec] | None = None
-        self.positions: torch.Tensor | None = None  # explicit (B, T) positions; overrides the automatic ones
-        self.token_ids: torch.Tensor | None = None  # explicit (B, T) token ids, for the policy's kept ids
-        self.captures: dict[str, list[Capture]] = {n: [] for n in self.saes}
-        self.dense_latents: dict[str, list[torch.Tensor]] = {n: [] for n in self.saes}
-        self._auto_pos: torch.Tensor | None = None
-        self._auto_ids: torch.Tensor | None = None
-        self._handles: list[Any] = []
+    sse: sum of squared reconstruction error (keeps its graph: usable as a training term); sst: sum of squared
+    deviation from the batch mean; l0: sum over tokens of active latents; n: tokens counted; d: width."""
 
-    # ---- configuration -------------------------------------------------------------------------
-    def set_rows(self, rows: Sequence[RowSpec] | None) -> None:
-        """Give each batch row its modes, edits and prompt length (None: defaults for every row)."""
-        if rows is not None:
-            for row in rows:
-                self.validate_row(row)
-        self.rows = list(rows) if rows is not None else None
+    sse: torch.Tensor
+    sst: torch.Tensor
+    l0: torch.Tensor
+    n: torch.Tensor
+    d: int
 
-    def validate_row(self, row: RowSpec) -> None:
-        """Raise `SpliceError` for anything in `row` that cannot be applied."""
+    def detach(self) -> "SpliceStats":
+        return SpliceStats(self.sse.detach(), self.sst.detach(), self.l0.detach(), self.n.detach(), self.d)
+
+
+@dataclass
+class SpliceResult:
+    """The new stream (x itself when nothing changed it), and what was asked to be recorded."""
+
+    out: torch.Tensor
+    capture: Capture | None = None
+    dense: torch.Tensor | None = None  # (B, T, d_sae) latents after edits
+    stats: SpliceStats | None = None
+
+
+def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
+    """Raise `SpliceError` for anything in `rows` that cannot be applied with these SAEs (keyed by name)."""
+    def sae(name: str) -> LoadedSAE:
+        if name not in saes:
+            raise SpliceError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(saes)}")
+        return saes[name]
+
+    for row in rows:
         for name, mode in row.modes.items():
-            self._sae(name)
+            sae(name)
             check_mode(mode)
         for e in row.edits:
-            check_edit(e, self._sae(e.sae).d_sae)
-
-    def _sae(self, name: str) -> LoadedSAE:
-        if name not in self.saes:
-            raise SpliceError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(self.saes)}")
-        return self.saes[name]
-
-    # ---- hooks ---------------------------------------------------------------------------------
-    def install(self) -> "Splice":
-        if self._handles:
-            return self
-        layers = decoder_layers(self.model)
-        self._handles.append(backbone(self.model).register_forward_pre_hook(self._track_positions, with_kwargs=True))
-        for s in self.saes.values():
-            layer = layers[s.hook.layer]
-            if s.hook.kind == "post":
-                self._handles.append(layer.register_forward_hook(self._post_hook(s)))
-            else:
-                self._handles.append(layer.register_forward_pre_hook(self._pre_hook(s), with_kwargs=True))
-        return self
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._auto_pos = self._auto_ids = None
-
-    def __enter__(self) -> "Splice":
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def _post_hook(self, s: LoadedSAE):
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (self._splice(s, output[0]), *output[1:])
-            return self._splice(s, output)
-        return hook
-
-    def _pre_hook(self, s: LoadedSAE):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (self._splice(s, args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs, hidden_states=self._splice(s, kwargs["hidden_states"]))
-            return args, kwargs
-        return hook
-
-    def _track_positions(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Derive each token's position in its row from attention_mask or the KV-cache length."""
-        ids = args[0] if args else kwargs.get("input_ids")
-        self._auto_ids = ids
-        t = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            pos = mask.long().cumsum(-1) - 1
-            self._auto_pos = pos.masked_fill(mask == 0, -1)[:, -t:]
-            return
-        past = kwargs.get("past_key_values")
-        start = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-        device = ids.device if ids is not None else kwargs["inputs_embeds"].device
-        self._auto_pos = torch.arange(start, start + t, device=device)[None, :]
-
-    def _positions(self, b: int, t: int, device: torch.device) -> torch.Tensor:
-        pos = self.positions if self.positions is not None else self._auto_pos
-        if pos is None:
-            pos = torch.arange(t, device=device)[None, :]
-        if pos.shape[-1] != t or pos.shape[0] not in (1, b):
-            raise SpliceError(f"positions of shape {tuple(pos.shape)} do not fit a batch of ({b}, {t})")
-        return pos.to(device).expand(b, t)
-
-    def _ids(self, b: int, t: int) -> torch.Tensor | None:
-        ids = self.token_ids if self.token_ids is not None else self._auto_ids
-        if ids is None or ids.dim() != 2 or ids.shape[-1] != t or ids.shape[0] not in (1, b):
-            return None
-        return ids
-
-    # ---- the splice itself ---------------------------------------------------------------------
-    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Splice SAE `name` into x (B, T, d) under the current rows, positions and top_k, without hooks:
-        for engines that call the splice from their own layer wrappers (the vLLM engine). Returns x itself
-        when nothing changes the stream."""
-        return self._splice(self._sae(name), x)
-
-    def _row_modes(self, name: str, b: int) -> list[str]:
-        if self.rows is None:
-            return [self.mode] * b
-        if len(self.rows) != b:
-            raise SpliceError(f"{len(self.rows)} row specs for a batch of {b} rows")
-        return [r.modes.get(name, self.mode) for r in self.rows]
-
-    def _splice(self, s: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape  # x: (B, T, d) residual stream at the hook
-        modes = self._row_modes(s.name, b)
-        capture = self.top_k > 0 or self.dense
-        if not capture and not self.stats_enabled and not self._any_active(s.name, modes):
-            return x  # every row is off, or error_term without edits: the stream is exactly x
-        pos = self._positions(b, t, x.device)  # (B, T), -1 = padding
-        keep = s.policy.keep_mask(pos, self._ids(b, t), x)  # (B, T): stays exactly x (padding, sinks, BOS/EOS)
-        z = s.encode(x)  # (B, T, d_sae), fp32
-        z_edit, edited = self._edit_latents(s.name, z, pos, keep)  # edited: (B, T) bool, or None
-        if capture:
-            self._record(s.name, z_edit, pos)
-        decoded: dict[bool, torch.Tensor] = {}
-
-        def recon(clean: bool) -> torch.Tensor:  # (B, T, d), each reconstruction decoded at most once
-            clean = clean or edited is None  # without edits z' is z
-            if clean not in decoded:
-                decoded[clean] = s.decode(z if clean else z_edit, x)
-            return decoded[clean]
-
-        out = x
-        replace = torch.tensor([m == "replace" for m in modes], device=x.device)
-        if bool(replace.any()):
-            out = recon(False) if bool(replace.all()) else torch.where(replace[:, None, None], recon(False), out)
-        if self.stats_enabled:
-            self._record_stats(s.name, x, z, recon(True), ~keep)
-        if edited is not None:
-            err = torch.tensor([m == "error_term" for m in modes], device=x.device)
-            emask = edited & err[:, None]  # (B, T)
-            if bool(emask.any()):
-                out = torch.where(emask[..., None], x + (recon(False) - recon(True)), out)
-        if bool(keep.any()):
-            out = torch.where(keep[..., None], x, out)
-        return out
-
-    def _any_active(self, name: str, modes: list[str]) -> bool:
-        rows = self.rows if self.rows is not None else [RowSpec()] * len(modes)
-        return any(changes_stream(m, r.edits, name) for m, r in zip(modes, rows, strict=True))
-
-    def _edit_latents(self, name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor):
-        if not self.rows or not any(e.sae == name for r in self.rows for e in r.edits):
-            return z, None
-        z = z.clone()
-        edited = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
-        for r, row in enumerate(self.rows):
-            for e in row.edits:
-                if e.sae != name:
-                    continue
-                m = position_mask(e.positions, pos[r], row.prompt_len) & ~keep[r]  # (T,)
-                if not bool(m.any()):
-                    continue
-                col = z[r, :, e.feature]
-                z[r, :, e.feature] = torch.where(m, apply_op(e.op, col, e.value), col)
-                edited[r] |= m
-        return z, edited
-
-    def _record(self, name: str, z: torch.Tensor, pos: torch.Tensor) -> None:
-        z = z.detach()
-        if self.top_k > 0:
-            values, indices = z.topk(min(self.top_k, z.shape[-1]), dim=-1)
-            self.captures[name].append(Capture(indices=indices, values=values, positions=pos.clone()))
-        if self.dense:
-            self.dense_latents[name].append(z)
-
-    def _record_stats(self, name: str, x: torch.Tensor, z: torch.Tensor, recon: torch.Tensor,
-                      real: torch.Tensor) -> None:
-        """real (B, T): the spliced positions (under the policy, not padding); only they are counted."""
-        xr, err = x[real].float(), (x - recon)[real].float()  # (n, d)
-        self.stats[name].append({
-            "sse": err.pow(2).sum(),  # keeps its graph: usable as a training term
-            "sst": (xr - xr.mean(0, keepdim=True)).pow(2).sum().detach(),
-            "l0": (z.detach()[real] > 0).sum(-1).float().sum(),
-            "n": real.sum(), "d": torch.tensor(x.shape[-1]),
-        })
-
-    def pop_stats(self) -> dict[str, list[dict[str, torch.Tensor]]]:
-        """Per SAE, one dict per forward: sse (sum of squared reconstruction error, with grad), sst (sum of
-        squared deviation from the batch mean), l0 (sum over tokens of active latents), n (tokens), d."""
-        out = self.stats
-        self.stats = {n: [] for n in self.saes}
-        return out
-
-    def pop_captures(self) -> dict[str, list[Capture]]:
-        """Captured top-k latents since the last call, per SAE, one `Capture` per forward."""
-        out = self.captures
-        self.captures = {n: [] for n in self.saes}
-        return out
-
-    def pop_dense(self) -> dict[str, list[torch.Tensor]]:
-        """Captured dense latents (B, T, d_sae) since the last call, per SAE, one tensor per forward."""
-        out = self.dense_latents
-        self.dense_latents = {n: [] for n in self.saes}
-        return out
+            check_edit(e, sae(e.sae).d_sae)
 
 
-@contextlib.contextmanager
-def splice(model: torch.nn.Module, saes: Sequence[LoadedSAE], mode: str = TRAIN_MODE, *, top_k: int = 0,
-           dense: bool = False, stats: bool = False,
-           rows: Sequence[RowSpec] | None = None) -> Iterator[Splice]:
-    """Context manager: SAEs spliced into `model`; hooks are removed on exit, also after an exception."""
-    sp = Splice(model, saes, mode=mode, top_k=top_k, dense=dense, stats=stats)
-    sp.set_rows(rows)
-    sp.install()
-    try:
-        yield sp
-    finally:
-        sp.remove()
+def fit_positions(pos: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:
+    """(B, T) positions from (1 or B, T) ones, or 0..T-1 when none are known; a shape that does not fit raises."""
+    if pos is None:
+        pos = torch.arange(t, device=device)[None, :]
+    if pos.shape[-1] != t or pos.shape[0] not in (1, b):
+        raise SpliceError(f"positions of shape {tuple(pos.shape)} do not fit a batch of ({b}, {t})")
+    return pos.to(device).expand(b, t)
+
+
+def splice_sae(s: LoadedSAE, x: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor | None,
+               rows: Sequence[RowSpec] | None, *, mode: str, top_k: int = 0, dense: bool = False,
+               stats: bool = False) -> SpliceResult:
+    """Splice SAE `s` into x (B, T, d) at positions pos (B, T; -1 = padding) with token ids (B, T) or None.
+
+    `rows` (one per batch row, or None: `mode` and no edits for every row) are assumed checked (`check_rows`).
+    Records the top-k latents when top_k > 0, the dense latents when `dense`, the stats when `stats`."""
+    b = x.shape[0]
+    modes = _row_modes(s.name, rows, mode, b)
+    if not (top_k > 0 or dense or stats) and not _any_active(s.name, rows, modes):
+        return SpliceResult(x)  # every row is off, or error_term without edits: the stream is exactly x
+    keep = s.policy.keep_mask(pos, ids, x)  # (B, T): stays exactly x (padding, sinks, BOS/EOS)
+    z = s.encode(x)  # (B, T, d_sae), fp32
+    z_edit, edited = _edit_latents(s.name, z, pos, keep, rows)  # edited: (B, T) bool, or None
+    decoded: dict[bool, torch.Tensor] = {}
+
+    def recon(clean: bool) -> torch.Tensor:  # (B, T, d), each reconstruction decoded at most once
+        clean = clean or edited is None  # without edits z' is z
+        if clean not in decoded:
+            decoded[clean] = s.decode(z if clean else z_edit, x)
+        return decoded[clean]
+
+    out = x
+    replace = torch.tensor([m == "replace" for m in modes], device=x.device)
+    if bool(replace.any()):
+        out = recon(False) if bool(replace.all()) else torch.where(replace[:, None, None], recon(False), out)
+    if edited is not None:
+        err = torch.tensor([m == "error_term" for m in modes], device=x.device)
+        emask = edited & err[:, None]  # (B, T)
+        if bool(emask.any()):
+            out = torch.where(emask[..., None], x + (recon(False) - recon(True)), out)
+    if bool(keep.any()):
+        out = torch.where(keep[..., None], x, out)
+    return SpliceResult(out, capture=_capture(z_edit, pos, top_k) if top_k > 0 else None,
+                        dense=z_edit.detach() if dense else None,
+                        stats=_stats(x, z, recon(True), ~keep) if stats else None)
+
+
+def _row_modes(name: str, rows: Sequence[RowSpec] | None, mode: str, b: int) -> list[str]:
+    if rows is None:
+        return [mode] * b
+    if len(rows) != b:
+        raise SpliceError(f"{len(rows)} row specs for a batch of {b} rows")
+    return [r.modes.get(name, mode) for r in rows]
+
+
+def _any_active(name: str, rows: Sequence[RowSpec] | None, modes: list[str]) -> bool:
+    rows = rows if rows is not None else [RowSpec()] * len(modes)
+    return any(changes_stream(m, r.edits, name) for m, r in zip(modes, rows, strict=True))
+
+
+def _edit_latents(name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
+                  rows: Sequence[RowSpec] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not rows or not any(e.sae == name for r in rows for e in r.edits):
+        return z, None
+    z = z.clone()
+    edited = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
+    for r, row in enumerate(rows):
+        for e in row.edits:
+            if e.sae != name:
+                continue
+            m = position_mask(e.positions, pos[r], row.prompt_len) & ~keep[r]  # (T,)
+            if not bool(m.any()):
+                continue
+            col = z[r, :, e.feature]
+            z[r, :, e.feature] = torch.where(m, apply_op(e.op, col, e.value), col)
+            edited[r] |= m
+    return z, edited
+
+
+def _capture(z: torch.Tensor, pos: torch.Tensor, top_k: int) -> Capture:
+    values, indices = z.detach().topk(min(top_k, z.shape[-1]), dim=-1)
+    return Capture(indices=indices, values=values, positions=pos.clone())
+
+
+def _stats(x: torch.Tensor, z: torch.Tensor, recon: torch.Tensor, real: torch.Tensor) -> SpliceStats:
+    """real (B, T): the spliced positions (under the policy, not padding); only they are counted."""
+    xr, err = x[real].float(), (x - recon)[real].float()  # (n, d)
+    return SpliceStats(sse=err.pow(2).sum(), sst=(xr - xr.mean(0, keepdim=True)).pow(2).sum().detach(),
+                       l0=(z.detach()[real] > 0).sum(-1).float().sum(), n=real.sum(), d=int(x.shape[-1]))

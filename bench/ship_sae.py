@@ -2,7 +2,7 @@
 
     saelora train-sae --hook blocks.12.hook_resid_post --d-sae 4608 --k 64 --epochs 3 --tokens 1000000 \\
         --out runs/sae-L12-k64
-    python bench/ship_sae.py runs/sae-L12-k64            # -> saelora/data/saes/smollm2-135m-L12-topk
+    python bench/ship_sae.py runs/sae-L12-k64            # -> cli/data/saes/smollm2-135m-L12-topk
 
 The quality record (FVU, L0, dead latents over >= 100k held-out activations at the positions the policy
 splices) is measured again here on the fp16 weights as they are shipped, with sae-lens's own SAE class, and

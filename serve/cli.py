@@ -13,18 +13,19 @@ log = logging.getLogger(__name__)
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import demo_dir
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae
 
-    from .app import create_app
+    from .api.app import create_app
 
     saes_specs, adapters = list(args.sae or []), list(args.adapter or [])
     demo = demo_dir(args.model)
     if not saes_specs and (demo / "sae" / "cfg.json").is_file():
         saes_specs = [str(demo / "sae")]
         log.info("no --sae given: using the demo SAE %s", saes_specs[0])
-        if not adapters and (demo / "adapter" / "saelora.json").is_file():
+        if not adapters and has_manifest(demo / "adapter"):
             adapters = [f"demo={demo / 'adapter'}"]
     lm = load_model(args.model, device=args.device)
     saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]

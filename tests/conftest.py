@@ -54,7 +54,7 @@ def make_engine(ws, **kw):
 @pytest.fixture(scope="session")
 def torch_server(ws):
     """A real server on 127.0.0.1 with the tiny model, its SAE and adapter a1 loaded at start (torch engine)."""
-    from saelora.serve.app import create_app
+    from saelora.serve.api.app import create_app
     from server_util import LiveServer
 
     engine = make_engine(ws)

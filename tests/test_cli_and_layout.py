@@ -81,3 +81,29 @@ def test_every_option_is_documented(command):
             continue
         text = (action.help or "").split("(default")[0].strip()
         assert text, f"saelora {command} {action.option_strings[0]} has no help text"
+
+
+def test_no_top_level_folder_shadows_the_package():
+    """Invariant: after a plain (non-editable) install, `import saelora.clients` works from the repository root.
+    The install goes to a temporary target; site-packages is put on the path without its .pth files, so the
+    dev venv's editable finder cannot paper over a shadowing folder."""
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert "saelora" not in folders
+
+
+@pytest.mark.slow
+def test_plain_install_imports_from_repository_root(tmp_path):
+    import shutil
+    import site
+    src, target = tmp_path / "src", tmp_path / "site"  # built from a copy: the build leaves no build/ behind
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "build", "__pycache__",
+                                                              "*.egg-info", "bench", "tests", "docs"))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    path = ":".join([str(target), *site.getsitepackages()])
+    code = "import saelora, saelora.clients; print(saelora.clients.__file__)"
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith(str(target))

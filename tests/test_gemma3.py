@@ -98,7 +98,7 @@ def test_train_eval_serve_on_a_small_budget(gemma, gemma_sae, tmp_path):
 def test_vllm_engine_matches_torch_engine_on_gemma3(gemma, gemma_sae, tmp_path):
     from saelora.adapters.saes import load_sae
     from saelora.launch import ServeProcess
-    from saelora.serve.app import create_app
+    from saelora.serve.api.app import create_app
     from saelora.serve.torch_engine import TorchEngine
     from server_util import LiveServer
     from test_vllm import assert_latents_close, complete

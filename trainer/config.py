@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
+from saelora.adapters.lora_targets import TARGET_NAMES
 
 
 def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:  # noqa: A002
@@ -33,7 +34,7 @@ class TrainConfig:
     dropout: float = opt(0.0, "LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model "
                               "always runs in eval mode, so the teacher never sees dropout)")
     rslora: bool = opt(False, "scale alpha/sqrt(r) instead of alpha/r")
-    targets: list[str] = opt(factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"],
+    targets: list[str] = opt(factory=lambda: list(TARGET_NAMES),
                              help="short names (mapped per architecture) or literal module-name suffixes")
     layers: str = opt("all", '"all" | "after" (layers after the first SAE) | comma list "12,13,14"')
     # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)

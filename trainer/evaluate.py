@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from saelora.adapters.hooks import HookPoint
 from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.splice import SpliceStats
 
 from .objective import (ce_per_token, kl_per_token, plain_logits, prefix, sae_summary, spliced_logits,
                         teacher_logits)
@@ -17,6 +19,28 @@ def gap_closed(ce_base: float, ce_spliced: float, ce_adapted: float) -> float:
     """(CE_spliced - CE_spliced+adapter) / (CE_spliced - CE_base): 0 = no help, 1 = back to the base model."""
     gap = ce_spliced - ce_base
     return float("nan") if gap == 0 else (ce_spliced - ce_adapted) / gap
+
+
+@dataclass
+class EvalResult:
+    """Means per token over the evaluated rows. The adapter fields are None when no adapter was evaluated.
+
+    saes: per SAE name, {l0,fvu}_{spliced,adapted} over its spliced positions."""
+
+    ce_base: float
+    ce_spliced: float
+    kl_spliced: float
+    tokens: int
+    saes: dict[str, dict[str, float]] = field(default_factory=dict)
+    ce_adapted: float | None = None
+    kl_adapted: float | None = None
+    ce_adapter_only: float | None = None  # the adapter alone, SAE off (drift from the base model)
+    kl_adapter_only: float | None = None
+    gap_closed: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form written to metrics.jsonl, eval.json and the manifest (None fields left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class _Acc:
@@ -34,14 +58,14 @@ class _Acc:
         return self.sums[key] / max(self.counts[key], 1)
 
 
-def _merge(into: dict[str, list], new: dict[str, list]) -> None:
+def _merge(into: dict[str, list[SpliceStats]], new: dict[str, list[SpliceStats]]) -> None:
     for k, v in new.items():
-        into.setdefault(k, []).extend({kk: vv.detach() for kk, vv in s.items()} for s in v)
+        into.setdefault(k, []).extend(s.detach() for s in v)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tensor, batch_size: int = 4,
-             adapter: bool = True, point: HookPoint | None = None) -> dict[str, Any]:
+             adapter: bool = True, point: HookPoint | None = None) -> EvalResult:
     """Evaluate on `rows` (N, T). `adapter=False` skips the adapter variants (a plain or pre-training model).
 
     `point`: share the layers up to it between variants (valid when the adapter touches no layer before it).
@@ -66,19 +90,20 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
             drift = plain_logits(model, ids, point, x, adapter=True)  # the adapter alone, SAE off
             acc.add("ce_adapter_only", ce_per_token(drift, ids))
             acc.add("kl_adapter_only", kl_per_token(base, drift))
-    out: dict[str, Any] = {k: acc.mean(k) for k in acc.sums}
-    out["tokens"] = acc.counts["ce_base"]
     per_sae = {n: {f"{k}_spliced": v for k, v in d.items()} for n, d in sae_summary(stats_sp).items()}
+    res = EvalResult(ce_base=acc.mean("ce_base"), ce_spliced=acc.mean("ce_spliced"), kl_spliced=acc.mean("kl_spliced"),
+                     tokens=acc.counts["ce_base"], saes=per_sae)
     if adapter:
-        out["gap_closed"] = gap_closed(out["ce_base"], out["ce_spliced"], out["ce_adapted"])
+        res.ce_adapted, res.kl_adapted = acc.mean("ce_adapted"), acc.mean("kl_adapted")
+        res.ce_adapter_only, res.kl_adapter_only = acc.mean("ce_adapter_only"), acc.mean("kl_adapter_only")
+        res.gap_closed = gap_closed(res.ce_base, res.ce_spliced, res.ce_adapted)
         for n, d in sae_summary(stats_ad).items():
             per_sae.setdefault(n, {}).update({f"{k}_adapted": v for k, v in d.items()})
-    out["saes"] = per_sae
-    return out
+    return res
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A terminal table of an `evaluate` result."""
+    """A terminal table of an `EvalResult.to_json()` (plus `positions`, as `saelora eval` writes it)."""
     lines = [f"spliced at {name}: {desc}" for name, desc in result.get("positions", {}).items()]
     lines += [f"{'metric':28s} value", "-" * 40]
     for key in ("ce_base", "ce_spliced", "ce_adapted", "gap_closed", "kl_spliced", "kl_adapted",

@@ -21,12 +21,12 @@ from saelora.adapters.errors import ConfigError
 from tqdm.auto import tqdm
 
 from saelora.adapters.activations import run_to_hook
+from saelora.adapters.config import FEATURES_FILE, descriptions_dir
 from saelora.adapters.saes import LoadedSAE
 
 from .config import opt
 
 log = logging.getLogger(__name__)
-FEATURES_FILE = "features.json"
 
 
 @dataclass
@@ -165,7 +165,7 @@ def run_features(cfg: FeaturesConfig) -> list[Path]:
     for spec, sae in zip(cfg.saes, saes, strict=True):
         result = describe_features(model, lm.tokenizer, sae, rows, cfg)
         result["config"] = asdict(cfg)
-        out = Path(cfg.out) / sae.name if cfg.out and len(saes) > 1 else Path(cfg.out or Path(spec) / "features")
+        out = descriptions_dir(spec) if not cfg.out else Path(cfg.out) / sae.name if len(saes) > 1 else Path(cfg.out)
         outs.append(write_features(result, out))
         log.info("features of %s written to %s (%d dead of %d)", sae.name, out, len(result["dead"]), sae.d_sae)
     return outs

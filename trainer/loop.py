@@ -117,7 +117,8 @@ def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metri
     tr.model.eval()
     for s in tr.saes:
         s.sae.eval()
-    res = evaluate(tr.model, tr.saes, val, batch_size=cfg.batch_size, adapter=tr.has_adapter, point=tr.point)
+    res = evaluate(tr.model, tr.saes, val, batch_size=cfg.batch_size, adapter=tr.has_adapter,
+                   point=tr.point).to_json()
     training_mode(tr)
     res.update(step=st.step, tokens_seen=st.tokens, train_s=round(st.train_s, 2))  # res["tokens"]: eval tokens
     st.evals.append(res)

@@ -9,19 +9,9 @@ import torch
 
 from saelora.adapters.errors import SaeloraError
 from saelora.adapters.hooks import HookPoint, decoder_layers, unwrap
+from saelora.adapters.lora_targets import TARGET_NAMES, target_table
 
-# Short names (the paper's q,k,v,o,gate,up,down) -> module-name suffixes per architecture family.
-_TARGETS = {
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    # gpt2 fuses q,k,v into attn.c_attn and has no gate.
-    "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
-             "up": "mlp.c_fc", "down": "mlp.c_proj"},
-}
-_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-           "gemma2": "llama", "gemma3_text": "llama", "phi3": "llama", "olmo2": "llama", "gpt2": "gpt2"}
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
+DEFAULT_TARGETS = TARGET_NAMES
 
 class LoraSetupError(SaeloraError, ValueError):
     """LoRA settings that do not fit the model."""
@@ -43,11 +33,11 @@ class LoraSettings:
 def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]:
     """Module-name suffixes for `targets` on this model (short names mapped per architecture)."""
     model_type = unwrap(model).config.model_type
-    table = _TARGETS.get(_FAMILY.get(model_type, "llama"), {})
+    table = target_table(model_type)
     resolved = []
     for t in targets:
         name = table.get(t, t)
-        if t in ("q", "k", "v", "o", "gate", "up", "down") and t not in table:
+        if t in TARGET_NAMES and t not in table:
             continue  # e.g. no gate in gpt2
         if name not in resolved:
             resolved.append(name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from saelora.adapters.activations import resume_from_hook, run_to_hook
 from saelora.adapters.hooks import HookPoint
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import splice
+from saelora.adapters.splice import SpliceStats
+from saelora.adapters.splice_hooks import splice
 
 
 def adapters_disabled(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -74,7 +75,7 @@ def teacher_logits(model: torch.nn.Module, ids: torch.Tensor, point: HookPoint |
 
 def spliced_logits(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None = None,
                    x: torch.Tensor | None = None, adapter: bool = True, mode: str = "replace",
-                   ) -> tuple[torch.Tensor, dict[str, list[dict[str, torch.Tensor]]]]:
+                   ) -> tuple[torch.Tensor, dict[str, list[SpliceStats]]]:
     """Logits (B, T, V) with `saes` spliced in `mode`, and the splice's per-SAE stats."""
     ctx = contextlib.nullcontext() if adapter else adapters_disabled(model)
     with ctx, _from(model, point, x), splice(model, saes, mode=mode, stats=True) as sp:
@@ -105,21 +106,21 @@ def objective(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tens
         loss = loss + w.ce_weight * ce
         parts["ce"] = ce.item()
     if w.mse_weight:
-        mse = sum(st["sse"] / (st["n"] * st["d"]) for per in stats.values() for st in per)
+        mse = sum(st.sse / (st.n * st.d) for per in stats.values() for st in per)
         loss = loss + w.mse_weight * mse
         parts["mse"] = float(mse)
     parts["loss"] = loss.item()
     return loss, parts
 
 
-def sae_summary(stats: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def sae_summary(stats: dict[str, list[SpliceStats]]) -> dict[str, dict[str, float]]:
     """Accumulated splice stats -> per SAE {l0, fvu}."""
     out = {}
     for name, per in stats.items():
         if not per:
             continue
-        sse = sum(float(s["sse"]) for s in per)
-        sst = sum(float(s["sst"]) for s in per)
-        n = sum(float(s["n"]) for s in per)
-        out[name] = {"l0": sum(float(s["l0"]) for s in per) / max(n, 1.0), "fvu": sse / max(sst, 1e-12)}
+        sse = sum(float(s.sse) for s in per)
+        sst = sum(float(s.sst) for s in per)
+        n = sum(float(s.n) for s in per)
+        out[name] = {"l0": sum(float(s.l0) for s in per) / max(n, 1.0), "fvu": sse / max(sst, 1e-12)}
     return out

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from saelora.adapters.config import DEFAULT_MODEL
-from saelora.adapters.bundle import attach_bundle, load_bundle
+from saelora.adapters.bundle import BundleManifest, attach_bundle, load_bundle, read_manifest
 from saelora.adapters.corpus import CorpusConfig, load_corpus
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.models import load_model
@@ -48,8 +48,8 @@ class EvalConfig:
     device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
-def _manifest(cfg: EvalConfig) -> dict[str, Any]:
-    return json.loads((Path(cfg.adapter) / "saelora.json").read_text()) if cfg.adapter else {}
+def _manifest(cfg: EvalConfig) -> BundleManifest | None:
+    return read_manifest(cfg.adapter) if cfg.adapter else None
 
 
 def _corpus_config(cfg: EvalConfig, trained: dict[str, Any], bos: bool, seq_len: int | None = None,
@@ -68,7 +68,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     lm = load_model(cfg.model, device=cfg.device)
     manifest = _manifest(cfg)
-    entries = manifest.get("saes", [])
+    entries = manifest.saes if manifest else []
     specs = list(cfg.saes) or [e["source"] for e in entries]
     if not specs:
         raise ConfigError("no SAE to evaluate: pass --sae or --adapter")
@@ -80,7 +80,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
     if cfg.adapter:
         model = attach_bundle(model, load_bundle(cfg.adapter, lm.fingerprint, saes, lm.model), "adapter")
     dev = next(model.parameters()).device
-    trained = manifest.get("training", {}).get("corpus", {}).get("config", {})
+    trained = manifest.training.get("corpus", {}).get("config", {}) if manifest else {}
     bos = corpus_bos([s.policy for s in saes])
     main = load_corpus(lm.tokenizer, _corpus_config(cfg, trained, bos))
     held = main.test if cfg.split == "test" else main.val
@@ -97,7 +97,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         rows = rows[: cfg.rows].to(dev)
         log.info("evaluating on %s: %d rows of %d tokens", name, len(rows), rows.shape[1])
         with torch.no_grad():
-            results[name] = evaluate(model, saes, rows, cfg.batch_size, adapter=bool(cfg.adapter))
+            results[name] = evaluate(model, saes, rows, cfg.batch_size, adapter=bool(cfg.adapter)).to_json()
         results[name]["positions"] = {s.name: s.policy.describe() for s in saes}
     out = Path(cfg.out or (Path(cfg.adapter) / "eval.json" if cfg.adapter else "eval.json"))
     out.write_text(json.dumps({"config": asdict(cfg), "policies": {s.name: s.policy.to_json() for s in saes},

@@ -33,20 +33,20 @@ from saelora.adapters.errors import ConfigError
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.edits import changes_stream
-from saelora.adapters.splice import Splice
+from saelora.adapters.lora_targets import LLAMA_MODULES
 
-from ..engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
+from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                       TokenFeaturesOut)
-from ..registry import AdapterRegistry, safe_adapter_path
-from ..sampling import Detokenizer
-from ..threaded import Emit, ThreadedEngine
+from ..core.registry import AdapterRegistry, safe_adapter_path
+from ..core.rows import RowState
+from ..core.threaded import Emit, ThreadedEngine
 from . import ARCHITECTURES, register, spliced_architecture
 
 log = logging.getLogger(__name__)
 
 # The modules saelora's trainer puts LoRA on (HF names in the llama/mistral/qwen/gemma families). vLLM wraps only
 # these: with no list it also wraps lm_head, and every base request then pays a LoRA pass over the vocabulary.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = LLAMA_MODULES  # vLLM builds LoRA layers for these on the llama-style families
 
 
 @dataclass
@@ -72,22 +72,18 @@ def configure_cpu_env(kv_cache_gb: float) -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-class _Row:
+class _Row(RowState):
     def __init__(self, rid: str, req: GenerationRequest, emit: Emit, engine: "VllmEngine",
                  prompt_only: bool = False) -> None:
-        self.rid, self.req, self.emit, self.prompt_only = rid, req, emit, prompt_only
-        self.prompt_len = len(req.prompt_ids)
+        super().__init__(req, emit, engine.tokenizer, engine.eos, engine.sae_names)
+        self.rid, self.prompt_only = rid, prompt_only
         self.top_k = req.splice.top_k
-        self.report = list(req.splice.saes or engine.sae_names)
-        self.detok = Detokenizer(engine.tokenizer, req.sampling.stop)
         self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in engine.sae_names}
         self.pending: collections.deque[TokenEvent] = collections.deque()  # waiting for their latents
         self.prompt_due = bool(self.top_k and (req.splice.include_prompt or prompt_only))
-        self.generated = 0
         self.reason: str | None = None  # finished (stop | length); flushes pending events first
         self.in_vllm = False  # added to vLLM and not finished there
         self.cached_tokens = 0  # prompt tokens vLLM took from its prefix cache
-        self.cancelled = False
 
     def latents_at(self, pos: int) -> Latents | None:
         """This row's reported latents at `pos` (top_k each), or None while any SAE's are missing."""
@@ -103,16 +99,13 @@ class _Row:
 class VllmEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], options: VllmOptions | None = None) -> None:
         self.opts = options or VllmOptions()
-        super().__init__(self.opts.max_queue)
         arch = (getattr(lm.model.config, "architectures", None) or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
-        self.lm, self.tokenizer, self.model_id, self.arch = lm, lm.tokenizer, lm.spec, arch
-        self.sae_list = saes
-        self.checker = Splice(None, saes)  # type: ignore[arg-type]  # validates edits; never installed
-        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        self._max_len = min(self.opts.max_model_len or cfg_len, cfg_len - 1)  # room for the extra token
+        super().__init__(self.opts.max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
+                         min(self.opts.max_model_len or cfg_len, cfg_len - 1))  # room for the extra token
+        self.lm, self.model_id, self.arch = lm, lm.spec, arch
         self.eos = stop_token_ids(lm)
         self.rows: dict[str, _Row] = {}
         self.lora_ids: dict[str, int] = {}
@@ -141,7 +134,7 @@ class VllmEngine(ThreadedEngine):
 
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:
-        from ..engine import Sampling, SpliceRequest
+        from ..core.engine import Sampling, SpliceRequest
 
         self._check_encode(prompt_ids, saes)
         self.registry.acquire(adapter)
@@ -318,18 +311,15 @@ class VllmEngine(ThreadedEngine):
     def _on_token(self, row: _Row, tok: int, logprobs: Any) -> None:
         if row.reason is not None:
             return  # the extra token asked for the last token's latents
-        row.generated += 1
         if row.prompt_only:
+            row.generated += 1
             row.reason = "length"
-            return
-        if tok in self.eos:
-            row.reason = "stop"
             return
         s = row.req.sampling
         lp, top = _logprobs(tok, logprobs, s.logprobs) if s.logprobs is not None else (None, None)
-        delta, hit_stop = row.detok.add(tok)
-        row.pending.append(TokenEvent(tok, row.prompt_len + row.generated - 1, delta, lp, top))
-        row.reason = "stop" if hit_stop else "length" if row.generated >= s.max_tokens else None
+        event, row.reason = row.accept(tok, lp, top)
+        if event is not None:
+            row.pending.append(event)
 
     def _release(self, row: _Row) -> None:
         """Emit what is ready: prompt latents, then token events whose latents are in; finish when done."""
@@ -354,7 +344,7 @@ class VllmEngine(ThreadedEngine):
         if row.pending:
             return
         self._close(row)
-        row.emit(Finished(row.reason or "length", row.detok.finish(), row.prompt_len, row.generated))
+        row.emit(row.finished(row.reason or "length"))
 
     def _close(self, row: _Row) -> None:
         if row.in_vllm:

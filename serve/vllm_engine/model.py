@@ -9,8 +9,8 @@ residual add fused into the next layer's norm, so the true residual stream is `h
 
 Only requests whose settings need it are touched (`tracker.SlotSpec`); when no request in the batch needs
 the SAE, the layer's output is returned as it is, so `off` and `error_term` without edits are exactly the
-base model. The splice itself is `saelora.adapters.splice.Splice` (the torch engine's code), called once
-per request on that request's token range with its own rows/positions/top_k.
+base model. The splice itself is `saelora.adapters.splice.splice_sae` (the function the torch engine's hooks
+call), called once per request on that request's token range with its own rows/positions/top_k.
 
 Each SAE's position policy (adapters/policy.py) needs the token ids of the flat batch: the mixin wraps the
 backbone's forward to hand `input_ids` to the runtime before the layers run.
@@ -39,7 +39,7 @@ from saelora.adapters.hooks import HookPoint
 from saelora.adapters.policy import PositionPolicy
 from saelora.adapters.saes import LoadedSAE, read_sae
 from saelora.adapters.edits import SERVE_MODE
-from saelora.adapters.splice import Splice
+from saelora.adapters.splice import fit_positions, splice_sae
 
 from . import tracker
 
@@ -64,7 +64,7 @@ class SpliceRuntime:
     """The SAEs of one model and the per-request splice over vLLM's flat token batch."""
 
     def __init__(self, saes: list[LoadedSAE]) -> None:
-        self.splice = Splice(None, saes, mode=SERVE_MODE)  # type: ignore[arg-type]  # never installed
+        self.saes = {s.name: s for s in saes}
         self.ids: torch.Tensor | None = None  # (N,) token ids of the current forward (None: prompt embeddings)
 
     def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -103,17 +103,14 @@ class SpliceRuntime:
               idx: Any) -> torch.Tensor:
         """Splice x (R, T, d) at positions (R, T), row r with specs[r]; record each row's own top-k latents.
         idx indexes the flat batch's token ids into the same (R, T) shape."""
-        sp = self.splice
-        sp.rows, sp.positions = [s.row for s in specs], pos
-        sp.token_ids = None if self.ids is None else self.ids[idx]
-        sp.top_k = max(s.top_k for s in specs)
-        y = sp.apply(name, x)
-        for cap in sp.pop_captures()[name]:
-            for r, s in enumerate(specs):
-                if s.top_k:
-                    tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :s.top_k],
-                                   cap.values[r, :, :s.top_k])
-        return y
+        ids = None if self.ids is None else self.ids[idx]
+        res = splice_sae(self.saes[name], x, fit_positions(pos, x.shape[0], x.shape[1], x.device), ids,
+                         [s.row for s in specs], mode=SERVE_MODE, top_k=max(s.top_k for s in specs))
+        cap = res.capture
+        for r, s in enumerate(specs):
+            if cap is not None and s.top_k:
+                tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :s.top_k], cap.values[r, :, :s.top_k])
+        return res.out
 
 
 def _wrap_layer(layer: torch.nn.Module, runtime: SpliceRuntime, name: str, kind: str) -> None:

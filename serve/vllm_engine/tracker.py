@@ -26,6 +26,8 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from saelora.adapters.edits import SERVE_MODE, LatentEdit, changes_stream
 from saelora.adapters.splice import RowSpec
 
+from ..core.rows import wire_latents
+
 KEY = "saelora"  # the extra_args key
 Latents = dict[str, tuple[list[int], list[float]]]
 
@@ -89,8 +91,7 @@ def record(rid: str, sae: str, positions: torch.Tensor, indices: torch.Tensor, v
     with _LOCK:
         per = CAPTURES.setdefault(rid, {}).setdefault(sae, {})
         for pos, idx, val in rows:
-            keep = [j for j, v in enumerate(val) if v != 0]
-            per[pos] = ([idx[j] for j in keep], [round(val[j], 5) for j in keep])
+            per[pos] = wire_latents(idx, val, len(idx))
 
 
 def pop_captures() -> dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]]:

@@ -5,7 +5,8 @@ import torch
 
 from saelora.adapters.hooks import decoder_layers
 from saelora.adapters.saes import place_sae
-from saelora.adapters.splice import LatentEdit, RowSpec, SpliceError, splice
+from saelora.adapters.splice import LatentEdit, RowSpec, SpliceError
+from saelora.adapters.splice_hooks import splice
 from tiny import make_sae, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -247,6 +248,6 @@ def test_stats_match_hand_computation(llama):
         llama(IDS)
     st = sp.pop_stats()[s.name][0]
     flat = x.reshape(-1, x.shape[-1])
-    torch.testing.assert_close(st["sse"], (x - recon).pow(2).sum())
-    torch.testing.assert_close(st["sst"], (flat - flat.mean(0)).pow(2).sum())
-    assert st["l0"].item() == (z > 0).sum().item() and st["n"].item() == 24
+    torch.testing.assert_close(st.sse, (x - recon).pow(2).sum())
+    torch.testing.assert_close(st.sst, (flat - flat.mean(0)).pow(2).sum())
+    assert st.l0.item() == (z > 0).sum().item() and st.n.item() == 24

@@ -3,8 +3,8 @@
 Between steps the thread runs commands (adapter load/unload, encode-only work) and admits queued
 requests; then the engine advances every running request by one step. The event loop side streams each
 request's events from an asyncio queue that the thread fills (`_stream`), and awaits commands (`_call`).
-Request validation, SAE/adapter listings and unloading are shared too; an engine sets `checker` (a `Splice`
-over its SAEs, used to validate edits), `registry`, `tokenizer`, `sae_list` and `_max_len`.
+Request validation, SAE/adapter listings and unloading are shared too; an engine hands its collaborators
+(SAEs, adapter registry, tokenizer, context limit) to `ThreadedEngine.__init__`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Callable
 
-from saelora.adapters.splice import RowSpec, Splice, SpliceError
+from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.splice import RowSpec, SpliceError, check_rows
 
 from .engine import Engine, EngineError, Event, Finished, GenerationRequest
 from .registry import AdapterRegistry
@@ -27,13 +28,11 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
-    checker: Splice
-    registry: AdapterRegistry
-    sae_list: list[Any]
-    _max_len: int
-
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry, tokenizer: Any,
+                 max_len: int) -> None:
         self.max_queue = max_queue
+        self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
+        self.registry, self.tokenizer, self._max_len = registry, tokenizer, max_len
         self.incoming: queue.Queue[Any] = queue.Queue()
         self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
             queue.Queue()
@@ -72,7 +71,7 @@ class ThreadedEngine(Engine):
 
     @property
     def sae_names(self) -> list[str]:
-        return list(self.checker.saes)
+        return list(self.sae_map)
 
     def saes(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.sae_list]
@@ -92,7 +91,7 @@ class ThreadedEngine(Engine):
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
         try:
-            self.checker.validate_row(RowSpec(edits=req.splice.edits))
+            check_rows(self.sae_map, [RowSpec(edits=req.splice.edits)])
         except SpliceError as e:
             raise EngineError("invalid", str(e), "sae.edits") from e
         unknown = set(req.splice.saes or []) - set(self.sae_names)

@@ -6,7 +6,7 @@ import torch
 from saelora.adapters.activations import resume_from_hook, run_to_hook
 from saelora.adapters.hooks import HookPoint, decoder_layers
 from saelora.adapters.saes import place_sae
-from saelora.adapters.splice import splice
+from saelora.adapters.splice_hooks import splice
 from tiny import make_sae, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(3))

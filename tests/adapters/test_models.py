@@ -85,7 +85,7 @@ def test_embedded_model_ce_on_embedded_corpus(smollm):
 @pytest.mark.slow
 def test_error_term_splice_reproduces_embedded_model(smollm):
     from saelora.adapters.saes import place_sae
-    from saelora.adapters.splice import splice
+    from saelora.adapters.splice_hooks import splice
     from tiny import make_sae
 
     s = place_sae(smollm.model, make_sae("topk", hook="model.layers.10", d_in=576, d_sae=1024), source="random")

@@ -1,4 +1,4 @@
-"""The engine interface the HTTP layer talks to. The embedded torch engine (`torch_engine.py`) implements it
+"""The engine interface the HTTP layer talks to. The embedded torch engine (`serve/torch_engine/`) implements it
 and is the reference; a vLLM engine implements the same interface.
 
 A generation streams events: `PromptFeatures` (when asked), one `TokenEvent` per generated token (with its

@@ -7,7 +7,8 @@ from saelora.adapters.hooks import decoder_layers
 from saelora.adapters.policy import (PolicyError, PositionPolicy, apply_override, corpus_bos, default_policy,
                                      policy_from_metadata)
 from saelora.adapters.saes import place_sae
-from saelora.adapters.splice import LatentEdit, RowSpec, splice
+from saelora.adapters.splice import LatentEdit, RowSpec
+from saelora.adapters.splice_hooks import splice
 from tiny import make_sae, tiny_gpt2, tiny_llama
 
 BOS, EOS = 1, 2
@@ -77,7 +78,7 @@ def test_stats_count_only_spliced_positions(llama):
         with torch.no_grad():
             llama(IDS)
     st = sp.pop_stats()[s.name][0]
-    assert int(st["n"]) == int((~KEPT).sum())
+    assert int(st.n) == int((~KEPT).sum())
 
 
 def test_policy_is_derived_from_metadata_and_tokenizer():
@@ -130,7 +131,7 @@ def test_invariant_massive_activations_stay_original(llama):
         h, _ = _hidden_after(llama, 1)
     assert 0 < int(massive.sum()) < massive.numel()
     assert torch.equal(h[massive], base_h[massive])
-    assert int(sp.pop_stats()["s"][0]["n"]) == int((~massive).sum())
+    assert int(sp.pop_stats()["s"][0].n) == int((~massive).sum())
     assert apply_override(policy, "keep_norm_above=") == PositionPolicy(keep_first=False)
     assert PositionPolicy.from_json(policy.to_json()) == policy
 

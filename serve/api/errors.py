@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import EngineError
+from ..core.engine import EngineError
 
 log = logging.getLogger(__name__)
 

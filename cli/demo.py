@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -42,6 +41,8 @@ def _demo_sae(sae: Path, args: argparse.Namespace) -> None:
 
 
 def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    from saelora.adapters.bundle import has_manifest
+    from saelora.adapters.config import descriptions_file
     from saelora.trainer.config import TrainConfig
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.train import train_lora
@@ -49,9 +50,9 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     sae, adapter = work / "sae", work / "adapter"
     if not (sae / "cfg.json").is_file():
         _demo_sae(sae, args)
-    if not (sae / "features" / "features.json").is_file():
+    if not descriptions_file(sae).is_file():
         run_features(FeaturesConfig(model=args.model, saes=[str(sae)], rows=args.feature_rows, top_n=8))
-    if not (adapter / "saelora.json").is_file():
+    if not has_manifest(adapter):
         log.info("training the demo adapter (once; %d steps)", args.lora_steps)
         train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"), layers="after",
                                rank=args.rank, alpha=32, lr=args.lora_lr, max_steps=args.lora_steps,
@@ -72,9 +73,10 @@ def _server(sae: Path, work: Path, args: argparse.Namespace) -> "ServeProcess":
 
 
 def _session(url: str, adapter: Path) -> None:
+    from saelora.adapters.bundle import read_manifest
     from saelora.adapters.policy import PositionPolicy
     from saelora.clients import Edit, SaeloraClient
-    from saelora.clients.client import kept_by_policy
+    from saelora.clients.endpoints import kept_by_policy
 
     c = SaeloraClient(url)
     sae = c.saes.list().data[0]
@@ -95,15 +97,15 @@ def _session(url: str, adapter: Path) -> None:
     cmp = c.compare("My favourite place to visit is", [Edit.set(steer, value, positions="generated")],
                     max_tokens=24, top_k=4)
     print(f"  unsteered: {cmp['default']!r}\n  steered:   {cmp['steered']!r}  (set #{steer} = {value:.1f})")
-    manifest = json.loads((adapter / "saelora.json").read_text())
+    manifest = read_manifest(adapter)
     c.adapters.load("demo", adapter.name)
     adapted = c.complete(PROMPT, model="demo", max_tokens=12, temperature=0, sae={"mode": "replace"}).choices[0].text
     spliced = c.complete(PROMPT, max_tokens=12, temperature=0, sae={"mode": "replace"}).choices[0].text
     base = c.complete(PROMPT, max_tokens=12, temperature=0).choices[0].text
-    final = manifest["metrics"]["final"]
-    policy = PositionPolicy.from_json(manifest["saes"][0]["policy"])
-    print(f"\n== adapter 'demo' hot-loaded ({manifest['lora']['r']}-rank LoRA, layers {manifest['lora']['layers']}, "
-          f"{manifest['training']['train_seconds'] / 60:.1f} min of training)")
+    final = manifest.metrics["final"]
+    policy = PositionPolicy.from_json(manifest.saes[0]["policy"])
+    print(f"\n== adapter 'demo' hot-loaded ({manifest.lora['r']}-rank LoRA, layers {manifest.lora['layers']}, "
+          f"{manifest.training['train_seconds'] / 60:.1f} min of training)")
     print(f"  base model:           {base!r}\n  SAE spliced:          {spliced!r}\n  SAE spliced+adapter:  "
           f"{adapted!r}")
     print(f"  SAE spliced at {policy.describe()}")

@@ -7,17 +7,17 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from saelora import __version__
+from saelora.adapters.config import descriptions_file
 from saelora.clients import protocol as P
 
 from . import errors
-from .engine import Engine, EngineError
+from ..core.engine import Engine, EngineError
 from .handlers import Handlers
 from .metrics import Metrics
 
@@ -109,7 +109,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     async def saes() -> P.SAEList:
         return P.SAEList(data=[P.SAEInfo(id=s["name"], hook=s["hook"], architecture=s["architecture"], d_in=s["d_in"],
                                          d_sae=s["d_sae"], source=s["source"], fingerprint=s["fingerprint"]["id"],
-                                         has_descriptions=_descriptions_file(s).is_file(), policy=s.get("policy"))
+                                         has_descriptions=descriptions_file(s["source"]).is_file(),
+                                         policy=s.get("policy"))
                                 for s in engine.saes()])
 
     @app.get("/v1/saes/{sae_id}/features/{index}", response_model=P.FeatureDescription)
@@ -120,7 +121,7 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
         if not 0 <= index < sae["d_sae"]:
             raise EngineError("invalid", f"feature index {index} outside [0, {sae['d_sae']})", "index")
         if sae_id not in descriptions:
-            path = _descriptions_file(sae)
+            path = descriptions_file(sae["source"])
             descriptions[sae_id] = json.loads(path.read_text()) if path.is_file() else None
         data = descriptions[sae_id]
         if data is None:
@@ -157,8 +158,3 @@ def _route_label(path: str) -> str:
     if path in _ROUTES:
         return path
     return "/v1/saes/{id}/features/{index}" if path.startswith("/v1/saes/") else "other"
-
-
-def _descriptions_file(sae: dict[str, Any]) -> Path:
-    """Where `saelora features` writes an SAE's descriptions by default: <sae folder>/features/features.json."""
-    return Path(sae["source"]) / "features" / "features.json"

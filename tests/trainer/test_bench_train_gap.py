@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tiny import tiny_workspace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_gap_quick_writes_every_arm_and_the_from_scratch_comparison(tmp_path):

@@ -2,7 +2,7 @@
 
 One background thread owns the model. Between steps it runs commands (adapter load/unload, encode-only
 requests) and admits queued requests (their prompts are prefilled together, left-padded); then one
-batched decode step advances every running row. Each row keeps its own KV cache (serve/kv.py), its own
+batched decode step advances every running row. Each row keeps its own KV cache (kv.py), its own
 adapter (PEFT mixed batch, `__base__` for none), splice mode, edits and sampling settings.
 
 A generated token's latents are those at the token's own position, known one step after it is sampled;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Collection
 
 import torch
 
@@ -23,50 +23,43 @@ from saelora.adapters.bundle import attach_bundle, detach_adapter
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.edits import SERVE_MODE
-from saelora.adapters.splice import RowSpec, Splice
+from saelora.adapters.splice import RowSpec
+from saelora.adapters.splice_hooks import Splice
 
 from . import kv
-from .engine import (EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent,
+from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
-from .registry import BASE, AdapterRegistry, safe_adapter_path
-from .sampling import Detokenizer, logprobs_of, sample
-from .threaded import ThreadedEngine
+from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
+from ..core.rows import RowState, wire_latents
+from ..core.sampling import logprobs_of, sample
+from ..core.threaded import ThreadedEngine
 
 log = logging.getLogger(__name__)
 
 
-class _Row:
+class _Row(RowState):
     def __init__(self, req: GenerationRequest, emit: Callable[[Any], None], engine: "TorchEngine") -> None:
-        self.req, self.emit = req, emit
+        names = list(engine.splice.saes)
+        super().__init__(req, emit, engine.tokenizer, engine.eos, names)
         self.ids = list(req.prompt_ids)  # every token fed, or to be fed next
-        self.prompt_len = len(req.prompt_ids)
         self.kv: kv.RowKV | None = None
-        self.generated = 0
         self.pending: TokenEvent | None = None  # sampled, waiting for its latents
         self.flush_reason: str | None = None  # finished; one more step for the last token's latents
-        self.cancelled = False
-        self.done = False
-        self.detok = Detokenizer(engine.tokenizer, req.sampling.stop)
         seed = req.sampling.seed
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        names = list(engine.splice.saes)
         self.spec = RowSpec(modes={n: req.splice.mode for n in names}, edits=list(req.splice.edits),
                             prompt_len=self.prompt_len)
-        self.report = set(req.splice.saes or names)
 
 
 class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, adapter_root: str | None = None) -> None:
-        super().__init__(max_queue)
-        self.model, self.tokenizer, self.model_id = lm.model, lm.tokenizer, lm.spec
-        self.lm, self.sae_list = lm, saes
-        self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
-        self.checker = self.splice
-        self.max_batch, self.adapter_root = max_batch, adapter_root
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        self._max_len = min(max_model_len or cfg_len, cfg_len)
-        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        super().__init__(max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
+                         min(max_model_len or cfg_len, cfg_len))
+        self.model, self.model_id, self.lm = lm.model, lm.spec, lm
+        self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
+        self.max_batch, self.adapter_root = max_batch, adapter_root
         self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
@@ -142,14 +135,12 @@ class TorchEngine(ThreadedEngine):
             self.active += [r for r in new if not r.done]
 
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
-        self.splice.rows = [r.spec for r in rows]
-        self.splice.top_k = max(r.req.splice.top_k for r in rows)
-        self.splice.positions = pos
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos.clamp(min=0),
                                       past_key_values=cache, use_cache=True)
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [r.req.adapter or BASE for r in rows]
-        with torch.no_grad():
+        top_k = max(r.req.splice.top_k for r in rows)
+        with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k):
             out = self.model(**kwargs)
         return out, self.splice.pop_captures()
 
@@ -196,15 +187,12 @@ class TorchEngine(ThreadedEngine):
     def _next_token(self, row: _Row, logits: torch.Tensor) -> None:
         s = row.req.sampling
         tok = sample(logits, s, row.gen)
-        row.generated += 1
-        if tok in self.eos:
+        lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
+        event, reason = row.accept(tok, lp, top)
+        if event is None:
             self._finish(row, "stop")
             return
         row.ids.append(tok)
-        lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
-        delta, hit_stop = row.detok.add(tok)
-        event = TokenEvent(tok, len(row.ids) - 1, delta, lp, top)
-        reason = "stop" if hit_stop else "length" if row.generated >= s.max_tokens else None
         if row.req.splice.top_k:
             row.pending, row.flush_reason = event, reason
         else:
@@ -213,20 +201,15 @@ class TorchEngine(ThreadedEngine):
                 self._finish(row, reason)
 
     @staticmethod
-    def _latents(caps: dict[str, list[Any]], report: set[str], k: int, i: int, j: int) -> Latents:
-        """Top-k latents of batch row i, column j, for the SAEs in `report` (inactive ones dropped)."""
-        out = {}
-        for name, per in caps.items():
-            if name in report and per:
-                vals, idx = per[-1].values[i, j, :k], per[-1].indices[i, j, :k]
-                keep = vals != 0
-                out[name] = (idx[keep].tolist(), [round(float(v), 5) for v in vals[keep]])
-        return out
+    def _latents(caps: dict[str, list[Any]], report: Collection[str], k: int, i: int, j: int) -> Latents:
+        """Top-k latents of batch row i, column j, for the SAEs in `report`, as they go on the wire."""
+        return {name: wire_latents(per[-1].indices[i, j].tolist(), per[-1].values[i, j].tolist(), k)
+                for name, per in caps.items() if name in report and per}
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.done = True
         self.registry.release(row.req.adapter)
-        row.emit(Finished(reason, row.detok.finish(), row.prompt_len, row.generated))
+        row.emit(row.finished(reason))
 
     def _drop(self, row: _Row) -> None:
         row.done = True
@@ -243,10 +226,10 @@ class TorchEngine(ThreadedEngine):
         names = [n for n in self.splice.saes if n in report]
         deepest = max((self.splice.saes[n].hook for n in names), key=lambda p: p.depth)
         ids = torch.tensor([prompt_ids])
-        self.splice.rows = [RowSpec(modes={n: "off" for n in self.splice.saes})]
-        self.splice.top_k, self.splice.positions = top_k, torch.arange(len(prompt_ids))[None]
+        row = RowSpec(modes={n: "off" for n in self.splice.saes})
         kwargs = {"adapter_names": [adapter or BASE]} if hasattr(self.model, "peft_config") else {}
-        with torch.no_grad():
+        with torch.no_grad(), self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
+                                                top_k=top_k):
             run_to_hook(self.model, deepest, ids, **kwargs)
         caps = self.splice.pop_captures()
         return [TokenFeaturesOut(j, prompt_ids[j], self._latents(caps, report, top_k, 0, j))

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Callable
 from saelora.adapters.edits import LatentEdit
 from saelora.clients import protocol as P
 
-from .engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
+from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
                      SpliceRequest, TokenEvent, TokenFeaturesOut)
 from .errors import error_event
 

@@ -77,7 +77,7 @@ def test_adapter_load_unload_through_client(client):
 
 
 def test_retries_429_honouring_retry_after(ws):
-    with LiveServer(__import__("saelora.serve.app", fromlist=["create_app"]).create_app(
+    with LiveServer(__import__("saelora.serve.api.app", fromlist=["create_app"]).create_app(
             make_engine(ws, max_batch=1, max_queue=1), served_name="tiny")) as srv:
         async def burst(retries):
             async with AsyncSaeloraClient(srv.url, model="tiny", max_retries=retries) as c:
@@ -137,3 +137,24 @@ def test_chat_without_a_server_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "saelora", "chat", "--url", "http://127.0.0.1:9"], capture_output=True,
                        text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "cannot reach a server" in r.stderr and "Traceback" not in r.stderr
+
+
+def _public_calls(obj) -> dict[str, object]:
+    return {n: getattr(obj, n) for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n))}
+
+
+def test_async_client_offers_every_sync_call():
+    """Invariant: every public call of SaeloraClient (and of its adapters/saes namespaces) exists on
+    AsyncSaeloraClient as a coroutine function or async generator, with the same parameters."""
+    import inspect
+    sync, aio = SaeloraClient("http://127.0.0.1:9"), AsyncSaeloraClient("http://127.0.0.1:9")
+    skip = {"close", "__enter__", "__exit__"}  # the context protocol differs by nature (aclose / async with)
+    for s_obj, a_obj in ((sync, aio), (sync.adapters, aio.adapters), (sync.saes, aio.saes)):
+        s_calls, a_calls = _public_calls(s_obj), _public_calls(a_obj)
+        missing = set(s_calls) - set(a_calls) - skip
+        assert not missing, f"AsyncSaeloraClient lacks {sorted(missing)}"
+        for name in set(s_calls) - skip:
+            fn = a_calls[name]
+            assert inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn), name
+            s_params = list(inspect.signature(s_calls[name]).parameters)
+            assert list(inspect.signature(fn).parameters) == s_params, name

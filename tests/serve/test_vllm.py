@@ -180,7 +180,7 @@ def smol_servers(tmp_path_factory):
     """Torch and vLLM servers on SmolLM2 with a random TopK SAE at layer 10 and a random adapter bundle."""
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae
-    from saelora.serve.app import create_app
+    from saelora.serve.api.app import create_app
     from saelora.serve.torch_engine import TorchEngine
     from saelora.launch import ServeProcess
     from server_util import LiveServer
@@ -270,7 +270,7 @@ def test_other_families_match_torch_engine(family, tmp_path):
     with SAEs at a layer's output and at another layer's input."""
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae
-    from saelora.serve.app import create_app
+    from saelora.serve.api.app import create_app
     from saelora.serve.torch_engine import TorchEngine
     from saelora.launch import ServeProcess
     from server_util import LiveServer
@@ -319,7 +319,7 @@ def test_smollm2_chunked_prefill_latents_match_torch_engine(smol_servers):
     from pathlib import Path
 
     torch_srv, vllm_srv = smol_servers
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     text = (docs / "architecture.md").read_text() + (docs / "vllm.md").read_text()
     want = complete(torch_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)
     got = complete(vllm_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from saelora.serve.app import create_app
+from saelora.serve.api.app import create_app
 from conftest import SAE, make_engine
 from server_util import LiveServer
 
@@ -352,8 +352,8 @@ def test_not_ready_is_503(ws):
 
 
 def test_failure_mid_stream_sends_error_event_then_done():
-    from saelora.serve.engine import EngineError, Finished, TokenEvent
-    from saelora.serve.handlers import _sse
+    from saelora.serve.core.engine import EngineError, Finished, TokenEvent
+    from saelora.serve.api.handlers import _sse
     from tiny import tiny_tokenizer
 
     async def events():

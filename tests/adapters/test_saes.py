@@ -7,7 +7,7 @@ import torch
 
 from saelora.adapters.hooks import HookError, HookPoint, resolve_hook
 from saelora.adapters.saes import SAELoadError, load_sae
-from saelora.adapters.splice import splice
+from saelora.adapters.splice_hooks import splice
 from tiny import make_sae, save_sae, tiny_gpt2, tiny_llama
 
 IDS = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(2))

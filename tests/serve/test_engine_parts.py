@@ -2,9 +2,9 @@
 
 import torch
 
-from saelora.serve import kv
-from saelora.serve.engine import Sampling
-from saelora.serve.sampling import Detokenizer, logprobs_of, sample
+from saelora.serve.torch_engine import kv
+from saelora.serve.core.engine import Sampling
+from saelora.serve.core.sampling import Detokenizer, logprobs_of, sample
 from tiny import tiny_llama, tiny_tokenizer
 
 

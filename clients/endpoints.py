@@ -1,0 +1,144 @@
+"""Every server endpoint, declared once: what to send and how to read the answer.
+
+Each function returns a `Call` (method, path, JSON body, parser). `SaeloraClient` runs it with httpx's blocking
+client and `AsyncSaeloraClient` with the async one, so the two clients cannot drift apart: an endpoint, its
+request model and its response model are written here and nowhere else. The server-sent-events framing and
+the experiments' arithmetic (compare, contrast) are shared the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from . import protocol as P
+from .errors import from_response
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request and the parser of its JSON answer."""
+
+    method: str
+    path: str
+    body: Any = None
+    parse: Callable[[Any], Any] = _identity
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(exclude_none=True) if hasattr(model, "model_dump") else model
+
+
+def models() -> Call:
+    return Call("GET", "/v1/models", parse=P.ModelList.model_validate)
+
+
+def complete(model: str, prompt: str | list[int], **kw: Any) -> Call:
+    req = P.CompletionRequest(model=model, prompt=prompt, **kw)
+    parse = _identity if req.stream else P.CompletionResponse.model_validate
+    return Call("POST", "/v1/completions", _dump(req), parse)
+
+
+def chat(model: str, messages: Sequence[dict[str, Any]], **kw: Any) -> Call:
+    req = P.ChatCompletionRequest(model=model, messages=messages, **kw)
+    parse = P.ChatCompletionChunk.model_validate if req.stream else P.ChatCompletionResponse.model_validate
+    return Call("POST", "/v1/chat/completions", _dump(req), parse)
+
+
+def features(model: str, text: str | None = None, messages: Sequence[dict[str, Any]] | None = None,
+             top_k: int = 8, saes: list[str] | None = None) -> Call:
+    req = P.FeaturesRequest(model=model, input=text, messages=messages, top_k=top_k, saes=saes)
+    return Call("POST", "/v1/features", _dump(req), P.FeaturesResponse.model_validate)
+
+
+def steer_options(edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str = "error_term") -> P.SAEOptions:
+    """The `sae` field of a steered completion: edits, and the top-k latents per token when top_k > 0."""
+    return P.SAEOptions(mode=mode, edits=list(edits),  # type: ignore[arg-type]
+                        features=P.SAEFeatureOptions(top_k=top_k) if top_k else None)
+
+
+def feature(sae: str, index: int) -> Call:
+    return Call("GET", f"/v1/saes/{sae}/features/{index}", parse=P.FeatureDescription.model_validate)
+
+
+def list_saes() -> Call:
+    return Call("GET", "/v1/saes", parse=P.SAEList.model_validate)
+
+
+def list_adapters() -> Call:
+    return Call("GET", "/v1/adapters", parse=P.AdapterList.model_validate)
+
+
+def load_adapter(name: str, path: str) -> Call:
+    return Call("POST", "/v1/load_lora_adapter", _dump(P.LoadLoRARequest(lora_name=name, lora_path=path)))
+
+
+def unload_adapter(name: str) -> Call:
+    return Call("POST", "/v1/unload_lora_adapter", _dump(P.UnloadLoRARequest(lora_name=name)))
+
+
+DONE = object()  # the end-of-stream marker
+
+
+def sse_data(line: str) -> Any:
+    """One server-sent-events line -> its JSON payload, `DONE` at `data: [DONE]`, or None for other lines.
+    An error event raises the matching typed exception."""
+    if not line.startswith("data: "):
+        return None
+    if line == "data: [DONE]":
+        return DONE
+    data = json.loads(line[6:])
+    if "error" in data:
+        raise from_response(data["error"].get("code") or 500, data)
+    return data
+
+
+# ---- experiments: shared arithmetic ---------------------------------------------------------------------------
+def kept_by_policy(policy: dict[str, Any] | None, t: P.TokenFeatures) -> bool:
+    """Whether an SAE's position policy (as /v1/saes lists it) leaves this token original."""
+    if not policy:
+        return False
+    return (bool(policy.get("keep_first")) and t.position == 0) or t.token_id in policy.get("keep_token_ids", ())
+
+
+def _mean_latents(tokens: Sequence[P.TokenFeatures],
+                  policies: dict[str, dict[str, Any] | None] | None = None) -> dict[tuple[str, int], float]:
+    """Mean latent value per (sae, feature) over the tokens each SAE is spliced at (all, without policies)."""
+    sums: dict[tuple[str, int], float] = {}
+    counts: dict[str, int] = {}
+    for t in tokens:
+        for f in t.features:
+            if policies is not None and kept_by_policy(policies.get(f.sae), t):
+                continue
+            counts[f.sae] = counts.get(f.sae, 0) + 1
+            for i, v in zip(f.indices, f.values, strict=True):
+                sums[(f.sae, i)] = sums.get((f.sae, i), 0.0) + v
+    return {k: v / max(1, counts[k[0]]) for k, v in sums.items()}
+
+
+def compare_result(prompt: str, default: P.CompletionChoice, steered: P.CompletionChoice,
+                   n: int = 10) -> dict[str, Any]:
+    """Steered and default completions side by side, with the latents whose mean changed most."""
+    a, b = default.features, steered.features
+    ma, mb = _mean_latents(a.generated if a else []), _mean_latents(b.generated if b else [])
+    keys = sorted(set(ma) | set(mb), key=lambda k: -abs(mb.get(k, 0.0) - ma.get(k, 0.0)))[:n]
+    changed = [{"sae": k[0], "feature": k[1], "default": round(ma.get(k, 0.0), 4),
+                "steered": round(mb.get(k, 0.0), 4)} for k in keys]
+    return {"prompt": prompt, "default": default.text, "steered": steered.text, "changed": changed}
+
+
+def contrast_result(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesResponse], n: int,
+                    saes: P.SAEList) -> list[dict[str, Any]]:
+    """Latents whose mean activation (top-k sparse, over the tokens each SAE's position policy splices: not the
+    attention sink or BOS/EOS, as in training) differs most between two prompt sets."""
+    policies = {s.id: s.policy for s in saes.data}
+    ma = _mean_latents([t for r in a for t in r.tokens], policies)
+    mb = _mean_latents([t for r in b for t in r.tokens], policies)
+    keys = sorted(set(ma) | set(mb), key=lambda k: -abs(ma.get(k, 0.0) - mb.get(k, 0.0)))[:n]
+    return [{"sae": k[0], "feature": k[1], "mean_a": round(ma.get(k, 0.0), 4), "mean_b": round(mb.get(k, 0.0), 4),
+             "diff": round(ma.get(k, 0.0) - mb.get(k, 0.0), 4)} for k in keys]

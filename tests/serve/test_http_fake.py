@@ -1,0 +1,124 @@
+"""Fast HTTP tier: the real FastAPI app (protocol, handlers, routes, error envelope, auth, body limit,
+streaming) in process over a scripted engine (tests/fake_engine.py); no model runs."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fake_engine import FakeEngine
+from saelora.serve.api.app import create_app
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+def http(engine):
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        yield c
+
+
+def _envelope(r, status, code=None):
+    """Invariant: every error is the OpenAI envelope {"error": {message, type, param, code}} with a 4xx/5xx."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def test_completion_reaches_the_engine_as_typed_request(http, engine):
+    body = {"model": "fake", "prompt": "the cat", "max_tokens": 3, "temperature": 0, "seed": 7,
+            "sae": {"edits": [{"feature": 2, "op": "set", "value": 1.5, "positions": "generated"}],
+                    "features": {"top_k": 1}}}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert len(out["choices"][0]["features"]["generated"]) == 3
+    req = engine.requests[-1]
+    assert req.sampling.seed == 7 and req.sampling.temperature == 0 and req.adapter is None
+    (edit,) = req.splice.edits
+    assert (edit.sae, edit.feature, edit.op, edit.value, edit.positions) == ("fake", 2, "set", 1.5, "generated")
+
+
+def test_stream_concatenates_to_the_non_streamed_text(http):
+    body = {"model": "fake", "prompt": "the cat", "max_tokens": 4}
+    full = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    parts = [json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1] if json.loads(ln[6:])["choices"]]
+    assert "".join(parts) == full
+
+
+def test_n_choices_get_distinct_seeds(http, engine):
+    http.post("/v1/completions", json={"model": "fake", "prompt": "the", "max_tokens": 1, "n": 3, "seed": 10})
+    assert [r.sampling.seed for r in engine.requests[-3:]] == [10, 11, 12]
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "fake", "prompt": "x", "max_tokens": -1}, 400, None),
+    ({"model": "fake", "prompt": "x", "sae": {"edits": [{"feature": 1, "op": "explode", "value": 1}]}}, 400, None),
+    ({"model": "fake", "prompt": "x", "sae": {"edits": [{"feature": 1, "op": "set", "value": 1e39}]}}, 400, None),
+    ({"model": "fake", "prompt": "x", "unknown_field": 1}, 200, None),  # OpenAI clients send extras
+    ({"model": "fake", "prompt": "x", "sae": {"bogus": 1}}, 400, None),  # the sae extension is strict
+])
+def test_bad_requests_get_the_envelope(http, body, status, param):
+    r = http.post("/v1/completions", json={"max_tokens": 1, **body})
+    if status == 200:
+        assert r.status_code == 200, r.text
+        return
+    err = _envelope(r, status)
+    if param:
+        assert err["param"] == param
+
+
+def test_invalid_json_is_a_400(http):
+    r = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    _envelope(r, 400)
+
+
+def test_engine_errors_map_to_status_codes(engine):
+    engine.full = True
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        _envelope(c.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1}), 429)
+    engine.full = False
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        _envelope(c.post("/v1/unload_lora_adapter", json={"lora_name": "absent"}), 404)
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "p"}).status_code == 200
+        _envelope(c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "p"}), 409)
+        assert [a["name"] for a in c.get("/v1/adapters").json()["data"]] == ["a"]
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "the", "max_tokens": 1})
+        assert r.status_code == 200 and engine.requests[-1].adapter == "a"
+
+
+def test_api_key_and_body_limit(engine):
+    with TestClient(create_app(engine, served_name="fake", api_key="k", max_body=256)) as c:
+        assert c.get("/health").status_code == 200  # open
+        _envelope(c.get("/v1/models"), 401)
+        ok = {"Authorization": "Bearer k"}
+        assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "fake"
+        _envelope(c.post("/v1/completions", json={"model": "fake", "prompt": "x" * 1000}, headers=ok), 413)
+
+
+def test_features_and_descriptions(http):
+    r = http.post("/v1/features", json={"model": "fake", "input": "the cat", "top_k": 1})
+    assert r.status_code == 200 and [t["position"] for t in r.json()["tokens"]] == [0, 1]
+    sae = http.get("/v1/saes").json()["data"][0]
+    assert sae["id"] == "fake" and sae["has_descriptions"] is False
+    assert http.get("/v1/saes/fake/features/3").json()["described"] is False
+    _envelope(http.get("/v1/saes/fake/features/16"), 400)
+    _envelope(http.get("/v1/saes/nope/features/0"), 404)
+
+
+def test_openapi_lists_every_route(http):
+    paths = set(http.get("/openapi.json").json()["paths"])
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/features", "/v1/saes",
+            "/v1/saes/{sae_id}/features/{index}", "/v1/adapters", "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter"} <= paths
