@@ -14,8 +14,8 @@ from ..core.engine import EngineError
 
 log = logging.getLogger(__name__)
 
-# EngineError.kind -> (HTTP status, OpenAI error type)
-KINDS = {
+# EngineError.kind -> (HTTP status, OpenAI error type); a test checks it covers ERROR_KINDS exactly.
+KINDS: dict[str, tuple[int, str]] = {
     "invalid": (400, "invalid_request_error"),
     "unauthorized": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal, get_args
 
 from saelora.adapters.edits import SERVE_MODE, LatentEdit
 
 
-class EngineError(Exception):
-    """An error the HTTP layer maps to a status: kind is one of
-    invalid (400), not_found (404), conflict (409), queue_full (429), not_ready (503)."""
+# What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, unauthorized 401, not_found 404,
+# conflict 409, too_large 413, queue_full 429, internal 500, not_ready 503.
+ErrorKind = Literal["invalid", "unauthorized", "not_found", "conflict", "too_large", "queue_full", "internal",
+                    "not_ready"]
+ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
 
-    def __init__(self, kind: str, message: str, param: str | None = None) -> None:
+
+class EngineError(Exception):
+    """An error with a kind (`ErrorKind`) the HTTP layer maps to a status and an OpenAI error type."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}; one of {ERROR_KINDS}")
         super().__init__(message)
         self.kind, self.message, self.param = kind, message, param
 

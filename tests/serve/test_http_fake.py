@@ -122,3 +122,22 @@ def test_openapi_lists_every_route(http):
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/features", "/v1/saes",
             "/v1/saes/{sae_id}/features/{index}", "/v1/adapters", "/v1/load_lora_adapter",
             "/v1/unload_lora_adapter"} <= paths
+
+
+def test_every_error_kind_has_one_status():
+    """Invariant: the HTTP error table covers exactly the engine's error vocabulary; unknown kinds are refused."""
+    from saelora.serve.api.errors import KINDS
+    from saelora.serve.core.engine import ERROR_KINDS, EngineError
+    assert set(KINDS) == set(ERROR_KINDS)
+    with pytest.raises(ValueError):
+        EngineError("oops", "x")
+
+
+def test_not_ready_is_a_503_with_retry_after(engine):
+    app = create_app(engine, served_name="fake")
+    with TestClient(app) as c:
+        engine._ready = False
+        r = c.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1})
+        _envelope(r, 503)
+        assert r.headers["retry-after"] == "1"
+        _envelope(c.get("/health"), 503)
