@@ -41,11 +41,12 @@ ARMS = ("lora_all", "lora_after", "sae_kl")
 
 
 def train_config(args: argparse.Namespace, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int) -> Any:
-    from saelora.trainer.config import TrainConfig
+    from saelora.trainer.config import LoraSettings, TrainConfig
 
     layers = "after" if arm in ("lora_after", "scratch_lora") else "all"
-    return TrainConfig(model=args.model, saes=[sae], corpus=list(args.corpus), out=str(out), layers=layers,
-                       rank=args.rank, lr=lr, seed=seed, max_steps=steps, schedule=args.schedule,
+    return TrainConfig(model=args.model, saes=[sae], corpus=list(args.corpus), out=str(out),
+                       lora=LoraSettings(rank=args.rank, layers=layers), lr=lr, seed=seed, max_steps=steps,
+                       schedule=args.schedule,
                        warmup_steps=min(args.warmup_steps, steps // 4), eval_interval=max(1, steps // args.evals),
                        eval_rows=args.val_rows, batch_size=args.batch_size, seq_len=args.seq_len,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction, checkpoint_interval=0)

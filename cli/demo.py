@@ -43,7 +43,7 @@ def _demo_sae(sae: Path, args: argparse.Namespace) -> None:
 def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import descriptions_file
-    from saelora.trainer.config import TrainConfig
+    from saelora.trainer.config import LoraSettings, TrainConfig
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.train import train_lora
 
@@ -54,8 +54,9 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         run_features(FeaturesConfig(model=args.model, saes=[str(sae)], rows=args.feature_rows, top_n=8))
     if not has_manifest(adapter):
         log.info("training the demo adapter (once; %d steps)", args.lora_steps)
-        train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"), layers="after",
-                               rank=args.rank, alpha=32, lr=args.lora_lr, max_steps=args.lora_steps,
+        train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"),
+                               lora=LoraSettings(rank=args.rank, alpha=32, layers="after"),
+                               lr=args.lora_lr, max_steps=args.lora_steps,
                                schedule="cosine", warmup_steps=10, batch_size=2, seq_len=128, eval_interval=0,
                                eval_rows=args.eval_rows, val_fraction=0.03, test_fraction=0.07,
                                checkpoint_interval=0))

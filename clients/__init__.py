@@ -2,8 +2,8 @@
 
 from .client import AsyncSaeloraClient, Edit, SaeloraClient
 from .errors import (AuthenticationError, ConflictError, InternalServerError, InvalidRequestError, NotFoundError,
-                     RateLimitError, SaeloraAPIError, ServiceUnavailableError)
+                     PermissionDeniedError, RateLimitError, SaeloraAPIError, ServiceUnavailableError)
 
 __all__ = ["SaeloraClient", "AsyncSaeloraClient", "Edit", "SaeloraAPIError", "InvalidRequestError",
-           "AuthenticationError", "NotFoundError", "ConflictError", "RateLimitError", "ServiceUnavailableError",
-           "InternalServerError"]
+           "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError", "RateLimitError",
+           "ServiceUnavailableError", "InternalServerError"]

@@ -52,7 +52,8 @@ def chat(model: str, messages: Sequence[dict[str, Any]], **kw: Any) -> Call:
 
 def features(model: str, text: str | None = None, messages: Sequence[dict[str, Any]] | None = None,
              top_k: int = 8, saes: list[str] | None = None) -> Call:
-    req = P.FeaturesRequest(model=model, input=text, messages=messages, top_k=top_k, saes=saes)
+    given = {"input": text, "messages": messages, "saes": saes}  # absent, not null, when not given
+    req = P.FeaturesRequest(model=model, top_k=top_k, **{k: v for k, v in given.items() if v is not None})
     return Call("POST", "/v1/features", _dump(req), P.FeaturesResponse.model_validate)
 
 

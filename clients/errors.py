@@ -22,6 +22,10 @@ class AuthenticationError(SaeloraAPIError):
     """401: missing or wrong API key."""
 
 
+class PermissionDeniedError(SaeloraAPIError):
+    """403: the key given may not do this (adapter management needs the admin key)."""
+
+
 class NotFoundError(SaeloraAPIError):
     """404: unknown model, adapter, SAE or route."""
 
@@ -43,10 +47,12 @@ class InternalServerError(SaeloraAPIError):
 
 
 BY_TYPE = {"invalid_request_error": InvalidRequestError, "authentication_error": AuthenticationError,
+           "permission_error": PermissionDeniedError,
            "not_found_error": NotFoundError, "conflict_error": ConflictError, "rate_limit_error": RateLimitError,
            "service_unavailable_error": ServiceUnavailableError, "internal_server_error": InternalServerError}
-BY_STATUS = {400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 409: ConflictError,
-             413: InvalidRequestError, 429: RateLimitError, 503: ServiceUnavailableError, 500: InternalServerError}
+BY_STATUS = {400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+             409: ConflictError, 413: InvalidRequestError, 429: RateLimitError, 503: ServiceUnavailableError,
+             500: InternalServerError}
 
 
 def from_response(status: int, body: Any) -> SaeloraAPIError:

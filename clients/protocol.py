@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord
 
@@ -19,6 +19,13 @@ MAX_TOP_K = 64  # latents per token per SAE
 MAX_EDITS = 64
 MAX_N = 8
 MAX_LOGPROBS = 20
+MAX_SEED = 2**53 - 1  # exact in every JSON parser (doubles); torch and vLLM take up to 2**63 - 1
+MAX_POSITIONS = 4096  # entries of an edit's positions list
+MAX_POSITION = 1 << 20
+MAX_PROMPT_IDS = 1 << 16
+MAX_STOPS = 4
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # no dots: PEFT builds module names from it
+MAX_PATH = 1024
 
 SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
 EditOp = Op
@@ -26,6 +33,28 @@ EditOp = Op
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _json_number(v: Any) -> Any:
+    """Numbers as JSON Schema has them: 2.0 is an integer, but "2" and true are not numbers."""
+    if isinstance(v, (str, bytes, bool)):
+        raise ValueError("must be a JSON number")
+    return v
+
+
+def _json_bool(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise ValueError("must be a JSON boolean")
+    return v
+
+
+JInt = Annotated[int, BeforeValidator(_json_number)]
+JFloat = Annotated[float, BeforeValidator(_json_number)]
+
+
+def jint(**bounds: int) -> Any:
+    """A JSON integer with bounds (ge=, le=) that the schema shows as minimum / maximum, also inside a union."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_number)]
 
 
 def _finite(v: float | None) -> float | None:
@@ -38,17 +67,18 @@ class SAEEdit(_Strict):
     """A latent edit: `op` on latent `feature` of SAE `sae` at `positions`."""
 
     sae: str | None = Field(None, description="SAE id (GET /v1/saes); may be omitted when one SAE is loaded")
-    feature: int = Field(..., ge=0, description="latent index, 0 <= feature < d_sae")
+    feature: JInt = Field(..., ge=0, description="latent index, 0 <= feature < d_sae")
     op: EditOp
-    value: float = Field(0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
-    positions: PositionWord | list[Annotated[int, Field(ge=0)]] = "all"
+    value: JFloat = Field(0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
+    positions: PositionWord | Annotated[list[jint(ge=0, le=MAX_POSITION)],
+                                        Field(min_length=1, max_length=MAX_POSITIONS)] = "all"
 
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
 
 
 class SAEFeatureOptions(_Strict):
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="latents returned per token and SAE (0: none)")
-    include_prompt: bool = Field(False, description="also return the prompt tokens' latents")
+    top_k: JInt = Field(0, ge=0, le=MAX_TOP_K, description="latents returned per token and SAE (0: none)")
+    include_prompt: StrictBool = Field(False, description="also return the prompt tokens' latents")
     saes: list[str] | None = Field(None, description="SAE ids to report (default: all)")
 
 
@@ -63,42 +93,35 @@ class SAEOptions(_Strict):
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: str | None = Field(None, description="the served model or a loaded adapter (default: the served model)")
+    max_tokens: jint(ge=1) | None = None
+    temperature: JFloat = Field(1.0, ge=0.0, le=10.0)
+    top_p: JFloat = Field(1.0, gt=0.0, le=1.0)
+    top_k: jint(ge=-1) | None = None
+    n: JInt = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=MAX_STOPS)] | None = None
+    seed: jint(ge=0, le=MAX_SEED) | None = None
     sae: SAEOptions | None = None
 
     _finite_floats = field_validator("temperature", "top_p")(classmethod(lambda cls, v: _finite(v)))
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ValueError("stop: at most 4 non-empty strings")
         return stops
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: a list of several strings is not supported; send one request per prompt")
-        if isinstance(self.prompt, (str, list)) and len(self.prompt) == 0:
-            raise ValueError("prompt must not be empty")
-        if self.echo:
-            raise ValueError("echo is not supported")
-        return self
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[jint(ge=0)], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]) = Field(
+        ..., description="text, token ids, or a list of exactly one text (one request per prompt)")
+    max_tokens: jint(ge=1) | None = 16
+    logprobs: jint(ge=0, le=MAX_LOGPROBS) | None = None
+    echo: Annotated[Literal[False], BeforeValidator(_json_bool)] = Field(False, description="not supported")
 
     def prompt_text_or_ids(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
@@ -120,21 +143,26 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: jint(ge=1) | None = None
+    logprobs: StrictBool = False
+    top_logprobs: jint(ge=0, le=MAX_LOGPROBS) | None = None
 
     def token_budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
 
 class FeaturesRequest(_Strict):
-    """POST /v1/features: encode only, no generation."""
+    """POST /v1/features: encode only, no generation. Exactly one of `input` and `messages`."""
 
-    model: str
-    input: str | None = None
-    messages: list[ChatMessage] | None = None
-    top_k: int = Field(8, ge=1, le=MAX_TOP_K)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["input"], "not": {"required": ["messages"]}},
+                  {"required": ["messages"], "not": {"required": ["input"]}}]})
+
+    model: str | None = Field(None, description="the served model or a loaded adapter (default: the served model)")
+    # Optional but never null (the schema says string / array): the oneOf above is then exactly the rule.
+    input: Annotated[str, Field(min_length=1)] = None  # type: ignore[assignment]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = None  # type: ignore[assignment]
+    top_k: JInt = Field(8, ge=1, le=MAX_TOP_K)
     saes: list[str] | None = None
 
     @model_validator(mode="after")
@@ -308,12 +336,13 @@ class FeatureDescription(BaseModel):
 
 
 class LoadLoRARequest(_Strict):
-    lora_name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    lora_path: str = Field(..., min_length=1)
+    lora_name: str = Field(..., pattern=ADAPTER_NAME, description="letters, digits, _ and -; at most 64")
+    lora_path: str = Field(..., min_length=1, max_length=MAX_PATH,
+                           description="bundle folder, relative to the server's --adapter-root when one is set")
 
 
 class UnloadLoRARequest(_Strict):
-    lora_name: str = Field(..., min_length=1)
+    lora_name: str = Field(..., pattern=ADAPTER_NAME)
 
 
 class AdapterInfo(BaseModel):

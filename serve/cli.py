@@ -35,7 +35,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
         engine.load_adapter_now(name, path)
-    app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key)
+    app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key,
+                     admin_api_key=args.admin_api_key)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, args.engine,
              len(saes), len(adapters), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -75,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--admin-api-key", help="key for adapter load/unload (with --api-key alone they are refused)")
     p.add_argument("--served-model-name", help="model id clients use (default: the model spec)")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")

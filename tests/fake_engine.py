@@ -17,9 +17,12 @@ SAE_INFO = {"name": "fake", "hook": "blocks.0.hook_resid_post", "architecture": 
 
 
 class FakeEngine(Engine):
-    def __init__(self, full: bool = False, max_len: int = 64) -> None:
+    def __init__(self, full: bool = False, max_len: int = 64, capacity: int | None = None,
+                 fail_at: int | None = None) -> None:
         self.tokenizer = tiny_tokenizer([" ".join(WORDS)])
         self.model_id, self.full, self._max_len = "fake", full, max_len
+        self.capacity, self.running = capacity, 0  # generations at once before queue_full (None: no limit)
+        self.fail_at = fail_at  # raise a plain error at this generated token (a failing row)
         self.loaded: dict[str, str] = {}
         self.requests: list[GenerationRequest] = []  # what the HTTP layer handed over
         self._ready = False
@@ -43,11 +46,21 @@ class FakeEngine(Engine):
 
     async def generate(self, r: GenerationRequest) -> AsyncIterator[Event]:
         """Like the real engines, an async generator: its errors surface on the first iteration."""
-        if self.full:
+        if self.full or (self.capacity is not None and self.running >= self.capacity):
             raise EngineError("queue_full", "the queue is full")
         if not r.prompt_ids:
             raise EngineError("invalid", "the prompt is empty", "prompt")
+        if len(r.prompt_ids) + r.sampling.max_tokens > self._max_len:
+            raise EngineError("invalid", f"prompt + max_tokens over {self._max_len} tokens", "max_tokens")
         self.requests.append(r)
+        self.running += 1
+        try:
+            async for ev in self._events(r):
+                yield ev
+        finally:
+            self.running -= 1
+
+    async def _events(self, r: GenerationRequest) -> AsyncIterator[Event]:
         n, vocab, top_k = len(r.prompt_ids), len(self.tokenizer), r.splice.top_k
         if r.splice.include_prompt and top_k:
             yield PromptFeatures([TokenFeaturesOut(i, t, self._latents(t, top_k) or {})
@@ -55,6 +68,8 @@ class FakeEngine(Engine):
         tok = r.prompt_ids[-1]
         for i in range(r.sampling.max_tokens):
             await asyncio.sleep(0)
+            if self.fail_at is not None and i == self.fail_at:
+                raise RuntimeError("a step failed")
             tok = 3 + (tok + 1) % (vocab - 3)  # never a special token
             yield TokenEvent(tok, n + i, " " + self.tokenizer.decode([tok]), features=self._latents(tok, top_k))
         yield Finished("length", "", n, r.sampling.max_tokens)

@@ -74,12 +74,13 @@ def test_train_eval_serve_on_a_small_budget(gemma, gemma_sae, tmp_path):
     import httpx
 
     from saelora.launch import ServeProcess
-    from saelora.trainer.config import TrainConfig
+    from saelora.trainer.config import LoraSettings, TrainConfig
     from saelora.trainer.run_eval import EvalConfig, run_eval
     from saelora.trainer.train import train_lora
 
     bundle, final = train_lora(TrainConfig(model="gemma3-270m", saes=[gemma_sae], out=str(tmp_path / "run"),
-                                           layers="after", rank=4, lr=1e-3, max_steps=2, batch_size=1, seq_len=32,
+                                           lora=LoraSettings(rank=4, layers="after"), lr=1e-3, max_steps=2,
+                                           batch_size=1, seq_len=32,
                                            eval_interval=0, eval_rows=2, checkpoint_interval=0))
     assert final["tokens"] > 0 and final["ce_adapted"] == final["ce_adapted"]  # finite
     res = run_eval(EvalConfig(model="gemma3-270m", adapter=str(bundle), rows=2))["held-out"]

@@ -20,6 +20,29 @@ def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | 
 
 
 @dataclass
+class LoraSettings:
+    """LoRA hyper-parameters as the user gives them (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all
+    layers); nested in `TrainConfig.lora`, and what trainer/lora.py builds a `peft.LoraConfig` from."""
+
+    rank: int = opt(64, "LoRA rank r")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = opt(0.0, "LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model "
+                              "always runs in eval mode, so the teacher never sees dropout)")
+    rslora: bool = opt(False, "scale alpha/sqrt(r) instead of alpha/r")
+    targets: list[str] = opt(factory=lambda: list(TARGET_NAMES),
+                             help="short names (mapped per architecture) or literal module-name suffixes")
+    layers: str | list[int] = opt("all", '"all" | "after" (layers after the first SAE) | comma list "12,13,14"')
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "passed through to peft.LoraConfig",
+                                                                  "cli": False})
+
+    def layer_spec(self) -> str | list[int]:
+        """"all", "after", or the layer indices."""
+        if isinstance(self.layers, str) and self.layers not in ("all", "after"):
+            return [int(i) for i in self.layers.split(",") if i.strip()]
+        return self.layers
+
+
+@dataclass
 class TrainConfig:
     # what to adapt
     model: str = opt(DEFAULT_MODEL, "base model spec (embedded name, HF folder, .gguf, hub id when online)")
@@ -28,15 +51,7 @@ class TrainConfig:
     val_fraction: float = opt(0.05, "documents held out for evals during training (hash band above the test band)")
     test_fraction: float = opt(0.0, "documents held out for a final test (never used in training or its evals)")
     out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config")
-    # LoRA (the paper: r=64, alpha=32, q,k,v,o,gate,up,down of all layers)
-    rank: int = opt(64, "LoRA rank r")
-    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = opt(0.0, "LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model "
-                              "always runs in eval mode, so the teacher never sees dropout)")
-    rslora: bool = opt(False, "scale alpha/sqrt(r) instead of alpha/r")
-    targets: list[str] = opt(factory=lambda: list(TARGET_NAMES),
-                             help="short names (mapped per architecture) or literal module-name suffixes")
-    layers: str = opt("all", '"all" | "after" (layers after the first SAE) | comma list "12,13,14"')
+    lora: LoraSettings = opt(factory=lambda: LoraSettings(), help="LoRA settings (the --rank ... --layers options)")
     # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)
     lr: float = opt(5e-5, "AdamW learning rate")
     schedule: str = opt("constant", "constant | cosine | linear (decay to 0 at the end of the budget)")
@@ -73,11 +88,6 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2))
 
-    def layer_spec(self) -> str | list[int]:
-        if self.layers in ("all", "after"):
-            return self.layers
-        return [int(i) for i in str(self.layers).split(",") if i.strip()]
-
     def total_steps(self) -> int | None:
         """Steps from max_steps / max_tokens (the smaller); None if only a time budget is set."""
         per_step = self.batch_size * self.grad_accum * self.seq_len
@@ -94,6 +104,8 @@ class TrainConfig:
             raise ConfigError(f"kl_reduction must be mean or sum, got {self.kl_reduction!r}")
         if self.schedule != "constant" and self.total_steps() is None:
             raise ConfigError("a decaying schedule needs max_steps or max_tokens")
-        for name in ("rank", "batch_size", "seq_len", "grad_accum", "eval_rows"):
+        if self.lora.rank <= 0:
+            raise ConfigError(f"rank must be > 0, got {self.lora.rank}")
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -11,23 +10,14 @@ from saelora.adapters.errors import SaeloraError
 from saelora.adapters.hooks import HookPoint, decoder_layers, unwrap
 from saelora.adapters.lora_targets import TARGET_NAMES, target_table
 
+from .config import LoraSettings
+
 DEFAULT_TARGETS = TARGET_NAMES
+
+__all__ = ["LoraSettings", "add_lora", "lora_config", "resolve_layers", "resolve_targets"]
 
 class LoraSetupError(SaeloraError, ValueError):
     """LoRA settings that do not fit the model."""
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters as the user gives them."""
-
-    rank: int = 64  # LoRA rank r
-    alpha: float = 32.0  # scaling numerator (the paper's 32); scale = alpha / r, or alpha / sqrt(r) with rslora
-    dropout: float = 0.0
-    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    targets: Sequence[str] = DEFAULT_TARGETS  # short names or literal module-name suffixes
-    layers: str | Sequence[int] = "all"  # "all" | "after" (layers after the first SAE) | explicit indices
-    extra: dict[str, Any] = field(default_factory=dict)  # passed through to peft.LoraConfig
 
 
 def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]:
@@ -73,7 +63,7 @@ def lora_config(model: torch.nn.Module, settings: LoraSettings, points: Sequence
     """A `peft.LoraConfig` for `model` from `settings`; `points` are the SAE hook points (for 'after')."""
     from peft import LoraConfig
 
-    layers = resolve_layers(model, settings.layers, points)
+    layers = resolve_layers(model, settings.layer_spec(), points)
     layers_attr = _layers_pattern(model)
     is_gpt2 = unwrap(model).config.model_type == "gpt2"
     return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

@@ -67,7 +67,7 @@ def manifest_for(cfg: TrainConfig, setup: Setup, st: LoopState, wall_s: float) -
     return BundleManifest(
         base_model={"spec": cfg.model, "fingerprint": setup.lm.fingerprint},
         saes=[s.describe() for s in setup.saes],
-        lora={"layers": cfg.layers},
+        lora={"layers": cfg.lora.layers},
         training={"config": cfg.to_json(), "steps": st.step, "tokens_seen": st.tokens,
                   "train_seconds": round(st.train_s, 1), "wall_seconds": round(wall_s, 1),
                   "corpus": setup.corpus.info},

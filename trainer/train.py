@@ -10,7 +10,7 @@ from typing import Any
 from saelora.adapters.bundle import save_bundle
 
 from .config import TrainConfig
-from .lora import LoraSettings, add_lora, lora_config, resolve_layers
+from .lora import add_lora, lora_config, resolve_layers
 from .loop import Trainee, train_loop
 from .plots import plot_metrics
 from .setup import manifest_for, prepare, shared_prefix_point
@@ -23,18 +23,18 @@ def train_lora(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     t0 = time.perf_counter()
     setup = prepare(cfg)
     out = setup.out
-    settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
-                            targets=cfg.targets, layers=cfg.layer_spec())
+    settings = cfg.lora
     points = [s.hook for s in setup.saes]
     peft_cfg = lora_config(setup.lm.model, settings, points)
     model = add_lora(setup.lm.model, settings, points)
-    layers = resolve_layers(setup.lm.model, settings.layers, points)
+    layers = resolve_layers(setup.lm.model, settings.layer_spec(), points)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    log.info("LoRA r=%d on %s, layers %s: %d trainable parameters", cfg.rank, sorted(peft_cfg.target_modules),
-             cfg.layers, sum(p.numel() for _, p in named))
+    log.info("LoRA r=%d on %s, layers %s: %d trainable parameters", settings.rank, sorted(peft_cfg.target_modules),
+             settings.layers, sum(p.numel() for _, p in named))
     tr = Trainee(model, setup.saes, named, shared_prefix_point(setup.lm.model, setup.saes, layers), has_adapter=True)
     st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out)
     bundle = save_bundle(out / "adapter", model, manifest_for(cfg, setup, st, time.perf_counter() - t0))
-    plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"LoRA r={cfg.rank} ({cfg.layers}) around SAE")
+    plot_metrics(out / "metrics.jsonl", out / "curves.png",
+                 title=f"LoRA r={settings.rank} ({settings.layers}) around SAE")
     log.info("adapter bundle written to %s", bundle)
     return bundle, st.evals[-1]

@@ -7,15 +7,19 @@ reads it from there, so the routes are plain module-level functions of one route
 from __future__ import annotations
 
 import hmac
+import os
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saelora import __version__
 from saelora.adapters.config import descriptions_file
@@ -29,6 +33,7 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
 OPEN_PATHS = {"/health"}
+ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}  # change what every client is served
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ServerState:
     served_name: str
     api_key: str | None
     max_body: int
+    admin_api_key: str | None
     metrics: Metrics
     handlers: Handlers
     descriptions: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # read once per SAE
@@ -55,7 +61,11 @@ def ready(s: ServerState = Depends(state)) -> ServerState:
     return s
 
 
-def create_app(engine: Engine, served_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+def create_app(engine: Engine, served_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
+               admin_api_key: str | None = None) -> FastAPI:
+    """The server over `engine`. With `api_key`, every route but /health needs it. Adapter load/unload need
+    `admin_api_key` when one is set; with only `api_key` set they are refused (403): the inference key alone
+    cannot change what other clients are served. With neither (a local server), everything is open."""
     metrics = Metrics(engine)
     handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens)
 
@@ -67,27 +77,49 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
 
     app = FastAPI(title="saelora", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API with per-token SAE latents, latent steering and LoRA hot-swap.")
-    app.state.saelora = ServerState(engine, served_name, api_key, max_body, metrics, handlers)
+    app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, metrics, handlers)
     errors.install(app)
+    app.add_middleware(BodyLimit, max_body=max_body)
     app.middleware("http")(guard)
     app.include_router(router)
+    app.openapi = lambda: errors.openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+class BodyLimit:
+    """Counts a request body as it streams in and refuses it with 413 once past `max_body` bytes, so a chunked
+    upload without Content-Length is never buffered whole."""
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise StarletteHTTPException(413, f"request body over {self.max_body} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 async def guard(request: Request, call_next):  # noqa: ANN001, ANN201
     """Auth (Bearer key on every path but /health), the body limit, and request metrics."""
     s: ServerState = request.app.state.saelora
-    t0, route = time.perf_counter(), _route_label(request.url.path)
-    if s.api_key and request.url.path not in OPEN_PATHS:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), s.api_key.encode()):
-            s.metrics.requests.labels(route, 401).inc()
-            return errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
-    length = request.headers.get("content-length")
-    too_large = length is not None and (not length.isdigit() or int(length) > s.max_body)
-    if length is None and request.method == "POST":
-        too_large = len(await request.body()) > s.max_body  # chunked upload: measure what actually came
-    if too_large:
+    path = request.scope["path"]  # the routed path, not one rebuilt from headers
+    t0, route = time.perf_counter(), _route_label(path)
+    refusal = _auth_refusal(s, path, request.headers.get("authorization", ""))
+    if refusal is not None:
+        s.metrics.requests.labels(route, refusal.status_code).inc()
+        return refusal
+    length = request.headers.get("content-length")  # bodies without one are counted as they arrive (BodyLimit)
+    if length is not None and (not length.isdigit() or int(length) > s.max_body):
         s.metrics.requests.labels(route, 413).inc()
         return errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
     response = await call_next(request)
@@ -96,7 +128,28 @@ async def guard(request: Request, call_next):  # noqa: ANN001, ANN201
     return response
 
 
-router = APIRouter()
+# With `stream: true` the answer is server-sent events; each event's `data` is a JSON chunk, then `[DONE]`.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                               "id": {"type": "string"}}}
+_STREAM_OR_JSON = {200: {"description": "the response, or with `stream: true` server-sent events",
+                         "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+# Every route can answer these (auth, body limit, invalid input, not ready, overload); some add 404 / 409.
+def _auth_refusal(s: ServerState, path: str, authorization: str) -> Response | None:
+    """The 401/403 answer for this path and Authorization header, or None when the request may go on."""
+    given = authorization.removeprefix("Bearer ").strip().encode()
+    if path in ADMIN_PATHS and (s.admin_api_key or s.api_key):
+        if not s.admin_api_key:
+            return errors.envelope(403, "forbidden", "adapter management is off: start the server with "
+                                                     "--admin-api-key to allow it")
+        if not hmac.compare_digest(given, s.admin_api_key.encode()):
+            return errors.envelope(401, "unauthorized", "adapter management needs the admin API key")
+        return None
+    if s.api_key and path not in OPEN_PATHS and not hmac.compare_digest(given, s.api_key.encode()):
+        return errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
+    return None
+
+
+router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))
 
 
 def _respond(result: Any) -> Any:
@@ -112,30 +165,34 @@ async def health(s: ServerState = Depends(state)) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
 async def prometheus(s: ServerState = Depends(state)) -> Response:
     return Response(s.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/v1/models", response_model=P.ModelList)
 async def models(s: ServerState = Depends(state)) -> P.ModelList:
-    cards = [P.ModelCard(id=s.served_name, root=s.served_name, saes=s.engine.saes())]
+    cards = [P.ModelCard(id=s.served_name, root=s.served_name, saes=[_public_sae(d) for d in s.engine.saes()])]
     cards += [P.ModelCard(id=a["name"], root=a["path"], parent=s.served_name, saes=[{"hook": h} for h in a["saes"]])
               for a in s.engine.adapters()]
     return P.ModelList(data=cards)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=P.CompletionResponse,
+             responses={**errors.documented(404), **_STREAM_OR_JSON})
 async def completions(body: P.CompletionRequest, s: ServerState = Depends(ready)) -> Any:
     return _respond(await s.handlers.completion(body))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+             responses={**errors.documented(404), **_STREAM_OR_JSON})
 async def chat(body: P.ChatCompletionRequest, s: ServerState = Depends(ready)) -> Any:
     return _respond(await s.handlers.chat(body))
 
 
-@router.post("/v1/features", response_model=P.FeaturesResponse)
+@router.post("/v1/features", response_model=P.FeaturesResponse, responses=errors.documented(404))
 async def features(body: P.FeaturesRequest, s: ServerState = Depends(ready)) -> P.FeaturesResponse:
     return await s.handlers.features(body)
 
@@ -143,18 +200,21 @@ async def features(body: P.FeaturesRequest, s: ServerState = Depends(ready)) -> 
 @router.get("/v1/saes", response_model=P.SAEList)
 async def saes(s: ServerState = Depends(state)) -> P.SAEList:
     return P.SAEList(data=[P.SAEInfo(id=d["name"], hook=d["hook"], architecture=d["architecture"], d_in=d["d_in"],
-                                     d_sae=d["d_sae"], source=d["source"], fingerprint=d["fingerprint"]["id"],
+                                     d_sae=d["d_sae"], source=_public_sae(d)["source"],
+                                     fingerprint=d["fingerprint"]["id"],
                                      has_descriptions=descriptions_file(d["source"]).is_file(), policy=d.get("policy"))
                            for d in s.engine.saes()])
 
 
-@router.get("/v1/saes/{sae_id}/features/{index}", response_model=P.FeatureDescription)
-async def feature(sae_id: str, index: int, s: ServerState = Depends(state)) -> P.FeatureDescription:
+@router.get("/v1/saes/{sae_id}/features/{index}", response_model=P.FeatureDescription,
+            responses=errors.documented(404))
+async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
+                  s: ServerState = Depends(state)) -> P.FeatureDescription:
     sae = next((d for d in s.engine.saes() if d["name"] == sae_id), None)
     if sae is None:
         raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae_id")
     if not 0 <= index < sae["d_sae"]:
-        raise EngineError("invalid", f"feature index {index} outside [0, {sae['d_sae']})", "index")
+        raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
     if sae_id not in s.descriptions:
         path = descriptions_file(sae["source"])
         s.descriptions[sae_id] = json.loads(path.read_text()) if path.is_file() else None
@@ -171,16 +231,22 @@ async def adapters(s: ServerState = Depends(state)) -> P.AdapterList:
     return P.AdapterList(data=[P.AdapterInfo(**a) for a in s.engine.adapters()])
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", responses=errors.documented(403, 404, 409))
 async def load_lora(body: P.LoadLoRARequest, s: ServerState = Depends(ready)) -> JSONResponse:
     info = await s.engine.load_adapter(body.lora_name, body.lora_path)
     return JSONResponse({"status": "loaded", "adapter": info})
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", responses=errors.documented(403, 404, 409))
 async def unload_lora(body: P.UnloadLoRARequest, s: ServerState = Depends(ready)) -> JSONResponse:
     await s.engine.unload_adapter(body.lora_name)
     return JSONResponse({"status": "unloaded", "lora_name": body.lora_name})
+
+
+def _public_sae(d: dict[str, Any]) -> dict[str, Any]:
+    """An SAE's description as responses show it: a local folder by its name only, never the server's path."""
+    source = d["source"]
+    return {**d, "source": Path(source).name if os.path.isabs(source) else source}
 
 
 _ROUTES = {"/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",

@@ -4,11 +4,14 @@ from exceptions to statuses lives here and nowhere else."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from saelora.clients.protocol import ErrorResponse
 
 from ..core.engine import EngineError
 
@@ -18,6 +21,7 @@ log = logging.getLogger(__name__)
 KINDS: dict[str, tuple[int, str]] = {
     "invalid": (400, "invalid_request_error"),
     "unauthorized": (401, "authentication_error"),
+    "forbidden": (403, "permission_error"),
     "not_found": (404, "not_found_error"),
     "conflict": (409, "conflict_error"),
     "too_large": (413, "invalid_request_error"),
@@ -33,6 +37,30 @@ def envelope(status: int, kind: str, message: str, param: str | None = None) -> 
                       "code": status}}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the envelope's schema."""
+    names = {status: kind for kind, (status, _) in KINDS.items()}
+    return {status: {"model": ErrorResponse, "description": f"{names.get(status, 'error')} (OpenAI error envelope)"}
+            for status in statuses}
+
+
+def openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document with FastAPI's automatic 422 answers removed: validation errors are 400 here,
+    in the envelope, and every route documents that."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in doc.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def error_response(e: EngineError) -> JSONResponse:
@@ -78,7 +106,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 401: "unauthorized", 413: "too_large"}.get(exc.status_code, "invalid")
-        return envelope(exc.status_code, kind, str(exc.detail))
+        response = envelope(exc.status_code, kind, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError) -> JSONResponse:

@@ -25,8 +25,8 @@ class Handlers:
         self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
 
     # ---- request conversion ---------------------------------------------------------------------------
-    def adapter_for(self, model: str) -> str | None:
-        if model == self.name:
+    def adapter_for(self, model: str | None) -> str | None:
+        if model is None or model == self.name:
             return None
         if any(a["name"] == model for a in self.engine.adapters()):
             return model
@@ -109,6 +109,8 @@ class Handlers:
         finally:
             for t in tasks:
                 t.cancel()
+            # A generator cannot be closed while a task still runs it: wait for the cancelled tasks first.
+            await asyncio.gather(*tasks, return_exceptions=True)
             for g in gens:
                 await g.aclose()
 
@@ -123,14 +125,14 @@ class Handlers:
     async def completion(self, r: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
         reqs = self._completion_inputs(r)
         if r.stream:
-            return await self._stream(reqs, chat=False, model=r.model)
+            return await self._stream(reqs, chat=False, model=r.model or self.name)
         choices = [_Collected(self.engine.tokenizer) for _ in reqs]
         async for i, ev in self._merged(reqs):
             choices[i].add(ev)
         out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
                                   logprobs=c.completion_logprobs() if r.logprobs is not None else None,
                                   features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
-        return P.CompletionResponse(model=r.model, choices=out, usage=_usage(reqs, choices))
+        return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
 
     async def chat(self, r: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
         adapter = self.adapter_for(r.model)
@@ -139,14 +141,14 @@ class Handlers:
         lp = (r.top_logprobs or 0) if r.logprobs else None
         reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter)
         if r.stream:
-            return await self._stream(reqs, chat=True, model=r.model)
+            return await self._stream(reqs, chat=True, model=r.model or self.name)
         choices = [_Collected(self.engine.tokenizer) for _ in reqs]
         async for i, ev in self._merged(reqs):
             choices[i].add(ev)
         out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
                             logprobs=c.chat_logprobs() if r.logprobs else None, features=c.features(reqs[i].splice))
                for i, c in enumerate(choices)]
-        return P.ChatCompletionResponse(model=r.model, choices=out, usage=_usage(reqs, choices))
+        return P.ChatCompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
 
     async def _stream(self, reqs: list[GenerationRequest], chat: bool, model: str) -> AsyncIterator[str]:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
@@ -161,7 +163,8 @@ class Handlers:
         if not self.engine.saes():
             raise EngineError("invalid", "this server has no SAE loaded", "saes")
         toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
-        return P.FeaturesResponse(model=r.model, tokens=[_token_features(t, self.engine.tokenizer) for t in toks],
+        tokens = [_token_features(t, self.engine.tokenizer) for t in toks]
+        return P.FeaturesResponse(model=r.model or self.name, tokens=tokens,
                                   usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids)))
 
 

@@ -47,7 +47,8 @@ class AdapterEntry:
 
     def describe(self) -> dict[str, Any]:
         m = self.bundle.manifest
-        return {"name": self.name, "path": str(self.bundle.path), "rank": int(self.bundle.lora_config.get("r", 0)),
+        # The folder's name only: responses never show the server's absolute paths.
+        return {"name": self.name, "path": self.bundle.path.name, "rank": int(self.bundle.lora_config.get("r", 0)),
                 "saes": [s.get("hook", "") for s in m.saes], "in_flight": self.in_flight,
                 "metrics": {k: v for k, v in (m.metrics.get("final") or {}).items() if isinstance(v, (int, float))}}
 
@@ -63,7 +64,11 @@ class AdapterRegistry:
             raise EngineError("invalid", f"{BASE!r} is reserved for the base model", "lora_name")
         if name in self.entries:
             raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
-        if not path.is_dir():
+        try:
+            found = path.is_dir()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise EngineError("invalid", f"lora_path cannot be read: {e.strerror}", "lora_path") from e
+        if not found:
             raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
         try:
             return load_bundle(path, self.fingerprint, self.saes, self.model)  # validates once, then reads

@@ -21,6 +21,18 @@ class RowState:
         self.report = list(req.splice.saes or sae_names)  # SAEs whose latents this request gets
         self.cancelled = False  # the client went away
         self.done = False
+        self._registry: Any = None  # the adapter registry this row holds its adapter in, until `release`
+
+    def hold(self, registry: Any) -> None:
+        """Count this row against its adapter (so it cannot be unloaded under it). Called once the row exists."""
+        registry.acquire(self.req.adapter)
+        self._registry = registry
+
+    def release(self) -> None:
+        """Give the adapter back; every way a row ends calls this, and only the first call counts."""
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry.release(self.req.adapter)
 
     def accept(self, tok: int, logprob: float | None = None,
                top: list[tuple[int, float]] | None = None) -> tuple[TokenEvent | None, str | None]:

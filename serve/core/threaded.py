@@ -150,7 +150,8 @@ class ThreadedEngine(Engine):
     async def _stream(self, make_row: Callable[[Emit], Any]) -> AsyncIterator[Event]:
         """Queue the row `make_row(emit)` builds and yield its events until `Finished` (or an error)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # may raise: nothing held yet
+        row.hold(self.registry)
         self.incoming.put(row)
         self.wake.set()
         try:
@@ -210,7 +211,7 @@ class ThreadedEngine(Engine):
                 return None
             if not row.cancelled:
                 return row
-            self.registry.release(row.req.adapter)
+            row.release()
 
     def _run_commands(self) -> None:
         while True:

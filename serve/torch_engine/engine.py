@@ -71,7 +71,6 @@ class TorchEngine(ThreadedEngine):
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)
         self._check_queue()
-        self.registry.acquire(req.adapter)
         async for ev in self._stream(lambda emit: _Row(req, emit, self)):
             yield ev
 
@@ -185,7 +184,18 @@ class TorchEngine(ThreadedEngine):
         self.active = [r for r in self.active if not r.done]
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> None:
+        """Sample the row's next token. A failure here (non-finite logits, a sampling error) ends this row
+        with an error event; the other rows of the batch carry on."""
+        try:
+            self._sample_into(row, logits)
+        except Exception as e:  # noqa: BLE001 - isolated to the row
+            log.warning("row failed: %s: %s", type(e).__name__, e)
+            self._fail(row, e)
+
+    def _sample_into(self, row: _Row, logits: torch.Tensor) -> None:
         s = row.req.sampling
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model produced non-finite logits for this request")
         tok = sample(logits, s, row.gen)
         lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
         event, reason = row.accept(tok, lp, top)
@@ -208,17 +218,17 @@ class TorchEngine(ThreadedEngine):
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.done = True
-        self.registry.release(row.req.adapter)
+        row.release()
         row.emit(row.finished(reason))
 
     def _drop(self, row: _Row) -> None:
         row.done = True
-        self.registry.release(row.req.adapter)
+        row.release()
         self.active = [r for r in self.active if r is not row]
 
     def _fail(self, row: _Row, error: Exception) -> None:
         row.done = True
-        self.registry.release(row.req.adapter)
+        row.release()
         row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
 
     def _encode(self, prompt_ids: list[int], top_k: int, report: set[str],

@@ -127,7 +127,6 @@ class VllmEngine(ThreadedEngine):
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)
         self._check_queue()
-        self.registry.acquire(req.adapter)
         rid = self._new_rid()
         async for ev in self._stream(lambda emit: _Row(rid, req, emit, self)):
             yield ev
@@ -137,7 +136,6 @@ class VllmEngine(ThreadedEngine):
         from ..core.engine import Sampling, SpliceRequest
 
         self._check_encode(prompt_ids, saes)
-        self.registry.acquire(adapter)
         req = GenerationRequest(list(prompt_ids), Sampling(max_tokens=1, temperature=0.0),
                                 SpliceRequest(mode="off", top_k=top_k, include_prompt=True, saes=saes), adapter)
         rid, tokens = self._new_rid(), []
@@ -352,7 +350,7 @@ class VllmEngine(ThreadedEngine):
             row.in_vllm = False
         if self.rows.pop(row.rid, None) is not None:
             self.cached_tokens += row.cached_tokens
-        self.registry.release(row.req.adapter)
+        row.release()
 
     def _fail(self, row: _Row, error: Exception) -> None:
         self._close(row)

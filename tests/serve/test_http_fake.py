@@ -113,7 +113,8 @@ def test_features_and_descriptions(http):
     sae = http.get("/v1/saes").json()["data"][0]
     assert sae["id"] == "fake" and sae["has_descriptions"] is False
     assert http.get("/v1/saes/fake/features/3").json()["described"] is False
-    _envelope(http.get("/v1/saes/fake/features/16"), 400)
+    _envelope(http.get("/v1/saes/fake/features/16"), 404)
+    _envelope(http.get("/v1/saes/fake/features/-1"), 400)
     _envelope(http.get("/v1/saes/nope/features/0"), 404)
 
 
@@ -141,3 +142,76 @@ def test_not_ready_is_a_503_with_retry_after(engine):
         _envelope(r, 503)
         assert r.headers["retry-after"] == "1"
         _envelope(c.get("/health"), 503)
+
+
+def test_n_choices_over_capacity_is_a_429_not_a_500():
+    """Regression: with room for one generation, n=3 used to close generators that cancelled tasks were still
+    running (500). Drives the real Handlers._merged."""
+    engine = FakeEngine(capacity=1)
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 5, "n": 3})
+        _envelope(r, 429)
+        assert engine.running == 0  # every started generation was closed
+        assert c.post("/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
+
+
+def test_error_mid_stream_ends_the_stream_with_an_error_event():
+    engine = FakeEngine(fail_at=2)
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "the", "max_tokens": 5, "stream": True}) as r:
+            events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+        assert r.status_code == 200 and events[-1]["error"]["code"] == 500
+        assert engine.running == 0
+
+
+def test_chunked_body_over_the_limit_is_a_413(engine):
+    """A body without Content-Length is counted as it streams; past the limit the answer is 413."""
+    def chunks():
+        for _ in range(100):  # 100 x 1 KiB against a 4 KiB limit
+            yield b" " * 1024
+
+    with TestClient(create_app(engine, served_name="fake", max_body=4096)) as c:
+        _envelope(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
+        small = c.post("/v1/completions", content=iter([b'{"prompt": "the", ', b'"max_tokens": 1}']),
+                       headers={"content-type": "application/json"})
+        assert small.status_code == 200, small.text
+
+
+def test_body_limit_stops_reading_past_the_limit():
+    """Invariant: BodyLimit pulls no more than the limit (plus one chunk) from the connection."""
+    import asyncio
+
+    from saelora.serve.api.app import BodyLimit
+    pulled = []
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    async def app(scope, receive, send):
+        while True:
+            await receive()
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(BodyLimit(app, max_body=4096)({"type": "http"}, receive, None))
+    assert getattr(info.value, "status_code", None) == 413 and len(pulled) == 5
+
+
+def test_admin_key_guards_adapter_management(engine):
+    """Invariant: the inference key alone cannot load or unload adapters."""
+    load = {"lora_name": "a", "lora_path": "p"}
+    user, admin = {"Authorization": "Bearer k"}, {"Authorization": "Bearer adm"}
+    with TestClient(create_app(engine, served_name="fake", api_key="k")) as c:
+        _envelope(c.post("/v1/load_lora_adapter", json=load, headers=user), 403)
+    with TestClient(create_app(engine, served_name="fake", api_key="k", admin_api_key="adm")) as c:
+        _envelope(c.post("/v1/load_lora_adapter", json=load, headers=user), 401)
+        assert c.post("/v1/load_lora_adapter", json=load, headers=admin).status_code == 200
+        assert c.get("/v1/adapters", headers=user).json()["data"][0]["name"] == "a"
+        _envelope(c.get("/v1/adapters", headers=admin), 401)  # the admin key is not an inference key
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=admin).status_code == 200
+
+
+def test_adapter_names_and_paths_are_bounded(http):
+    for name in ("a.b", "", "x" * 65, "../x"):
+        _envelope(http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "p"}), 400)
+    _envelope(http.post("/v1/load_lora_adapter", json={"lora_name": "ok", "lora_path": "p" * 1025}), 400)

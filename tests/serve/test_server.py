@@ -304,7 +304,7 @@ def test_saes_and_feature_descriptions(server, ws):
     assert saes[0]["id"] == SAE and saes[0]["d_sae"] == 64
     r = httpx.get(f"{server.url}/v1/saes/{SAE}/features/3").json()
     assert r["index"] == 3 and r["described"] is False
-    _err(httpx.get(f"{server.url}/v1/saes/{SAE}/features/64"), 400)
+    _err(httpx.get(f"{server.url}/v1/saes/{SAE}/features/64"), 404)  # no such feature: a missing resource
     _err(httpx.get(f"{server.url}/v1/saes/nope/features/1"), 404)
 
 

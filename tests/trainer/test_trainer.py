@@ -23,10 +23,10 @@ def ws(tmp_path, monkeypatch):
     return tiny_workspace(tmp_path)
 
 
-def _cfg(ws, out, **kw):
-    base = dict(model=ws["model"], saes=ws["saes"], corpus=[ws["corpus"]], out=str(out), rank=8, alpha=16, lr=3e-3,
-                max_steps=30, batch_size=4, seq_len=32, eval_interval=0, eval_rows=8, device="cpu",
-                checkpoint_interval=0)
+def _cfg(ws, out, layers="all", **kw):
+    base = dict(model=ws["model"], saes=ws["saes"], corpus=[ws["corpus"]], out=str(out),
+                lora=LoraSettings(rank=8, alpha=16, layers=layers), lr=3e-3, max_steps=30, batch_size=4, seq_len=32,
+                eval_interval=0, eval_rows=8, device="cpu", checkpoint_interval=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -44,7 +44,7 @@ def test_lora_steps_reduce_kl_and_close_the_gap(ws, tmp_path, layers):
     assert m.training["steps"] == 30 and m.training["tokens_seen"] == 30 * 4 * 32
     assert m.metrics["final"]["gap_closed"] == pytest.approx(last["gap_closed"])
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["layers"] == layers
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lora"]["layers"] == layers
 
 
 def test_same_seed_same_loss_curve(ws, tmp_path):

@@ -1,0 +1,53 @@
+"""Isolation on the torch engine: a row that fails ends alone, and adapter counts cannot leak (live server,
+tiny model). The failure is injected into sampling for one request (by its seed), the way a non-finite logit or
+a sampling error would surface."""
+
+import threading
+
+import httpx
+import pytest
+
+from conftest import make_engine
+from saelora.serve.api.app import create_app
+from saelora.serve.torch_engine import engine as torch_engine
+from server_util import LiveServer
+
+pytestmark = pytest.mark.integration
+POISON_SEED = 13
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    real, calls = torch_engine.sample, {}
+
+    def sample(logits, s, gen):
+        calls[id(s)] = calls.get(id(s), 0) + 1
+        if s.seed == POISON_SEED and calls[id(s)] == 3:  # in a batched decode step, not the prefill
+            raise RuntimeError("injected sampling failure")
+        return real(logits, s, gen)
+
+    monkeypatch.setattr(torch_engine, "sample", sample)
+
+
+def test_a_failing_row_ends_alone_and_the_victim_stream_completes(ws, poisoned):
+    engine = make_engine(ws, max_batch=4)
+    engine.load_adapter_now("a1", ws["a1"])
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        victim: dict = {}
+
+        def stream():
+            body = {"model": "a1", "prompt": "the cat sat on", "max_tokens": 40, "temperature": 0, "stream": True}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                victim["lines"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        attacker = httpx.post(srv.url + "/v1/completions", json={"model": "a1", "prompt": "the dog", "max_tokens": 8,
+                                                                  "seed": POISON_SEED}, timeout=60)
+        t.join(60)
+        assert attacker.status_code == 500 and "injected" in attacker.json()["error"]["message"]
+        assert victim["lines"][-1] == "data: [DONE]"
+        assert not any('"error"' in ln for ln in victim["lines"])
+        # bookkeeping: both rows released adapter a1 exactly once
+        (a1,) = [a for a in httpx.get(srv.url + "/v1/adapters").json()["data"] if a["name"] == "a1"]
+        assert a1["in_flight"] == 0
