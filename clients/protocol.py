@@ -95,7 +95,7 @@ class _SamplingRequest(BaseModel):
 
     model: str | None = Field(None, description="the served model or a loaded adapter (default: the served model)")
     max_tokens: jint(ge=1) | None = None
-    temperature: JFloat = Field(1.0, ge=0.0, le=10.0)
+    temperature: JFloat = Field(1.0, ge=0.0, le=2.0)  # as OpenAI (and vLLM) bound it
     top_p: JFloat = Field(1.0, gt=0.0, le=1.0)
     top_k: jint(ge=-1) | None = None
     n: JInt = Field(1, ge=1, le=MAX_N)

@@ -20,7 +20,8 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
     probs = torch.softmax(scores, -1)
     if s.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < s.top_p
+        keep[0] = True  # always the most likely token (a top_p below fp32's range rounds to 0 otherwise)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         probs = probs / probs.sum()
     return int(torch.multinomial(probs, 1, generator=gen))

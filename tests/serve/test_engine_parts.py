@@ -65,3 +65,9 @@ def test_detokenizer_holds_back_stop_strings():
     assert hit and released == "the cat sat "
     d = Detokenizer(tok, stops=[])
     assert "".join(d.add(t)[0] for t in ids) + d.finish() == "the cat sat on the mat"
+
+
+def test_top_p_below_fp32_range_keeps_the_most_likely_token():
+    """Regression (found by schemathesis): top_p=5e-324 rounds to 0 in fp32 and used to keep no token (NaN)."""
+    logits = torch.tensor([0.1, 2.0, -1.0])
+    assert sample(logits, Sampling(temperature=1.0, top_p=5e-324), torch.Generator().manual_seed(0)) == 1
