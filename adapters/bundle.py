@@ -10,9 +10,11 @@ A bundle is a directory:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -127,10 +129,29 @@ def _read_weights(path: Path, problems: list[str]) -> dict[str, tuple[int, ...]]
         return None
 
 
+# adapter_config.json: the keys a bundle may set (an allow-list). Everything else (DoRA, layer_replication,
+# modules_to_save, trainable tokens, LoRA bias, ...) must be absent or neutral: those features change the shared
+# model beyond a LoRA delta, or are not served by both engines.
+LORA_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "layers_to_transform",
+             "layers_pattern", "fan_in_fan_out", "bias", "rank_pattern", "alpha_pattern"}
+METADATA_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "task_type",
+                 "init_lora_weights", "loftq_config", "megatron_core", "qalora_group_size"}  # no effect on inference
+
+
+def _check_features(cfg: dict[str, Any], problems: list[str]) -> None:
+    for key, value in sorted(cfg.items()):
+        if key not in LORA_KEYS | METADATA_KEYS and value not in (None, False, {}, [], ""):
+            problems.append(f"adapter_config.json: {key}={value!r} is not supported; saelora serves plain LoRA "
+                            f"(allowed settings: {', '.join(sorted(LORA_KEYS))})")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"adapter_config.json: bias={cfg.get('bias')!r} is not supported (only 'none')")
+
+
 def _check_lora(cfg: dict[str, Any], manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None,
                 problems: list[str]) -> None:
     if cfg.get("peft_type") != "LORA":
         problems.append(f"adapter_config.json: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    _check_features(cfg, problems)
     lora = manifest.get("lora", {})
     r, targets = cfg.get("r"), sorted(cfg.get("target_modules") or [])
     if lora.get("r") is not None and lora.get("r") != r:
@@ -224,6 +245,32 @@ def load_bundle(path: str | Path, model_fingerprint: Mapping[str, Any] | None = 
     path = Path(path)
     return Bundle(path=path, manifest=read_manifest(path),
                   lora_config=json.loads((path / ADAPTER_CONFIG).read_text()))
+
+
+BUNDLE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST)
+
+
+def private_copy(path: str | Path, root: str | Path) -> Path:
+    """Copy a bundle's three files into `root/<sha256 of their bytes>` and return that folder (reused when it
+    exists). The copy is hashed after copying, so what a server validates and loads is exactly what it keeps:
+    later edits of the original, or a retrained bundle at the same path, can never reach a loaded adapter, and
+    nothing else (no pickle) is ever next to the weights."""
+    path, root = Path(path), Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        digest = hashlib.sha256()
+        for name in BUNDLE_FILES:
+            if (path / name).is_file():
+                shutil.copyfile(path / name, tmp / name)
+                digest.update(name.encode() + b"\0" + (tmp / name).read_bytes())
+        dest = root / digest.hexdigest()[:32]
+        if not dest.is_dir():
+            os.replace(tmp, dest)
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_manifest(path: str | Path) -> BundleManifest:

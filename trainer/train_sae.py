@@ -52,7 +52,7 @@ class SAETrainConfig:
     k: int = opt(32, "active latents per token (topk, batchtopk)")
     sparsity_coefficient: float = opt(5.0, "L1 (relu) or L0 (jumprelu) coefficient")
     lr: float = opt(5e-4, "Adam learning rate (sae-lens trainer); decays linearly to lr/10 over the last 20%")
-    tokens: int = opt(600_000, "distinct training activations collected (capped by the corpus)")
+    tokens: int = opt(400_000, "distinct training activations collected (capped by the corpus)")
     epochs: int = opt(2, "passes over the collected activations, reshuffled each time (0: initialise only, from the "
                          "activation statistics, with no training step: the start of an e2e-from-scratch SAE)")
     batch_tokens: int = opt(1024, "activations per SAE step")

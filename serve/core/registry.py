@@ -2,8 +2,9 @@
 
 Runtime loads are confined to `--adapter-root`: the path is resolved (symlinks followed) and must stay
 inside the root's real path; safetensors only (the bundle validator refuses pickle). A bundle is fully
-validated against the base model's and SAEs' fingerprints before it becomes visible. Unloading an
-adapter that requests are using fails with 409 (conflict) instead of waiting.
+validated against the base model's and SAEs' fingerprints, then copied to a private content-addressed folder
+($SAELORA_CACHE/served-adapters/<sha256>) and validated again there; both engines load only that copy. Unloading
+an adapter that requests are using fails with 409 (conflict) instead of waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from saelora.adapters.bundle import Bundle, BundleError, load_bundle
+from saelora.adapters.bundle import Bundle, BundleError, load_bundle, private_copy
+from saelora.adapters.config import cache_dir
 from saelora.adapters.saes import LoadedSAE
 
 from .engine import EngineError
@@ -44,11 +46,13 @@ class AdapterEntry:
     name: str
     bundle: Bundle
     in_flight: int = 0
+    origin: str = ""  # the folder name it was loaded from
 
     def describe(self) -> dict[str, Any]:
         m = self.bundle.manifest
         # The folder's name only: responses never show the server's absolute paths.
-        return {"name": self.name, "path": self.bundle.path.name, "rank": int(self.bundle.lora_config.get("r", 0)),
+        return {"name": self.name, "path": self.origin or self.bundle.path.name,
+                "rank": int(self.bundle.lora_config.get("r", 0)),
                 "saes": [s.get("hook", "") for s in m.saes], "in_flight": self.in_flight,
                 "metrics": {k: v for k, v in (m.metrics.get("final") or {}).items() if isinstance(v, (int, float))}}
 
@@ -57,6 +61,7 @@ class AdapterRegistry:
     def __init__(self, fingerprint: dict[str, Any], saes: Sequence[LoadedSAE], model: torch.nn.Module) -> None:
         self.fingerprint, self.saes, self.model = fingerprint, list(saes), model
         self.entries: dict[str, AdapterEntry] = {}
+        self.origins: dict[str, str] = {}  # private copy -> the folder name it came from (shown in listings)
         self.lock = threading.Lock()
 
     def validate(self, name: str, path: Path) -> Bundle:
@@ -71,13 +76,17 @@ class AdapterRegistry:
         if not found:
             raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
         try:
-            return load_bundle(path, self.fingerprint, self.saes, self.model)  # validates once, then reads
+            load_bundle(path, self.fingerprint, self.saes, self.model)  # every problem of the original (pickle, ...)
+            copy = private_copy(path, cache_dir() / "served-adapters")  # content-addressed: what is served
+            bundle = load_bundle(copy, self.fingerprint, self.saes, self.model)
         except BundleError as e:
             raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(e.problems), "lora_path") from e
+        self.origins[str(bundle.path)] = path.name
+        return bundle
 
     def add(self, name: str, bundle: Bundle) -> None:
         with self.lock:
-            self.entries[name] = AdapterEntry(name, bundle)
+            self.entries[name] = AdapterEntry(name, bundle, origin=self.origins.get(str(bundle.path), bundle.path.name))
 
     def acquire(self, name: str | None) -> None:
         """Count a request against its adapter (so it cannot be unloaded under the request)."""

@@ -112,6 +112,7 @@ class VllmEngine(ThreadedEngine):
         self.startup_adapters: list[tuple[str, Any]] = []
         self.llm: Any = None
         self._next_id = 0
+        self._lora_seq = 0  # LoRA ids handed to vLLM so far
         self.cached_tokens = 0  # total over finished requests
         self._inproc = True
 
@@ -210,7 +211,9 @@ class VllmEngine(ThreadedEngine):
     def _add_lora(self, name: str, bundle: Any, register: bool = True) -> None:
         from vllm.lora.request import LoRARequest
 
-        lora_id = max(self.lora_ids.values(), default=0) + 1
+        # Never reuse an id: vLLM keys its prefix cache by LoRA id, so a reload (new content) must get a new one.
+        self._lora_seq += 1
+        lora_id = self._lora_seq
         if not self.llm.add_lora(LoRARequest(name, lora_id, str(bundle.path))):
             raise EngineError("invalid", f"vLLM could not load adapter {name!r}", "lora_path")
         self.lora_ids[name] = lora_id

@@ -100,6 +100,16 @@ def _break(path, how):
         c = json.loads((path / "adapter_config.json").read_text())
         c["r"] = 2
         (path / "adapter_config.json").write_text(json.dumps(c))
+    elif how in FEATURES:
+        c = json.loads((path / "adapter_config.json").read_text())
+        c.update(FEATURES[how])
+        (path / "adapter_config.json").write_text(json.dumps(c))
+
+
+# PEFT features beyond a plain LoRA delta: refused by the allow-list (they would alter the shared model)
+FEATURES = {"dora": {"use_dora": True}, "replication": {"layer_replication": [[0, 2]]},
+            "modules_to_save": {"modules_to_save": ["lm_head"]}, "lora_bias": {"lora_bias": True},
+            "bias": {"bias": "all"}, "unknown": {"some_future_feature": {"on": 1}}}
 
 
 @pytest.mark.parametrize("how,message", [
@@ -111,6 +121,12 @@ def _break(path, how):
     ("rank", "rank mismatch: manifest says r=8"),
     ("targets", "target mismatch"),
     ("config_rank", "has rank 4, adapter_config.json says r=2"),
+    ("dora", "use_dora=True is not supported"),
+    ("replication", "layer_replication=[[0, 2]] is not supported"),
+    ("modules_to_save", "modules_to_save=['lm_head'] is not supported"),
+    ("lora_bias", "lora_bias=True is not supported"),
+    ("bias", "bias='all' is not supported"),
+    ("unknown", "some_future_feature="),
 ])
 def test_each_broken_bundle_has_its_own_message(trained, how, message):
     base, fp, sae, peft, path = trained
