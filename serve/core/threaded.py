@@ -28,9 +28,10 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
-    def __init__(self, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry, tokenizer: Any,
-                 max_len: int) -> None:
-        self.max_queue = max_queue
+    def __init__(self, max_batch: int, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry,
+                 tokenizer: Any, max_len: int) -> None:
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
         self.registry, self.tokenizer, self._max_len = registry, tokenizer, max_len
         self.incoming: queue.Queue[Any] = queue.Queue()
@@ -144,7 +145,8 @@ class ThreadedEngine(Engine):
     def _check_queue(self) -> None:
         from .engine import EngineError
 
-        if self.incoming.qsize() >= self.max_queue:
+        # One rule for both engines: max_batch rows run, max_queue more wait (in our queue or vLLM's), then 429.
+        if self.in_flight >= self.max_batch + self.max_queue:
             raise EngineError("queue_full", "the server is at capacity; retry shortly")
 
     async def _stream(self, make_row: Callable[[Emit], Any]) -> AsyncIterator[Event]:
@@ -153,6 +155,7 @@ class ThreadedEngine(Engine):
         row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # may raise: nothing held yet
         row.hold(self.registry)
         self.incoming.put(row)
+        self.in_flight += 1
         self.wake.set()
         try:
             while True:
@@ -163,6 +166,7 @@ class ThreadedEngine(Engine):
                 if isinstance(ev, Finished):
                     return
         finally:
+            self.in_flight -= 1
             row.cancelled = True  # no-op when finished; otherwise the engine drops the row
 
     async def _call(self, fn: Callable[[], Any]) -> Any:

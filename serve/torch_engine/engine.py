@@ -55,18 +55,19 @@ class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, adapter_root: str | None = None) -> None:
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        super().__init__(max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
+        super().__init__(max_batch, max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
                          min(max_model_len or cfg_len, cfg_len))
         self.model, self.model_id, self.lm = lm.model, lm.spec, lm
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
-        self.max_batch, self.adapter_root = max_batch, adapter_root
+        self.adapter_root = adapter_root
         self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
 
     def stats(self) -> dict[str, float]:
-        return {"running": len(self.active), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries)}
+        return {"running": len(self.active), "queued": max(0, self.in_flight - len(self.active)),
+                "adapters": len(self.registry.entries)}
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         self._check(req)

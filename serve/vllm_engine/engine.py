@@ -103,7 +103,8 @@ class VllmEngine(ThreadedEngine):
         if arch not in ARCHITECTURES:
             raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        super().__init__(self.opts.max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
+        registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        super().__init__(self.opts.max_batch, self.opts.max_queue, saes, registry, lm.tokenizer,
                          min(self.opts.max_model_len or cfg_len, cfg_len - 1))  # room for the extra token
         self.lm, self.model_id, self.arch = lm, lm.spec, arch
         self.eos = stop_token_ids(lm)
@@ -118,8 +119,9 @@ class VllmEngine(ThreadedEngine):
 
     # ---- engine interface -----------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        return {"running": len(self.rows), "queued": self.incoming.qsize(), "adapters": len(self.registry.entries),
-                "prefix_cached_tokens": self.cached_tokens}
+        running = min(len(self.rows), self.opts.max_batch)  # vLLM decodes at most max_batch; the rest wait in it
+        return {"running": running, "queued": max(0, self.in_flight - running),
+                "adapters": len(self.registry.entries), "prefix_cached_tokens": self.cached_tokens}
 
     def _new_rid(self) -> str:
         self._next_id += 1
