@@ -18,11 +18,13 @@ SAE_INFO = {"name": "fake", "hook": "blocks.0.hook_resid_post", "architecture": 
 
 class FakeEngine(Engine):
     def __init__(self, full: bool = False, max_len: int = 64, capacity: int | None = None,
-                 fail_at: int | None = None) -> None:
+                 fail_at: int | None = None, token_s: float = 0.0) -> None:
         self.tokenizer = tiny_tokenizer([" ".join(WORDS)])
         self.model_id, self.full, self._max_len = "fake", full, max_len
         self.capacity, self.running = capacity, 0  # generations at once before queue_full (None: no limit)
         self.fail_at = fail_at  # raise a plain error at this generated token (a failing row)
+        self.token_s = token_s  # seconds per generated token
+        self.closed_early = 0  # generations closed before they finished (client gone)
         self.loaded: dict[str, str] = {}
         self.requests: list[GenerationRequest] = []  # what the HTTP layer handed over
         self._ready = False
@@ -54,11 +56,14 @@ class FakeEngine(Engine):
             raise EngineError("invalid", f"prompt + max_tokens over {self._max_len} tokens", "max_tokens")
         self.requests.append(r)
         self.running += 1
+        finished = False
         try:
             async for ev in self._events(r):
+                finished = isinstance(ev, Finished)
                 yield ev
         finally:
             self.running -= 1
+            self.closed_early += not finished
 
     async def _events(self, r: GenerationRequest) -> AsyncIterator[Event]:
         n, vocab, top_k = len(r.prompt_ids), len(self.tokenizer), r.splice.top_k
@@ -67,7 +72,7 @@ class FakeEngine(Engine):
                                   for i, t in enumerate(r.prompt_ids)])
         tok = r.prompt_ids[-1]
         for i in range(r.sampling.max_tokens):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.token_s)
             if self.fail_at is not None and i == self.fail_at:
                 raise RuntimeError("a step failed")
             tok = 3 + (tok + 1) % (vocab - 3)  # never a special token

@@ -6,6 +6,7 @@ reads it from there, so the routes are plain module-level functions of one route
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import json
@@ -80,7 +81,7 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, metrics, handlers)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
-    app.middleware("http")(guard)
+    app.add_middleware(Guard)  # outermost
     app.include_router(router)
     app.openapi = lambda: errors.openapi_without_422(app)  # type: ignore[method-assign]
     return app
@@ -109,31 +110,41 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-async def guard(request: Request, call_next):  # noqa: ANN001, ANN201
-    """Auth (Bearer key on every path but /health), the body limit, and request metrics."""
-    s: ServerState = request.app.state.saelora
-    path = request.scope["path"]  # the routed path, not one rebuilt from headers
-    t0, route = time.perf_counter(), _route_label(path)
-    refusal = _auth_refusal(s, path, request.headers.get("authorization", ""))
-    if refusal is not None:
-        s.metrics.requests.labels(route, refusal.status_code).inc()
-        return refusal
-    length = request.headers.get("content-length")  # bodies without one are counted as they arrive (BodyLimit)
-    if length is not None and (not length.isdigit() or int(length) > s.max_body):
-        s.metrics.requests.labels(route, 413).inc()
-        return errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
-    response = await call_next(request)
-    s.metrics.requests.labels(route, response.status_code).inc()
-    s.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-    return response
+class Guard:
+    """Auth (Bearer key on every path but /health; the admin key for adapter management), the declared body
+    size, and request metrics. Pure ASGI, so handlers still see client disconnects."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s: ServerState = scope["app"].state.saelora
+        path = scope["path"]  # the routed path, not one rebuilt from headers
+        t0, route = time.perf_counter(), _route_label(path)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length")  # bodies without one are counted as they arrive (BodyLimit)
+        refusal = _auth_refusal(s, path, headers.get("authorization", ""))
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > s.max_body):
+            refusal = errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
+        if refusal is not None:
+            s.metrics.requests.labels(route, refusal.status_code).inc()
+            return await refusal(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_and_count(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            s.metrics.requests.labels(route, status["code"]).inc()
+            s.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
-# With `stream: true` the answer is server-sent events; each event's `data` is a JSON chunk, then `[DONE]`.
-_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
-                                               "id": {"type": "string"}}}
-_STREAM_OR_JSON = {200: {"description": "the response, or with `stream: true` server-sent events",
-                         "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
-# Every route can answer these (auth, body limit, invalid input, not ready, overload); some add 404 / 409.
 def _auth_refusal(s: ServerState, path: str, authorization: str) -> Response | None:
     """The 401/403 answer for this path and Authorization header, or None when the request may go on."""
     given = authorization.removeprefix("Bearer ").strip().encode()
@@ -149,13 +160,33 @@ def _auth_refusal(s: ServerState, path: str, authorization: str) -> Response | N
     return None
 
 
+# With `stream: true` the answer is server-sent events; each event's `data` is a JSON chunk, then `[DONE]`.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                               "id": {"type": "string"}}}
+_STREAM_OR_JSON = {200: {"description": "the response, or with `stream: true` server-sent events",
+                         "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+# Every route can answer these (auth, body limit, invalid input, not ready, overload); some add 403 / 404 / 409.
 router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))
 
 
 def _respond(result: Any) -> Any:
     if hasattr(result, "__aiter__"):
-        return StreamingResponse(result, media_type="text/event-stream")
+        return StreamingResponse(result, media_type="text/event-stream")  # stops (and closes) on disconnect
     return result
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run a handler coroutine, cancelling it when the client goes away: its rows are dropped (queued or running)
+    instead of generating for nobody. Streaming responses get the same from Starlette."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return Response(status_code=499)  # nobody reads it
 
 
 @router.get("/health")
@@ -182,14 +213,14 @@ async def models(s: ServerState = Depends(state)) -> P.ModelList:
 
 @router.post("/v1/completions", response_model=P.CompletionResponse,
              responses={**errors.documented(404), **_STREAM_OR_JSON})
-async def completions(body: P.CompletionRequest, s: ServerState = Depends(ready)) -> Any:
-    return _respond(await s.handlers.completion(body))
+async def completions(body: P.CompletionRequest, request: Request, s: ServerState = Depends(ready)) -> Any:
+    return _respond(await _unless_disconnected(request, s.handlers.completion(body)))
 
 
 @router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
              responses={**errors.documented(404), **_STREAM_OR_JSON})
-async def chat(body: P.ChatCompletionRequest, s: ServerState = Depends(ready)) -> Any:
-    return _respond(await s.handlers.chat(body))
+async def chat(body: P.ChatCompletionRequest, request: Request, s: ServerState = Depends(ready)) -> Any:
+    return _respond(await _unless_disconnected(request, s.handlers.chat(body)))
 
 
 @router.post("/v1/features", response_model=P.FeaturesResponse, responses=errors.documented(404))

@@ -215,3 +215,30 @@ def test_adapter_names_and_paths_are_bounded(http):
     for name in ("a.b", "", "x" * 65, "../x"):
         _envelope(http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "p"}), 400)
     _envelope(http.post("/v1/load_lora_adapter", json={"lora_name": "ok", "lora_path": "p" * 1025}), 400)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_generation(stream):
+    """A client that goes away (here: times out) stops its generation, streaming or not; nothing keeps
+    generating for nobody. Live server, fake engine at 50 ms per token."""
+    import time
+
+    import httpx
+
+    from server_util import LiveServer
+    engine = FakeEngine(max_len=1000, token_s=0.05)
+    with LiveServer(create_app(engine, served_name="fake")) as srv:
+        body = {"prompt": "the", "max_tokens": 200, "stream": stream}  # 10 s of generation
+        if stream:  # read a few events, then hang up
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=5) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i == 3:
+                        break
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
+        deadline = time.time() + 3
+        while engine.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0 and engine.closed_early == 1
