@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from saelora.adapters.config import DEFAULT_MODEL
 
@@ -39,8 +40,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      admin_api_key=args.admin_api_key)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, args.engine,
              len(saes), len(adapters), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    _draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                    timeout_graceful_shutdown=args.shutdown_grace)).run()
     return 0
+
+
+def _draining_server(config: Any) -> Any:
+    """uvicorn's server, which on SIGTERM/SIGINT first puts the app in draining mode (new requests: 503 with
+    Retry-After), then lets in-flight requests finish for up to --shutdown-grace seconds and stops the engine."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            config.app.state.saelora.drain()
+            log.info("shutting down: new requests get 503; in-flight ones get %s s", config.timeout_graceful_shutdown)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def _make_engine(args: argparse.Namespace, lm, saes):  # noqa: ANN001, ANN202
@@ -81,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--max-model-len", type=int, help="context window: prompt + max_tokens (default: the model's)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish "
+                   "after SIGTERM; new requests get 503 meanwhile (default 30)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
                    help="torch: the embedded transformers + PEFT engine (default); vllm: vLLM with the SAE splice "

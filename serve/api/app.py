@@ -49,6 +49,11 @@ class ServerState:
     metrics: Metrics
     handlers: Handlers
     descriptions: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # read once per SAE
+    draining: bool = False  # shutting down: in-flight requests finish, new ones get 503
+
+    def drain(self) -> None:
+        """From now on every new request is refused with 503 (the server is shutting down)."""
+        self.draining = True
 
 
 def state(request: Request) -> ServerState:
@@ -128,6 +133,8 @@ class Guard:
         refusal = _auth_refusal(s, path, headers.get("authorization", ""))
         if refusal is None and length is not None and (not length.isdigit() or int(length) > s.max_body):
             refusal = errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
+        if refusal is None and s.draining:
+            refusal = errors.envelope(503, "not_ready", "the server is shutting down")
         if refusal is not None:
             s.metrics.requests.labels(route, refusal.status_code).inc()
             return await refusal(scope, receive, send)
