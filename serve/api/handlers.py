@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
@@ -23,6 +24,11 @@ class Handlers:
                  on_finish: Callable[[int, int], None] | None = None) -> None:
         self.engine, self.name = engine, served_name
         self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
+        # Tokenising runs off the event loop, on one thread: a fast tokenizer must not encode in two threads at once.
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="saelora-tok")
+
+    async def _off_loop(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, arg)
 
     # ---- request conversion ---------------------------------------------------------------------------
     def adapter_for(self, model: str | None) -> str | None:
@@ -115,15 +121,15 @@ class Handlers:
                 await g.aclose()
 
     # ---- completions --------------------------------------------------------------------------------------
-    def _completion_inputs(self, r: P.CompletionRequest) -> list[GenerationRequest]:
+    async def _completion_inputs(self, r: P.CompletionRequest) -> list[GenerationRequest]:
         adapter = self.adapter_for(r.model)
         p = r.prompt_text_or_ids()
-        ids = self.tokenize(p) if isinstance(p, str) else list(p)
+        ids = await self._off_loop(self.tokenize, p) if isinstance(p, str) else list(p)  # off the event loop
         return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(r.sae),
                               adapter)
 
     async def completion(self, r: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
-        reqs = self._completion_inputs(r)
+        reqs = await self._completion_inputs(r)
         if r.stream:
             return await self._stream(reqs, chat=False, model=r.model or self.name)
         choices = [_Collected(self.engine.tokenizer) for _ in reqs]
@@ -136,7 +142,7 @@ class Handlers:
 
     async def chat(self, r: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
         adapter = self.adapter_for(r.model)
-        ids = self.chat_ids(r.messages)
+        ids = await self._off_loop(self.chat_ids, r.messages)
         budget = r.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, max(1, self.engine.max_model_len - len(ids))))
         lp = (r.top_logprobs or 0) if r.logprobs else None
         reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter)
@@ -159,7 +165,8 @@ class Handlers:
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> P.FeaturesResponse:
         adapter = self.adapter_for(r.model)
-        ids = self.tokenize(r.input) if r.input is not None else self.chat_ids(r.messages or [])
+        ids = await self._off_loop(self.tokenize, r.input) if r.input is not None else \
+            await self._off_loop(self.chat_ids, r.messages or [])
         if not self.engine.saes():
             raise EngineError("invalid", "this server has no SAE loaded", "saes")
         toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
