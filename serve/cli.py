@@ -36,8 +36,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
         engine.load_adapter_now(name, path)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
     app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key,
-                     admin_api_key=args.admin_api_key)
+                     admin_api_key=args.admin_api_key,
+                     allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, args.engine,
              len(saes), len(adapters), args.host, args.port)
     _draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

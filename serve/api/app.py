@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from saelora import __version__
 from saelora.adapters.config import descriptions_file
@@ -68,10 +69,12 @@ def ready(s: ServerState = Depends(state)) -> ServerState:
 
 
 def create_app(engine: Engine, served_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
-               admin_api_key: str | None = None) -> FastAPI:
+               admin_api_key: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The server over `engine`. With `api_key`, every route but /health needs it. Adapter load/unload need
     `admin_api_key` when one is set; with only `api_key` set they are refused (403): the inference key alone
-    cannot change what other clients are served. With neither (a local server), everything is open."""
+    cannot change what other clients are served. With neither (a local server), everything is open.
+    `allowed_hosts`: Host headers accepted (others: 400); `saelora serve` sets the loopback names when bound to
+    loopback, so a web page cannot reach the local server through DNS rebinding."""
     metrics = Metrics(engine)
     handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens)
 
@@ -86,7 +89,9 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, metrics, handlers)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
-    app.add_middleware(Guard)  # outermost
+    app.add_middleware(Guard)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)  # outermost
     app.include_router(router)
     app.openapi = lambda: errors.openapi_without_422(app)  # type: ignore[method-assign]
     return app

@@ -242,3 +242,11 @@ def test_client_disconnect_cancels_the_generation(stream):
         while engine.running and time.time() < deadline:
             time.sleep(0.05)
         assert engine.running == 0 and engine.closed_early == 1
+
+
+def test_loopback_server_refuses_foreign_host_headers(engine):
+    """DNS rebinding guard: with allowed_hosts (set by `saelora serve` on loopback), another Host is refused."""
+    with TestClient(create_app(engine, served_name="fake", allowed_hosts=["127.0.0.1", "localhost"]),
+                    base_url="http://127.0.0.1") as c:
+        assert c.get("/v1/models").status_code == 200
+        assert c.get("/v1/models", headers={"host": "evil.example"}).status_code == 400
