@@ -73,7 +73,13 @@ class SpliceRuntime:
         Requests with one token in this forward (decoding) go through the SAE together, one row per request;
         requests with several (prefill chunks) go one by one, as a row of their own length."""
         qsl = _slot_ranges()
-        if qsl is None or not tracker.SLOTS:
+        if not tracker.SLOTS:
+            return None
+        if qsl is None:
+            if any(spec.needed(name) for spec in tracker.SLOTS.values()):
+                # Never serve a request its edits or latents silently without them (e.g. FlashInfer metadata).
+                raise RuntimeError("this attention backend gives no query_start_loc: the SAE splice cannot place "
+                                   "requests in the batch; use vLLM's default backend")
             return None
         singles: list[tuple[int, tracker.SlotSpec]] = []  # (token index, spec)
         out = None
