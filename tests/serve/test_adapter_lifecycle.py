@@ -63,3 +63,21 @@ def test_editing_the_original_after_load_changes_nothing(server, ws):
         assert listed[0]["path"] == f"ed-{tag}"  # the folder's name, not a server path
     finally:
         _unload(server, "ed")
+
+
+def test_vllm_evicts_and_reloads_more_adapters_than_slots(ws, tmp_path):
+    """More adapters than vLLM's --max-loras: each still serves its own weights, the same text before and after
+    being evicted and re-read (from the private copy)."""
+    from saelora.launch import ServeProcess
+
+    root = Path(ws["root"])
+    for i in range(3):
+        make_bundle(ws, root / f"ev{i}", seed=20 + i)
+    args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--served-model-name", "tiny",
+            "--kv-cache-gb", "1", "--max-loras", "1", "--adapter-root", ws["root"]]
+    with ServeProcess(args, log_path=str(tmp_path / "server.log"), timeout=300) as srv:
+        for i in range(3):
+            _load(srv, f"ev{i}", f"ev{i}")
+        first = [_greedy(srv, f"ev{i}") for i in range(3)]
+        again = [_greedy(srv, f"ev{i}") for i in reversed(range(3))][::-1]
+        assert first == again and len(set(first)) == 3, first
