@@ -76,7 +76,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     adapter = Path(args.adapter)
     run_cfg = json.loads((adapter.parent / "config.json").read_text())
-    sae_dir = run_cfg["saes"][0] if run_cfg.get("saes") else str(shipped_sae(run_cfg["model"]))
+    sae_dir = run_cfg["saes"][0] if run_cfg.get("saes") else ""
+    if not Path(sae_dir).is_dir():  # e.g. the shipped SAE's folder moved since the run; the bundle checks its hash
+        sae_dir = str(shipped_sae(run_cfg["model"]))
     corpus_cfg = CorpusConfig(seq_len=run_cfg["seq_len"], val_fraction=run_cfg["val_fraction"],
                               test_fraction=run_cfg["test_fraction"])
 
