@@ -9,9 +9,12 @@ import torch
 from .engine import Sampling
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM): dividing by them overflows fp32
+
+
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     """One token from a row's logits (V,): greedy at temperature 0, else temperature / top-k / top-p."""
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     scores = logits.float() / s.temperature
     if s.top_k and s.top_k > 0 and s.top_k < scores.numel():

@@ -71,3 +71,9 @@ def test_top_p_below_fp32_range_keeps_the_most_likely_token():
     """Regression (found by schemathesis): top_p=5e-324 rounds to 0 in fp32 and used to keep no token (NaN)."""
     logits = torch.tensor([0.1, 2.0, -1.0])
     assert sample(logits, Sampling(temperature=1.0, top_p=5e-324), torch.Generator().manual_seed(0)) == 1
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """Regression (found by schemathesis): temperature 2.2e-308 overflowed the logits to inf (NaN -> 500)."""
+    logits = torch.tensor([0.1, 2.0, -1.0])
+    assert sample(logits, Sampling(temperature=2.2250738585072014e-308), torch.Generator().manual_seed(0)) == 1
