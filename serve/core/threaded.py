@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
 from saelora.adapters.saes import LoadedSAE
@@ -23,6 +24,7 @@ from .engine import Engine, EngineError, Event, Finished, GenerationRequest
 from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
+FAILING_STEPS, FAILING_WINDOW_S = 3, 60.0  # that many consecutive failed steps, the last this recent: not healthy
 
 Emit = Callable[[Any], None]
 
@@ -32,6 +34,7 @@ class ThreadedEngine(Engine):
                  tokenizer: Any, max_len: int) -> None:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
+        self.failed_steps, self.last_failure = 0, 0.0  # consecutive failed engine steps, and when the last was
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
         self.registry, self.tokenizer, self._max_len = registry, tokenizer, max_len
         self.incoming: queue.Queue[Any] = queue.Queue()
@@ -139,7 +142,11 @@ class ThreadedEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self.running and self.thread is not None and self.thread.is_alive()
+        """Up and serving: the engine thread is alive, and its last FAILING_STEPS steps did not all fail within
+        the last FAILING_WINDOW_S seconds (/health answers 503 otherwise, so an orchestrator can restart it)."""
+        alive = self.running and self.thread is not None and self.thread.is_alive()
+        failing = self.failed_steps >= FAILING_STEPS and time.monotonic() - self.last_failure < FAILING_WINDOW_S
+        return alive and not failing
 
     # ---- event loop side ------------------------------------------------------------------------------
     def _check_queue(self) -> None:
@@ -202,8 +209,10 @@ class ThreadedEngine(Engine):
                 continue
             try:
                 self._step()
+                self.failed_steps = 0
             except Exception as e:  # noqa: BLE001 - fail the rows, keep serving
                 log.exception("engine step failed")
+                self.failed_steps, self.last_failure = self.failed_steps + 1, time.monotonic()
                 self._fail_running(e)
 
     def _next_incoming(self) -> Any | None:

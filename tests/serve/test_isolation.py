@@ -51,3 +51,19 @@ def test_a_failing_row_ends_alone_and_the_victim_stream_completes(ws, poisoned):
         # bookkeeping: both rows released adapter a1 exactly once
         (a1,) = [a for a in httpx.get(srv.url + "/v1/adapters").json()["data"] if a["name"] == "a1"]
         assert a1["in_flight"] == 0
+
+
+def test_health_turns_503_while_every_step_fails(ws, monkeypatch):
+    """An engine whose steps keep failing is not healthy: /health answers 503 after 3 failed steps in a row."""
+    engine = make_engine(ws, max_batch=2)
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+
+        def broken_step():
+            raise RuntimeError("injected step failure")
+
+        monkeypatch.setattr(engine, "_decode_step", broken_step)
+        for _ in range(3):
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 4}, timeout=60)
+            assert r.status_code == 500
+        assert httpx.get(srv.url + "/health").status_code == 503
