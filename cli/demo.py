@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from saelora.launch import ServeProcess
@@ -40,6 +40,16 @@ def _demo_sae(sae: Path, args: argparse.Namespace) -> None:
     train_sae(SAETrainConfig(model=args.model, out=str(sae)))
 
 
+# The demo adapter's recipe per embedded model, each from a measurement (2 x 128-token steps, cosine, warm-up 10):
+# SmolLM2: the train_gap study's choice on validation (bench/results/train_gap.md: 38.6% of the gap on test);
+# Gemma 3: one pilot run (bench/results/gemma3_lora_pilot.json: 32.0% on validation, 30.5% on 8,128 test
+# tokens, one seed); SmolLM2's recipe closed only 17.7% there.
+ADAPTER_RECIPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {"layers": "after", "lr": 2e-3, "steps": 200},
+    "gemma3-270m": {"layers": "all", "lr": 5e-4, "steps": 150},
+}
+
+
 def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import descriptions_file
@@ -53,10 +63,12 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     if not descriptions_file(sae).is_file():
         run_features(FeaturesConfig(model=args.model, saes=[str(sae)], rows=args.feature_rows, top_n=8))
     if not has_manifest(adapter):
-        log.info("training the demo adapter (once; %d steps)", args.lora_steps)
+        recipe = {**ADAPTER_RECIPES[args.model],
+                  **{k: v for k, v in (("steps", args.lora_steps), ("lr", args.lora_lr)) if v is not None}}
+        log.info("training the demo adapter (once): %s", recipe)
         train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"),
-                               lora=LoraSettings(rank=args.rank, alpha=32, layers="after"),
-                               lr=args.lora_lr, max_steps=args.lora_steps,
+                               lora=LoraSettings(rank=args.rank, alpha=32, layers=recipe["layers"]),
+                               lr=recipe["lr"], max_steps=recipe["steps"],
                                schedule="cosine", warmup_steps=10, batch_size=2, seq_len=128, eval_interval=0,
                                eval_rows=args.eval_rows, val_fraction=0.03, test_fraction=0.07,
                                checkpoint_interval=0))
@@ -139,9 +151,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS),
                    help=f"embedded model (default {DEFAULT_MODEL}); artifacts go to $SAELORA_CACHE/demo/<model>")
-    p.add_argument("--lora-steps", type=int, default=200, help="adapter training steps of 2 x 128 tokens, first "
-                   "run (default 200, cosine decay)")
-    p.add_argument("--lora-lr", type=float, default=2e-3, help="adapter learning rate (default 2e-3)")
+    p.add_argument("--lora-steps", type=int, help="adapter training steps of 2 x 128 tokens, first run, cosine "
+                   "decay (default: the model's recipe, ADAPTER_RECIPES)")
+    p.add_argument("--lora-lr", type=float, help="adapter learning rate (default: the model's recipe)")
     p.add_argument("--rank", type=int, default=64, help="adapter LoRA rank (default 64, the paper's)")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows of 128 tokens for the adapter's final "
                    "eval (default 32)")

@@ -107,3 +107,11 @@ def test_plain_install_imports_from_repository_root(tmp_path):
                        env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(target))
+
+
+def test_every_embedded_model_has_a_demo_adapter_recipe():
+    from saelora.adapters.models import EMBEDDED_MODELS
+    from saelora.demo import ADAPTER_RECIPES
+
+    assert set(ADAPTER_RECIPES) == set(EMBEDDED_MODELS)
+    assert all({"layers", "lr", "steps"} <= set(r) for r in ADAPTER_RECIPES.values())
