@@ -69,6 +69,7 @@ class Bundle:
     path: Path
     manifest: BundleManifest
     lora_config: dict[str, Any]
+    origin: str = ""  # for a private copy (`private_copy`): the name of the folder it was copied from
 
 
 def save_bundle(path: str | Path, peft_model: Any, manifest: BundleManifest, adapter_name: str = "default") -> Path:

@@ -243,7 +243,7 @@ async def features(body: P.FeaturesRequest, s: ServerState = Depends(ready)) -> 
 @router.get("/v1/saes", response_model=P.SAEList)
 async def saes(s: ServerState = Depends(state)) -> P.SAEList:
     return P.SAEList(data=[P.SAEInfo(id=d["name"], hook=d["hook"], architecture=d["architecture"], d_in=d["d_in"],
-                                     d_sae=d["d_sae"], source=_public_sae(d)["source"],
+                                     d_sae=d["d_sae"], source=_public_source(d["source"]),
                                      fingerprint=d["fingerprint"]["id"],
                                      has_descriptions=descriptions_file(d["source"]).is_file(), policy=d.get("policy"))
                            for d in s.engine.saes()])
@@ -286,10 +286,13 @@ async def unload_lora(body: P.UnloadLoRARequest, s: ServerState = Depends(ready)
     return JSONResponse({"status": "unloaded", "lora_name": body.lora_name})
 
 
+def _public_source(source: str) -> str:
+    """An SAE's source as responses show it: a local folder by its name only, never the server's path."""
+    return Path(source).name if os.path.isabs(source) else source
+
+
 def _public_sae(d: dict[str, Any]) -> dict[str, Any]:
-    """An SAE's description as responses show it: a local folder by its name only, never the server's path."""
-    source = d["source"]
-    return {**d, "source": Path(source).name if os.path.isabs(source) else source}
+    return {**d, "source": _public_source(d["source"])}
 
 
 _ROUTES = {"/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",

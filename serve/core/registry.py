@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from saelora.adapters.bundle import Bundle, BundleError, load_bundle, private_copy
+from saelora.adapters.bundle import Bundle, BundleError, load_bundle, private_copy, validate_bundle
 from saelora.adapters.config import cache_dir
 from saelora.adapters.saes import LoadedSAE
 
@@ -46,12 +46,11 @@ class AdapterEntry:
     name: str
     bundle: Bundle
     in_flight: int = 0
-    origin: str = ""  # the folder name it was loaded from
 
     def describe(self) -> dict[str, Any]:
         m = self.bundle.manifest
         # The folder's name only: responses never show the server's absolute paths.
-        return {"name": self.name, "path": self.origin or self.bundle.path.name,
+        return {"name": self.name, "path": self.bundle.origin or self.bundle.path.name,
                 "rank": int(self.bundle.lora_config.get("r", 0)),
                 "saes": [s.get("hook", "") for s in m.saes], "in_flight": self.in_flight,
                 "metrics": {k: v for k, v in (m.metrics.get("final") or {}).items() if isinstance(v, (int, float))}}
@@ -61,7 +60,6 @@ class AdapterRegistry:
     def __init__(self, fingerprint: dict[str, Any], saes: Sequence[LoadedSAE], model: torch.nn.Module) -> None:
         self.fingerprint, self.saes, self.model = fingerprint, list(saes), model
         self.entries: dict[str, AdapterEntry] = {}
-        self.origins: dict[str, str] = {}  # private copy -> the folder name it came from (shown in listings)
         self.lock = threading.Lock()
 
     def validate(self, name: str, path: Path) -> Bundle:
@@ -75,18 +73,19 @@ class AdapterRegistry:
             raise EngineError("invalid", f"lora_path cannot be read: {e.strerror}", "lora_path") from e
         if not found:
             raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
+        problems = validate_bundle(path, self.fingerprint, self.saes, self.model)  # the original's (pickle, ...)
         try:
-            load_bundle(path, self.fingerprint, self.saes, self.model)  # every problem of the original (pickle, ...)
+            if problems:
+                raise BundleError(path, problems)
             copy = private_copy(path, cache_dir() / "served-adapters")  # content-addressed: what is served
             bundle = load_bundle(copy, self.fingerprint, self.saes, self.model)
         except BundleError as e:
             raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(e.problems), "lora_path") from e
-        self.origins[str(bundle.path)] = path.name
-        return bundle
+        return replace(bundle, origin=path.name)
 
     def add(self, name: str, bundle: Bundle) -> None:
         with self.lock:
-            self.entries[name] = AdapterEntry(name, bundle, origin=self.origins.get(str(bundle.path), bundle.path.name))
+            self.entries[name] = AdapterEntry(name, bundle)
 
     def acquire(self, name: str | None) -> None:
         """Count a request against its adapter (so it cannot be unloaded under the request)."""

@@ -28,6 +28,11 @@ class RowState:
         registry.acquire(self.req.adapter)
         self._registry = registry
 
+    def end(self) -> None:
+        """Mark the row done and give its adapter back (every way a row ends goes through here)."""
+        self.done = True
+        self.release()
+
     def release(self) -> None:
         """Give the adapter back; every way a row ends calls this, and only the first call counts."""
         registry, self._registry = self._registry, None

@@ -150,8 +150,6 @@ class ThreadedEngine(Engine):
 
     # ---- event loop side ------------------------------------------------------------------------------
     def _check_queue(self) -> None:
-        from .engine import EngineError
-
         # One rule for both engines: max_batch rows run, max_queue more wait (in our queue or vLLM's), then 429.
         if self.in_flight >= self.max_batch + self.max_queue:
             raise EngineError("queue_full", "the server is at capacity; retry shortly")

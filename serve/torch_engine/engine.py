@@ -218,18 +218,15 @@ class TorchEngine(ThreadedEngine):
                 for name, per in caps.items() if name in report and per}
 
     def _finish(self, row: _Row, reason: str) -> None:
-        row.done = True
-        row.release()
+        row.end()
         row.emit(row.finished(reason))
 
     def _drop(self, row: _Row) -> None:
-        row.done = True
-        row.release()
+        row.end()
         self.active = [r for r in self.active if r is not row]
 
     def _fail(self, row: _Row, error: Exception) -> None:
-        row.done = True
-        row.release()
+        row.end()
         row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
 
     def _encode(self, prompt_ids: list[int], top_k: int, report: set[str],
