@@ -3,9 +3,9 @@ and PEFT `PeftModel.from_pretrained`, with the SAE's position policy (from its c
 a forward hook. Only the corpus rows and file locations come from saelora; the splice, the adapter and the CE
 are computed here. The two paths must agree to float precision.
 
-    python bench/train_gap_xcheck.py [--adapter DIR] [--rows 16]
+    python bench/train_gap_xcheck.py [--adapter DIR] [--rows 16] [--out FILE]
 
-Writes bench/results/train_gap_xcheck.json.
+Writes bench/results/train_gap_xcheck.json (or --out).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from saelora.adapters.bundle import attach_bundle, load_bundle
 from saelora.adapters.config import cache_dir
 from saelora.adapters.corpus import CorpusConfig, load_corpus
 from saelora.adapters.models import embedded_model_dir, load_model
+from saelora.adapters.policy import corpus_bos
 from saelora.adapters.saes import load_sae, shipped_sae
 from saelora.trainer.evaluate import evaluate
 
@@ -72,6 +73,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
     ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--out", default=str(RESULTS / "train_gap_xcheck.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     adapter = Path(args.adapter)
@@ -79,13 +81,13 @@ def main() -> int:
     sae_dir = run_cfg["saes"][0] if run_cfg.get("saes") else ""
     if not Path(sae_dir).is_dir():  # e.g. the shipped SAE's folder moved since the run; the bundle checks its hash
         sae_dir = str(shipped_sae(run_cfg["model"]))
-    corpus_cfg = CorpusConfig(seq_len=run_cfg["seq_len"], val_fraction=run_cfg["val_fraction"],
-                              test_fraction=run_cfg["test_fraction"])
-
     lm = load_model(run_cfg["model"])
     lm.model.requires_grad_(False)
-    rows = load_corpus(lm.tokenizer, corpus_cfg).test[:args.rows]
     s = load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)
+    # rows as the adapter was trained and evaluated on: starting with BOS when the SAE's policy says so (Gemma)
+    corpus_cfg = CorpusConfig(seq_len=run_cfg["seq_len"], val_fraction=run_cfg["val_fraction"],
+                              test_fraction=run_cfg["test_fraction"], prepend_bos=corpus_bos([s.policy]))
+    rows = load_corpus(lm.tokenizer, corpus_cfg).test[:args.rows]
     mine = evaluate(attach_bundle(lm.model, load_bundle(str(adapter), lm.fingerprint, [s], lm.model), "adapter"),
                     [s], rows, 4).to_json()
 
@@ -103,8 +105,8 @@ def main() -> int:
     res = {"adapter": str(adapter), "rows": int(len(rows)), "tokens": int(rows[:, 1:].numel()),
            "saelora": {k: round(float(mine[k]), 5) for k in keys}, "plain": {k: round(ref[k], 5) for k in keys},
            "max_abs_diff": round(max(abs(float(mine[k]) - ref[k]) for k in keys), 6)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_gap_xcheck.json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     log.info(json.dumps(res, indent=2))
     return 0 if res["max_abs_diff"] < 1e-3 else 1
 
