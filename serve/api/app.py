@@ -21,7 +21,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from saelora import __version__
 from saelora.adapters.config import descriptions_file
@@ -47,6 +46,7 @@ class ServerState:
     api_key: str | None
     max_body: int
     admin_api_key: str | None
+    allowed_hosts: list[str] | None
     metrics: Metrics
     handlers: Handlers
     descriptions: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # read once per SAE
@@ -86,12 +86,11 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
 
     app = FastAPI(title="saelora", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API with per-token SAE latents, latent steering and LoRA hot-swap.")
-    app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, metrics, handlers)
+    app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, allowed_hosts, metrics,
+                                    handlers)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
-    app.add_middleware(Guard)
-    if allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)  # outermost
+    app.add_middleware(Guard)  # outermost
     app.include_router(router)
     app.openapi = lambda: errors.openapi_without_422(app)  # type: ignore[method-assign]
     return app
@@ -121,8 +120,9 @@ class BodyLimit:
 
 
 class Guard:
-    """Auth (Bearer key on every path but /health; the admin key for adapter management), the declared body
-    size, and request metrics. Pure ASGI, so handlers still see client disconnects."""
+    """The Host header (when the server restricts it), auth (Bearer key on every path but /health; the admin key
+    for adapter management), the declared body size, and request metrics; every refusal in the OpenAI envelope.
+    Pure ASGI, so handlers still see client disconnects."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -135,7 +135,7 @@ class Guard:
         t0, route = time.perf_counter(), _route_label(path)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         length = headers.get("content-length")  # bodies without one are counted as they arrive (BodyLimit)
-        refusal = _auth_refusal(s, path, headers.get("authorization", ""))
+        refusal = _host_refusal(s, headers.get("host", "")) or _auth_refusal(s, path, headers.get("authorization", ""))
         if refusal is None and length is not None and (not length.isdigit() or int(length) > s.max_body):
             refusal = errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
         if refusal is None and s.draining:
@@ -155,6 +155,16 @@ class Guard:
         finally:
             s.metrics.requests.labels(route, status["code"]).inc()
             s.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+def _host_refusal(s: ServerState, host: str) -> Response | None:
+    """400 for a Host header outside `allowed_hosts` (DNS rebinding against a loopback server), else None."""
+    if not s.allowed_hosts:
+        return None
+    name = host[:host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+    if name in s.allowed_hosts:
+        return None
+    return errors.envelope(400, "invalid", f"Host {name!r} is not served here (allowed: {s.allowed_hosts})")
 
 
 def _auth_refusal(s: ServerState, path: str, authorization: str) -> Response | None:

@@ -250,3 +250,5 @@ def test_loopback_server_refuses_foreign_host_headers(engine):
                     base_url="http://127.0.0.1") as c:
         assert c.get("/v1/models").status_code == 200
         assert c.get("/v1/models", headers={"host": "evil.example"}).status_code == 400
+        _envelope(c.get("/v1/models", headers={"host": "evil.example:8000"}), 400)
+        assert c.get("/v1/models", headers={"host": "localhost:8000"}).status_code == 200
