@@ -198,6 +198,12 @@ class ThreadedEngine(Engine):
             started(e)
             return
         started(None)
+        try:
+            self._loop()
+        finally:
+            self._teardown()
+
+    def _loop(self) -> None:
         while self.running:
             self._run_commands()
             self._admit()
@@ -212,6 +218,9 @@ class ThreadedEngine(Engine):
                 log.exception("engine step failed")
                 self.failed_steps, self.last_failure = self.failed_steps + 1, time.monotonic()
                 self._fail_running(e)
+
+    def _teardown(self) -> None:
+        """Engine thread, after the loop: release what the engine started (child processes, above all)."""
 
     def _next_incoming(self) -> Any | None:
         """The next queued row that is still wanted (cancelled ones release their adapter), or None."""

@@ -207,6 +207,13 @@ class VllmEngine(ThreadedEngine):
                  "Python; CUDA graphs would replay a frozen batch layout: docs/vllm.md)", self.lm.spec, self.arch,
                  len(saes), self._inproc)
 
+    def _teardown(self) -> None:
+        # With VLLM_ENABLE_V1_MULTIPROCESSING=1 the engine core is a child process; it is stopped here, not left
+        # to a finalizer that may never run (tests/serve/test_shutdown.py checks no child outlives the server).
+        core = getattr(getattr(self, "llm", None), "engine_core", None)
+        if core is not None:
+            core.shutdown(timeout=5)
+
     def _on_cpu(self) -> bool:
         return str(self.lm.model.device).startswith("cpu")
 

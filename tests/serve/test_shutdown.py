@@ -27,19 +27,39 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _in_flight(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(float(ln.split()[-1]) for ln in text.splitlines()
                if ln.startswith(("saelora_batch_size ", "saelora_queue_depth ")))
 
 
-@pytest.mark.parametrize("engine", ["torch", "vllm"])
-def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine):
+@pytest.mark.parametrize("engine,multiprocess", [("torch", False), ("vllm", False), ("vllm", True)],
+                         ids=["torch", "vllm", "vllm-multiprocess"])
+def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine, multiprocess):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 vLLM runs its engine core in a child process: it too must be gone."""
     from saelora.launch import ServeProcess
 
     args = ["--engine", engine, "--model", ws["model"], "--sae", ws["saes"][0], "--served-model-name", "tiny",
             "--kv-cache-gb", "1", "--max-batch", "1", "--shutdown-grace", "30"]
-    srv = ServeProcess(args, log_path=str(tmp_path / "server.log"), timeout=300).start()
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if multiprocess else None
+    srv = ServeProcess(args, env=env, log_path=str(tmp_path / "server.log"), timeout=300).start()
     try:
         first, streams = threading.Event(), [{"lines": [], "last": 0.0} for _ in range(4)]
 
@@ -60,6 +80,7 @@ def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine):
         deadline = time.time() + 30  # every request accepted (running or waiting) before the signal
         while _in_flight(srv.url) < len(streams) and time.time() < deadline:
             time.sleep(0.01)
+        spawned = _descendants(srv.proc.pid)  # checked by pid afterwards: an orphan is re-parented, not gone
         srv.proc.send_signal(signal.SIGTERM)
         sigterm = time.time()
         time.sleep(0.2)
@@ -76,6 +97,11 @@ def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine):
         assert max(out["last"] for out in streams) > sigterm + 0.2  # work in flight went on after SIGTERM
         # uvicorn re-raises the signal once it has shut down gracefully: the exit status is "killed by SIGTERM"
         assert srv.proc.wait(40) in (0, -signal.SIGTERM)
-        assert _children(srv.proc.pid) == []
+        deadline = time.time() + 10
+        while any(map(_alive, spawned)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert [p for p in spawned if _alive(p)] == []
+        if multiprocess:
+            assert spawned, "the multiprocess engine core never showed up as a child process"
     finally:
         srv.close()
