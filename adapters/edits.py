@@ -36,6 +36,10 @@ class SpliceError(SaeloraError, ValueError):
     """Invalid splice configuration or edit (unknown SAE, feature out of range, bad op/value/positions)."""
 
 
+class SpliceNotFoundError(SpliceError):
+    """The edit names an SAE that is not spliced, or a latent the SAE does not have (the server answers 404)."""
+
+
 @dataclass(frozen=True)
 class LatentEdit:
     """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`.
@@ -72,7 +76,7 @@ def check_edit(e: LatentEdit, d_sae: int) -> None:
     if e.op not in OPS:
         raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
     if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
-        raise SpliceError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
+        raise SpliceNotFoundError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
     if not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
         raise SpliceError(f"Edit value must be a finite number, got {e.value!r}")
     if abs(e.value) > MAX_EDIT_VALUE:

@@ -29,11 +29,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .edits import LatentEdit, SpliceError, apply_op, changes_stream, check_edit, check_mode, position_mask
+from .edits import (LatentEdit, SpliceError, SpliceNotFoundError, apply_op, changes_stream, check_edit, check_mode,
+                    position_mask)
 from .saes import LoadedSAE
 
-__all__ = ["Capture", "LatentEdit", "RowSpec", "SpliceError", "SpliceResult", "SpliceStats", "changes_stream",
-           "check_rows", "fit_positions", "splice_sae"]
+__all__ = ["Capture", "LatentEdit", "RowSpec", "SpliceError", "SpliceNotFoundError", "SpliceResult", "SpliceStats",
+           "changes_stream", "check_rows", "fit_positions", "splice_sae"]
 
 
 @dataclass
@@ -85,7 +86,7 @@ def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
     """Raise `SpliceError` for anything in `rows` that cannot be applied with these SAEs (keyed by name)."""
     def sae(name: str) -> LoadedSAE:
         if name not in saes:
-            raise SpliceError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(saes)}")
+            raise SpliceNotFoundError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(saes)}")
         return saes[name]
 
     for row in rows:

@@ -18,6 +18,10 @@ class InvalidRequestError(SaeloraAPIError):
     """400 / 413: the request was malformed or out of bounds."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """400 with code "context_length_exceeded": prompt + max_tokens is over the model's context."""
+
+
 class AuthenticationError(SaeloraAPIError):
     """401: missing or wrong API key."""
 
@@ -58,4 +62,6 @@ BY_STATUS = {400: InvalidRequestError, 401: AuthenticationError, 403: Permission
 def from_response(status: int, body: Any) -> SaeloraAPIError:
     err = body.get("error", {}) if isinstance(body, dict) else {}
     cls = BY_TYPE.get(err.get("type", ""), BY_STATUS.get(status, SaeloraAPIError))
+    if err.get("code") == "context_length_exceeded":
+        cls = ContextLengthError
     return cls(status, err.get("message") or str(body), err.get("type", ""), err.get("param"), body)

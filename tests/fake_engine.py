@@ -53,7 +53,9 @@ class FakeEngine(Engine):
         if not r.prompt_ids:
             raise EngineError("invalid", "the prompt is empty", "prompt")
         if len(r.prompt_ids) + r.sampling.max_tokens > self._max_len:
-            raise EngineError("invalid", f"prompt + max_tokens over {self._max_len} tokens", "max_tokens")
+            raise EngineError("context_length", f"prompt + max_tokens over {self._max_len} tokens", "max_tokens")
+        if any(not 0 <= t < len(self.tokenizer) for t in r.prompt_ids):
+            raise EngineError("invalid", "prompt token ids outside the vocabulary", "prompt")
         self.requests.append(r)
         self.running += 1
         finished = False

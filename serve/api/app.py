@@ -92,7 +92,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(Guard)  # outermost
     app.include_router(router)
-    app.openapi = lambda: errors.openapi_without_422(app)  # type: ignore[method-assign]
+    vocab = len(engine.tokenizer)
+    app.openapi = lambda: errors.openapi_without_422(app, vocab)  # type: ignore[method-assign]
     return app
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # EngineError.kind -> (HTTP status, OpenAI error type); a test checks it covers ERROR_KINDS exactly.
 KINDS: dict[str, tuple[int, str]] = {
     "invalid": (400, "invalid_request_error"),
+    "context_length": (400, "invalid_request_error"),
     "unauthorized": (401, "authentication_error"),
     "forbidden": (403, "permission_error"),
     "not_found": (404, "not_found_error"),
@@ -29,26 +30,30 @@ KINDS: dict[str, tuple[int, str]] = {
     "internal": (500, "internal_server_error"),
     "not_ready": (503, "service_unavailable_error"),
 }
+CODES: dict[str, str] = {"context_length": "context_length_exceeded"}  # OpenAI's string codes; else the status
 RETRY_AFTER_S = 1
 
 
 def envelope(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": KINDS.get(kind, (status, kind))[1], "param": param,
-                      "code": status}}
+                      "code": CODES.get(kind, status)}}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for these error statuses, each with the envelope's schema."""
-    names = {status: kind for kind, (status, _) in KINDS.items()}
+    names: dict[int, str] = {}
+    for kind, (status, _) in KINDS.items():
+        names.setdefault(status, kind)
     return {status: {"model": ErrorResponse, "description": f"{names.get(status, 'error')} (OpenAI error envelope)"}
             for status in statuses}
 
 
-def openapi_without_422(app: FastAPI) -> dict[str, Any]:
+def openapi_without_422(app: FastAPI, vocab_size: int) -> dict[str, Any]:
     """The app's OpenAPI document with FastAPI's automatic 422 answers removed: validation errors are 400 here,
-    in the envelope, and every route documents that."""
+    in the envelope, and every route documents that. A token-id prompt's ids get this server's vocabulary as
+    their bound (the pydantic models cannot know it)."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -59,6 +64,9 @@ def openapi_without_422(app: FastAPI) -> dict[str, Any]:
         schemas = doc.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
+        for alt in schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {}).get("anyOf", []):
+            if alt.get("type") == "array" and alt.get("items", {}).get("type") == "integer":
+                alt["items"]["maximum"] = vocab_size - 1
         app.openapi_schema = doc
     return app.openapi_schema
 
@@ -72,7 +80,7 @@ def error_event(e: BaseException) -> dict:
     if isinstance(e, EngineError):
         status, kind = KINDS.get(e.kind, (500, "internal"))[0], e.kind
         return {"error": {"message": e.message, "type": KINDS.get(kind, (500, kind))[1], "param": e.param,
-                          "code": status}}
+                          "code": CODES.get(kind, status)}}
     return {"error": {"message": f"{type(e).__name__}: {e}", "type": "internal_server_error", "param": None,
                       "code": 500}}
 

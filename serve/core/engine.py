@@ -14,10 +14,11 @@ from typing import Any, AsyncIterator, Literal, get_args
 from saelora.adapters.edits import SERVE_MODE, LatentEdit
 
 
-# What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, unauthorized 401, forbidden 403,
+# What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
+# code "context_length_exceeded": the one 400 a schema-valid request can get), unauthorized 401, forbidden 403,
 # not_found 404, conflict 409, too_large 413, queue_full 429, internal 500, not_ready 503.
-ErrorKind = Literal["invalid", "unauthorized", "forbidden", "not_found", "conflict", "too_large", "queue_full",
-                    "internal", "not_ready"]
+ErrorKind = Literal["invalid", "context_length", "unauthorized", "forbidden", "not_found", "conflict", "too_large",
+                    "queue_full", "internal", "not_ready"]
 ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
 
 

@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import RowSpec, SpliceError, check_rows
+from saelora.adapters.splice import RowSpec, SpliceError, SpliceNotFoundError, check_rows
 
 from .engine import Engine, EngineError, Event, Finished, GenerationRequest
 from .registry import AdapterRegistry
@@ -88,7 +88,7 @@ class ThreadedEngine(Engine):
         if not req.prompt_ids:
             raise EngineError("invalid", "the prompt is empty", "prompt")
         if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
-            raise EngineError("invalid", f"This model's maximum context length is {self._max_len} tokens; the "
+            raise EngineError("context_length", f"This model's maximum context length is {self._max_len} tokens; the "
                               f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
                               "max_tokens")
         vocab = len(self.tokenizer)
@@ -97,19 +97,20 @@ class ThreadedEngine(Engine):
         try:
             check_rows(self.sae_map, [RowSpec(edits=req.splice.edits)])
         except SpliceError as e:
-            raise EngineError("invalid", str(e), "sae.edits") from e
+            raise EngineError("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e),
+                              "sae.edits") from e
         unknown = set(req.splice.saes or []) - set(self.sae_names)
         if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
+            raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
                               "sae.features.saes")
 
     def _check_encode(self, prompt_ids: list[int], saes: list[str] | None) -> None:
         if len(prompt_ids) > self._max_len:
-            raise EngineError("invalid", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
+            raise EngineError("context_length", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
                               "input")
         unknown = set(saes or []) - set(self.sae_names)
         if unknown:
-            raise EngineError("invalid", f"unknown SAE ids {sorted(unknown)}", "saes")
+            raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}", "saes")
 
     async def unload_adapter(self, name: str) -> None:
         entry = self.registry.remove(name)  # 404 / 409 (in use) before anything changes

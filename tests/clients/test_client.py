@@ -8,8 +8,8 @@ import pexpect
 import pytest
 
 from conftest import SAE, make_engine
-from saelora.clients import (AsyncSaeloraClient, ConflictError, Edit, InvalidRequestError, NotFoundError,
-                             RateLimitError, SaeloraClient)
+from saelora.clients import (AsyncSaeloraClient, ConflictError, ContextLengthError, Edit, InvalidRequestError,
+                             NotFoundError, RateLimitError, SaeloraClient)
 from saelora.clients import protocol as P
 from server_util import LiveServer
 
@@ -59,8 +59,10 @@ def test_steer_and_compare(client):
 def test_errors_map_to_classes(client):
     with pytest.raises(NotFoundError):
         client.complete("x", model="nope")
-    with pytest.raises(InvalidRequestError, match="outside"):
+    with pytest.raises(NotFoundError, match="outside"):  # a latent the SAE does not have
         client.steer("x", [Edit.set(64, 1.0)])
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        client.complete("the " * 200, max_tokens=100)
     with pytest.raises(ConflictError):
         client.adapters.load("a1", "a2")
     with pytest.raises(InvalidRequestError, match="outside the adapter root"):

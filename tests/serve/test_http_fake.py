@@ -125,6 +125,20 @@ def test_openapi_lists_every_route(http):
             "/v1/unload_lora_adapter"} <= paths
 
 
+def test_openapi_bounds_token_ids_by_this_servers_vocabulary(http, engine):
+    doc = http.get("/openapi.json").json()
+    (ids,) = [a for a in doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+              if a.get("type") == "array" and a["items"].get("type") == "integer"]
+    assert ids["items"]["maximum"] == len(engine.tokenizer) - 1
+    _envelope(http.post("/v1/completions", json={"prompt": [len(engine.tokenizer)]}), 400)
+
+
+def test_context_overflow_carries_openai_code(http):
+    r = http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 10_000})
+    _envelope(r, 400)
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_every_error_kind_has_one_status():
     """Invariant: the HTTP error table covers exactly the engine's error vocabulary; unknown kinds are refused."""
     from saelora.serve.api.errors import KINDS

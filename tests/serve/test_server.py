@@ -59,7 +59,8 @@ def test_streaming_equals_non_streaming(oa):
 
 def test_sse_ends_with_done(server):
     with httpx.stream("POST", server.url + "/v1/completions", json={"model": "tiny", "prompt": "the cat",
-                                                                    "max_tokens": 3, "stream": True}) as r:
+                                                                    "max_tokens": 3, "stream": True,
+                                                                    "temperature": 0}) as r:
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
@@ -255,13 +256,13 @@ def test_nan_and_inf_rejected(server):
 def test_engine_level_errors(server):
     _err(httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "not_found_error")
     body = _err(httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "sae": {
-        "edits": [{"feature": 64, "op": "set"}]}}), 400)
+        "edits": [{"feature": 64, "op": "set"}]}}), 404)  # a latent the SAE does not have: not found, like a model
     assert "outside [0, 64)" in body["message"]
     _err(httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "sae": {
-        "edits": [{"sae": "blocks.0.nope", "feature": 1, "op": "set"}]}}), 400)
+        "edits": [{"sae": "blocks.0.nope", "feature": 1, "op": "set"}]}}), 404)
     body = _err(httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "the " * 200,
                                                                  "max_tokens": 100}), 400)
-    assert "maximum context length" in body["message"]
+    assert "maximum context length" in body["message"] and body["code"] == "context_length_exceeded"
     _err(httpx.post(server.url + "/v1/completions", content="{not json", headers={"content-type": "application/json"}),
          400)
     _err(httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": [1, 2, 10**6]}), 400)
