@@ -7,7 +7,10 @@ import concurrent.futures
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import Response
+from pydantic import BaseModel
 
 from saelora.adapters.edits import LatentEdit
 from saelora.clients import protocol as P
@@ -17,6 +20,7 @@ from ..core.engine import (Engine, EngineError, Event, Finished, GenerationReque
 from .errors import error_event
 
 DEFAULT_CHAT_MAX_TOKENS = 256
+JSON = "application/json"
 
 
 class Handlers:
@@ -24,11 +28,16 @@ class Handlers:
                  on_finish: Callable[[int, int], None] | None = None) -> None:
         self.engine, self.name = engine, served_name
         self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
-        # Tokenising runs off the event loop, on one thread: a fast tokenizer must not encode in two threads at once.
+        # Tokenising and building latent JSON run off the event loop, on one thread: a fast tokenizer must not
+        # encode in two threads at once, and a response with per-token latents can be megabytes.
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="saelora-tok")
 
     async def _off_loop(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, arg)
+
+    async def _json(self, build: Callable[[], BaseModel]) -> Response:
+        """The response `build()` makes, built and serialised off the event loop."""
+        return Response(await self._off_loop(lambda _: build().model_dump_json(), None), media_type=JSON)
 
     # ---- request conversion ---------------------------------------------------------------------------
     def adapter_for(self, model: str | None) -> str | None:
@@ -128,19 +137,22 @@ class Handlers:
         return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(r.sae),
                               adapter)
 
-    async def completion(self, r: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[str]:
+    async def completion(self, r: P.CompletionRequest) -> Response | AsyncIterator[str]:
         reqs = await self._completion_inputs(r)
         if r.stream:
             return await self._stream(reqs, chat=False, model=r.model or self.name)
         choices = [_Collected(self.engine.tokenizer) for _ in reqs]
         async for i, ev in self._merged(reqs):
             choices[i].add(ev)
-        out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
-                                  logprobs=c.completion_logprobs() if r.logprobs is not None else None,
-                                  features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
-        return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
 
-    async def chat(self, r: P.ChatCompletionRequest) -> P.ChatCompletionResponse | AsyncIterator[str]:
+        def build() -> P.CompletionResponse:
+            out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
+                                      logprobs=c.completion_logprobs() if r.logprobs is not None else None,
+                                      features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
+            return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
+        return await self._json(build)
+
+    async def chat(self, r: P.ChatCompletionRequest) -> Response | AsyncIterator[str]:
         adapter = self.adapter_for(r.model)
         ids = await self._off_loop(self.chat_ids, r.messages)
         budget = r.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, max(1, self.engine.max_model_len - len(ids))))
@@ -151,28 +163,31 @@ class Handlers:
         choices = [_Collected(self.engine.tokenizer) for _ in reqs]
         async for i, ev in self._merged(reqs):
             choices[i].add(ev)
-        out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
-                            logprobs=c.chat_logprobs() if r.logprobs else None, features=c.features(reqs[i].splice))
-               for i, c in enumerate(choices)]
-        return P.ChatCompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
+
+        def build() -> P.ChatCompletionResponse:
+            out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
+                                logprobs=c.chat_logprobs() if r.logprobs else None,
+                                features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
+            return P.ChatCompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
+        return await self._json(build)
 
     async def _stream(self, reqs: list[GenerationRequest], chat: bool, model: str) -> AsyncIterator[str]:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
         merged = self._merged(reqs)
         first = await merged.__anext__()
-        return _sse(first, merged, reqs, chat, model, self.engine.tokenizer)
+        return _sse(first, merged, reqs, chat, model, self.engine.tokenizer, self._off_loop)
 
     # ---- encode only ----------------------------------------------------------------------------------------
-    async def features(self, r: P.FeaturesRequest) -> P.FeaturesResponse:
+    async def features(self, r: P.FeaturesRequest) -> Response:
         adapter = self.adapter_for(r.model)
         ids = await self._off_loop(self.tokenize, r.input) if r.input is not None else \
             await self._off_loop(self.chat_ids, r.messages or [])
         if not self.engine.saes():
             raise EngineError("invalid", "this server has no SAE loaded", "saes")
         toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
-        tokens = [_token_features(t, self.engine.tokenizer) for t in toks]
-        return P.FeaturesResponse(model=r.model or self.name, tokens=tokens,
-                                  usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids)))
+        return await self._json(lambda: P.FeaturesResponse(
+            model=r.model or self.name, tokens=[_token_features(t, self.engine.tokenizer) for t in toks],
+            usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids))))
 
 
 def _latents(lat: Latents | None) -> list[P.SAELatents]:
@@ -268,17 +283,22 @@ def _chunk(i: int, ev: Event, chat: bool, tok: Any, created: int, cid: str, mode
 
 
 async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], reqs: list[GenerationRequest],
-               chat: bool, model: str, tok: Any) -> AsyncIterator[str]:
+               chat: bool, model: str, tok: Any, off_loop: Callable[..., Awaitable[Any]]) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+    async def line(i: int, ev: Event) -> str:  # a prompt's latents (the large event) are encoded off the loop
+        encode = lambda _: f"data: {json.dumps(_chunk(i, ev, chat, tok, created, cid, model))}\n\n"  # noqa: E731
+        return await off_loop(encode, None) if isinstance(ev, PromptFeatures) else encode(None)
+
     if chat:
         for i in range(len(reqs)):
             head = P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[
                 P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
             yield f"data: {json.dumps(head.model_dump(exclude_none=True))}\n\n"
     try:
-        yield f"data: {json.dumps(_chunk(*first, chat, tok, created, cid, model))}\n\n"
+        yield await line(*first)
         async for i, ev in rest:
-            yield f"data: {json.dumps(_chunk(i, ev, chat, tok, created, cid, model))}\n\n"
+            yield await line(i, ev)
     except Exception as e:  # noqa: BLE001 - a failure mid-stream becomes an error event
         yield f"data: {json.dumps(error_event(e))}\n\n"
     finally:

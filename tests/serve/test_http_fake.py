@@ -266,3 +266,27 @@ def test_loopback_server_refuses_foreign_host_headers(engine):
         assert c.get("/v1/models", headers={"host": "evil.example"}).status_code == 400
         _envelope(c.get("/v1/models", headers={"host": "evil.example:8000"}), 400)
         assert c.get("/v1/models", headers={"host": "localhost:8000"}).status_code == 200
+
+
+def test_latent_json_is_built_off_the_event_loop(http, monkeypatch):
+    """Invariant: per-token latents (a response can hold megabytes of them) are turned into JSON on the worker
+    thread, not the event loop: non-streaming completions and chats, /v1/features, and a stream's prompt latents."""
+    import threading
+
+    from saelora.serve.api import handlers
+
+    threads, real = [], handlers._token_features
+    monkeypatch.setattr(handlers, "_token_features",
+                        lambda t, tok: threads.append((t.position, threading.current_thread().name)) or real(t, tok))
+    feats = {"sae": {"features": {"top_k": 2, "include_prompt": True}}}
+    assert http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2, **feats}).status_code == 200
+    assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat"}],
+                                                   "max_tokens": 2, **feats}).status_code == 200
+    assert http.post("/v1/features", json={"input": "the cat sat"}).status_code == 200
+    assert threads and all(name.startswith("saelora-tok") for _, name in threads), threads
+    threads.clear()
+    with http.stream("POST", "/v1/completions", json={"prompt": "the cat sat", "max_tokens": 1, "stream": True,
+                                                      **feats}) as r:
+        assert r.status_code == 200 and [ln for ln in r.iter_lines() if ln][-1] == "data: [DONE]"
+    prompt = [name for pos, name in threads if pos < 3]  # one generated token's latents stay on the loop: small
+    assert len(prompt) == 3 and all(name.startswith("saelora-tok") for name in prompt), threads
