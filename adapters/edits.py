@@ -41,8 +41,27 @@ class SpliceNotFoundError(SpliceError):
 
 
 @dataclass(frozen=True)
+class Condition:
+    """Latent `feature` of SAE `sae`, before any edit, is above `above` at a token. Gates an edit (`when`) or
+    ends a generation (`stop_when`)."""
+
+    sae: str
+    feature: int
+    above: float
+
+    def to_json(self) -> list[Any]:
+        return [self.sae, self.feature, self.above]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> "Condition":
+        sae, feature, above = data
+        return cls(sae, int(feature), float(above))
+
+
+@dataclass(frozen=True)
 class LatentEdit:
-    """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`.
+    """Change latent `feature` of SAE `sae`: set|add|scale|clamp_max|clamp_min|ablate by `value` at `positions`,
+    and, with `when`, only at the tokens where that condition holds (on the SAE's own, unedited latents).
 
     positions: "all", "prompt" (position < prompt_len), "generated" (position >= prompt_len),
     or a tuple of absolute token positions (0 = first token of the row).
@@ -53,22 +72,33 @@ class LatentEdit:
     op: str
     value: float = 0.0
     positions: str | tuple[int, ...] = "all"
+    when: Condition | None = None
 
     def to_json(self) -> list[Any]:
-        """Plain JSON types: [sae, feature, op, value, positions] (crosses process boundaries)."""
+        """Plain JSON types: [sae, feature, op, value, positions, when] (crosses process boundaries)."""
         return [self.sae, self.feature, self.op, self.value,
-                self.positions if isinstance(self.positions, str) else list(self.positions)]
+                self.positions if isinstance(self.positions, str) else list(self.positions),
+                self.when.to_json() if self.when else None]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> "LatentEdit":
-        sae, feature, op, value, positions = data
+        sae, feature, op, value, positions, when = data
         return cls(sae, int(feature), op, float(value),
-                   positions if isinstance(positions, str) else tuple(int(p) for p in positions))
+                   positions if isinstance(positions, str) else tuple(int(p) for p in positions),
+                   Condition.from_json(when) if when else None)
 
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise SpliceError(f"Unknown splice mode {mode!r}; expected one of {MODES}")
+
+
+def check_condition(c: Condition, d_sae: int) -> None:
+    """Raise `SpliceError` unless `c` can be read from its SAE, which has `d_sae` latents."""
+    if isinstance(c.feature, bool) or not isinstance(c.feature, int) or not 0 <= c.feature < d_sae:
+        raise SpliceNotFoundError(f"Condition feature {c.feature!r} of SAE {c.sae!r} is outside [0, {d_sae})")
+    if not isinstance(c.above, (int, float)) or not math.isfinite(c.above) or abs(c.above) > MAX_EDIT_VALUE:
+        raise SpliceError(f"A condition's threshold must be finite within ±{MAX_EDIT_VALUE:g}, got {c.above!r}")
 
 
 def check_edit(e: LatentEdit, d_sae: int) -> None:
@@ -86,6 +116,11 @@ def check_edit(e: LatentEdit, d_sae: int) -> None:
             raise SpliceError(f"positions must be one of {POSITION_WORDS} or a list of ints, got {e.positions!r}")
     elif not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in e.positions):
         raise SpliceError(f"positions must be non-negative ints, got {list(e.positions)!r}")
+    if e.when is not None:
+        if e.when.sae != e.sae:
+            raise SpliceError(f"an edit's condition reads the edit's own SAE ({e.sae!r}), not {e.when.sae!r}: "
+                              "latents of another SAE are not known where this one is spliced")
+        check_condition(e.when, d_sae)
 
 
 #: op -> f(latent column, value): the edited column (same shape).

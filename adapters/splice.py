@@ -29,21 +29,23 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .edits import (LatentEdit, SpliceError, SpliceNotFoundError, apply_op, changes_stream, check_edit, check_mode,
-                    position_mask)
+from .edits import (Condition, LatentEdit, SpliceError, SpliceNotFoundError, apply_op, changes_stream,
+                    check_condition, check_edit, check_mode, position_mask)
 from .saes import LoadedSAE
 
-__all__ = ["Capture", "LatentEdit", "RowSpec", "SpliceError", "SpliceNotFoundError", "SpliceResult", "SpliceStats",
-           "changes_stream", "check_rows", "fit_positions", "splice_sae"]
+__all__ = ["Capture", "Condition", "LatentEdit", "RowSpec", "SpliceError", "SpliceNotFoundError", "SpliceResult",
+           "SpliceStats", "changes_stream", "check_rows", "fit_positions", "splice_sae"]
 
 
 @dataclass
 class RowSpec:
-    """What one batch row gets: per-SAE mode overrides, latent edits, and its prompt length (tokens)."""
+    """What one batch row gets: per-SAE mode overrides, latent edits, its prompt length (tokens), and the
+    conditions that end its generation (`stops`: reported per generated token, the stream is not touched)."""
 
     modes: dict[str, str] = field(default_factory=dict)
     edits: list[LatentEdit] = field(default_factory=list)
     prompt_len: int | None = None
+    stops: list[Condition] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class SpliceResult:
     capture: Capture | None = None
     dense: torch.Tensor | None = None  # (B, T, d_sae) latents after edits
     stats: SpliceStats | None = None
+    stops: torch.Tensor | None = None  # (B, T) bool: a row's stop condition on this SAE holds at a generated token
 
 
 def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
@@ -95,6 +98,8 @@ def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
             check_mode(mode)
         for e in row.edits:
             check_edit(e, sae(e.sae).d_sae)
+        for c in row.stops:
+            check_condition(c, sae(c.sae).d_sae)
 
 
 def fit_positions(pos: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:
@@ -115,7 +120,8 @@ def splice_sae(s: LoadedSAE, x: torch.Tensor, pos: torch.Tensor, ids: torch.Tens
     Records the top-k latents when top_k > 0, the dense latents when `dense`, the stats when `stats`."""
     b = x.shape[0]
     modes = _row_modes(s.name, rows, mode, b)
-    if not (top_k > 0 or dense or stats) and not _any_active(s.name, rows, modes):
+    watch = any(c.sae == s.name for r in rows or [] for c in r.stops)
+    if not (top_k > 0 or dense or stats or watch) and not _any_active(s.name, rows, modes):
         return SpliceResult(x)  # every row is off, or error_term without edits: the stream is exactly x
     keep = s.policy.keep_mask(pos, ids, x)  # (B, T): stays exactly x (padding, sinks, BOS/EOS)
     z = s.encode(x)  # (B, T, d_sae), fp32
@@ -141,7 +147,8 @@ def splice_sae(s: LoadedSAE, x: torch.Tensor, pos: torch.Tensor, ids: torch.Tens
         out = torch.where(keep[..., None], x, out)
     return SpliceResult(out, capture=_capture(z_edit, pos, top_k) if top_k > 0 else None,
                         dense=z_edit.detach() if dense else None,
-                        stats=_stats(x, z, recon(True), ~keep) if stats else None)
+                        stats=_stats(x, z, recon(True), ~keep) if stats else None,
+                        stops=_stops(s.name, z, pos, keep, rows) if watch else None)
 
 
 def _row_modes(name: str, rows: Sequence[RowSpec] | None, mode: str, b: int) -> list[str]:
@@ -161,19 +168,32 @@ def _edit_latents(name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Ten
                   rows: Sequence[RowSpec] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not rows or not any(e.sae == name for r in rows for e in r.edits):
         return z, None
-    z = z.clone()
+    z0, z = z, z.clone()  # conditions read z0: the latents before any edit
     edited = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
     for r, row in enumerate(rows):
         for e in row.edits:
             if e.sae != name:
                 continue
             m = position_mask(e.positions, pos[r], row.prompt_len) & ~keep[r]  # (T,)
+            if e.when is not None:
+                m = m & (z0[r, :, e.when.feature] > e.when.above)
             if not bool(m.any()):
                 continue
             col = z[r, :, e.feature]
             z[r, :, e.feature] = torch.where(m, apply_op(e.op, col, e.value), col)
             edited[r] |= m
     return z, edited
+
+
+def _stops(name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
+           rows: Sequence[RowSpec]) -> torch.Tensor:
+    """(B, T) bool: for each row, whether any of its stop conditions on this SAE holds at a generated token."""
+    hit = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
+    for r, row in enumerate(rows):
+        for c in row.stops:
+            if c.sae == name:
+                hit[r] |= position_mask("generated", pos[r], row.prompt_len) & ~keep[r] & (z[r, :, c.feature] > c.above)
+    return hit
 
 
 def _capture(z: torch.Tensor, pos: torch.Tensor, top_k: int) -> Capture:

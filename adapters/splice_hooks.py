@@ -61,6 +61,7 @@ class Splice:
         self._stats: dict[str, list[SpliceStats]] = {n: [] for n in self.saes}
         self._captures: dict[str, list[Capture]] = {n: [] for n in self.saes}
         self._dense: dict[str, list[torch.Tensor]] = {n: [] for n in self.saes}
+        self._stops: dict[str, list[torch.Tensor]] = {n: [] for n in self.saes}
         self._auto_pos: torch.Tensor | None = None
         self._auto_ids: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -154,6 +155,8 @@ class Splice:
             self._dense[s.name].append(res.dense)
         if res.stats is not None:
             self._stats[s.name].append(res.stats)
+        if res.stops is not None:
+            self._stops[s.name].append(res.stops)
         return res.out
 
     # ---- what was recorded -----------------------------------------------------------------------
@@ -166,6 +169,13 @@ class Splice:
         """Captured top-k latents since the last call, per SAE, one `Capture` per forward."""
         out, self._captures = self._captures, {n: [] for n in self.saes}
         return out
+
+    def pop_stops(self) -> torch.Tensor | None:
+        """(B, T) bool over the last forward: a row's stop condition (`RowSpec.stops`) holds there, on any SAE;
+        None when no row watched any. Clears what was recorded."""
+        hits = [per[-1] for per in self._stops.values() if per]
+        self._stops = {n: [] for n in self.saes}
+        return torch.stack(hits).any(0) if hits else None
 
     def pop_dense(self) -> dict[str, list[torch.Tensor]]:
         """Captured dense latents (B, T, d_sae) since the last call, per SAE, one tensor per forward."""

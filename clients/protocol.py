@@ -25,6 +25,10 @@ MAX_POSITION = 1 << 20
 MAX_PROMPT_IDS = 1 << 16
 MAX_STOPS = 4
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # no dots: PEFT builds module names from it
+PRESET_NAME = ADAPTER_NAME  # a file name on the server: the same safe set
+MAX_STOP_WHEN = 16
+MAX_PRESETS = 256
+LOGIT_TOP = 10  # tokens a latent promotes / suppresses (GET /v1/saes/{sae}/features/{i})
 MAX_PATH = 1024
 
 SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
@@ -63,8 +67,19 @@ def _finite(v: float | None) -> float | None:
     return v
 
 
+class SAECondition(_Strict):
+    """Latent `feature` of SAE `sae`, before any edit, is above `above` at a token."""
+
+    sae: str | None = Field(None, description="SAE id; default: the edit's SAE (for `when`), or the only SAE")
+    feature: JInt = Field(..., ge=0, description="latent index, 0 <= feature < d_sae")
+    above: JFloat = Field(..., ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
+
+    _check_above = field_validator("above")(classmethod(lambda cls, v: _finite(v)))
+
+
 class SAEEdit(_Strict):
-    """A latent edit: `op` on latent `feature` of SAE `sae` at `positions`."""
+    """A latent edit: `op` on latent `feature` of SAE `sae` at `positions` (with `when`, only at the tokens where
+    that latent of the same SAE, before any edit, is above a threshold)."""
 
     sae: str | None = Field(None, description="SAE id (GET /v1/saes); may be omitted when one SAE is loaded")
     feature: JInt = Field(..., ge=0, description="latent index, 0 <= feature < d_sae")
@@ -72,6 +87,7 @@ class SAEEdit(_Strict):
     value: JFloat = Field(0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
     positions: PositionWord | Annotated[list[jint(ge=0, le=MAX_POSITION)],
                                         Field(min_length=1, max_length=MAX_POSITIONS)] = "all"
+    when: SAECondition | None = Field(None, description="apply only where this condition holds")
 
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
 
@@ -85,9 +101,36 @@ class SAEFeatureOptions(_Strict):
 class SAEOptions(_Strict):
     """The `sae` request extension (send it through the openai SDK's `extra_body`)."""
 
-    mode: SpliceMode = SERVE_MODE
+    mode: SpliceMode = Field(SERVE_MODE, description="default: the preset's mode, else error_term")
     features: SAEFeatureOptions | None = None
-    edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS)
+    edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS,
+                                 description="applied after the preset's edits, when a preset is named")
+    preset: str | None = Field(None, pattern=PRESET_NAME, description="a steering preset (GET /v1/steering/presets)")
+    stop_when: list[SAECondition] = Field(default_factory=list, max_length=MAX_STOP_WHEN,
+                                          description="end with finish_reason stop once one holds at a generated "
+                                                      "token (the token that set it off is included)")
+    compare: StrictBool = Field(False, description="also return each choice unsteered: the same request without "
+                                                   "edits (the preset's included), same seed, same batch")
+
+    def mode_or(self, preset_mode: str | None) -> str:
+        """The request's mode when it set one, else the preset's, else the default."""
+        return self.mode if "mode" in self.model_fields_set or preset_mode is None else preset_mode
+
+
+class SteeringPreset(_Strict):
+    """A named set of edits (PUT /v1/steering/presets/{name}); requests use it with `"sae": {"preset": name}`."""
+
+    mode: SpliceMode = SERVE_MODE
+    edits: list[SAEEdit] = Field(..., min_length=1, max_length=MAX_EDITS)
+
+
+class PresetInfo(SteeringPreset):
+    name: str
+
+
+class PresetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PresetInfo]
 
 
 class _SamplingRequest(BaseModel):
@@ -207,12 +250,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class Unsteered(BaseModel):
+    """A choice generated without the request's edits (`"compare": true`); in a stream, `text` is a delta."""
+
+    text: str = ""
+    finish_reason: Literal["stop", "length", "error"] | None = None
+    features: ChoiceFeatures | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length", "error"] | None = None
     logprobs: CompletionLogprobs | None = None
     features: ChoiceFeatures | None = None
+    unsteered: Unsteered | None = None
 
 
 def _id(prefix: str) -> str:
@@ -253,6 +305,7 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "error"] | None = None
     logprobs: ChatLogprobs | None = None
     features: ChoiceFeatures | None = None
+    unsteered: Unsteered | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -275,6 +328,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length", "error"] | None = None
     logprobs: ChatLogprobs | None = None
     features: ChoiceFeatures | None = None
+    unsteered: Unsteered | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -333,6 +387,22 @@ class FeatureDescription(BaseModel):
     max: float | None = None
     top: list[dict[str, Any]] = Field(default_factory=list)
     described: bool = False
+    logits: LatentLogits | None = None
+
+
+class TokenValue(BaseModel):
+    token: str
+    token_id: int
+    value: float
+
+
+class LatentLogits(BaseModel):
+    """What the latent writes to the logits: its decoder direction through the final norm's gain and the
+    unembedding (the direct path only; the norm's division by the residual's RMS is left out, which scales
+    every value alike)."""
+
+    promoted: list[TokenValue]
+    suppressed: list[TokenValue]
 
 
 class LoadLoRARequest(_Strict):

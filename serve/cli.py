@@ -38,7 +38,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine.load_adapter_now(name, path)
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key,
-                     admin_api_key=args.admin_api_key,
+                     admin_api_key=args.admin_api_key, presets_dir=args.presets,
                      allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, args.engine,
              len(saes), len(adapters), args.host, args.port)
@@ -94,7 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
-    p.add_argument("--admin-api-key", help="key for adapter load/unload (with --api-key alone they are refused)")
+    p.add_argument("--admin-api-key", help="key for adapter load/unload and steering-preset changes (with --api-key "
+                   "alone they are refused)")
+    p.add_argument("--presets", help="folder of steering presets (one JSON file each, PUT /v1/steering/presets/NAME "
+                   "writes there; default: kept in memory only)")
     p.add_argument("--served-model-name", help="model id clients use (default: the model spec)")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")

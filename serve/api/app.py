@@ -27,14 +27,17 @@ from saelora.adapters.config import descriptions_file
 from saelora.clients import protocol as P
 
 from ..core.engine import Engine, EngineError
-from . import errors
+from . import errors, steering
 from .handlers import Handlers
 from .metrics import Metrics
+from .steering import PresetStore
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
 OPEN_PATHS = {"/health"}
 ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}  # change what every client is served
+ADMIN_PREFIXES = ("/v1/steering/presets/",)  # ... with these methods
+ADMIN_METHODS = {"PUT", "DELETE", "POST", "PATCH"}
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ServerState:
     allowed_hosts: list[str] | None
     metrics: Metrics
     handlers: Handlers
+    presets: PresetStore
     descriptions: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # read once per SAE
     draining: bool = False  # shutting down: in-flight requests finish, new ones get 503
 
@@ -69,14 +73,17 @@ def ready(s: ServerState = Depends(state)) -> ServerState:
 
 
 def create_app(engine: Engine, served_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
-               admin_api_key: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+               admin_api_key: str | None = None, allowed_hosts: list[str] | None = None,
+               presets_dir: str | None = None) -> FastAPI:
     """The server over `engine`. With `api_key`, every route but /health needs it. Adapter load/unload need
     `admin_api_key` when one is set; with only `api_key` set they are refused (403): the inference key alone
     cannot change what other clients are served. With neither (a local server), everything is open.
     `allowed_hosts`: Host headers accepted (others: 400); `saelora serve` sets the loopback names when bound to
-    loopback, so a web page cannot reach the local server through DNS rebinding."""
+    loopback, so a web page cannot reach the local server through DNS rebinding. Steering presets live in
+    `presets_dir` (one JSON file each; None: in memory only), and changing them needs the admin key like adapters."""
     metrics = Metrics(engine)
-    handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens)
+    presets = PresetStore(presets_dir)
+    handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens, presets=presets)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,11 +94,12 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app = FastAPI(title="saelora", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API with per-token SAE latents, latent steering and LoRA hot-swap.")
     app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, allowed_hosts, metrics,
-                                    handlers)
+                                    handlers, presets)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(Guard)  # outermost
     app.include_router(router)
+    app.include_router(steering.router)
     vocab = len(engine.tokenizer)
     app.openapi = lambda: errors.openapi_without_422(app, vocab)  # type: ignore[method-assign]
     return app
@@ -136,7 +144,8 @@ class Guard:
         t0, route = time.perf_counter(), _route_label(path)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         length = headers.get("content-length")  # bodies without one are counted as they arrive (BodyLimit)
-        refusal = _host_refusal(s, headers.get("host", "")) or _auth_refusal(s, path, headers.get("authorization", ""))
+        refusal = _host_refusal(s, headers.get("host", "")) or _auth_refusal(s, path, scope.get("method", ""),
+                                                                             headers.get("authorization", ""))
         if refusal is None and length is not None and (not length.isdigit() or int(length) > s.max_body):
             refusal = errors.envelope(413, "too_large", f"request body over {s.max_body} bytes")
         if refusal is None and s.draining:
@@ -168,15 +177,17 @@ def _host_refusal(s: ServerState, host: str) -> Response | None:
     return errors.envelope(400, "invalid", f"Host {name!r} is not served here (allowed: {s.allowed_hosts})")
 
 
-def _auth_refusal(s: ServerState, path: str, authorization: str) -> Response | None:
-    """The 401/403 answer for this path and Authorization header, or None when the request may go on."""
+def _auth_refusal(s: ServerState, path: str, method: str, authorization: str) -> Response | None:
+    """The 401/403 answer for this path, method and Authorization header, or None when the request may go on."""
     given = authorization.removeprefix("Bearer ").strip().encode()
-    if path in ADMIN_PATHS and (s.admin_api_key or s.api_key):
+    admin = path in ADMIN_PATHS or (path.startswith(ADMIN_PREFIXES) and method in ADMIN_METHODS)
+    if admin and (s.admin_api_key or s.api_key):
         if not s.admin_api_key:
-            return errors.envelope(403, "forbidden", "adapter management is off: start the server with "
-                                                     "--admin-api-key to allow it")
+            return errors.envelope(403, "forbidden", "adapter and steering-preset management is off: start the "
+                                                     "server with --admin-api-key to allow it")
         if not hmac.compare_digest(given, s.admin_api_key.encode()):
-            return errors.envelope(401, "unauthorized", "adapter management needs the admin API key")
+            return errors.envelope(401, "unauthorized", "adapter and steering-preset management need the admin "
+                                                        "API key")
         return None
     if s.api_key and path not in OPEN_PATHS and not hmac.compare_digest(given, s.api_key.encode()):
         return errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
@@ -273,11 +284,12 @@ async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
         path = descriptions_file(sae["source"])
         s.descriptions[sae_id] = json.loads(path.read_text()) if path.is_file() else None
     data = s.descriptions[sae_id]
+    logits = await asyncio.to_thread(s.engine.latent_logits, sae_id, index, P.LOGIT_TOP)
     if data is None:
-        return P.FeatureDescription(sae=sae_id, index=index)
+        return P.FeatureDescription(sae=sae_id, index=index, logits=logits)
     f = data["features"][index]
     return P.FeatureDescription(sae=sae_id, index=index, density=f["density"], max=f["max"], top=f["top"],
-                                described=True)
+                                described=True, logits=logits)
 
 
 @router.get("/v1/adapters", response_model=P.AdapterList)
@@ -307,11 +319,14 @@ def _public_sae(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _ROUTES = {"/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
-           "/v1/features", "/v1/saes", "/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+           "/v1/features", "/v1/saes", "/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+           "/v1/steering/presets"}
 
 
 def _route_label(path: str) -> str:
     """Metric label for a path: the route template, so label cardinality stays bounded."""
     if path in _ROUTES:
         return path
+    if path.startswith("/v1/steering/presets/"):
+        return "/v1/steering/presets/{name}"
     return "/v1/saes/{id}/features/{index}" if path.startswith("/v1/saes/") else "other"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
+import random
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -12,21 +14,23 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from fastapi import Response
 from pydantic import BaseModel
 
-from saelora.adapters.edits import LatentEdit
 from saelora.clients import protocol as P
 
 from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
                      SpliceRequest, TokenEvent, TokenFeaturesOut)
+from . import steering
 from .errors import error_event
+from .steering import PresetStore
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 JSON = "application/json"
 
 
 class Handlers:
-    def __init__(self, engine: Engine, served_name: str,
-                 on_finish: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, engine: Engine, served_name: str, on_finish: Callable[[int, int], None] | None = None,
+                 presets: PresetStore | None = None) -> None:
         self.engine, self.name = engine, served_name
+        self.presets = presets or PresetStore()
         self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
         # Tokenising and building latent JSON run off the event loop, on one thread: a fast tokenizer must not
         # encode in two threads at once, and a response with per-token latents can be megabytes.
@@ -48,23 +52,21 @@ class Handlers:
         raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
 
     def splice_request(self, sae: P.SAEOptions | None) -> SpliceRequest:
+        """The engine's splice settings: the preset's edits, then the request's own; its stop conditions."""
         if sae is None:
             return SpliceRequest()
-        ids = [s["name"] for s in self.engine.saes()]
-        if (sae.edits or sae.mode != "off" or sae.features) and not ids:
+        saes = self.engine.saes()
+        ids = [s["name"] for s in saes]
+        if (sae.edits or sae.mode != "off" or sae.features or sae.preset or sae.stop_when) and not ids:
             raise EngineError("invalid", "this server has no SAE loaded", "sae")
-        edits = []
-        for i, e in enumerate(sae.edits):
-            name = e.sae
-            if name is None:
-                if len(ids) != 1:
-                    raise EngineError("invalid", f"sae.edits[{i}].sae is required: several SAEs are loaded {ids}",
-                                      f"sae.edits.{i}.sae")
-                name = ids[0]
-            positions = tuple(e.positions) if isinstance(e.positions, list) else e.positions
-            edits.append(LatentEdit(name, e.feature, e.op, e.value, positions))
+        preset = self.presets.get(sae.preset) if sae.preset else None
+        edits = steering.to_edits(preset.edits, ids, "preset.edits") if preset else []
+        edits += steering.to_edits(sae.edits, ids, "sae.edits")
+        stops = steering.to_conditions(sae.stop_when, ids, "sae.stop_when")
+        steering.check_against(saes, edits, stops, "sae")
         f = sae.features or P.SAEFeatureOptions()
-        return SpliceRequest(mode=sae.mode, top_k=f.top_k, include_prompt=f.include_prompt, saes=f.saes, edits=edits)
+        return SpliceRequest(mode=sae.mode_or(preset.mode if preset else None), top_k=f.top_k,
+                             include_prompt=f.include_prompt, saes=f.saes, edits=edits, stops=stops)
 
     def sampling(self, r: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
                  logprobs: int | None) -> Sampling:
@@ -87,11 +89,15 @@ class Handlers:
         return list(out["input_ids"] if hasattr(out, "keys") else out)  # BatchEncoding in transformers 5
 
     def _requests(self, ids: list[int], n: int, sampling: Sampling, splice: SpliceRequest,
-                  adapter: str | None) -> list[GenerationRequest]:
+                  adapter: str | None, compare: bool = False) -> list[GenerationRequest]:
+        """n choices (seeds seed, seed+1, ...); with `compare`, n unsteered ones follow (no edits, same seeds: a
+        seed is drawn here when the request has none, so both halves sample alike)."""
+        seed = sampling.seed if sampling.seed is not None or not compare else random.randrange(P.MAX_SEED - P.MAX_N)
         out = []
-        for i in range(n):
-            s = Sampling(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + i})
-            out.append(GenerationRequest(ids, s, splice, adapter))
+        for s_splice in [splice, dataclasses.replace(splice, edits=[])] if compare else [splice]:
+            for i in range(n):
+                s = dataclasses.replace(sampling, seed=None if seed is None else seed + i)
+                out.append(GenerationRequest(ids, s, s_splice, adapter))
         return out
 
     # ---- running n choices ------------------------------------------------------------------------------
@@ -135,47 +141,52 @@ class Handlers:
         p = r.prompt_text_or_ids()
         ids = await self._off_loop(self.tokenize, p) if isinstance(p, str) else list(p)  # off the event loop
         return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(r.sae),
-                              adapter)
+                              adapter, compare=bool(r.sae and r.sae.compare))
 
     async def completion(self, r: P.CompletionRequest) -> Response | AsyncIterator[str]:
         reqs = await self._completion_inputs(r)
         if r.stream:
-            return await self._stream(reqs, chat=False, model=r.model or self.name)
-        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
-        async for i, ev in self._merged(reqs):
-            choices[i].add(ev)
+            return await self._stream(reqs, r.n, chat=False, model=r.model or self.name)
+        choices = await self._collect(reqs)
 
         def build() -> P.CompletionResponse:
             out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
                                       logprobs=c.completion_logprobs() if r.logprobs is not None else None,
-                                      features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
+                                      features=c.features(reqs[i].splice), unsteered=_unsteered(choices, reqs, r.n, i))
+                   for i, c in enumerate(choices[:r.n])]
             return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
         return await self._json(build)
+
+    async def _collect(self, reqs: list[GenerationRequest]) -> list[_Collected]:
+        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
+        async for i, ev in self._merged(reqs):
+            choices[i].add(ev)
+        return choices
 
     async def chat(self, r: P.ChatCompletionRequest) -> Response | AsyncIterator[str]:
         adapter = self.adapter_for(r.model)
         ids = await self._off_loop(self.chat_ids, r.messages)
         budget = r.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, max(1, self.engine.max_model_len - len(ids))))
         lp = (r.top_logprobs or 0) if r.logprobs else None
-        reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter)
+        reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter,
+                              compare=bool(r.sae and r.sae.compare))
         if r.stream:
-            return await self._stream(reqs, chat=True, model=r.model or self.name)
-        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
-        async for i, ev in self._merged(reqs):
-            choices[i].add(ev)
+            return await self._stream(reqs, r.n, chat=True, model=r.model or self.name)
+        choices = await self._collect(reqs)
 
         def build() -> P.ChatCompletionResponse:
             out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
                                 logprobs=c.chat_logprobs() if r.logprobs else None,
-                                features=c.features(reqs[i].splice)) for i, c in enumerate(choices)]
+                                features=c.features(reqs[i].splice), unsteered=_unsteered(choices, reqs, r.n, i))
+                   for i, c in enumerate(choices[:r.n])]
             return P.ChatCompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
         return await self._json(build)
 
-    async def _stream(self, reqs: list[GenerationRequest], chat: bool, model: str) -> AsyncIterator[str]:
+    async def _stream(self, reqs: list[GenerationRequest], n: int, chat: bool, model: str) -> AsyncIterator[str]:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
         merged = self._merged(reqs)
         first = await merged.__anext__()
-        return _sse(first, merged, reqs, chat, model, self.engine.tokenizer, self._off_loop)
+        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop)
 
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> Response:
@@ -250,13 +261,23 @@ def _chat_lp(t: TokenEvent, tok: Any) -> P.ChatTokenLogprob:
                                             for i, v in (t.top_logprobs or [])])
 
 
+def _unsteered(choices: list[_Collected], reqs: list[GenerationRequest], n: int, i: int) -> P.Unsteered | None:
+    """Choice i's unsteered twin (`compare`): request n + i, when there is one."""
+    if len(choices) <= n:
+        return None
+    c = choices[n + i]
+    return P.Unsteered(text=c.text, finish_reason=c.finish, features=c.features(reqs[n + i].splice))
+
+
 def _usage(reqs: list[GenerationRequest], choices: list[_Collected]) -> P.Usage:
     completion = sum(c.completion_tokens for c in choices)
     prompt = len(reqs[0].prompt_ids)
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _chunk(i: int, ev: Event, chat: bool, tok: Any, created: int, cid: str, model: str) -> dict[str, Any]:
+def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: str, model: str) -> dict[str, Any]:
+    """The SSE chunk of event `ev` of request i; requests n and up are the unsteered twins (`compare`) of
+    choices i - n, whose text, finish reason and latents go in the choice's `unsteered` object."""
     text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
     finish = ev.finish_reason if isinstance(ev, Finished) else None
     feats = None
@@ -265,6 +286,16 @@ def _chunk(i: int, ev: Event, chat: bool, tok: Any, created: int, cid: str, mode
     elif isinstance(ev, TokenEvent) and ev.features is not None:
         feats = P.ChoiceFeatures(generated=[_token_features(TokenFeaturesOut(ev.position, ev.token_id, ev.features),
                                                                             tok)])
+    if i >= n:
+        twin = P.Unsteered(text=text, finish_reason=finish, features=feats)
+        choice: P.ChatChunkChoice | P.CompletionChoice = (
+            P.ChatChunkChoice(index=i - n, delta=P.ChatDelta(content=""), unsteered=twin) if chat
+            else P.CompletionChoice(index=i - n, text="", unsteered=twin))
+        if chat:
+            return P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump(
+                exclude_none=True)
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [choice.model_dump(exclude_none=True)]}
     if chat:
         lp = P.ChatLogprobs(content=[_chat_lp(ev, tok)]) if isinstance(ev, TokenEvent) and ev.logprob is not None \
             else None
@@ -282,16 +313,16 @@ def _chunk(i: int, ev: Event, chat: bool, tok: Any, created: int, cid: str, mode
                                            features=feats).model_dump(exclude_none=True)]}
 
 
-async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], reqs: list[GenerationRequest],
+async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], n: int,
                chat: bool, model: str, tok: Any, off_loop: Callable[..., Awaitable[Any]]) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
     async def line(i: int, ev: Event) -> str:  # a prompt's latents (the large event) are encoded off the loop
-        encode = lambda _: f"data: {json.dumps(_chunk(i, ev, chat, tok, created, cid, model))}\n\n"  # noqa: E731
+        encode = lambda _: f"data: {json.dumps(_chunk(i, ev, n, chat, tok, created, cid, model))}\n\n"  # noqa: E731
         return await off_loop(encode, None) if isinstance(ev, PromptFeatures) else encode(None)
 
     if chat:
-        for i in range(len(reqs)):
+        for i in range(n):
             head = P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[
                 P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
             yield f"data: {json.dumps(head.model_dump(exclude_none=True))}\n\n"

@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, get_args
 
-from saelora.adapters.edits import SERVE_MODE, LatentEdit
+from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -50,6 +50,7 @@ class SpliceRequest:
     include_prompt: bool = False
     saes: list[str] | None = None  # SAEs to report (None: all)
     edits: list[LatentEdit] = field(default_factory=list)
+    stops: list[Condition] = field(default_factory=list)  # end with "stop" once one holds at a generated token
 
 
 @dataclass
@@ -132,6 +133,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def unload_adapter(self, name: str) -> None: ...
+
+    def latent_logits(self, sae: str, index: int, k: int) -> Any:
+        """`protocol.LatentLogits` for latent `index` of SAE `sae` (what it writes to the logits), or None when this
+        engine cannot tell. Called off the event loop."""
+        return None
 
     @abc.abstractmethod
     def stats(self) -> dict[str, float]:

@@ -50,6 +50,12 @@ class RowState:
         event = TokenEvent(tok, self.prompt_len + self.generated - 1, delta, logprob, top)
         return event, "stop" if hit_stop else "length" if self.generated >= self.req.sampling.max_tokens else None
 
+    def stop_at(self, n: int, shown_chars: int) -> None:
+        """End after the first `n` generated tokens, of which `shown_chars` characters of text went out (an engine
+        that samples ahead drops the tokens after them); `finished` then releases the rest of those n tokens."""
+        self.generated = n
+        self.detok.truncate(n, shown_chars)
+
     def finished(self, reason: str) -> Finished:
         """The final event: the reason, the text held back so far, and the token counts."""
         return Finished(reason, self.detok.finish(), self.prompt_len, self.generated)

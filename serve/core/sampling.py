@@ -66,6 +66,13 @@ class Detokenizer:
         delta, self.released = self.text[self.released:safe], safe
         return delta, False
 
+    def truncate(self, n: int, released: int) -> None:
+        """Keep the first n tokens, of which `released` characters were released (stop strings still cut)."""
+        self.ids = self.ids[:n]
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = [at for stop in self.stops if (at := text.find(stop)) != -1]
+        self.text, self.released = text[:min(cut)] if cut else text, released
+
     def finish(self) -> str:
         delta, self.released = self.text[self.released:], len(self.text)
         return delta

@@ -30,6 +30,8 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
+    lm: Any  # the LoadedModel (both engines keep one)
+
     def __init__(self, max_batch: int, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry,
                  tokenizer: Any, max_len: int) -> None:
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -95,7 +97,7 @@ class ThreadedEngine(Engine):
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
         try:
-            check_rows(self.sae_map, [RowSpec(edits=req.splice.edits)])
+            check_rows(self.sae_map, [RowSpec(edits=req.splice.edits, stops=req.splice.stops)])
         except SpliceError as e:
             raise EngineError("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e),
                               "sae.edits") from e
@@ -103,6 +105,16 @@ class ThreadedEngine(Engine):
         if unknown:
             raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
                               "sae.features.saes")
+
+    def latent_logits(self, sae: str, index: int, k: int) -> Any:
+        from saelora.adapters.logit_lens import latent_logits
+        from saelora.clients import protocol as P
+
+        promoted, suppressed = latent_logits(self.lm.model, self.sae_map[sae], index, k)
+        tok = self.tokenizer
+        return P.LatentLogits(**{side: [P.TokenValue(token=tok.decode([i]), token_id=i, value=round(v, 5))
+                                        for i, v in pairs]
+                                 for side, pairs in (("promoted", promoted), ("suppressed", suppressed))})
 
     def _check_encode(self, prompt_ids: list[int], saes: list[str] | None) -> None:
         if len(prompt_ids) > self._max_len:

@@ -48,7 +48,8 @@ class _Row(RowState):
         seed = req.sampling.seed
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.spec = RowSpec(modes={n: req.splice.mode for n in names}, edits=list(req.splice.edits),
-                            prompt_len=self.prompt_len)
+                            prompt_len=self.prompt_len, stops=list(req.splice.stops))
+        self.waits = bool(req.splice.top_k or req.splice.stops)  # a token waits one step for its latents
 
 
 class TorchEngine(ThreadedEngine):
@@ -142,13 +143,13 @@ class TorchEngine(ThreadedEngine):
         top_k = max(r.req.splice.top_k for r in rows)
         with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k):
             out = self.model(**kwargs)
-        return out, self.splice.pop_captures()
+        return out, self.splice.pop_captures(), self.splice.pop_stops()
 
     def _prefill(self, rows: list[_Row]) -> None:
         from transformers import DynamicCache
 
         ids, mask, pos = kv.left_pad([r.ids for r in rows], self.pad_id)  # (b, T) each
-        out, caps = self._forward(rows, ids, mask, pos, DynamicCache())
+        out, caps, _ = self._forward(rows, ids, mask, pos, DynamicCache())  # stops watch generated tokens only
         for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [len(r.ids) for r in rows]),
                                               strict=True)):
             row.kv = row_kv
@@ -170,15 +171,18 @@ class TorchEngine(ThreadedEngine):
         ids = torch.tensor([[r.ids[-1]] for r in rows])  # (B, 1)
         mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
         pos = torch.tensor([[n] for n in lengths])  # (B, 1)
-        out, caps = self._forward(rows, ids, mask, pos, cache)
+        out, caps, stops = self._forward(rows, ids, mask, pos, cache)
         for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [n + 1 for n in lengths]),
                                               strict=True)):
             row.kv = row_kv
             if row.pending is not None:
-                row.pending.features = self._latents(caps, row.report, row.req.splice.top_k, i, 0)
+                k = row.req.splice.top_k
+                row.pending.features = self._latents(caps, row.report, k, i, 0) if k else None
                 row.emit(row.pending)
                 row.pending = None
-            if row.flush_reason:
+            if stops is not None and bool(stops[i, 0]):
+                self._finish(row, "stop")  # stop_when: the token just read set off a watched latent
+            elif row.flush_reason:
                 self._finish(row, row.flush_reason)
             else:
                 self._next_token(row, out.logits[i, -1])
@@ -204,7 +208,7 @@ class TorchEngine(ThreadedEngine):
             self._finish(row, "stop")
             return
         row.ids.append(tok)
-        if row.req.splice.top_k:
+        if row.waits:
             row.pending, row.flush_reason = event, reason
         else:
             row.emit(event)

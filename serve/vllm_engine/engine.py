@@ -78,6 +78,10 @@ class _Row(RowState):
         super().__init__(req, emit, engine.tokenizer, engine.eos, engine.sae_names)
         self.rid, self.prompt_only = rid, prompt_only
         self.top_k = req.splice.top_k
+        self.waits = bool(self.top_k or req.splice.stops)  # a token's event waits until its latents are computed
+        self.last_pos = self.prompt_len - 1  # position of the last token vLLM returned (the extra one included)
+        self.stop_hits: set[int] = set()  # generated positions where a stop_when condition held
+        self.emitted_chars = 0  # text carried by the token events emitted so far
         self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in engine.sae_names}
         self.pending: collections.deque[TokenEvent] = collections.deque()  # waiting for their latents
         self.prompt_due = bool(self.top_k and (req.splice.include_prompt or prompt_only))
@@ -255,12 +259,13 @@ class VllmEngine(ThreadedEngine):
 
         req, s = row.req, row.req.sampling
         modes = {n: req.splice.mode for n in self.sae_names}
-        extra = 1 if row.top_k and not row.prompt_only else 0  # the last token's latents need one more step
+        extra = 1 if row.waits and not row.prompt_only else 0  # the last token's latents need one more step
         params = SamplingParams(
             n=1, max_tokens=s.max_tokens + extra, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k and s.top_k > 0 else 0, seed=s.seed, logprobs=s.logprobs, ignore_eos=True,
             detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args=encode_settings(row.rid, modes, req.splice.edits, row.prompt_len, row.top_k))
+            extra_args=encode_settings(row.rid, modes, req.splice.edits, row.prompt_len, row.top_k,
+                                       req.splice.stops))
         prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
         salt = self._cache_salt(row)
         if salt:
@@ -298,6 +303,7 @@ class VllmEngine(ThreadedEngine):
                 continue
             for comp in out.outputs[:1]:
                 for j, tok in enumerate(comp.token_ids):
+                    row.last_pos += 1
                     self._on_token(row, tok, comp.logprobs[j] if comp.logprobs else None)
             row.cached_tokens = max(row.cached_tokens, out.num_cached_tokens or 0)
             if out.finished:
@@ -309,9 +315,12 @@ class VllmEngine(ThreadedEngine):
         if self._inproc:
             from .tracker import pop_captures
 
-            caps = pop_captures()
+            caps, stops = pop_captures()
         else:
-            caps = self.llm.collective_rpc("saelora_pop_captures")[0]
+            caps, stops = self.llm.collective_rpc("saelora_pop_captures")[0]
+        for rid, hits in stops.items():
+            if rid in self.rows:
+                self.rows[rid].stop_hits.update(hits)
         for rid, per_sae in caps.items():
             row = self.rows.get(rid)
             if row is not None:
@@ -343,12 +352,20 @@ class VllmEngine(ThreadedEngine):
             row.prompt_due = False
         while row.pending:
             ev = row.pending[0]
+            if row.waits and ev.position >= row.last_pos and not final:
+                break  # the token has not been read by a forward yet: its latents are not computed
             if row.top_k:
                 feats = row.latents_at(ev.position)
                 if feats is None and not final:
                     break
                 ev.features = feats or {}
             row.emit(row.pending.popleft())
+            row.emitted_chars += len(ev.text)
+            if ev.position in row.stop_hits:  # stop_when: this token set off a watched latent
+                row.stop_at(ev.position - row.prompt_len + 1, row.emitted_chars)
+                row.pending.clear()
+                row.reason = "stop"
+                final = True
         if row.reason is None and not final:
             return
         if row.pending:

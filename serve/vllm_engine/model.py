@@ -116,6 +116,8 @@ class SpliceRuntime:
         for r, s in enumerate(specs):
             if cap is not None and s.top_k:
                 tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :s.top_k], cap.values[r, :, :s.top_k])
+            if res.stops is not None and bool(res.stops[r].any()):
+                tracker.record_stops(s.rid, pos[r][res.stops[r]].tolist())
         return res.out
 
 

@@ -8,8 +8,9 @@ spliced model which tokens belong to which request and what that request asked f
   which request sits in which batch slot (`update_state`), so it keeps `SLOTS`: slot -> `SlotSpec`.
   Inside the forward, the attention metadata's `query_start_loc` gives each slot's token range.
 
-Captured top-k latents go to `CAPTURES` (rid -> sae -> position -> (indices, values)), which the engine
-drains after each step: directly when vLLM runs in-process, else through `SaeloraWorkerExtension`
+Captured top-k latents go to `CAPTURES` (rid -> sae -> position -> (indices, values)), and the generated
+positions where a request's `stop_when` condition held to `STOPS` (rid -> positions); the engine drains both
+after each step: directly when vLLM runs in-process, else through `SaeloraWorkerExtension`
 (`collective_rpc("saelora_pop_captures")`). State is per process: one vLLM engine per process.
 """
 
@@ -23,7 +24,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from saelora.adapters.edits import SERVE_MODE, LatentEdit, changes_stream
+from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit, changes_stream
 from saelora.adapters.splice import RowSpec
 
 from ..core.rows import wire_latents
@@ -45,14 +46,14 @@ class SlotSpec:
         return changes_stream(self.row.modes.get(sae, SERVE_MODE), self.row.edits, sae)
 
     def needed(self, sae: str) -> bool:
-        return self.top_k > 0 or self.changes_stream(sae)
+        return self.top_k > 0 or self.changes_stream(sae) or any(c.sae == sae for c in self.row.stops)
 
 
 def encode_settings(rid: str, modes: dict[str, str], edits: list[LatentEdit], prompt_len: int,
-                    top_k: int) -> dict[str, Any]:
+                    top_k: int, stops: list[Condition]) -> dict[str, Any]:
     """The extra_args entry for one request (plain JSON types, so it also crosses process boundaries)."""
     return {KEY: {"rid": rid, "modes": modes, "prompt_len": prompt_len, "top_k": top_k,
-                  "edits": [e.to_json() for e in edits]}}
+                  "edits": [e.to_json() for e in edits], "stops": [c.to_json() for c in stops]}}
 
 
 def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
@@ -60,13 +61,16 @@ def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
     if not data:
         return None
     edits = [LatentEdit.from_json(e) for e in data["edits"]]
-    row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]))
+    row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]),
+                  stops=[Condition.from_json(c) for c in data["stops"]])
     return SlotSpec(rid=str(data["rid"]), row=row, top_k=int(data["top_k"]))
 
 
 SLOTS: dict[int, SlotSpec] = {}  # batch slot -> settings of the request in it (worker side)
 CAPTURES: dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]] = {}
-_LOCK = threading.Lock()  # CAPTURES is written by the worker and drained by the engine thread
+STOPS: dict[str, set[int]] = {}
+_LOCK = threading.Lock()  # CAPTURES and STOPS are written by the worker and drained by the engine thread
+Drained = tuple[dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]], dict[str, set[int]]]
 
 
 class SliceTracker(LogitsProcessor):
@@ -94,15 +98,22 @@ def record(rid: str, sae: str, positions: torch.Tensor, indices: torch.Tensor, v
             per[pos] = wire_latents(idx, val, len(idx))
 
 
-def pop_captures() -> dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]]:
-    global CAPTURES
+def record_stops(rid: str, positions: list[int]) -> None:
+    """Store the generated positions where one request's stop condition held."""
     with _LOCK:
-        out, CAPTURES = CAPTURES, {}
+        STOPS.setdefault(rid, set()).update(positions)
+
+
+def pop_captures() -> Drained:
+    """What the splice recorded since the last call: (latents, stop positions), each keyed by request id."""
+    global CAPTURES, STOPS
+    with _LOCK:
+        out, CAPTURES, STOPS = (CAPTURES, STOPS), {}, {}
     return out
 
 
 class SaeloraWorkerExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`): lets the engine drain captures over RPC."""
 
-    def saelora_pop_captures(self) -> dict[str, dict[str, dict[int, tuple[list[int], list[float]]]]]:
+    def saelora_pop_captures(self) -> Drained:
         return pop_captures()
