@@ -106,10 +106,13 @@ def _session(url: str, adapter: Path) -> None:
     desc = c.feature(sae.id, steer)
     examples = ", ".join(repr(x["token"]) for x in desc.top[:4])
     print(f"\n== steering latent #{steer} (the most France-specific in a contrast; fires on {examples})")
+    if desc.logits:
+        print(f"  it writes to the logits: promotes {', '.join(repr(t.token) for t in desc.logits.promoted[:5])}")
     value = 2 * (desc.max or 4.0)  # twice its strongest activation on the corpus
-    cmp = c.compare("My favourite place to visit is", [Edit.set(steer, value, positions="generated")],
-                    max_tokens=24, top_k=4)
-    print(f"  unsteered: {cmp['default']!r}\n  steered:   {cmp['steered']!r}  (set #{steer} = {value:.1f})")
+    c.presets.put("demo-steer", [Edit.set(steer, value, positions="generated")])  # a named steering preset
+    cmp = c.compare("My favourite place to visit is", preset="demo-steer", max_tokens=24, top_k=4)  # one call
+    print(f"  unsteered: {cmp['default']!r}\n  steered:   {cmp['steered']!r}  (preset demo-steer: set #{steer} = "
+          f"{value:.1f}; both in one compare call)")
     manifest = read_manifest(adapter)
     c.adapters.load("demo", adapter.name)
     adapted = c.complete(PROMPT, model="demo", max_tokens=12, temperature=0, sae={"mode": "replace"}).choices[0].text

@@ -15,7 +15,11 @@ from .errors import SaeloraAPIError
 
 HELP = """commands:
   /steer <feature> <op> [value]   add a latent edit (op: set add scale clamp_max clamp_min ablate)
-  /unsteer                        drop all edits
+  /unsteer                        drop all edits (and the preset)
+  /save <name>                    save the edits as a steering preset (needs the admin key, if the server has one)
+  /preset <name|off>              steer with a saved preset (your /steer edits apply after it)
+  /presets                        list the server's steering presets
+  /compare on|off                 also show each reply unsteered (same batch, same seed)
   /clear                          forget the conversation
   /adapter <name|base>            talk to an adapter (see /models)
   /features on|off                show the top latents of each token
@@ -32,7 +36,8 @@ class ChatSession:
         self.model = self.base
         self.messages: list[dict[str, str]] = []
         self.edits: list[P.SAEEdit] = []
-        self.show = True
+        self.preset: str | None = None
+        self.show, self.compare = True, False
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -65,9 +70,15 @@ class ChatSession:
                 self.say(f"  {m.id}" + (f"  (adapter of {m.parent})" if m.parent else ""))
         elif cmd == "/unsteer":
             self.edits.clear()
+            self.preset = None
             self.say("[no edits]")
         elif cmd == "/steer":
             self._steer(args)
+        elif cmd == "/compare" and args in (["on"], ["off"]):
+            self.compare = args == ["on"]
+            self.say(f"[compare {args[0]}]")
+        elif cmd in ("/save", "/preset", "/presets"):
+            self._presets(cmd, args)
         else:
             self.say(f"[unknown command {line!r}; /help lists them]")
         return True
@@ -81,14 +92,38 @@ class ChatSession:
         except (IndexError, ValueError) as e:
             self.say(f"[usage: /steer <feature> <op> [value] ({e.__class__.__name__})]")
 
+    def _presets(self, cmd: str, args: list[str]) -> None:
+        try:
+            if cmd == "/presets":
+                for p in self.c.presets.list().data:
+                    self.say(f"  {p.name}: {p.mode}, " + ", ".join(f"{e.op} #{e.feature} {e.value:g}" for e in p.edits))
+            elif cmd == "/save" and len(args) == 1:
+                if not self.edits:
+                    self.say("[no edits to save: /steer first]")
+                    return
+                self.c.presets.put(args[0], self.edits)
+                self.say(f"[saved preset {args[0]}: {len(self.edits)} edit(s)]")
+            elif cmd == "/preset" and len(args) == 1:
+                self.preset = None if args[0] == "off" else self.c.presets.get(args[0]).name
+                self.say(f"[preset {self.preset or 'off'}]")
+            else:
+                self.say(f"[usage: {cmd} <name>]")
+        except SaeloraAPIError as e:
+            self.say(f"[error {e.status}: {e.message}]")
+
     def ask(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
-        sae = {"features": {"top_k": self.top_k}, "edits": [e.model_dump(exclude_none=True) for e in self.edits]}
-        reply, shown = "", []
+        sae: dict[str, Any] = {"features": {"top_k": self.top_k},
+                               "edits": [e.model_dump(exclude_none=True) for e in self.edits],
+                               "preset": self.preset, "compare": self.compare}
+        reply, shown, twin = "", [], ""
         try:
             for chunk in self.c.stream_chat(self.messages, model=self.model, max_tokens=self.max_tokens,
                                             temperature=0.0, sae=sae):
                 for ch in chunk.choices:
+                    if ch.unsteered is not None:
+                        twin += ch.unsteered.text
+                        continue
                     reply += ch.delta.content or ""
                     if self.show and ch.features:
                         shown += [_compact(t) for t in ch.features.generated]
@@ -103,6 +138,8 @@ class ChatSession:
             self.say(" ".join(shown))
         else:
             self.say("")
+        if self.compare:
+            self.say(f"[unsteered] {twin}")
         self.messages.append({"role": "assistant", "content": reply})
 
 

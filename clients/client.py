@@ -32,8 +32,14 @@ class Edit:
 
     @staticmethod
     def make(op: str, feature: int, value: float = 0.0, sae: str | None = None,
-             positions: str | list[int] = "all") -> P.SAEEdit:
-        return P.SAEEdit(sae=sae, feature=feature, op=op, value=value, positions=positions)  # type: ignore[arg-type]
+             positions: str | list[int] = "all", when: P.SAECondition | None = None) -> P.SAEEdit:
+        return P.SAEEdit(sae=sae, feature=feature, op=op, value=value, positions=positions,  # type: ignore[arg-type]
+                         when=when)
+
+    @staticmethod
+    def when(feature: int, above: float, sae: str | None = None) -> P.SAECondition:
+        """A condition: latent `feature` (before edits) above `above`; for `when=` of an edit, or `stop_when`."""
+        return P.SAECondition(sae=sae, feature=feature, above=above)
 
     @staticmethod
     def set(feature: int, value: float, **kw: Any) -> P.SAEEdit:
@@ -93,6 +99,7 @@ class SaeloraClient(_Base):
         self.http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
         self.adapters = _Adapters(self)
         self.saes = _SAEs(self)
+        self.presets = _Presets(self)
 
     def close(self) -> None:
         self.http.close()
@@ -158,21 +165,23 @@ class SaeloraClient(_Base):
                  saes: list[str] | None = None, model: str | None = None) -> P.FeaturesResponse:
         return self.run(E.features(model or self.default_model(), text, messages, top_k, saes))
 
-    def steer(self, prompt: str, edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str = "error_term",
+    def steer(self, prompt: str, edits: Sequence[P.SAEEdit] = (), top_k: int = 0, mode: str | None = None,
+              preset: str | None = None, stop_when: Sequence[P.SAECondition] = (), compare: bool = False,
               **kw: Any) -> P.CompletionResponse:
-        return self.complete(prompt, sae=E.steer_options(edits, top_k, mode), **kw)
+        """A completion with a preset and/or edits; `compare=True` adds each choice's `unsteered` twin."""
+        return self.complete(prompt, sae=E.steer_options(edits, top_k, mode, preset, stop_when, compare), **kw)
 
     def feature(self, sae: str, index: int) -> P.FeatureDescription:
         return self.run(E.feature(sae, index))
 
     # ---- experiments --------------------------------------------------------------------------------------
-    def compare(self, prompt: str, edits: Sequence[P.SAEEdit], max_tokens: int = 32, top_k: int = 8,
-                **kw: Any) -> dict[str, Any]:
-        """Steered and default greedy completions side by side, with the latents whose mean changed most."""
+    def compare(self, prompt: str, edits: Sequence[P.SAEEdit] = (), max_tokens: int = 32, top_k: int = 8,
+                preset: str | None = None, **kw: Any) -> dict[str, Any]:
+        """Steered and default greedy completions side by side (one `compare: true` call: same batch, same seed),
+        with the latents whose mean changed most."""
         kw = {"max_tokens": max_tokens, "temperature": 0.0, **kw}
-        default = self.steer(prompt, [], top_k=top_k, **kw).choices[0]
-        steered = self.steer(prompt, edits, top_k=top_k, **kw).choices[0]
-        return E.compare_result(prompt, default, steered)
+        steered = self.steer(prompt, edits, top_k=top_k, preset=preset, compare=True, **kw).choices[0]
+        return E.compare_result(prompt, steered)
 
     def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
                  n: int = 10) -> list[dict[str, Any]]:
@@ -196,6 +205,25 @@ class _Adapters:
         return self.c.run(E.unload_adapter(name))
 
 
+class _Presets:
+    """Steering presets: `list`, `get`, `put` (admin key, when the server has one), `delete`."""
+
+    def __init__(self, c: SaeloraClient) -> None:
+        self.c = c
+
+    def list(self) -> P.PresetList:
+        return self.c.run(E.list_presets())
+
+    def get(self, name: str) -> P.PresetInfo:
+        return self.c.run(E.get_preset(name))
+
+    def put(self, name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> P.PresetInfo:
+        return self.c.run(E.put_preset(name, edits, mode))
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self.c.run(E.delete_preset(name))
+
+
 class _SAEs:
     def __init__(self, c: SaeloraClient) -> None:
         self.c = c
@@ -212,6 +240,7 @@ class AsyncSaeloraClient(_Base):
         self.http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
         self.adapters = _AsyncAdapters(self)
         self.saes = _AsyncSAEs(self)
+        self.presets = _AsyncPresets(self)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -282,9 +311,11 @@ class AsyncSaeloraClient(_Base):
                        top_k: int = 8, saes: list[str] | None = None, model: str | None = None) -> P.FeaturesResponse:
         return await self.run(E.features(model or await self.default_model(), text, messages, top_k, saes))
 
-    async def steer(self, prompt: str, edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str = "error_term",
+    async def steer(self, prompt: str, edits: Sequence[P.SAEEdit] = (), top_k: int = 0, mode: str | None = None,
+                    preset: str | None = None, stop_when: Sequence[P.SAECondition] = (), compare: bool = False,
                     **kw: Any) -> P.CompletionResponse:
-        return await self.complete(prompt, sae=E.steer_options(edits, top_k, mode), **kw)
+        return await self.complete(prompt, sae=E.steer_options(edits, top_k, mode, preset, stop_when, compare),
+                                   **kw)
 
     async def feature(self, sae: str, index: int) -> P.FeatureDescription:
         return await self.run(E.feature(sae, index))
@@ -298,13 +329,12 @@ class AsyncSaeloraClient(_Base):
         return await self.adapters.unload(name)
 
     # ---- experiments --------------------------------------------------------------------------------------
-    async def compare(self, prompt: str, edits: Sequence[P.SAEEdit], max_tokens: int = 32, top_k: int = 8,
-                      **kw: Any) -> dict[str, Any]:
-        """Steered and default greedy completions side by side (generated concurrently)."""
+    async def compare(self, prompt: str, edits: Sequence[P.SAEEdit] = (), max_tokens: int = 32, top_k: int = 8,
+                      preset: str | None = None, **kw: Any) -> dict[str, Any]:
+        """See `SaeloraClient.compare`."""
         kw = {"max_tokens": max_tokens, "temperature": 0.0, **kw}
-        default, steered = await asyncio.gather(self.steer(prompt, [], top_k=top_k, **kw),
-                                                self.steer(prompt, edits, top_k=top_k, **kw))
-        return E.compare_result(prompt, default.choices[0], steered.choices[0])
+        steered = await self.steer(prompt, edits, top_k=top_k, preset=preset, compare=True, **kw)
+        return E.compare_result(prompt, steered.choices[0])
 
     async def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
                        n: int = 10) -> list[dict[str, Any]]:
@@ -312,6 +342,23 @@ class AsyncSaeloraClient(_Base):
         a = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_a])
         b = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_b])
         return E.contrast_result(a, b, n, await self.saes.list())
+
+
+class _AsyncPresets:
+    def __init__(self, c: AsyncSaeloraClient) -> None:
+        self.c = c
+
+    async def list(self) -> P.PresetList:
+        return await self.c.run(E.list_presets())
+
+    async def get(self, name: str) -> P.PresetInfo:
+        return await self.c.run(E.get_preset(name))
+
+    async def put(self, name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> P.PresetInfo:
+        return await self.c.run(E.put_preset(name, edits, mode))
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        return await self.c.run(E.delete_preset(name))
 
 
 class _AsyncAdapters:

@@ -57,10 +57,30 @@ def features(model: str, text: str | None = None, messages: Sequence[dict[str, A
     return Call("POST", "/v1/features", _dump(req), P.FeaturesResponse.model_validate)
 
 
-def steer_options(edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str = "error_term") -> P.SAEOptions:
-    """The `sae` field of a steered completion: edits, and the top-k latents per token when top_k > 0."""
-    return P.SAEOptions(mode=mode, edits=list(edits),  # type: ignore[arg-type]
-                        features=P.SAEFeatureOptions(top_k=top_k) if top_k else None)
+def steer_options(edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str | None = None, preset: str | None = None,
+                  stop_when: Sequence[P.SAECondition] = (), compare: bool = False) -> P.SAEOptions:
+    """The `sae` field of a steered completion: a preset and/or edits, stop conditions, `compare`, and the top-k
+    latents per token when top_k > 0. Without `mode`, the preset's (else error_term) applies."""
+    opts: dict[str, Any] = {"mode": mode} if mode is not None else {}
+    return P.SAEOptions(edits=list(edits), preset=preset, stop_when=list(stop_when), compare=compare,
+                        features=P.SAEFeatureOptions(top_k=top_k) if top_k else None, **opts)
+
+
+def list_presets() -> Call:
+    return Call("GET", "/v1/steering/presets", parse=P.PresetList.model_validate)
+
+
+def get_preset(name: str) -> Call:
+    return Call("GET", f"/v1/steering/presets/{name}", parse=P.PresetInfo.model_validate)
+
+
+def put_preset(name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> Call:
+    body = _dump(P.SteeringPreset(mode=mode, edits=list(edits)))  # type: ignore[arg-type]
+    return Call("PUT", f"/v1/steering/presets/{name}", body, P.PresetInfo.model_validate)
+
+
+def delete_preset(name: str) -> Call:
+    return Call("DELETE", f"/v1/steering/presets/{name}")
 
 
 def feature(sae: str, index: int) -> Call:
@@ -122,9 +142,10 @@ def _mean_latents(tokens: Sequence[P.TokenFeatures],
     return {k: v / max(1, counts[k[0]]) for k, v in sums.items()}
 
 
-def compare_result(prompt: str, default: P.CompletionChoice, steered: P.CompletionChoice,
-                   n: int = 10) -> dict[str, Any]:
-    """Steered and default completions side by side, with the latents whose mean changed most."""
+def compare_result(prompt: str, steered: P.CompletionChoice, n: int = 10) -> dict[str, Any]:
+    """A `compare: true` choice: steered and default (unsteered) completions side by side, with the latents
+    whose mean changed most."""
+    default = steered.unsteered or P.Unsteered()
     a, b = default.features, steered.features
     ma, mb = _mean_latents(a.generated if a else []), _mean_latents(b.generated if b else [])
     keys = sorted(set(ma) | set(mb), key=lambda k: -abs(mb.get(k, 0.0) - ma.get(k, 0.0)))[:n]

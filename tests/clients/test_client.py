@@ -56,6 +56,28 @@ def test_steer_and_compare(client):
     assert Edit.ablate(4).op == "ablate" and Edit.clamp_max(4, 1.0).value == 1.0
 
 
+def test_presets_conditions_and_compare_through_the_client(client):
+    edit = Edit.set(3, 250.0, positions="generated", when=Edit.when(3, -1.0))  # always holds
+    client.presets.put("c-steer", [edit])
+    try:
+        assert [p.name for p in client.presets.list().data if p.name == "c-steer"] == ["c-steer"]
+        assert client.presets.get("c-steer").edits[0].when.above == -1.0
+        by_preset = client.steer("the cat sat on", preset="c-steer", compare=True, max_tokens=4, temperature=0)
+        inline = client.steer("the cat sat on", [edit], max_tokens=4, temperature=0)
+        plain = client.complete("the cat sat on", max_tokens=4, temperature=0)
+        ch = by_preset.choices[0]
+        assert ch.text == inline.choices[0].text and ch.unsteered.text == plain.choices[0].text != ch.text
+        stopped = client.steer("the cat sat on", stop_when=[Edit.when(3, -1.0)], max_tokens=4, temperature=0)
+        assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+        cmp = client.compare("the cat sat on", preset="c-steer", max_tokens=4)
+        assert cmp["steered"] == ch.text and cmp["default"] == ch.unsteered.text
+        assert len(client.feature(SAE, 3).logits.promoted) == 10
+    finally:
+        client.presets.delete("c-steer")
+    with pytest.raises(NotFoundError):
+        client.presets.get("c-steer")
+
+
 def test_errors_map_to_classes(client):
     with pytest.raises(NotFoundError):
         client.complete("x", model="nope")
@@ -97,7 +119,13 @@ def test_async_client(server):
             r = await c.complete("the cat sat on", max_tokens=3, temperature=0)
             parts = [d["choices"][0]["text"] async for d in c.stream("the cat sat on", max_tokens=3, temperature=0)]
             f = await c.features("the cat", top_k=1)
-            s = await c.steer("the cat", [Edit.set(3, 250.0, positions="generated")], top_k=1, max_tokens=2)
+            s = await c.steer("the cat", [Edit.set(3, 250.0, positions="generated")], top_k=1, max_tokens=2,
+                              temperature=0)
+            await c.presets.put("async-p", [Edit.set(3, 250.0, positions="generated")])
+            cmp = await c.compare("the cat", preset="async-p", max_tokens=2)
+            assert cmp["steered"] == s.choices[0].text and [p.name for p in (await c.presets.list()).data
+                                                            if p.name == "async-p"] == ["async-p"]
+            await c.presets.delete("async-p")
             return r, parts, f, s
     r, parts, f, s = asyncio.run(go())
     assert "".join(parts) == r.choices[0].text and len(f.tokens) == 2
@@ -118,6 +146,20 @@ def test_terminal_chat_in_a_pty(server):
         child.sendline("the cat")
         child.expect("#3:250.0")
         child.expect("> ")
+        child.sendline("/save chat-p")
+        child.expect(r"\[saved preset chat-p: 1 edit")
+        child.sendline("/presets")
+        child.expect("chat-p: error_term, set #3 250")
+        child.sendline("/unsteer")
+        child.sendline("/preset chat-p")
+        child.expect(r"\[preset chat-p\]")
+        child.sendline("/compare on")
+        child.expect(r"\[compare on\]")
+        child.sendline("the cat")
+        child.expect("#3:250.0")
+        child.expect(r"\[unsteered\] \S")
+        child.sendline("/preset nope")
+        child.expect(r"\[error 404")
         child.sendline("/features off")
         child.expect(r"\[features off\]")
         child.sendline("/adapter a1")
@@ -151,7 +193,8 @@ def test_async_client_offers_every_sync_call():
     import inspect
     sync, aio = SaeloraClient("http://127.0.0.1:9"), AsyncSaeloraClient("http://127.0.0.1:9")
     skip = {"close", "__enter__", "__exit__"}  # the context protocol differs by nature (aclose / async with)
-    for s_obj, a_obj in ((sync, aio), (sync.adapters, aio.adapters), (sync.saes, aio.saes)):
+    for s_obj, a_obj in ((sync, aio), (sync.adapters, aio.adapters), (sync.saes, aio.saes),
+                         (sync.presets, aio.presets)):
         s_calls, a_calls = _public_calls(s_obj), _public_calls(a_obj)
         missing = set(s_calls) - set(a_calls) - skip
         assert not missing, f"AsyncSaeloraClient lacks {sorted(missing)}"
