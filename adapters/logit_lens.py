@@ -20,18 +20,33 @@ TokenValues = list[tuple[int, float]]
 
 
 @torch.no_grad()
-def latent_logits(model: torch.nn.Module, sae: LoadedSAE, index: int, k: int = 10) -> tuple[TokenValues, TokenValues]:
-    """The k tokens latent `index` of `sae` promotes most and the k it suppresses most, with their logit values."""
-    base = unwrap(model)
+def _projections(model: torch.nn.Module, sae: LoadedSAE, indices: torch.Tensor) -> torch.Tensor:
+    """(n, V) fp32: the decoder rows `indices` through the final norm and the unembedding."""
     norm = getattr(backbone(model), "norm", None)
-    head = base.get_output_embeddings()
-    direction = sae.sae.W_dec[index].detach()  # (d,)
+    head = unwrap(model).get_output_embeddings()
     w = head.weight
-    h = direction.to(device=w.device, dtype=w.dtype)[None, None]  # (1, 1, d)
+    h = sae.sae.W_dec[indices].detach().to(device=w.device, dtype=w.dtype)[:, None]  # (n, 1, d)
     if norm is not None:
         h = norm(h)
-    logits = head(h)[0, 0].float()  # (V,)
-    k = min(k, logits.numel())
-    top, low = logits.topk(k), (-logits).topk(k)
-    return ([(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
-            [(int(i), -float(v)) for v, i in zip(low.values, low.indices, strict=True)])
+    return head(h)[:, 0].float()
+
+
+def latent_logits(model: torch.nn.Module, sae: LoadedSAE, index: int, k: int = 10) -> tuple[TokenValues, TokenValues]:
+    """The k tokens latent `index` of `sae` promotes most and the k it suppresses most, with their logit values."""
+    (promoted, suppressed), = top_logits(model, sae, k, indices=[index])
+    return promoted, suppressed
+
+
+def top_logits(model: torch.nn.Module, sae: LoadedSAE, k: int = 10, indices: list[int] | None = None,
+               chunk: int = 256) -> list[tuple[TokenValues, TokenValues]]:
+    """`latent_logits` for many latents (default: all), `chunk` at a time so (chunk, V) stays small."""
+    idx = torch.arange(sae.d_sae) if indices is None else torch.tensor(indices)
+    out = []
+    for part in idx.split(chunk):
+        logits = _projections(model, sae, part)  # (n, V)
+        kk = min(k, logits.shape[-1])
+        top, low = logits.topk(kk, dim=-1), (-logits).topk(kk, dim=-1)
+        for r in range(len(part)):
+            out.append(([(int(i), float(v)) for v, i in zip(top.values[r], top.indices[r], strict=True)],
+                        [(int(i), -float(v)) for v, i in zip(low.values[r], low.indices[r], strict=True)]))
+    return out

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.config import FEATURES_FILE, descriptions_dir
+from saelora.adapters.logit_lens import top_logits
 from saelora.adapters.saes import LoadedSAE
 
 from .config import opt
@@ -41,6 +42,7 @@ class FeaturesConfig:
     top_n: int = opt(10, "contexts kept per latent")
     context_left: int = opt(12, "tokens shown before the activating token")
     context_right: int = opt(4, "tokens shown after it")
+    logit_top: int = opt(10, "tokens each latent promotes / suppresses most (decoder row -> final norm -> unembedding)")
     policy: str | None = opt(None, "position-policy override (default: the SAE's; positions it keeps are never shown)")
     out: str | None = opt(None, "default: <sae folder>/features")
     device: str | None = opt(None, "default: cuda if available, else cpu")
@@ -93,12 +95,15 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
             z[keep] = 0  # positions the SAE is not spliced at (attention sink, BOS/EOS) describe nothing
             acc.update(z, i, counted=int((~keep).sum()))
     rows_cpu = rows.cpu()
+    writes = top_logits(model, sae, cfg.logit_top)  # what each latent writes to the logits (adapters/logit_lens.py)
     features = []
     for j in range(sae.d_sae):
         top = [dict(_context(tokenizer, rows_cpu, int(acc.where[n, j]), cfg), value=round(float(acc.values[n, j]), 4))
                for n in range(acc.values.shape[0]) if acc.values[n, j] > 0]
+        logits = {side: [{"token": tokenizer.decode([i]), "token_id": i, "value": round(v, 4)} for i, v in pairs]
+                  for side, pairs in zip(("promoted", "suppressed"), writes[j], strict=True)}
         features.append({"index": j, "density": float(acc.active[j]) / acc.tokens, "max": float(acc.max[j]),
-                         "top": top})
+                         "top": top, "logits": logits})
     dead = [f["index"] for f in features if not f["top"]]
     return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead, "features": features}
 
@@ -119,7 +124,9 @@ function show() {{
     if (!f.top.length) continue;
     const ctx = c => `<div class="ctx">${{c.value.toFixed(2)}}  ${{esc(c.left)}}` +
       `<b class="tok">${{esc(c.token)}}</b>${{esc(c.right)}}</div>`;
+    const toks = side => (f.logits ? f.logits[side] : []).map(t => esc(JSON.stringify(t.token))).join(' ');
     out.push(`<div class="f"><b>#${{f.index}}</b> density ${{f.density.toExponential(2)}} max ${{f.max.toFixed(2)}}` +
+      `<div class="ctx">promotes ${{toks('promoted')}}<br>suppresses ${{toks('suppressed')}}</div>` +
       f.top.map(ctx).join('') + '</div>');
     if (out.length >= 200) break;
   }}

@@ -71,6 +71,8 @@ def _planted_sae(lm, token_id: int, feature: int = 5):
         others = (emb @ sae.W_enc[:, feature]).clone()
         others[token_id] = -float("inf")
         sae.b_enc[feature] = -(others.max() + (emb[token_id].norm() - others.max()) / 2)
+        head = lm.model.get_output_embeddings().weight.detach()
+        sae.W_dec[feature] = head[token_id] * 4 / head[token_id].norm()  # it writes `token_id` to the logits
     return sae
 
 
@@ -95,6 +97,9 @@ def test_features_name_the_planted_feature_contexts(tmp_path, monkeypatch):
     page = (out / "index.html").read_text()
     assert "SAE features" in page and '"token": "fox"' in page
     assert json.loads((out / "features.json").read_text())["features"][5]["top"][0]["token"] == "fox"
+    # what it writes: its decoder row is fox's unembedding, so fox is the token it promotes most
+    assert f5["logits"]["promoted"][0]["token_id"] == fox and len(f5["logits"]["suppressed"]) == 10
+    assert "promotes" in page
 
 
 def test_e2e_baseline_improves_the_spliced_ce(tmp_path, monkeypatch):
