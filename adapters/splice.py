@@ -97,6 +97,8 @@ def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
             sae(name)
             check_mode(mode)
         for e in row.edits:
+            if e.when is not None:
+                sae(e.when.sae)  # an SAE the server lacks is "not found" before "not supported"
             check_edit(e, sae(e.sae).d_sae)
         for c in row.stops:
             check_condition(c, sae(c.sae).d_sae)

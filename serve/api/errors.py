@@ -99,6 +99,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param + ': ' if param else ''}{msg}{extra}", param
 
 
+def _methods_at(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        scope = dict(request.scope, method="__none__")
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers that produce the envelope."""
 
@@ -116,6 +128,8 @@ def install(app: FastAPI) -> None:
         kind = {404: "not_found", 401: "unauthorized", 413: "too_large"}.get(exc.status_code, "invalid")
         response = envelope(exc.status_code, kind, str(exc.detail))
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        if exc.status_code == 405:  # Starlette names the first matching route's methods; a path may have several
+            response.headers["Allow"] = ", ".join(_methods_at(request))
         return response
 
     @app.exception_handler(ValueError)

@@ -102,8 +102,9 @@ def check_against(saes: list[dict[str, Any]], edits: list[LatentEdit], conds: li
     sizes = {s["name"]: int(s["d_sae"]) for s in saes}
     try:
         for e in edits:
-            if e.sae not in sizes:
-                raise SpliceNotFoundError(f"Unknown SAE {e.sae!r}; spliced SAEs: {sorted(sizes)}")
+            for name in [e.sae] + ([e.when.sae] if e.when else []):
+                if name not in sizes:
+                    raise SpliceNotFoundError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(sizes)}")
             check_edit(e, sizes[e.sae])
         for c in conds:
             if c.sae not in sizes:

@@ -77,7 +77,10 @@ def test_conditions_round_trip_and_are_checked(setup):
     e = LatentEdit("s", 3, "add", 1.5, (1, 2), Condition("s", 4, 0.25))
     assert LatentEdit.from_json(json.loads(json.dumps(e.to_json()))) == e
     from saelora.adapters.splice import check_rows
-    for bad, msg in [(LatentEdit("s", 3, "set", 1.0, "all", Condition("other", 4, 0.0)), "own SAE"),
+    from saelora.adapters.edits import check_edit
+    with pytest.raises(SpliceError, match="own SAE"):  # another SAE that exists: not supported
+        check_edit(LatentEdit("s", 3, "set", 1.0, "all", Condition("other", 4, 0.0)), 64)
+    for bad, msg in [(LatentEdit("s", 3, "set", 1.0, "all", Condition("other", 4, 0.0)), "Unknown SAE"),
                      (LatentEdit("s", 3, "set", 1.0, "all", Condition("s", 10**6, 0.0)), "outside"),
                      (LatentEdit("s", 3, "set", 1.0, "all", Condition("s", 4, float("nan"))), "finite")]:
         with pytest.raises(SpliceError, match=msg):

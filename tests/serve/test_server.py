@@ -364,7 +364,10 @@ def test_failure_mid_stream_sends_error_event_then_done():
     async def collect():
         gen = events()
         first = await gen.__anext__()
-        return [ln async for ln in _sse(first, gen, [None], chat=False, model="m", tok=tiny_tokenizer(["cat"]))]
+        async def inline(fn, arg):
+            return fn(arg)
+        return [ln async for ln in _sse(first, gen, 1, chat=False, model="m", tok=tiny_tokenizer(["cat"]),
+                                        off_loop=inline)]
     lines = asyncio.run(collect())
     assert json.loads(lines[0][6:])["choices"][0]["text"] == "cat"
     assert json.loads(lines[1][6:])["error"]["message"] == "generation failed: boom"

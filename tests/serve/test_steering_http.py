@@ -50,8 +50,8 @@ def test_preset_validation(engine):
         _err(c.put("/v1/steering/presets/x", json={"edits": []}), 400)
         _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 1, "op": "set", "when": {
             "feature": 1, "above": 1e300}}]}), 400)
-        assert "own SAE" in _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 1, "op": "set", "when": {
-            "sae": "other", "feature": 1, "above": 0}}]}), 400)["message"]
+        _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 1, "op": "set", "when": {
+            "sae": "other", "feature": 1, "above": 0}}]}), 404)  # an SAE the server lacks
         _err(c.put("/v1/steering/presets/a.b", json=PRESET), 400)
         _err(c.put("/v1/steering/presets/" + "a" * 65, json=PRESET), 400)
         _err(c.post("/v1/completions", json={"prompt": "the cat", "sae": {"preset": "missing"}}), 404)
@@ -115,3 +115,10 @@ def test_compare_runs_unsteered_twins_with_the_same_seeds(engine):
                           if "unsteered" not in ch["choices"][0])
         assert steered and "".join(t["text"] for t in twins) and twins[-1]["finish_reason"] == "length"
         assert {ch["choices"][0]["index"] for ch in chunks} == {0}
+
+
+def test_405_lists_every_method_of_the_path(engine):
+    """Regression (schemathesis ST205): a path served by several routes (GET, PUT, DELETE) names them all."""
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        r = c.post("/v1/steering/presets/p", json=PRESET)
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PUT"
