@@ -40,27 +40,41 @@ def logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[t
 
 class Detokenizer:
     """Releases text as tokens arrive, holding back what could still become a stop string or a partial
-    UTF-8 character; `finish` releases the rest (cut at the stop string)."""
+    UTF-8 character; `finish` releases the rest (cut at the stop string).
+
+    Incremental, as vLLM's detokenizer: each token decodes only the window ids[prefix:] against ids[prefix:read]
+    (the tokens since the last text was produced, and the ones before them), so a generation costs linear, not
+    quadratic, decoding. Decoding both from the same token keeps a tokenizer's leading-space handling out of the
+    delta; a window whose text ends in U+FFFD (a partial UTF-8 character) waits for the next token."""
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # window: ids[prefix:read] is already in `text`
         self.released = 0
         self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _extend(self) -> None:
+        before, now = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add a token; returns (text delta, hit a stop string)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._extend()
         for stop in self.stops:
             at = self.text.find(stop, max(0, self.released - len(stop)))
             if at != -1:
                 self.text = self.text[:at]
+                self.prefix = self.read = len(self.ids)  # nothing after a stop string is ever shown
                 return "", True
         safe = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text) - 1)
         if safe <= self.released:
             return "", False
         delta, self.released = self.text[self.released:safe], safe
@@ -69,10 +83,14 @@ class Detokenizer:
     def truncate(self, n: int, released: int) -> None:
         """Keep the first n tokens, of which `released` characters were released (stop strings still cut)."""
         self.ids = self.ids[:n]
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode(self.ids)
         cut = [at for stop in self.stops if (at := text.find(stop)) != -1]
         self.text, self.released = text[:min(cut)] if cut else text, released
+        self.prefix = self.read = n
 
     def finish(self) -> str:
+        if self.read < len(self.ids):  # tokens still held for a partial character: whatever they decode to
+            self.text += self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+            self.prefix = self.read = len(self.ids)
         delta, self.released = self.text[self.released:], len(self.text)
         return delta

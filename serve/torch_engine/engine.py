@@ -13,6 +13,7 @@ so with features on, a token's event is released one step later, and a finished 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Collection
 
@@ -20,6 +21,7 @@ import torch
 
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.bundle import attach_bundle, detach_adapter
+from saelora.adapters.hooks import unwrap
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.edits import SERVE_MODE
@@ -65,6 +67,8 @@ class TorchEngine(ThreadedEngine):
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
+        # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
+        self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters
 
     def stats(self) -> dict[str, float]:
         return {"running": len(self.active), "queued": max(0, self.in_flight - len(self.active)),
@@ -138,6 +142,8 @@ class TorchEngine(ThreadedEngine):
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos.clamp(min=0),
                                       past_key_values=cache, use_cache=True)
+        if self._keep_last and ids.shape[1] > 1:
+            kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is every row's last token
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [r.req.adapter or BASE for r in rows]
         top_k = max(r.req.splice.top_k for r in rows)

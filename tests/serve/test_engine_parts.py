@@ -77,3 +77,44 @@ def test_tiny_temperature_is_greedy_not_nan():
     """Regression (found by schemathesis): temperature 2.2e-308 overflowed the logits to inf (NaN -> 500)."""
     logits = torch.tensor([0.1, 2.0, -1.0])
     assert sample(logits, Sampling(temperature=2.2250738585072014e-308), torch.Generator().manual_seed(0)) == 1
+
+
+def _byte_level_tokenizer():
+    """A small byte-level BPE (GPT-2 style): multi-byte characters span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the café naïve 東京 tower 🙂 jumps", "über straße ½ price €5 déjà vu", "plain words and spaces"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_incremental_detokenizer_equals_full_decode():
+    """Invariant: the text released token by token (then `finish`) is the full decode of the ids, for random id
+    sequences that split multi-byte characters anywhere, special tokens included."""
+    import random
+
+    for tok in (_byte_level_tokenizer(), tiny_tokenizer(["the cat sat on the mat"])):
+        rng = random.Random(0)
+        for _ in range(300):
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+            d = Detokenizer(tok, stops=[])
+            out = "".join(d.add(t)[0] for t in ids) + d.finish()
+            assert out == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_detokenizer_decodes_a_window_not_the_whole_text():
+    """Invariant (the cost): each token decodes a bounded window, not everything generated so far."""
+    tok = tiny_tokenizer(["the cat sat on the mat"])
+    lengths = []
+    real = tok.decode
+    tok.decode = lambda ids, **kw: lengths.append(len(ids)) or real(ids, **kw)
+    d = Detokenizer(tok, stops=[])
+    ids = tok("the cat sat on the mat " * 20, add_special_tokens=False)["input_ids"]
+    for t in ids:
+        d.add(t)
+    assert len(ids) == 120 and max(lengths) <= 2
