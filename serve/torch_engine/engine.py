@@ -2,8 +2,10 @@
 
 One background thread owns the model. Between steps it runs commands (adapter load/unload, encode-only
 requests) and admits queued requests (their prompts are prefilled together, left-padded); then one
-batched decode step advances every running row. Each row keeps its own KV cache (kv.py), its own
-adapter (PEFT mixed batch, `__base__` for none), splice mode, edits and sampling settings.
+batched decode step advances every running row, each with its own adapter (PEFT mixed batch, `__base__`
+for none), splice mode, edits and sampling settings. The rows' KV caches are one batched, left-padded cache
+kept across steps (kv.py): it is rebuilt from per-row caches only when rows join, and rows that leave are
+selected out; rows with the same prompt and splice settings (a request's n choices) share one prefill.
 
 A generated token's latents are those at the token's own position, known one step after it is sampled;
 so with features on, a token's event is released one step later, and a finished row takes one more
@@ -44,7 +46,8 @@ class _Row(RowState):
         names = list(engine.splice.saes)
         super().__init__(req, emit, engine.tokenizer, engine.eos, names)
         self.ids = list(req.prompt_ids)  # every token fed, or to be fed next
-        self.kv: kv.RowKV | None = None
+        self.kv: kv.RowKV | None = None  # its own cache while outside the engine's batched one
+        self.cached = 0  # tokens in its KV cache
         self.pending: TokenEvent | None = None  # sampled, waiting for its latents
         self.flush_reason: str | None = None  # finished; one more step for the last token's latents
         seed = req.sampling.seed
@@ -52,6 +55,23 @@ class _Row(RowState):
         self.spec = RowSpec(modes={n: req.splice.mode for n in names}, edits=list(req.splice.edits),
                             prompt_len=self.prompt_len, stops=list(req.splice.stops))
         self.waits = bool(req.splice.top_k or req.splice.stops)  # a token waits one step for its latents
+
+
+def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
+    """One representative per group of rows with the same prefill (the one asking the most latents), and each
+    row's group."""
+    index: dict[Any, int] = {}
+    reps: list[_Row] = []
+    group = []
+    for r in rows:
+        key = (tuple(r.ids), r.req.adapter, tuple(sorted(r.spec.modes.items())), tuple(r.spec.edits))
+        if key not in index:
+            index[key] = len(reps)
+            reps.append(r)
+        elif r.req.splice.top_k > reps[index[key]].req.splice.top_k:
+            reps[index[key]] = r
+        group.append(index[key])
+    return reps, group
 
 
 class TorchEngine(ThreadedEngine):
@@ -67,6 +87,7 @@ class TorchEngine(ThreadedEngine):
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
+        self._batch: tuple[list[_Row], Any] | None = None  # the rows of the batched KV cache kept across steps
         # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
         self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters
 
@@ -120,7 +141,7 @@ class TorchEngine(ThreadedEngine):
     def _fail_running(self, error: Exception) -> None:
         for row in self.active:
             self._fail(row, error)
-        self.active = []
+        self.active, self._batch = [], None
 
     def _admit(self) -> None:
         new = []
@@ -152,13 +173,16 @@ class TorchEngine(ThreadedEngine):
         return out, self.splice.pop_captures(), self.splice.pop_stops()
 
     def _prefill(self, rows: list[_Row]) -> None:
+        """Prefill new rows together. Rows whose prompt, adapter, modes and edits are the same (the n choices of
+        one request, above all) share one prefill: the same KV cache, logits and latents; each samples alone."""
         from transformers import DynamicCache
 
-        ids, mask, pos = kv.left_pad([r.ids for r in rows], self.pad_id)  # (b, T) each
-        out, caps, _ = self._forward(rows, ids, mask, pos, DynamicCache())  # stops watch generated tokens only
-        for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [len(r.ids) for r in rows]),
-                                              strict=True)):
-            row.kv = row_kv
+        reps, group = _prefill_groups(rows)
+        ids, mask, pos = kv.left_pad([r.ids for r in reps], self.pad_id)  # (g, T) each
+        out, caps, _ = self._forward(reps, ids, mask, pos, DynamicCache())  # stops watch generated tokens only
+        kvs = kv.split(out.past_key_values, [len(r.ids) for r in reps])
+        for row, i in zip(rows, group, strict=True):
+            row.kv, row.cached = kvs[i], len(row.ids)  # shared tensors: only ever read (stacking copies them)
             if row.req.splice.include_prompt and row.req.splice.top_k:
                 k = row.req.splice.top_k
                 row.emit(PromptFeatures([TokenFeaturesOut(int(pos[i, j]), int(ids[i, j]),
@@ -171,16 +195,18 @@ class TorchEngine(ThreadedEngine):
             self._drop(row)
         rows = self.active
         if not rows:
+            self._batch = None
             return
-        lengths = [kv.row_len(r.kv) for r in rows]
-        cache, s_max = kv.stack([r.kv for r in rows])
+        lengths = [r.cached for r in rows]
+        cache = self._batch_cache(rows)
+        s_max = cache.get_seq_length()
         ids = torch.tensor([[r.ids[-1]] for r in rows])  # (B, 1)
         mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
         pos = torch.tensor([[n] for n in lengths])  # (B, 1)
         out, caps, stops = self._forward(rows, ids, mask, pos, cache)
-        for i, (row, row_kv) in enumerate(zip(rows, kv.split(out.past_key_values, [n + 1 for n in lengths]),
-                                              strict=True)):
-            row.kv = row_kv
+        self._batch = (list(rows), out.past_key_values)
+        for i, row in enumerate(rows):
+            row.cached += 1
             if row.pending is not None:
                 k = row.req.splice.top_k
                 row.pending.features = self._latents(caps, row.report, k, i, 0) if k else None
@@ -193,6 +219,29 @@ class TorchEngine(ThreadedEngine):
             else:
                 self._next_token(row, out.logits[i, -1])
         self.active = [r for r in self.active if not r.done]
+
+    def _batch_cache(self, rows: list[_Row]) -> Any:
+        """The batched KV cache of `rows`, left-padded to the longest. It is kept from step to step: rows that
+        leave are selected out (and columns that are padding in every remaining row trimmed); only when rows
+        join are the caches split and stacked again. A step without joins copies no cache outside the model."""
+        kept, cache = self._batch if self._batch is not None else ([], None)
+        if cache is not None and kept == rows:
+            return cache
+        if cache is not None and set(map(id, rows)) <= set(map(id, kept)):
+            where = {id(r): i for i, r in enumerate(kept)}
+            cache.batch_select_indices(torch.tensor([where[id(r)] for r in rows], dtype=torch.long))
+            kv.trim_left(cache, max(r.cached for r in rows))
+            return cache
+        if cache is not None and any(r in rows for r in kept):  # rows join: the batched ones get their caches back
+            still = [r for r in kept if r in rows]
+            where = {id(r): i for i, r in enumerate(kept)}
+            cache.batch_select_indices(torch.tensor([where[id(r)] for r in still], dtype=torch.long))
+            for r, r_kv in zip(still, kv.split(cache, [r.cached for r in still]), strict=True):
+                r.kv = r_kv
+        stacked, _ = kv.stack([r.kv for r in rows])
+        for r in rows:
+            r.kv = None  # lives in the batched cache now
+        return stacked
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> None:
         """Sample the row's next token. A failure here (non-finite logits, a sampling error) ends this row

@@ -43,6 +43,14 @@ def split(cache: Any, lengths: list[int]) -> list[RowKV]:
     return out
 
 
+def trim_left(cache: Any, length: int) -> None:
+    """Drop the leading columns of a left-padded batched cache so that `length` (the longest row) remain."""
+    for layer in cache.layers:
+        cut = layer.keys.shape[2] - length
+        if cut > 0:
+            layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids (B, T), attention_mask (B, T) and positions (B, T) with -1 on the padding."""
     t = max(len(s) for s in seqs)

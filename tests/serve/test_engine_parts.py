@@ -118,3 +118,57 @@ def test_detokenizer_decodes_a_window_not_the_whole_text():
     for t in ids:
         d.add(t)
     assert len(ids) == 120 and max(lengths) <= 2
+
+
+def test_batched_cache_across_joins_and_leaves_equals_solo(ws):
+    """Invariant: greedy rows that join while others run and leave at different steps (the engine's batched KV
+    cache is kept, selected down and rebuilt) give their solo outputs; so do n choices sharing one prefill."""
+    import asyncio
+
+    from conftest import make_engine
+    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest, TokenEvent
+
+    engine = make_engine(ws, max_batch=4)
+    tok = engine.tokenizer
+    jobs = [("the cat sat on", 60, 0.0), ("a big red fox jumps over the lazy", 3, 0.0), ("sun rises", 7, 0.02),
+            ("river flows to the sea and", 9, 0.04), ("the dog", 5, 0.06)]  # (prompt, max_tokens, start delay s)
+    branches, real = [], engine._batch_cache
+
+    def spy(rows):
+        kept = engine._batch[0] if engine._batch else []
+        branches.append("same" if kept == rows else "subset" if kept and set(map(id, rows)) <= set(map(id, kept))
+                        else "rejoin" if any(r in rows for r in kept) else "new")
+        return real(rows)
+    engine._batch_cache = spy
+
+    async def one(prompt: str, n: int, delay: float, seed: int | None = None) -> tuple[list[int], list]:
+        await asyncio.sleep(delay)
+        req = GenerationRequest(tok(prompt)["input_ids"], Sampling(max_tokens=n, temperature=0.0 if seed is None
+                                                                   else 1.0, seed=seed), SpliceRequest(top_k=3))
+        toks, feats = [], []
+        async for ev in engine.generate(req):
+            if isinstance(ev, TokenEvent):
+                toks.append(ev.token_id)
+                feats.append(ev.features)
+            assert not isinstance(ev, Exception)
+        return toks, feats
+
+    async def run():
+        await engine.start()
+        try:
+            solo = [await one(p, n, 0) for p, n, _ in jobs]
+            together = await asyncio.gather(*[one(p, n, d) for p, n, d in jobs])
+            seeded_solo = [await one("the cat", 6, 0, seed=s) for s in (1, 2)]
+            seeded = await asyncio.gather(*[one("the cat", 6, 0, seed=s) for s in (1, 2)])  # one shared prefill
+            return solo, together, seeded_solo, seeded
+        finally:
+            await engine.stop()
+
+    solo, together, seeded_solo, seeded = asyncio.run(run())
+    for (s_toks, s_feats), (t_toks, t_feats) in zip(solo, together, strict=True):
+        assert t_toks == s_toks
+        for a, b in zip(s_feats, t_feats, strict=True):
+            (ia, va), (ib, vb) = next(iter(a.values())), next(iter(b.values()))
+            assert ia == ib and all(abs(x - y) <= 1e-3 * max(1.0, abs(x)) for x, y in zip(va, vb, strict=True))
+    assert [t for t, _ in seeded] == [t for t, _ in seeded_solo] and seeded[0][0] != seeded[1][0]
+    assert {"same", "subset", "rejoin"} <= set(branches)  # every way the batched cache is kept was taken
