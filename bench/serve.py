@@ -4,14 +4,19 @@
 (2) aggregate tokens/s at 1, 4 and 8 concurrent streams;
 (3) 4 rows with 4 different adapters vs 4 rows of one adapter;
 (4) hot-load latency of a rank-16 all-linear adapter, and failed requests during 50 load/unload cycles under load;
-(5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy).
+(5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy);
+(6) LoRA requests vs base requests (4 streams through one rank-16 adapter vs 4 of the base model);
+(7) idle SAE cost: plain requests (no `sae` field) on a server with the SAE loaded vs one started with --no-sae.
+Each figure is measured `--repeat` times (default 2) in the one run; the top-level `"ratios"` object holds the
+median of the repeats and `"spread"` their [min, max]: features_on_off, mixed_adapters, streams_8_vs_1,
+lora_vs_base, idle_sae (cost: time with ÷ time without), vs_generate_b4, hot_load_s.
 With `--engine vllm` the same figures for the vLLM engine, plus, side by side in the same run (both servers up,
-measurements interleaved): (6) vLLM engine vs torch engine tok/s at 1, 4 and 8 streams, and (7) what LoRA costs
-on each engine (4 streams through an adapter vs 4 streams of the base model), also with vLLM's own CPU LoRA
-ops instead of saelora's grouped ones (a third server, SAELORA_VLLM_LORA_OPS=vllm).
+measurements interleaved): the vLLM engine vs the torch engine at 1, 4 and 8 streams (also drawn as
+bench/results/serve_concurrency.png), and LoRA with vLLM's own CPU LoRA ops instead of saelora's grouped ones
+(another server, SAELORA_VLLM_LORA_OPS=vllm).
 Writes bench/results/serve.{json,md} (torch) or serve_vllm.{json,md}.
 
-    python bench/serve.py [--engine vllm] [--quick]
+    python bench/serve.py [--engine vllm] [--repeat 2] [--quick]
 """
 
 from __future__ import annotations
@@ -64,12 +69,14 @@ def make_adapters(root: Path, sae: str, n: int, rank: int) -> list[str]:
     return names
 
 
-def server(sae: str, root: Path, port: int, engine: str = "torch", env: dict[str, str] | None = None):  # noqa: ANN201
-    """`saelora serve` with the SAE, adapters under `root`, 8 rows a batch; started and healthy."""
+def server(sae: str | None, root: Path, port: int, engine: str = "torch",  # noqa: ANN201
+           env: dict[str, str] | None = None):
+    """`saelora serve` with the SAE (None: --no-sae), adapters under `root`, 8 rows a batch; started, healthy."""
     from saelora.launch import ServeProcess
 
     extra = ["--engine", "vllm", "--kv-cache-gb", "2"] if engine == "vllm" else []
-    return ServeProcess(["--sae", sae, "--adapter-root", str(root), "--max-batch", "8", *extra], port=port,
+    sae_args = ["--sae", sae] if sae else ["--no-sae"]
+    return ServeProcess([*sae_args, "--adapter-root", str(root), "--max-batch", "8", *extra], port=port,
                         env=env).start()
 
 
@@ -212,87 +219,129 @@ def lora_cost(urls: dict[str, str], name: str, tokens: int, reps: int) -> dict:
     return out
 
 
+def idle_sae(urls: dict[str, str], tokens: int, reps: int) -> dict:
+    """Plain requests (no `sae` field, 4 streams) on a server with the SAE vs one without, interleaved."""
+    got: dict[str, list[float]] = {k: [] for k in urls}
+    for _ in range(reps):
+        for kind, url in urls.items():
+            dt, toks, _ = asyncio.run(_run(url, [{k: v for k, v in b.items() if k != "sae"}
+                                                 for b in _bodies(4, tokens)]))
+            got[kind].append(dt / toks)
+    with_, without = statistics.median(got["with_sae"]), statistics.median(got["without_sae"])
+    return {"s_per_token_with_sae": round(with_, 5), "s_per_token_without_sae": round(without, 5),
+            "ratio": round(with_ / without, 3)}
+
+
+def measure(servers: dict, names: list[str], args: argparse.Namespace) -> dict:
+    """One repeat of every figure on the engine under test."""
+    url = servers["main"].url
+    res = {"features_overhead": features_overhead(url, args.tokens, args.reps),
+           "concurrency": concurrency(url, args.tokens),
+           "mixed_adapters": mixed_adapters(url, names, args.tokens, args.reps),
+           "lora_cost": lora_cost({args.engine: url}, names[0], args.tokens, args.reps)[args.engine],
+           "idle_sae": idle_sae({"with_sae": url, "without_sae": servers["bare"].url}, args.tokens, args.reps),
+           "hot_swap": hot_swap(url, names[0], args.cycles),
+           "vs_transformers": vs_transformers(url, args.tokens)}
+    res["ratios"] = {"features_on_off": res["features_overhead"]["ratio"],
+                     "mixed_adapters": res["mixed_adapters"]["ratio"],
+                     "streams_8_vs_1": res["concurrency"]["ratio_8_vs_1"],
+                     "lora_vs_base": res["lora_cost"]["ratio"], "idle_sae": res["idle_sae"]["ratio"],
+                     "vs_generate_b4": res["vs_transformers"]["ratio"], "hot_load_s": res["hot_swap"]["load_s_median"]}
+    return res
+
+
+TARGETS = {"features_on_off": ">= 0.95", "mixed_adapters": "<= 1.15", "streams_8_vs_1": ">= 5",
+           "lora_vs_base": ">= 0.85 torch, >= 0.8 vLLM", "idle_sae": "<= 1.03", "vs_generate_b4": "torch >= 1.5",
+           "hot_load_s": "<= 0.15"}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", help="sae-lens folder (default: the demo SAE, else the train_gap benchmark SAE)")
+    p.add_argument("--sae", help="sae-lens folder (default: the SAE shipped for the embedded model)")
     p.add_argument("--tokens", type=int, default=48, help="tokens per request")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions within one measurement")
+    p.add_argument("--repeat", type=int, default=2, help="times every figure is measured in this run (spread)")
     p.add_argument("--cycles", type=int, default=50, help="load/unload cycles under load")
     p.add_argument("--quick", action="store_true", help="small numbers, checks the script")
     p.add_argument("--engine", choices=("torch", "vllm"), default="torch", help="engine to benchmark; vllm also "
                    "runs the torch engine side by side")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
     if args.quick:
-        args.tokens, args.reps, args.cycles = 8, 1, 3
+        args.tokens, args.reps, args.cycles, args.repeat = 8, 1, 3, 1
     from saelora.adapters.saes import shipped_sae
 
     sae = args.sae or str(shipped_sae(DEFAULT_MODEL))
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
-    main_server = server(sae, root, 8765, engine=args.engine)
-    other = server(sae, root, 8766) if args.engine == "vllm" else None
-    stock = server(sae, root, 8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"}) \
-        if args.engine == "vllm" else None
+    servers = {"main": server(sae, root, 8765, engine=args.engine), "bare": server(None, root, 8768, args.engine)}
+    if args.engine == "vllm":
+        servers["torch"] = server(sae, root, 8766)
+        servers["stock"] = server(sae, root, 8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"})
     try:
-        res = {"sae": sae, "engine": args.engine, "settings": vars(args)}
-        res["features_overhead"] = features_overhead(main_server.url, args.tokens, args.reps)
-        res["concurrency"] = concurrency(main_server.url, args.tokens)
-        res["mixed_adapters"] = mixed_adapters(main_server.url, names, args.tokens, args.reps)
-        res["hot_swap"] = hot_swap(main_server.url, names[0], args.cycles)
-        res["vs_transformers"] = vs_transformers(main_server.url, args.tokens)
-        if other is not None:
-            urls = {"vllm": main_server.url, "torch": other.url}
+        res: dict = {"sae": sae, "engine": args.engine, "settings": vars(args), "targets": TARGETS}
+        res["repeats"] = [measure(servers, names, args) for _ in range(args.repeat)]
+        keys = res["repeats"][0]["ratios"]
+        res["ratios"] = {k: round(statistics.median(r["ratios"][k] for r in res["repeats"]), 3) for k in keys}
+        res["spread"] = {k: [min(r["ratios"][k] for r in res["repeats"]), max(r["ratios"][k] for r in res["repeats"])]
+                         for k in keys}
+        if args.engine == "vllm":
+            urls = {"vllm": servers["main"].url, "torch": servers["torch"].url}
             res["vs_torch_engine"] = engines_side_by_side(urls, args.tokens, args.reps)
-            res["lora_cost"] = lora_cost(dict(urls, vllm_stock_lora_ops=stock.url), names[0], args.tokens, args.reps)
+            res["lora_ops"] = lora_cost(dict(urls, vllm_stock_lora_ops=servers["stock"].url), names[0],
+                                        args.tokens, args.reps)
     finally:
-        for s in (main_server, other, stock):
-            if s is not None:
-                s.close()
-    res["targets"] = {"features_ratio_min": 0.9, "features_ratio_aim": 0.95, "streams_8_vs_1_min": 3.0,
-                      "four_adapters_ratio_max": 1.2, "hot_swap_failures": 0}
+        for s in servers.values():
+            s.close()
     stem = ("serve" if args.engine == "torch" else "serve_vllm") + ("_quick" if args.quick else "")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2))
     md = report(res, sae, args)
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    if "vs_torch_engine" in res and not args.quick:
+        plot_concurrency(res["vs_torch_engine"], RESULTS / "serve_concurrency.png")
     print("\n".join(md))
     return 0
 
 
 def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
-    f, c, m, h, v = (res[k] for k in ("features_overhead", "concurrency", "mixed_adapters", "hot_swap",
-                                      "vs_transformers"))
+    r, sp, last = res["ratios"], res["spread"], res["repeats"][-1]
+    c = last["concurrency"]
     md = [f"# serve benchmark (embedded SmolLM2-135M, 2 CPU cores, {args.engine} engine)", "",
-          f"SAE: `{sae}`; {args.tokens} tokens per request, greedy.", "",
-          "| measure | value | target |", "|---|---|---|",
-          f"| splice + top-8 features vs splice off (tok/s, 4 streams) | {f['tok_s_features']} / {f['tok_s_off']} = "
-          f"**{f['ratio']}** | ≥ 0.9 (aim 0.95) |",
-          f"| aggregate tok/s at 1 / 4 / 8 streams | {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
-          f"{c['streams_8']['tok_s']} (8 vs 1: **{c['ratio_8_vs_1']}×**) | ≥ 3× |",
-          f"| 4 rows × 4 adapters vs 4 rows × 1 adapter (s) | {m['s_four_adapters']} / {m['s_one_adapter']} = "
-          f"**{m['ratio']}** | ≤ 1.2 |",
-          f"| hot load / unload, rank-16 all-linear (median s) | {h['load_s_median']} / {h['unload_s_median']} | |",
-          f"| failed requests during {h['cycles']} load/unload cycles under load | **{h['failed']}** of "
-          f"{h['requests_during']} | 0 |",
-          f"| server vs transformers generate, batch 4 (tok/s) | {v['server_tok_s']} / {v['transformers_tok_s']} = "
-          f"**{v['ratio']}** | |"]
+          f"SAE: `{Path(sae).name}`; {args.tokens} tokens per request, greedy; every figure measured "
+          f"{args.repeat}× in one run (median, [min, max]). Rerun: `python bench/serve.py"
+          f"{' --engine vllm' if args.engine == 'vllm' else ''}`.", "",
+          "| ratio | median | spread | target |", "|---|---|---|---|"]
+    md += [f"| {k} | **{r[k]}** | {sp[k][0]} – {sp[k][1]} | {TARGETS[k]} |" for k in r]
+    md += ["", f"Last repeat: tok/s at 1 / 4 / 8 streams {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
+           f"{c['streams_8']['tok_s']}; hot-swap failures under load: **{last['hot_swap']['failed']}** of "
+           f"{last['hot_swap']['requests_during']} requests over {last['hot_swap']['cycles']} cycles."]
     if "vs_torch_engine" in res:
-        e, lc = res["vs_torch_engine"], res["lora_cost"]
+        e, lc = res["vs_torch_engine"], res["lora_ops"]
         md += ["", "Side by side in the same run (both servers up, measurements interleaved; greedy, splice off):", "",
                "| measure | vLLM engine | torch engine | vLLM / torch |", "|---|---|---|---|"]
         md += [f"| tok/s, {n} stream(s) | {e['vllm'][f'streams_{n}']} | {e['torch'][f'streams_{n}']} | "
                f"**{e['vllm_vs_torch'][f'streams_{n}']}×** |" for n in (1, 4, 8)]
-        md += [f"| LoRA cost: 4 streams via a rank-16 adapter / base (tok/s) | {lc['vllm']['lora_tok_s']} / "
-               f"{lc['vllm']['base_tok_s']} = **{lc['vllm']['ratio']}** | {lc['torch']['lora_tok_s']} / "
-               f"{lc['torch']['base_tok_s']} = **{lc['torch']['ratio']}** | |",
-               "", f"vLLM with its own CPU LoRA ops (SAELORA_VLLM_LORA_OPS=vllm, same run): "
+        md += ["", f"vLLM with its own CPU LoRA ops (SAELORA_VLLM_LORA_OPS=vllm, same run): "
                f"{lc['vllm_stock_lora_ops']['lora_tok_s']} / {lc['vllm_stock_lora_ops']['base_tok_s']} = "
-               f"**{lc['vllm_stock_lora_ops']['ratio']}**; saelora's grouped ops make LoRA requests "
-               f"**{round(lc['vllm']['lora_tok_s'] / lc['vllm_stock_lora_ops']['lora_tok_s'], 2)}×** faster "
-               "(and fix base rows picking up an adapter when every LoRA slot is in use)."]
+               f"**{lc['vllm_stock_lora_ops']['ratio']}**, against saelora's grouped ops {lc['vllm']['ratio']}."]
     return md
+
+
+def plot_concurrency(e: dict, out: Path) -> None:
+    """Tokens/s against concurrent streams, both engines (measured side by side in one run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for engine in ("torch", "vllm"):
+        ax.plot([1, 4, 8], [e[engine][f"streams_{n}"] for n in (1, 4, 8)], marker="o", label=f"{engine} engine")
+    ax.set(xlabel="concurrent streams", ylabel="aggregate tokens/s", title="SmolLM2-135M, 2 CPU cores, greedy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":

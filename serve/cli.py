@@ -21,9 +21,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
 
+    if args.no_sae and args.sae:
+        raise SystemExit("--no-sae and --sae exclude each other")
     saes_specs, adapters = list(args.sae or []), list(args.adapter or [])
     demo = demo_dir(args.model)
-    if not saes_specs and (demo / "sae" / "cfg.json").is_file():
+    if not saes_specs and not args.no_sae and (demo / "sae" / "cfg.json").is_file():
         saes_specs = [str(demo / "sae")]
         log.info("no --sae given: using the demo SAE %s", saes_specs[0])
         if not adapters and has_manifest(demo / "adapter"):
@@ -86,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "also gemma3-270m)")
     p.add_argument("--sae", action="append", help="sae-lens folder to splice (repeatable; default: the demo SAE "
                    "from `make demo` when present)")
+    p.add_argument("--no-sae", action="store_true", help="serve the plain model: no SAE, not even the demo's")
     p.add_argument("--policy", help="position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default: "
                    "each SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less position 0 stay original)")
     p.add_argument("--adapter", action="append", help="NAME=PATH of an adapter bundle to load at start (repeatable)")
