@@ -31,6 +31,7 @@ from saelora.adapters.splice import RowSpec
 from saelora.adapters.splice_hooks import Splice
 
 from . import kv
+from .lora import GatheredLoRA
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
@@ -87,6 +88,7 @@ class TorchEngine(ThreadedEngine):
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
+        self.lora = GatheredLoRA()  # per-row LoRA in one batched op per projection (lora.py)
         self._batch: tuple[list[_Row], Any] | None = None  # the rows of the batched KV cache kept across steps
         # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
         self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters
@@ -125,11 +127,13 @@ class TorchEngine(ThreadedEngine):
     # ---- engine thread ------------------------------------------------------------------------------
     def _attach(self, name: str, bundle: Any) -> None:
         self.model = attach_bundle(self.model, bundle, name)
+        self.lora.install(self.model)
         self.registry.add(name, bundle)
         log.info("adapter %s loaded from %s", name, bundle.path)
 
     def _detach(self, name: str) -> None:
         self.model = detach_adapter(self.model, name)
+        self.lora.invalidate()
         log.info("adapter %s unloaded", name)
 
     def _busy(self) -> bool:
