@@ -15,6 +15,7 @@ so with features on, a token's event is released one step later, and a finished 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Collection
@@ -169,10 +170,10 @@ class TorchEngine(ThreadedEngine):
                                       past_key_values=cache, use_cache=True)
         if self._keep_last and ids.shape[1] > 1:
             kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is every row's last token
-        if hasattr(self.model, "peft_config"):
-            kwargs["adapter_names"] = [r.req.adapter or BASE for r in rows]
+        names = [r.req.adapter or BASE for r in rows] if hasattr(self.model, "peft_config") else None
         top_k = max(r.req.splice.top_k for r in rows)
-        with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k):
+        with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k), \
+                self.lora.rows(names) if names else contextlib.nullcontext():
             out = self.model(**kwargs)
         return out, self.splice.pop_captures(), self.splice.pop_stops()
 
@@ -298,10 +299,10 @@ class TorchEngine(ThreadedEngine):
         deepest = max((self.splice.saes[n].hook for n in names), key=lambda p: p.depth)
         ids = torch.tensor([prompt_ids])
         row = RowSpec(modes={n: "off" for n in self.splice.saes})
-        kwargs = {"adapter_names": [adapter or BASE]} if hasattr(self.model, "peft_config") else {}
-        with torch.no_grad(), self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
-                                                top_k=top_k):
-            run_to_hook(self.model, deepest, ids, **kwargs)
+        rows = self.lora.rows([adapter or BASE]) if hasattr(self.model, "peft_config") else contextlib.nullcontext()
+        with torch.no_grad(), rows, self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
+                                                      top_k=top_k):
+            run_to_hook(self.model, deepest, ids)
         caps = self.splice.pop_captures()
         return [TokenFeaturesOut(j, prompt_ids[j], self._latents(caps, report, top_k, 0, j))
                 for j in range(len(prompt_ids))]
