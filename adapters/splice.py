@@ -34,7 +34,7 @@ from .edits import (Condition, LatentEdit, SpliceError, SpliceNotFoundError, app
 from .saes import LoadedSAE
 
 __all__ = ["Capture", "Condition", "LatentEdit", "RowSpec", "SpliceError", "SpliceNotFoundError", "SpliceResult",
-           "SpliceStats", "changes_stream", "check_rows", "fit_positions", "splice_sae"]
+           "SpliceStats", "changes_stream", "check_edits", "check_rows", "fit_positions", "splice_sae"]
 
 
 @dataclass
@@ -87,21 +87,29 @@ class SpliceResult:
 
 def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
     """Raise `SpliceError` for anything in `rows` that cannot be applied with these SAEs (keyed by name)."""
-    def sae(name: str) -> LoadedSAE:
-        if name not in saes:
-            raise SpliceNotFoundError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(saes)}")
-        return saes[name]
-
+    sizes = {name: s.d_sae for name, s in saes.items()}
     for row in rows:
         for name, mode in row.modes.items():
-            sae(name)
+            _d_sae(sizes, name)
             check_mode(mode)
-        for e in row.edits:
-            if e.when is not None:
-                sae(e.when.sae)  # an SAE the server lacks is "not found" before "not supported"
-            check_edit(e, sae(e.sae).d_sae)
-        for c in row.stops:
-            check_condition(c, sae(c.sae).d_sae)
+        check_edits(sizes, row.edits, row.stops)
+
+
+def check_edits(sizes: Mapping[str, int], edits: Sequence[LatentEdit], stops: Sequence[Condition] = ()) -> None:
+    """Raise `SpliceError` unless every edit and stop condition fits SAEs of these widths (d_sae, keyed by name);
+    `SpliceNotFoundError` for an SAE or latent they do not have."""
+    for e in edits:
+        if e.when is not None:
+            _d_sae(sizes, e.when.sae)  # an SAE the server lacks is "not found" before "not supported"
+        check_edit(e, _d_sae(sizes, e.sae))
+    for c in stops:
+        check_condition(c, _d_sae(sizes, c.sae))
+
+
+def _d_sae(sizes: Mapping[str, int], name: str) -> int:
+    if name not in sizes:
+        raise SpliceNotFoundError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(sizes)}")
+    return sizes[name]
 
 
 def fit_positions(pos: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,6 @@ preset's. Edits and conditions are checked against the loaded SAEs with the same
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -19,7 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as FastAPIPath
 
-from saelora.adapters.edits import Condition, LatentEdit, SpliceError, SpliceNotFoundError, check_condition, check_edit
+from saelora.adapters.edits import Condition, LatentEdit, SpliceError
+from saelora.adapters.splice import check_edits
 from saelora.clients import protocol as P
 
 from ..core.engine import Engine, EngineError
@@ -98,20 +98,12 @@ def to_conditions(conds: list[P.SAECondition], ids: list[str], param: str) -> li
 
 
 def check_against(saes: list[dict[str, Any]], edits: list[LatentEdit], conds: list[Condition], param: str) -> None:
-    """EngineError (404 for an SAE or latent the server lacks, else 400) unless every edit and condition fits."""
-    sizes = {s["name"]: int(s["d_sae"]) for s in saes}
+    """EngineError (404 for an SAE or latent the server lacks, else 400) unless every edit and condition fits the
+    SAEs as `Engine.saes()` lists them: the splice's own check (`check_edits`)."""
     try:
-        for e in edits:
-            for name in [e.sae] + ([e.when.sae] if e.when else []):
-                if name not in sizes:
-                    raise SpliceNotFoundError(f"Unknown SAE {name!r}; spliced SAEs: {sorted(sizes)}")
-            check_edit(e, sizes[e.sae])
-        for c in conds:
-            if c.sae not in sizes:
-                raise SpliceNotFoundError(f"Unknown SAE {c.sae!r}; spliced SAEs: {sorted(sizes)}")
-            check_condition(c, sizes[c.sae])
+        check_edits({s["name"]: int(s["d_sae"]) for s in saes}, edits, conds)
     except SpliceError as e:
-        raise EngineError("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e), param) from e
+        raise EngineError.from_splice(e, param) from e
 
 
 # ---- routes -------------------------------------------------------------------------------------------------
@@ -153,7 +145,3 @@ async def delete_preset(name: str = NamePath, deps: tuple[PresetStore, Engine] =
     deps[0].delete(name)
     return {"status": "deleted", "name": name}
 
-
-def preset_file_text(preset: P.SteeringPreset) -> str:
-    """A preset as stored on disk (and as `saelora chat` prints it)."""
-    return json.dumps(preset.model_dump(), indent=1)

@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, get_args
 
-from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit
+from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit, SpliceNotFoundError
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -30,6 +30,11 @@ class EngineError(Exception):
             raise ValueError(f"unknown error kind {kind!r}; one of {ERROR_KINDS}")
         super().__init__(message)
         self.kind, self.message, self.param = kind, message, param
+
+    @classmethod
+    def from_splice(cls, e: Exception, param: str) -> "EngineError":
+        """A splice check's error (adapters/edits.py): 404 for an SAE or latent the server lacks, else 400."""
+        return cls("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e), param)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import RowSpec, SpliceError, SpliceNotFoundError, check_rows
+from saelora.adapters.splice import RowSpec, SpliceError, check_rows
 
 from .engine import Engine, EngineError, Event, Finished, GenerationRequest
 from .registry import AdapterRegistry
@@ -99,8 +99,7 @@ class ThreadedEngine(Engine):
         try:
             check_rows(self.sae_map, [RowSpec(edits=req.splice.edits, stops=req.splice.stops)])
         except SpliceError as e:
-            raise EngineError("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e),
-                              "sae.edits") from e
+            raise EngineError.from_splice(e, "sae.edits") from e
         unknown = set(req.splice.saes or []) - set(self.sae_names)
         if unknown:
             raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
