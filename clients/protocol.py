@@ -146,6 +146,8 @@ class _SamplingRequest(BaseModel):
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                           Field(max_length=MAX_STOPS)] | None = None
     seed: jint(ge=0, le=MAX_SEED) | None = None
+    ignore_eos: StrictBool = Field(False, description="go on past end-of-sequence tokens until max_tokens or a stop "
+                                   "string (vLLM's extension; for benchmarks and long-request tests)")
     sae: SAEOptions | None = None
 
     _finite_floats = field_validator("temperature", "top_p")(classmethod(lambda cls, v: _finite(v)))

@@ -46,6 +46,7 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob and the top k
+    ignore_eos: bool = False  # an EOS token is then an ordinary token
 
 
 @dataclass

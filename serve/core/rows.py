@@ -44,7 +44,7 @@ class RowState:
         """Count a sampled token. Returns its event (None for an end-of-sequence token, which is not shown) and
         the finish reason: "stop" (EOS or a stop string), "length" (max_tokens reached), or None to go on."""
         self.generated += 1
-        if tok in self.eos:
+        if tok in self.eos and not self.req.sampling.ignore_eos:
             return None, "stop"
         delta, hit_stop = self.detok.add(tok)
         event = TokenEvent(tok, self.prompt_len + self.generated - 1, delta, logprob, top)

@@ -175,19 +175,33 @@ def test_load_use_unload_restores_outputs(server):
     assert httpx.post(server.url + "/v1/completions", json={"model": "b2", "prompt": "x"}).status_code == 404
 
 
+def test_ignore_eos_runs_to_max_tokens_and_keeps_the_greedy_prefix(server):
+    """Invariant: `ignore_eos` changes nothing before the EOS; past it the request runs to max_tokens."""
+    short = _complete(server, PROMPTS[0], max_tokens=200)["choices"][0]
+    assert short["finish_reason"] == "stop"  # the tiny model's greedy text ends at EOS
+    long = _complete(server, PROMPTS[0], max_tokens=200, ignore_eos=True)
+    assert long["choices"][0]["finish_reason"] == "length" and long["usage"]["completion_tokens"] == 200
+    assert long["choices"][0]["text"].startswith(short["text"])
+
+
 def test_unload_in_use_is_409_and_request_keeps_its_adapter(server):
+    """Invariant: an adapter in use cannot be unloaded (409), and the request keeps it to its last token. The
+    request runs 200 tokens past EOS (`ignore_eos`), so the unload lands mid-stream: the tiny model's greedy
+    text ends at EOS within ~10 tokens, which a fast engine finished before the unload arrived."""
     httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "busy", "lora_path": "a2"}).raise_for_status()
-    solo = _complete(server, PROMPTS[0], model="busy", max_tokens=40)["choices"][0]["text"]
+    long = {"max_tokens": 200, "ignore_eos": True}
+    solo = _complete(server, PROMPTS[0], model="busy", **long)["choices"][0]
+    assert solo["finish_reason"] == "length"
     with httpx.stream("POST", server.url + "/v1/completions", json={"model": "busy", "prompt": PROMPTS[0],
-                                                                    "max_tokens": 40, "temperature": 0,
-                                                                    "stream": True}, timeout=60) as r:
+                                                                    "temperature": 0, "stream": True, **long},
+                      timeout=60) as r:
         lines = r.iter_lines()
         first = next(ln for ln in lines if ln)
         u = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "busy"})
         assert u.status_code == 409 and u.json()["error"]["type"] == "conflict_error"
         rest = [first] + [ln for ln in lines if ln]
     text = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in rest if ln != "data: [DONE]")
-    assert text == solo
+    assert text == solo["text"]
     assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200
 
 
