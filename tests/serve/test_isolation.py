@@ -36,7 +36,8 @@ def test_a_failing_row_ends_alone_and_the_victim_stream_completes(ws, poisoned):
         victim: dict = {}
 
         def stream():
-            body = {"model": "a1", "prompt": "the cat sat on", "max_tokens": 40, "temperature": 0, "stream": True}
+            body = {"model": "a1", "prompt": "the cat sat on", "max_tokens": 120, "temperature": 0, "stream": True,
+                    "ignore_eos": True}  # long enough to share decode steps with the attacker
             with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
                 victim["lines"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
 

@@ -63,9 +63,9 @@ def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine, multiprocess):
     try:
         first, streams = threading.Event(), [{"lines": [], "last": 0.0} for _ in range(4)]
 
-        def stream(out):  # greedy, ~85 tokens on the tiny model; with --max-batch 1 the others wait their turn
+        def stream(out):  # greedy, 80 tokens (past EOS); with --max-batch 1 the others wait their turn
             body = {"prompt": "a big red fox jumps over the lazy", "max_tokens": 80, "temperature": 0,
-                    "stream": True}
+                    "ignore_eos": True, "stream": True}
             with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
                 for ln in r.iter_lines():
                     if ln.startswith("data: "):
