@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,7 +214,7 @@ def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool
              len(test), cfg.seq_len)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")  # per process: data-parallel ranks build it at once
         np.savez(tmp, train=train.numpy().astype(np.int32), val=val.numpy().astype(np.int32),
                  test=test.numpy().astype(np.int32), info=json.dumps(info))
         tmp.replace(cache)

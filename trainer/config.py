@@ -70,7 +70,8 @@ class TrainConfig:
     max_steps: int | None = opt(None, "optimizer steps")
     max_tokens: int | None = opt(None, "training tokens (rounded up to whole steps)")
     max_minutes: float | None = opt(None, "training wall-clock budget (eval time excluded)")
-    batch_size: int = opt(4, "rows per micro-batch")
+    batch_size: int = opt(4, "rows per micro-batch and process (data parallel: the global batch is "
+                           "batch_size x processes)")
     seq_len: int = opt(256, "tokens per row")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     seed: int = opt(0, "seeds torch, the data order and the corpus shuffle")
@@ -88,9 +89,10 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2))
 
-    def total_steps(self) -> int | None:
-        """Steps from max_steps / max_tokens (the smaller); None if only a time budget is set."""
-        per_step = self.batch_size * self.grad_accum * self.seq_len
+    def total_steps(self, processes: int = 1) -> int | None:
+        """Steps from max_steps / max_tokens (the smaller); None if only a time budget is set. A step takes
+        batch_size x processes x grad_accum rows (data parallel: the global batch)."""
+        per_step = self.batch_size * processes * self.grad_accum * self.seq_len
         candidates = [s for s in (self.max_steps, -(-self.max_tokens // per_step) if self.max_tokens else None)
                       if s is not None]
         return min(candidates) if candidates else None

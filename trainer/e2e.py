@@ -29,8 +29,10 @@ def train_e2e(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     first = min((s.hook for s in setup.saes), key=lambda p: p.depth)
     # The model is frozen and unadapted: the layers before the first SAE are shared by teacher and student.
     tr = Trainee(setup.lm.model, setup.saes, named, first if first.depth > 0 else None, has_adapter=False)
-    st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out)
+    st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out, setup.dp)
     folder = out / "saes"
+    if not setup.dp.is_main:  # rank 0 writes; the weights are the same on every rank
+        return folder, st.evals[-1]
     for s in setup.saes:
         s.sae.requires_grad_(False).eval()
         s.sae.cfg.metadata.e2e_finetuned = True

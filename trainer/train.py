@@ -32,7 +32,9 @@ def train_lora(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     log.info("LoRA r=%d on %s, layers %s: %d trainable parameters", settings.rank, sorted(peft_cfg.target_modules),
              settings.layers, sum(p.numel() for _, p in named))
     tr = Trainee(model, setup.saes, named, shared_prefix_point(setup.lm.model, setup.saes, layers), has_adapter=True)
-    st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out)
+    st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out, setup.dp)
+    if not setup.dp.is_main:  # rank 0 writes; the weights are the same on every rank
+        return out / "adapter", st.evals[-1]
     bundle = save_bundle(out / "adapter", model, manifest_for(cfg, setup, st, time.perf_counter() - t0))
     plot_metrics(out / "metrics.jsonl", out / "curves.png",
                  title=f"LoRA r={settings.rank} ({settings.layers}) around SAE")
