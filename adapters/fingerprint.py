@@ -31,11 +31,13 @@ def _clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, Any]:
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                        fp32: bool = False) -> dict[str, Any]:
     """Fingerprint a set of named tensors plus their config.
 
     Tensors are hashed in sorted-name order from their raw bytes (contiguous CPU copies),
-    so the digest does not depend on device or on module registration order.
+    so the digest does not depend on device or on module registration order. `fp32`: floating tensors are
+    hashed as fp32 (one at a time), as a model's fingerprint is defined (adapters/checkpoint.py).
     """
     cfg_digest = _sha(json.dumps(_clean_config(config), sort_keys=True, default=str).encode())
     layout = hashlib.sha256()
@@ -43,6 +45,7 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str
     n_params = 0
     for name in sorted(tensors):
         t = tensors[name].detach()
+        t = t.float() if fp32 and t.is_floating_point() else t
         layout.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
         cpu = t.to("cpu").contiguous()
         content.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
@@ -53,9 +56,9 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], config: Mapping[str
     return {"id": fid, "n_params": n_params, **parts}
 
 
-def fingerprint_module(module: torch.nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
+def fingerprint_module(module: torch.nn.Module, config: Mapping[str, Any], fp32: bool = False) -> dict[str, Any]:
     """Fingerprint a module's state dict (tied weights hashed once per name) plus its config."""
-    return fingerprint_tensors(dict(module.state_dict()), config)
+    return fingerprint_tensors(dict(module.state_dict()), config, fp32=fp32)
 
 
 def compare_fingerprints(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:

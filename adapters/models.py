@@ -25,6 +25,7 @@ import torch
 
 from .config import DEFAULT_MODEL, cache_dir, default_device, default_dtype
 from .errors import SaeloraError
+from .checkpoint import fingerprint_checkpoint
 from .fingerprint import fingerprint_module
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,13 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a base model by spec: `smollm2-135m`, a local HF folder, a `.gguf` file, or a hub id (online only)."""
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               weights: bool = True) -> LoadedModel:
+    """Load a base model by spec: `smollm2-135m`, a local HF folder, a `.gguf` file, or a hub id (online only).
+
+    `weights=False` (the vLLM engine, which loads the weights itself): the model is built on the meta device,
+    with only its final norm and unembedding read from the checkpoint onto the CPU (for the logit lens); its
+    structure, config and fingerprint are those of the full load, and no second copy sits on the GPU."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     if spec in EMBEDDED_MODELS:
@@ -110,7 +116,28 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             f"Unknown model {spec!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             "not an existing folder or .gguf file, and not a hub id of the form owner/name."
         )
-    return _load_hf_dir(spec, path, device, dtype)
+    return _load_hf_dir(spec, path, device, dtype) if weights else _load_hf_skeleton(spec, path, device, dtype)
+
+
+def _load_hf_skeleton(spec: str, path: Path, device: str, dtype: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import materialise
+    from .hooks import backbone
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    head, norm = model.get_output_embeddings(), getattr(backbone(model), "norm", None)
+    for module in (head, norm):
+        if module is not None:
+            materialise(model, module, path, getattr(torch, dtype))
+    fp = _cached_fingerprint(path, model)
+    log.info("read %s from %s without its weights (meta device; final norm and unembedding on cpu)", spec, path)
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fp, spec=spec, path=str(path),
+                       info={"device": device, "dtype": dtype, "architecture": model.config.model_type,
+                             "weights": False})
 
 
 def _load_hf_dir(spec: str, path: Path, device: str, dtype: str) -> LoadedModel:
@@ -134,9 +161,19 @@ def _cached_fingerprint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         saved = json.loads(side.read_text())
         if saved.get("stamp") == stamp:
             return saved["fingerprint"]
-    fp = fingerprint_module(model, model.config.to_dict())
-    try:
-        side.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}, indent=1))
+    fp = fingerprint_checkpoint(path, model, model.config.to_dict())
+    if fp is None and any(p.is_meta for p in model.parameters()):  # a skeleton: read the weights once, on the CPU
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        fp = fingerprint_module(full, full.config.to_dict(), fp32=True)
+        del full
+    elif fp is None:
+        fp = fingerprint_module(model, model.config.to_dict(), fp32=True)
+    try:  # written aside and renamed: data-parallel ranks may write it at once, and a reader sees all or nothing
+        tmp = side.with_name(side.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"stamp": stamp, "fingerprint": fp}, indent=1))
+        tmp.replace(side)
     except OSError:  # read-only model folder: recompute next time
         pass
     return fp

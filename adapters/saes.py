@@ -181,6 +181,10 @@ def _fold_estimated_norm(loaded: LoadedSAE, model: torch.nn.Module, tokenizer: A
     from .activations import run_to_hook
     from .corpus import CorpusConfig, load_corpus
 
+    if any(p.is_meta for p in model.parameters()):
+        raise SAELoadError(f"SAE {loaded.source}: normalize_activations='expected_average_only_in' needs its "
+                           f"scaling factor ({SCALER_FILE} in the folder); the vLLM engine reads the model without "
+                           "its weights and cannot estimate one (the torch engine can: docs/scaling.md).")
     if rows is None and tokenizer is None:
         raise SAELoadError(f"SAE {loaded.source}: normalize_activations='expected_average_only_in' needs its "
                            f"scaling factor ({SCALER_FILE} in the folder) or a tokenizer to estimate it with.")
@@ -233,6 +237,7 @@ def load_sae(model: torch.nn.Module, spec: str, name: str | None = None, hook: s
              tokenizer: Any = None, policy: str | PositionPolicy | None = None,
              calibration: torch.Tensor | None = None) -> LoadedSAE:
     """Load an SAE (folder or release:id) in fp32 onto `model`'s device and place it at its hook (see place_sae)."""
-    sae, source = read_sae(spec, device=str(next(model.parameters()).device))
+    device = next(model.parameters()).device
+    sae, source = read_sae(spec, device="cpu" if device.type == "meta" else str(device))  # meta: a skeleton model
     return place_sae(model, sae, source, name=name, hook=hook, tokenizer=tokenizer, policy=policy,
                      calibration=calibration)
