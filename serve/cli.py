@@ -30,7 +30,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.info("no --sae given: using the demo SAE %s", saes_specs[0])
         if not adapters and has_manifest(demo / "adapter"):
             adapters = [f"demo={demo / 'adapter'}"]
-    lm = load_model(args.model, device=args.device)
+    # vLLM loads the weights itself: saelora keeps a meta-device skeleton (config, module names, fingerprint) and
+    # only the final norm and unembedding, on the CPU (the logit lens), never a second copy on the GPU.
+    lm = load_model(args.model, device=args.device, weights=args.engine != "vllm")
     saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]
     engine = _make_engine(args, lm, saes)
     for spec in adapters:
@@ -74,7 +76,8 @@ def _make_engine(args: argparse.Namespace, lm, saes):  # noqa: ANN001, ANN202
         return VllmEngine(lm, saes, VllmOptions(
             max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
             kv_cache_gb=args.kv_cache_gb, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-            prefix_caching=not args.no_prefix_caching, adapter_root=args.adapter_root))
+            prefix_caching=not args.no_prefix_caching, adapter_root=args.adapter_root,
+            tensor_parallel_size=args.tensor_parallel_size))
     from .torch_engine import TorchEngine
 
     return TorchEngine(lm, saes, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -116,6 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-loras", type=int, default=4, help="adapters resident at once; 0 turns LoRA off "
                    "(default 4)")
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs (or CPU core groups) the model is split over, as vLLM's option; the splice runs on "
+                   "the replicated residual stream and latents come back once (default 1; docs/scaling.md)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off (it is on, "
                    "with a cache_salt policy that keeps latents and edits correct; see docs/vllm.md)")
     p.set_defaults(func=_cmd_serve)

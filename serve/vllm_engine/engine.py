@@ -61,14 +61,22 @@ class VllmOptions:
     max_lora_rank: int = 64  # largest adapter rank accepted
     prefix_caching: bool = True  # vLLM prefix caching, with the cache_salt policy of the module docstring
     adapter_root: str | None = None  # folder runtime adapter loads are confined to
+    tensor_parallel_size: int = 1  # vLLM's; >1 runs the workers as processes (captures come back over RPC)
 
 
-def configure_cpu_env(kv_cache_gb: float) -> None:
-    """Defaults for vLLM on CPU, set before vLLM is imported: in-process, every core bound, no reserved core."""
+def configure_cpu_env(kv_cache_gb: float, tensor_parallel_size: int = 1) -> None:
+    """Defaults for vLLM on CPU, set before vLLM is imported: in-process, every core bound, no reserved core;
+    with tensor parallelism the cores are split into one group per rank ("0,1|2,3", vLLM's CPU syntax)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    tp = max(1, tensor_parallel_size)
+    if len(cores) < tp:
+        raise ConfigError(f"--tensor-parallel-size {tp} on CPU needs at least {tp} cores; this process has "
+                          f"{len(cores)}")
+    per = len(cores) // tp
+    groups = [",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tp)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(groups))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
@@ -181,14 +189,17 @@ class VllmEngine(ThreadedEngine):
 
     # ---- engine thread: set-up and adapters -----------------------------------------------------------
     def _setup(self) -> None:
-        configure_cpu_env(self.opts.kv_cache_gb)
+        tp = self.opts.tensor_parallel_size
+        configure_cpu_env(self.opts.kv_cache_gb, tp if self._on_cpu() else 1)  # the CPU settings; inert on GPUs
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from .tracker import SliceTracker
 
         register()
-        self._inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        # The splice's captures live where the model runs: in this process only with an in-process engine core
+        # and a single worker; otherwise they are drained over RPC (from rank 0: every rank holds the same).
+        self._inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tp == 1
         saes = [{"name": s.name, "path": s.source, "layer": s.hook.layer, "kind": s.hook.kind,
                  "policy": s.policy.to_json(), "center": s.center, "folded_scale": s.folded_scale}
                 for s in self.sae_list]
@@ -197,7 +208,7 @@ class VllmEngine(ThreadedEngine):
             model=self.lm.path, tokenizer=self.lm.path, dtype=str(self.lm.model.dtype).removeprefix("torch."),
             enforce_eager=True, max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
             disable_log_stats=True,
-            enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm",
+            enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm", tensor_parallel_size=tp,
             hf_overrides={"architectures": [spliced_architecture(self.arch)], "saelora_saes": saes},
             logits_processors=[SliceTracker],
             worker_extension_cls="saelora.serve.vllm_engine.tracker.SaeloraWorkerExtension",
@@ -219,7 +230,7 @@ class VllmEngine(ThreadedEngine):
             core.shutdown(timeout=5)
 
     def _on_cpu(self) -> bool:
-        return str(self.lm.model.device).startswith("cpu")
+        return str(self.lm.info.get("device") or self.lm.model.device).startswith("cpu")
 
     def _add_lora(self, name: str, bundle: Any, register: bool = True) -> None:
         from vllm.lora.request import LoRARequest
