@@ -13,7 +13,7 @@ GGUF alone is 94 MiB; there the script builds a random model of SmolLM2-135M's e
 weights, seed 0) with the test suite's tiny tokenizer and corpus, so the CUDA code path is what is checked,
 not the embedded model's quality. The SAE is a random top-k SAE at layer 12 (seed 0).
 
-    python bench/gpu_smoke.py [--device cuda] [--steps 4] [--model PATH]
+    python bench/gpu_smoke.py [--device cuda] [--steps 4] [--model PATH | --stand-in]
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--model", help="model spec or folder (default: smollm2-135m if here, else the stand-in)")
+    p.add_argument("--stand-in", action="store_true", help="use the random SmolLM2-shaped model even when the "
+                   "embedded one is here")
     p.add_argument("--work", default=str(ROOT / "runs" / "gpu_smoke"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_smoke.json"))
     a = p.parse_args()
@@ -130,7 +132,7 @@ def main() -> int:
         return 2
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = a.model or ("smollm2-135m" if embedded_available() else None)
+    model = a.model or (None if a.stand_in or not embedded_available() else "smollm2-135m")
     ws = stand_in_workspace(work, model)
     res: dict = {"device": a.device, "torch": torch.__version__, "model": model or "random SmolLM2-135M shape",
                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
