@@ -6,7 +6,8 @@
 (4) hot-load latency of a rank-16 all-linear adapter, and failed requests during 50 load/unload cycles under load;
 (5) the engine vs plain transformers `generate` at the same batch size (in-process, greedy);
 (6) LoRA requests vs base requests (4 streams through one rank-16 adapter vs 4 of the base model);
-(7) idle SAE cost: plain requests (no `sae` field) on a server with the SAE loaded vs one started with --no-sae.
+(7) idle SAE cost: plain requests (no `sae` field) on a server with the SAE loaded vs one started with --no-sae,
+    both fresh (never an adapter); and the main server (which has loaded and unloaded adapters) vs the bare one.
 Each figure is measured `--repeat` times (default 2) in the one run; the top-level `"ratios"` object holds the
 median of the repeats and `"spread"` their [min, max]: features_on_off, mixed_adapters, streams_8_vs_1,
 lora_vs_base, idle_sae (cost: time with ÷ time without), vs_generate_b4, hot_load_s.
@@ -239,7 +240,12 @@ def measure(servers: dict, names: list[str], args: argparse.Namespace) -> dict:
            "concurrency": concurrency(url, args.tokens),
            "mixed_adapters": mixed_adapters(url, names, args.tokens, args.reps),
            "lora_cost": lora_cost({args.engine: url}, names[0], args.tokens, args.reps)[args.engine],
-           "idle_sae": idle_sae({"with_sae": url, "without_sae": servers["bare"].url}, args.tokens, args.reps),
+           # a server that differs from the bare one only by its SAE (main has had adapters loaded, whose PEFT
+           # wrappers stay on the model: that cost is measured apart, as idle_after_adapters)
+           "idle_sae": idle_sae({"with_sae": servers["idle"].url, "without_sae": servers["bare"].url}, args.tokens,
+                                args.reps),
+           "idle_after_adapters": idle_sae({"with_sae": url, "without_sae": servers["bare"].url}, args.tokens,
+                                           args.reps),
            "hot_swap": hot_swap(url, names[0], args.cycles),
            "vs_transformers": vs_transformers(url, args.tokens)}
     res["ratios"] = {"features_on_off": res["features_overhead"]["ratio"],
@@ -274,7 +280,8 @@ def main() -> int:
     sae = args.sae or str(shipped_sae(DEFAULT_MODEL))
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
     names = make_adapters(root, sae, 4, rank=16)
-    servers = {"main": server(sae, root, 8765, engine=args.engine), "bare": server(None, root, 8768, args.engine)}
+    servers = {"main": server(sae, root, 8765, engine=args.engine), "bare": server(None, root, 8768, args.engine),
+               "idle": server(sae, root, 8769, args.engine)}
     if args.engine == "vllm":
         servers["torch"] = server(sae, root, 8766)
         servers["stock"] = server(sae, root, 8767, engine="vllm", env={"SAELORA_VLLM_LORA_OPS": "vllm"})
@@ -315,7 +322,10 @@ def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
     md += [f"| {k} | **{r[k]}** | {sp[k][0]} – {sp[k][1]} | {TARGETS[k]} |" for k in r]
     md += ["", f"Last repeat: tok/s at 1 / 4 / 8 streams {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
            f"{c['streams_8']['tok_s']}; hot-swap failures under load: **{last['hot_swap']['failed']}** of "
-           f"{last['hot_swap']['requests_during']} requests over {last['hot_swap']['cycles']} cycles."]
+           f"{last['hot_swap']['requests_during']} requests over {last['hot_swap']['cycles']} cycles.",
+           "", "idle_sae compares two fresh servers that differ only by the SAE. A server that has had adapters "
+           f"loaded keeps PEFT's wrappers on the model; against the bare server its plain requests cost "
+           f"{[r['idle_after_adapters']['ratio'] for r in res['repeats']]} (per repeat)."]
     if "vs_torch_engine" in res:
         e, lc = res["vs_torch_engine"], res["lora_ops"]
         md += ["", "Side by side in the same run (both servers up, measurements interleaved; greedy, splice off):", "",

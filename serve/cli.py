@@ -18,6 +18,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from saelora.adapters.config import demo_dir
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae
+    from saelora.adapters.threads import one_thread
 
     from .api.app import create_app
 
@@ -30,16 +31,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.info("no --sae given: using the demo SAE %s", saes_specs[0])
         if not adapters and has_manifest(demo / "adapter"):
             adapters = [f"demo={demo / 'adapter'}"]
-    # vLLM loads the weights itself: saelora keeps a meta-device skeleton (config, module names, fingerprint) and
-    # only the final norm and unembedding, on the CPU (the logit lens), never a second copy on the GPU.
-    lm = load_model(args.model, device=args.device, weights=args.engine != "vllm")
-    saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]
-    engine = _make_engine(args, lm, saes)
-    for spec in adapters:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
-        engine.load_adapter_now(name, path)
+    with one_thread():  # start-up starts no OpenMP team on this thread: the engine thread's stays the only one
+        # vLLM loads the weights itself: saelora keeps a meta-device skeleton (config, module names, fingerprint)
+        # and only the final norm and unembedding, on the CPU (the logit lens), never a second copy on the GPU.
+        lm = load_model(args.model, device=args.device, weights=args.engine != "vllm")
+        saes = [load_sae(lm.model, s, tokenizer=lm.tokenizer, policy=args.policy) for s in saes_specs]
+        engine = _make_engine(args, lm, saes)
+        for spec in adapters:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
+            engine.load_adapter_now(name, path)
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     app = create_app(engine, served_name=args.served_model_name or lm.spec, api_key=args.api_key,
                      admin_api_key=args.admin_api_key, presets_dir=args.presets,

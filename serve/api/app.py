@@ -284,7 +284,7 @@ async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
         path = descriptions_file(sae["source"])
         s.descriptions[sae_id] = json.loads(path.read_text()) if path.is_file() else None
     data = s.descriptions[sae_id]
-    logits = await asyncio.to_thread(s.engine.latent_logits, sae_id, index, P.LOGIT_TOP)
+    logits = await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP)
     if data is None:
         return P.FeatureDescription(sae=sae_id, index=index, logits=logits)
     f = data["features"][index]

@@ -140,9 +140,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def unload_adapter(self, name: str) -> None: ...
 
-    def latent_logits(self, sae: str, index: int, k: int) -> Any:
+    async def latent_logits(self, sae: str, index: int, k: int) -> Any:
         """`protocol.LatentLogits` for latent `index` of SAE `sae` (what it writes to the logits), or None when this
-        engine cannot tell. Called off the event loop."""
+        engine cannot tell."""
         return None
 
     @abc.abstractmethod

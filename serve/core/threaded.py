@@ -105,11 +105,13 @@ class ThreadedEngine(Engine):
             raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
                               "sae.features.saes")
 
-    def latent_logits(self, sae: str, index: int, k: int) -> Any:
+    async def latent_logits(self, sae: str, index: int, k: int) -> Any:
+        """On the engine thread, like every torch op of a server (adapters/threads.py: a parallel op on another
+        thread would start a second OpenMP team and slow every request after it)."""
         from saelora.adapters.logit_lens import latent_logits
         from saelora.clients import protocol as P
 
-        promoted, suppressed = latent_logits(self.lm.model, self.sae_map[sae], index, k)
+        promoted, suppressed = await self._call(lambda: latent_logits(self.lm.model, self.sae_map[sae], index, k))
         tok = self.tokenizer
         return P.LatentLogits(**{side: [P.TokenValue(token=tok.decode([i]), token_id=i, value=round(v, 5))
                                         for i, v in pairs]

@@ -196,7 +196,13 @@ def test_gathered_lora_equals_peft_mixed_batch(ws):
             got = model(input_ids=ids).logits
         with gathered.rows(["a2"] * 4):  # every row the same adapter
             same = model(input_ids=ids).logits
+        with gathered.rows(["__base__"] * 4):  # base rows only: the base layers' own ops (the fast path)
+            plain = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(plain, base, atol=0, rtol=0)
+    torch.testing.assert_close(plain, disabled, atol=0, rtol=0)
     torch.testing.assert_close(same, want_same, atol=1e-10, rtol=1e-10)
     assert not torch.allclose(want[0], base[0], atol=1e-3)  # the adapters do change the logits
     assert gathered._stacks  # the gathered path ran (stacks were built)
