@@ -1,9 +1,11 @@
-"""Where the idle SAE cost comes from: plain requests (no `sae` field) in one process.
+"""Where the idle SAE cost came from: plain requests (no `sae` field) in one process.
 
 (a) A/B in one process: a torch engine with the SAE spliced and one without, run alternately (4 streams of 48
     greedy tokens each, `--reps` times); the splice's own cost on requests that do not use it.
-(b) One engine without an SAE, timed before and after `sae_lens.SAE.load_from_disk` of the same SAE in the
-    process (the SAE is loaded, never spliced): the cost of having loaded it.
+(b) The cause (adapters/threads.py): one engine without an SAE, timed before and after loading the SAE on the
+    main thread, first inside `one_thread()` (as `saelora serve` does now), then outside it (as it did). The SAE
+    is stored in fp16: loading it runs a parallel conversion on the main thread, which then owns a second
+    OpenMP team, and the engine thread's matmuls slow down for good.
 Writes bench/results/idle_sae.json. `bench/serve.py` measures idle_sae across two server processes.
 
     python bench/idle_sae.py [--reps 4]
@@ -45,31 +47,36 @@ async def measure(reps: int) -> dict:
 
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae, shipped_sae
+    from saelora.adapters.threads import one_thread
     from saelora.serve.torch_engine import TorchEngine
 
     path = str(shipped_sae(DEFAULT_MODEL))
-    lm_bare = load_model(DEFAULT_MODEL, device="cpu")
-    bare = TorchEngine(lm_bare, [])
+    with one_thread():  # as `saelora serve` starts
+        lm_bare, lm = load_model(DEFAULT_MODEL, device="cpu"), load_model(DEFAULT_MODEL, device="cpu")
+        bare = TorchEngine(lm_bare, [])
+        spliced = TorchEngine(lm, [load_sae(lm.model, path, tokenizer=lm.tokenizer)])
     await bare.start()
-    await _run(bare, lm_bare.tokenizer)
-    before = [await _run(bare, lm_bare.tokenizer) for _ in range(reps)]
-    kept = SAE.load_from_disk(path, device="cpu", dtype="float32")  # loaded, never spliced
-    after = [await _run(bare, lm_bare.tokenizer) for _ in range(reps)]
-    lm = load_model(DEFAULT_MODEL, device="cpu")
-    spliced = TorchEngine(lm, [load_sae(lm.model, path, tokenizer=lm.tokenizer)])
     await spliced.start()
+    await _run(bare, lm_bare.tokenizer)
     with_sae, without = [], []
     for _ in range(reps):
         with_sae.append(await _run(spliced, lm.tokenizer))
         without.append(await _run(bare, lm_bare.tokenizer))
     await spliced.stop()
+    before = [await _run(bare, lm_bare.tokenizer) for _ in range(reps)]
+    with one_thread():
+        SAE.load_from_disk(path, device="cpu", dtype="float32")
+    guarded = [await _run(bare, lm_bare.tokenizer) for _ in range(reps)]
+    SAE.load_from_disk(path, device="cpu", dtype="float32")  # the fp16 -> fp32 conversion on this thread
+    unguarded = [await _run(bare, lm_bare.tokenizer) for _ in range(reps)]
     await bare.stop()
-    del kept
     med, r3 = statistics.median, (lambda xs: [round(x, 3) for x in xs])
     return {"in_process_ab": {"s_with_sae": r3(with_sae), "s_without": r3(without),
                               "ratio": round(med(with_sae) / med(without), 3)},
-            "after_loading_an_sae": {"s_before": r3(before), "s_after": r3(after),
-                                     "ratio": round(med(after) / med(before), 3)}}
+            "sae_loaded_on_main_thread": {
+                "s_before": r3(before), "s_after_inside_one_thread": r3(guarded), "s_after_outside": r3(unguarded),
+                "ratio_inside_one_thread": round(med(guarded) / med(before), 3),
+                "ratio_outside": round(med(unguarded) / med(before), 3)}}
 
 
 def main() -> int:
