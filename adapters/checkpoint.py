@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -62,8 +62,7 @@ class _CheckpointTensors(Mapping[str, torch.Tensor]):
 
 def _sources(model: torch.nn.Module, index: dict[str, Path], names: list[str]) -> dict[str, tuple[Path, str]] | None:
     """Where each state-dict name is in the files (directly or through a tied alias); None if one is missing."""
-    alias = aliases(model)
-    out = {}
+    alias, out = aliases(model), {}
     for n in names:
         key = next((a for a in [n, *alias.get(n, [])] if a in index), None)
         if key is None:
@@ -82,16 +81,18 @@ def fingerprint_checkpoint(path: Path, model: torch.nn.Module, config: Mapping[s
     return None if src is None else fingerprint_tensors(_CheckpointTensors(names, src), config, fp32=True)
 
 
-def materialise(model: torch.nn.Module, module: torch.nn.Module, path: Path, dtype: torch.dtype,
+def materialise(model: torch.nn.Module, modules: Sequence[torch.nn.Module], path: Path, dtype: torch.dtype,
                 device: str = "cpu") -> None:
-    """Give `module` (a submodule of the meta-device `model`) real weights from the checkpoint in `path`."""
-    prefix = next(n for n, m in model.named_modules() if m is module)
-    names = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
-    src = _sources(model, checkpoint_index(path), names)
-    if src is None:
-        raise FileNotFoundError(f"{path}: the checkpoint lacks tensors of {prefix or 'the model'}")
-    tensors = _CheckpointTensors(names, src)
-    module.to_empty(device=device)
-    state = {n.removeprefix(prefix + ".") if prefix else n: (t.to(dtype) if t.is_floating_point() else t)
-             for n, t in ((n, tensors[n]) for n in names)}
-    module.load_state_dict(state, strict=True)
+    """Give `modules` (submodules of the meta-device `model`) real weights from the checkpoint in `path`."""
+    index, prefixes = checkpoint_index(path), {id(m): n for n, m in model.named_modules()}
+    for module in modules:
+        prefix = prefixes[id(module)]
+        names = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
+        src = _sources(model, index, names)
+        if src is None:
+            raise FileNotFoundError(f"{path}: the checkpoint lacks tensors of {prefix or 'the model'}")
+        tensors = _CheckpointTensors(names, src)
+        module.to_empty(device=device)
+        state = {n.removeprefix(prefix + ".") if prefix else n: (t.to(dtype) if t.is_floating_point() else t)
+                 for n, t in ((n, tensors[n]) for n in names)}
+        module.load_state_dict(state, strict=True)

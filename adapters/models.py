@@ -25,7 +25,7 @@ import torch
 
 from .config import DEFAULT_MODEL, cache_dir, default_device, default_dtype
 from .errors import SaeloraError
-from .checkpoint import fingerprint_checkpoint
+from .checkpoint import fingerprint_checkpoint, materialise
 from .fingerprint import fingerprint_module
 
 log = logging.getLogger(__name__)
@@ -122,17 +122,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
 def _load_hf_skeleton(spec: str, path: Path, device: str, dtype: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import materialise
     from .hooks import backbone
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    head, norm = model.get_output_embeddings(), getattr(backbone(model), "norm", None)
-    for module in (head, norm):
-        if module is not None:
-            materialise(model, module, path, getattr(torch, dtype))
+    lens = [m for m in (model.get_output_embeddings(), getattr(backbone(model), "norm", None)) if m is not None]
+    materialise(model, lens, path, getattr(torch, dtype))  # what the logit lens reads
     fp = _cached_fingerprint(path, model)
     log.info("read %s from %s without its weights (meta device; final norm and unembedding on cpu)", spec, path)
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fp, spec=spec, path=str(path),

@@ -66,19 +66,6 @@ class _Acc:
         self.counts = {k: int(round(c)) for k, c in zip(keys, total[len(keys):], strict=True)}
 
 
-def _reduced_summary(stats: dict[str, list[SpliceStats]], sum_across: Callable[[torch.Tensor], torch.Tensor] | None,
-                     ) -> dict[str, dict[str, float]]:
-    """Per SAE {l0, fvu} over all processes' positions: the splice stats are sums, so their totals are summed."""
-    if sum_across is None or not stats:
-        return sae_summary(stats)
-    names = sorted(stats)
-    local = torch.tensor([[sum(float(getattr(s, f)) for s in stats[n]) for f in ("sse", "sst", "n", "l0")]
-                          for n in names], dtype=torch.float64)
-    total = sum_across(local)
-    return {n: {"l0": float(t[3]) / max(float(t[2]), 1.0), "fvu": float(t[0]) / max(float(t[1]), 1e-12)}
-            for n, t in zip(names, total, strict=True) if float(t[2]) > 0}
-
-
 def _merge(into: dict[str, list[SpliceStats]], new: dict[str, list[SpliceStats]]) -> None:
     for k, v in new.items():
         into.setdefault(k, []).extend(s.detach() for s in v)
@@ -116,14 +103,14 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
             acc.add("kl_adapter_only", kl_per_token(base, drift))
     if sum_across is not None:
         acc.reduce(sum_across)
-    per_sae = {n: {f"{k}_spliced": v for k, v in d.items()} for n, d in _reduced_summary(stats_sp, sum_across).items()}
+    per_sae = {n: {f"{k}_spliced": v for k, v in d.items()} for n, d in sae_summary(stats_sp, sum_across).items()}
     res = EvalResult(ce_base=acc.mean("ce_base"), ce_spliced=acc.mean("ce_spliced"), kl_spliced=acc.mean("kl_spliced"),
                      tokens=acc.counts["ce_base"], saes=per_sae)
     if adapter:
         res.ce_adapted, res.kl_adapted = acc.mean("ce_adapted"), acc.mean("kl_adapted")
         res.ce_adapter_only, res.kl_adapter_only = acc.mean("ce_adapter_only"), acc.mean("kl_adapter_only")
         res.gap_closed = gap_closed(res.ce_base, res.ce_spliced, res.ce_adapted)
-        for n, d in _reduced_summary(stats_ad, sum_across).items():
+        for n, d in sae_summary(stats_ad, sum_across).items():
             per_sae.setdefault(n, {}).update({f"{k}_adapted": v for k, v in d.items()})
     return res
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +113,14 @@ def objective(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tens
     return loss, parts
 
 
-def sae_summary(stats: dict[str, list[SpliceStats]]) -> dict[str, dict[str, float]]:
-    """Accumulated splice stats -> per SAE {l0, fvu}."""
-    out = {}
-    for name, per in stats.items():
-        if not per:
-            continue
-        sse = sum(float(s.sse) for s in per)
-        sst = sum(float(s.sst) for s in per)
-        n = sum(float(s.n) for s in per)
-        out[name] = {"l0": sum(float(s.l0) for s in per) / max(n, 1.0), "fvu": sse / max(sst, 1e-12)}
-    return out
+def sae_summary(stats: dict[str, list[SpliceStats]],
+                sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Accumulated splice stats -> per SAE {l0, fvu}. The stats are sums, so with `sum_across` (which sums a
+    tensor over data-parallel processes) the result is that of every process's positions together."""
+    names = [n for n, per in stats.items() if per]  # the splice's SAE order, one stats per forward: alike everywhere
+    sums = torch.tensor([[sum(float(getattr(s, f)) for s in stats[n]) for f in ("sse", "sst", "n", "l0")]
+                         for n in names], dtype=torch.float64)
+    if sum_across is not None and names:
+        sums = sum_across(sums)
+    return {n: {"l0": float(l0) / max(float(cnt), 1.0), "fvu": float(sse) / max(float(sst), 1e-12)}
+            for n, (sse, sst, cnt, l0) in zip(names, sums, strict=True)}

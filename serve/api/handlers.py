@@ -75,8 +75,7 @@ class Handlers:
         except ValueError as e:
             raise EngineError("invalid", str(e), "stop") from e
         return Sampling(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or -1,
-                        seed=r.seed, stop=stop, logprobs=logprobs,
-                        ignore_eos=r.ignore_eos)
+                        seed=r.seed, stop=stop, logprobs=logprobs, ignore_eos=r.ignore_eos)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text)["input_ids"]

@@ -70,7 +70,7 @@ def configure_cpu_env(kv_cache_gb: float, tensor_parallel_size: int = 1) -> None
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    tp = max(1, tensor_parallel_size)
+    tp = tensor_parallel_size
     if len(cores) < tp:
         raise ConfigError(f"--tensor-parallel-size {tp} on CPU needs at least {tp} cores; this process has "
                           f"{len(cores)}")
@@ -114,6 +114,8 @@ class VllmEngine(ThreadedEngine):
         arch = (getattr(lm.model.config, "architectures", None) or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
+        if self.opts.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.opts.tensor_parallel_size}")
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         super().__init__(self.opts.max_batch, self.opts.max_queue, saes, registry, lm.tokenizer,

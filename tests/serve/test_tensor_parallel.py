@@ -69,3 +69,12 @@ def test_tp2_features_endpoint_equals_tp1(tp2, vllm_server):
     one = httpx.post(vllm_server.url + "/v1/features", json=body, timeout=120).json()["tokens"]
     two = httpx.post(tp2.url + "/v1/features", json=body, timeout=120).json()["tokens"]
     _same_latents(two, one)
+
+
+def test_tensor_parallel_size_below_one_is_refused(ws):
+    from saelora.adapters.errors import ConfigError
+    from saelora.adapters.models import load_model
+    from saelora.serve.vllm_engine.engine import VllmEngine, VllmOptions
+
+    with pytest.raises(ConfigError, match="at least 1"):
+        VllmEngine(load_model(ws["model"], device="cpu", weights=False), [], VllmOptions(tensor_parallel_size=0))
