@@ -8,13 +8,29 @@ batched with adapter tokens silently get the last slot's adapter (tests/test_vll
 These replacements keep the signatures and the semantics (`y[i] += x[i] @ A[idx[i]]^T @ B[idx[i]]^T * scale`)
 but treat -1 as "no adapter" and group tokens by slot: one matmul per adapter present in the batch, no
 per-token weight copies.
+
+Above them, `add_lora_linear` (every LoRA projection of the model goes through it) is replaced by one gathered
+op pair per projection, whatever the number of adapters and slices:
+- the batch's plan is computed once per step, when vLLM updates the wrapper's metadata (`_Plan`): no adapter
+  (nothing to do), one slot for every token, a small mixed batch (a one-hot mask over slots), or runs of tokens
+  per slot (a large mixed batch: a prefill chunk beside other rows);
+- the slices of a merged projection (q/k/v, gate/up) are fused: their A stacks are concatenated, their B stacks
+  placed block-diagonally, so q/k/v is one shrink and one expand, not three of each (`_Fused`, cached per layer
+  and rebuilt when vLLM writes a slot: the stacks' version counters are the key);
+- a mixed decode batch multiplies x by every slot's A at once (rank x slots columns, a few thousand FLOPs per
+  token), masks each token to its own slot, and expands with one batched matmul over the slots, summed.
+On CPU the cost of LoRA here is the number of small ops, not their FLOPs (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import logging
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +150,116 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                   slice_offset, slice_size, add_inputs)
 
 
+# ---- add_lora_linear: one gathered op pair per projection ------------------------------------------------------
+PlanKind = Literal["none", "single", "mask", "runs"]
+MASK_MAX_TOKENS = 64  # a mixed batch with more tokens goes by runs (the mask path's work grows as slots x tokens)
+
+
+@dataclass
+class _Plan:
+    """Which adapter slot each token of this step uses, in the form the ops want; built once per step."""
+
+    kind: PlanKind
+    slot: int = -1  # "single": every token's slot
+    indices: torch.Tensor | None = None  # "mask": (N,) slot per token, -1 for none
+    runs: Groups = field(default_factory=list)  # "runs": (slot, rows) per slot present
+    masks: dict = field(default_factory=dict)  # (slots, dtype, scale) -> (N, slots, 1) one-hot, scaled
+
+    @classmethod
+    def of(cls, indices: torch.Tensor) -> "_Plan":
+        slots = indices.tolist()
+        if all(s < 0 for s in slots):
+            return cls("none")
+        if all(s == slots[0] for s in slots):
+            return cls("single", slot=slots[0])
+        if len(slots) <= MASK_MAX_TOKENS:
+            return cls("mask", indices=indices.clone())
+        return cls("runs", runs=_token_groups(indices))
+
+    def mask(self, n_slots: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        key = (n_slots, dtype, scale)
+        if key not in self.masks:
+            idx = self.indices
+            hot = (idx.unsqueeze(1) == torch.arange(n_slots, device=idx.device)).to(dtype) * scale
+            self.masks[key] = hot.unsqueeze(-1)
+        return self.masks[key]
+
+
+@dataclass
+class _Fused:
+    """A merged projection's slices as one LoRA: A stacks concatenated (slots, sum r, in), B stacks block-diagonal
+    (slots, sum out, sum r). `key` holds the stacks' storage and version counters: vLLM writes slots in place."""
+
+    key: tuple
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
+    try:
+        return tuple((t.data_ptr(), t._version) for t in stacks)
+    except RuntimeError:  # inference tensors keep no version counter: never fuse them
+        return None
+
+
+def _parts(cache: dict, a_stacks: tuple, b_stacks: tuple) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(A (slots, r, in), B (slots, out, r), column offset) per part: one part for a fusable projection."""
+    views = [(a[:, 0], b[:, 0]) for a, b in zip(a_stacks, b_stacks, strict=True)]
+    offsets = [0]
+    for _, b in views[:-1]:
+        offsets.append(offsets[-1] + b.shape[1])
+    key = _stack_key((*a_stacks, *b_stacks)) if len(views) > 1 else None
+    if key is None:
+        return [(a, b, off) for (a, b), off in zip(views, offsets, strict=True)]
+    fused = cache.get(id(a_stacks[0]))
+    if fused is None or fused.key != key:
+        a = torch.cat([a for a, _ in views], 1)
+        b = a.new_zeros(a.shape[0], offsets[-1] + views[-1][1].shape[1], a.shape[1])
+        r0 = 0
+        for (ai, bi), off in zip(views, offsets, strict=True):
+            b[:, off:off + bi.shape[1], r0:r0 + ai.shape[1]] = bi
+            r0 += ai.shape[1]
+        fused = cache[id(a_stacks[0])] = _Fused(key, a, b)
+    return [(fused.a, fused.b, 0)]
+
+
+def _delta(plan: _Plan, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x (N, in) -> (N, out): each token through its slot's A then B, times scale; zero for slot -1."""
+    if plan.kind == "single":
+        h = F.linear(x, a[plan.slot])
+        return F.linear(h * scale if scale != 1.0 else h, b[plan.slot])
+    if plan.kind == "mask":
+        slots, rank = a.shape[0], a.shape[1]
+        h = F.linear(x, a.view(slots * rank, a.shape[2])).view(-1, slots, rank) * plan.mask(slots, x.dtype, scale)
+        return torch.bmm(h.transpose(0, 1), b.transpose(1, 2)).sum(0)
+    out = x.new_zeros(x.shape[0], b.shape[1])
+    for slot, rows in plan.runs:
+        out[rows] = F.linear(F.linear(x[rows], a[slot]) * scale, b[slot])
+    return out
+
+
+def update_metadata(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+    _ORIG["update_metadata"](self, *args, **kwargs)
+    self._saelora_plan = _Plan.of(self.token_lora_indices)
+
+
+def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,  # noqa: ANN001, ANN201
+                    **kwargs):  # noqa: ANN003
+    plan: _Plan | None = getattr(self, "_saelora_plan", None)
+    x2 = x.view(-1, x.shape[-1])
+    if plan is None or x2.shape[0] != self.token_lora_indices.shape[0] \
+            or tuple(b.shape[2] for b in lora_b_stacked) != tuple(output_slices):
+        return _ORIG["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                        buffer=buffer, **kwargs)
+    if plan.kind == "none":
+        return None
+    y2 = y.view(-1, y.shape[-1])
+    cache = self.__dict__.setdefault("_saelora_fused", {})
+    for a, b, off in _parts(cache, lora_a_stacked, lora_b_stacked):
+        y2[:, off:off + b.shape[1]] += _delta(plan, x2.to(a.dtype), a, b, scale).to(y2.dtype)
+    return None
+
+
 _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 _ORIG: dict = {}
 
@@ -152,4 +278,10 @@ def install() -> bool:
         if current is not globals()[name]:
             _ORIG[name] = current
             setattr(punica_cpu, name, globals()[name])
+    cls = punica_cpu.PunicaWrapperCPU
+    for name in ("update_metadata", "add_lora_linear"):
+        current = getattr(cls, name)
+        if current is not globals()[name]:
+            _ORIG[name] = current
+            setattr(cls, name, globals()[name])
     return True

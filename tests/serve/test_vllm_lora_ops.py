@@ -59,3 +59,74 @@ def test_installed_into_vllms_cpu_wrapper():
     assert punica_cpu.bgmv_shrink is L.bgmv_shrink and punica_cpu.sgmv_expand_slice is L.sgmv_expand_slice
     assert L.install()  # idempotent: the originals stay recorded
     assert L._ORIG["bgmv_shrink"] is not L.bgmv_shrink
+
+
+# ---- add_lora_linear through vLLM's own CPU punica wrapper, metadata set by vLLM's own update_metadata --------
+SLICES = (20, 6, 6)  # a q/k/v-like merged projection: unequal slices
+
+
+def _wrapper(lora_ids, slot_ids, prefill=False):
+    """A PunicaWrapperCPU after vLLM's update_metadata for tokens with adapter ids `lora_ids` (0: none),
+    `slot_ids[i]` the adapter id in slot i (None: empty)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    assert L.install()
+    w = PunicaWrapperCPU(256, 16, "cpu")
+    w.update_metadata(LoRAMapping(tuple(lora_ids), tuple(lora_ids), is_prefill=prefill), list(slot_ids), len(slot_ids),
+                      1000)
+    return w
+
+
+def _stacks(n_slots, slices=SLICES, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(n_slots, 1, R, IN, generator=g) for _ in slices)
+    b = tuple(torch.randn(n_slots, 1, o, R, generator=g) for o in slices)
+    return a, b
+
+
+def _linear_reference(x, a, b, slots, scale):
+    y = torch.zeros(x.shape[0], sum(SLICES))
+    for i, s in enumerate(slots):
+        if s >= 0:
+            y[i] = torch.cat([(x[i] @ ai[s, 0].T) @ bi[s, 0].T for ai, bi in zip(a, b, strict=True)]) * scale
+    return y
+
+
+@pytest.mark.parametrize(("lora_ids", "plan"), [
+    ([0, 0, 0], "none"),                    # base rows only: nothing added
+    ([7, 7, 7, 7], "single"),               # one adapter, every token
+    ([7, 9, 0, 7, 8], "mask"),              # a mixed decode batch, base rows among adapter rows
+    ([9] * 40 + [0] * 30 + [7] * 3, "runs"),  # a long mixed batch (a prefill chunk beside decoding rows)
+])
+def test_add_lora_linear_equals_definition(lora_ids, plan):
+    """Invariant: every token gets exactly its own slot's A then B, scaled, on its own slice of the output;
+    base tokens (id 0) get nothing, even with every slot full (slot -1 is not the last slot)."""
+    slot_ids = [9, 7, 8]  # every slot full
+    w = _wrapper(lora_ids, slot_ids)
+    assert w._saelora_plan.kind == plan
+    a, b = _stacks(len(slot_ids))
+    x = torch.randn(len(lora_ids), IN)
+    y = torch.ones(len(lora_ids), sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 0.5, SLICES)
+    slots = [slot_ids.index(i) if i else -1 for i in lora_ids]
+    torch.testing.assert_close(y, 1 + _linear_reference(x, a, b, slots, 0.5))
+
+
+def test_fused_slices_follow_slot_writes():
+    """The fused (concatenated / block-diagonal) copy of a merged projection is rebuilt when vLLM writes a slot in
+    place (a new adapter activated there), and inference tensors, which have no version counter, are not fused."""
+    w = _wrapper([7, 7], [7, None])
+    a, b = _stacks(2)
+    x = torch.randn(2, IN)
+    for _ in range(2):
+        y = torch.zeros(2, sum(SLICES))
+        w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+        torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 0], 1.0))
+        with torch.no_grad():  # vLLM's set_lora: copy_ into the slot
+            b[1][0, 0].copy_(torch.randn(SLICES[1], R))
+    with torch.inference_mode():
+        a_inf, b_inf = (tuple(t.clone() for t in a), tuple(t.clone() for t in b))
+    y = torch.zeros(2, sum(SLICES))
+    w.add_lora_linear(y, x, a_inf, b_inf, 1.0, SLICES)
+    torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 0], 1.0))
