@@ -294,9 +294,10 @@ def attach_bundle(model: torch.nn.Module, bundle: Bundle, adapter_name: str) -> 
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        model.load_adapter(str(bundle.path), adapter_name=adapter_name, is_trainable=False)
+        model.load_adapter(str(bundle.path), adapter_name=adapter_name, is_trainable=False, low_cpu_mem_usage=True)
         return model
-    return PeftModel.from_pretrained(model, str(bundle.path), adapter_name=adapter_name, is_trainable=False)
+    return PeftModel.from_pretrained(model, str(bundle.path), adapter_name=adapter_name, is_trainable=False,
+                                     low_cpu_mem_usage=True)
 
 
 def detach_adapter(peft_model: Any, adapter_name: str) -> torch.nn.Module:
