@@ -33,6 +33,7 @@ from saelora.adapters.splice_hooks import Splice
 
 from . import kv
 from .lora import GatheredLoRA
+from .packed import pack_linears
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
@@ -78,7 +79,7 @@ def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
 
 class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, adapter_root: str | None = None) -> None:
+                 max_model_len: int | None = None, adapter_root: str | None = None, pack_weights: bool = True) -> None:
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         super().__init__(max_batch, max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
                          min(max_model_len or cfg_len, cfg_len))
@@ -93,6 +94,11 @@ class TorchEngine(ThreadedEngine):
         self._batch: tuple[list[_Row], Any] | None = None  # the rows of the batched KV cache kept across steps
         # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
         self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters
+        self.pack_weights = pack_weights
+
+    def _setup(self) -> None:
+        if self.pack_weights:  # on the engine thread: the reorder is a parallel op (adapters/threads.py)
+            pack_linears(self.lm.model)
 
     def stats(self) -> dict[str, float]:
         return {"running": len(self.active), "queued": max(0, self.in_flight - len(self.active)),

@@ -24,7 +24,7 @@ import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+from . import packed
 
 BASE = "__base__"
 
@@ -69,7 +69,7 @@ class GatheredLoRA:
             if self._all_base and not args and not kwargs:  # base rows only (plain requests): the base layer's
                 # own op, without a second module call (the wrapper cost ~5% of a decode step otherwise)
                 if linear and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
-                    return F.linear(x, base_layer.weight, base_layer.bias)
+                    return packed.linear(base_layer, x)  # F.linear, or the engine's prepacked weights
                 return base_layer(x)
             names = self._rows
             if names is None or "adapter_names" in kwargs or x.dim() != 3 or x.shape[0] != len(names) \
