@@ -90,7 +90,7 @@ class TorchEngine(ThreadedEngine):
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
-        self.lora = GatheredLoRA()  # per-row LoRA in one batched op per projection (lora.py)
+        self.lora = GatheredLoRA()  # per-row LoRA in one op pair per projection (lora.py)
         self._batch: tuple[list[_Row], Any] | None = None  # the rows of the batched KV cache kept across steps
         # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
         self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters

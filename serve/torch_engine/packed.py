@@ -39,11 +39,16 @@ def pack_linears(model: torch.nn.Module) -> int:
     n = 0
     for name, module in model.named_modules():
         if type(module) is torch.nn.Linear and "forward" not in vars(module) and "lora_" not in name:
-            module.saelora_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT)
+            module.saelora_packed = pack(module.weight)
             module.forward = _forward_of(module)
             n += 1
     log.info("%d linear layers on prepacked oneDNN weights", n)
     return n
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of an (out, in) fp32 weight."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
 def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
