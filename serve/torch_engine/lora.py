@@ -8,18 +8,18 @@ the dispatch of those small ops is the cost, not their FLOPs.
 Here the engine names each row's adapter once per forward (`with lora.rows(names): model(...)`, no
 `adapter_names`), and every LoRA linear layer computes
 
-    y = base(x) + linear(linear(x, A_cat) * mask, B_cat)     x: (B, T, d), A_cat: (R, d), B_cat: (o, R), mask: (B, 1, R)
+    y = base(x) + bmm(bmm(x, A_rows), B_rows)        x: (B, T, d), A_rows: (B, d, r), B_rows: (B, r, o)
 
-with A_cat the A matrices of the adapters present in the batch stacked (R = the sum of their ranks), B_cat their
-B matrices side by side with each scale folded in, and mask keeping each row's own adapter's columns (zero for
-`__base__` rows; no mask when every row has the one adapter present). It is two plain matmuls that read each
-adapter's weights once: a batch of four adapters costs what a batch of one does, plus a few thousand FLOPs per
-token. (The first version gathered per-row stacks for `bmm`/`baddbmm`: the same work, but CPU batched matmuls
-of this size cost ~55 µs each. Running the two LoRA matmuls on prepacked oneDNN copies, as the base layers are
-(packed.py), measured slower: 0.66 of the base step against 0.75.) The stacks are cached per module for the
-batch's adapter tuple, so a decode step reuses the last one, and dropped whenever an adapter is attached or
-detached. Outside `rows(...)`, or for anything but vanilla LoRA (the bundle allow-list admits nothing else),
-PEFT's own forward runs. In fp64 the result equals PEFT's within 1e-10
+as two ops (`bmm`, then `baddbmm` onto the base output), from stacks of each row's A and B (zero for
+`__base__` rows, zero-padded to the largest rank, the scale folded into B). When every row uses the same
+adapter, the two ops are plain matmuls on that adapter's own A and B (`linear(linear(x, A), B)`), which reads
+them once instead of once per row. Tried and not kept (bench/serve.py, torch engine): one pair of plain matmuls
+for mixed batches too, over the present adapters' A stacked and B side by side with a 0/1 column mask per row
+(the same bytes, one op more): mixed_adapters 1.20 against 0.97 with the per-row stacks; and the LoRA matmuls
+on prepacked oneDNN copies like the base layers (packed.py): 0.66 of a base decode step against 0.75 in-process.
+The stacks are cached per module for the batch's adapter tuple, so a decode step reuses the last one, and
+dropped whenever an adapter is attached or detached. Outside `rows(...)`, or for anything but vanilla LoRA (the
+bundle allow-list admits nothing else), PEFT's own forward runs. In fp64 the result equals PEFT's within 1e-10
 (tests/serve/test_engine_parts.py); in fp32 the two differ by kernel rounding.
 """
 
@@ -88,29 +88,32 @@ class GatheredLoRA:
             result = packed.linear(base_layer, x) if base else base_layer(x, *args, **kwargs)
             if all(n == BASE for n in names):
                 return result
-            a, b, mask = self._stack(module, names, x.dtype)
-            h = F.linear(x, a)  # (B, T, sum of the present adapters' ranks)
-            return result.add_(F.linear(h if mask is None else h * mask, b))
+            a, b = self._stack(module, names, x.dtype)
+            if a.dim() == 2:  # one adapter, every row: two plain matmuls
+                return result.add_(F.linear(F.linear(x, a), b))
+            return torch.baddbmm(result, torch.bmm(x, a), b)
         return forward
 
     def _stack(self, module: Any, names: tuple[str, ...], dtype: torch.dtype):  # noqa: ANN202
-        """The present adapters' A concatenated (sum r, in), their B side by side with the scale folded in
-        (out, sum r), and a (B, 1, sum r) 0/1 mask of each row's own adapter's columns (None: every row has the
-        one adapter present)."""
+        """Every row on one adapter: its A (r, in) and its B with the scale folded in (out, r). Otherwise each
+        row's A (B, in, r) and scaled B (B, r, out), zero for `__base__` rows, zero-padded to the largest rank."""
         cached = self._stacks.get(id(module))
         if cached is not None and cached[0] == names:
             return cached[1:]
-        present = list(dict.fromkeys(n for n in names if n != BASE))
-        a = torch.cat([module.lora_A[n].weight.detach() for n in present]).to(dtype)
-        b = torch.cat([module.lora_B[n].weight.detach() * module.scaling[n] for n in present], 1).to(dtype)
-        mask = None
-        if len(present) > 1 or BASE in names:
-            mask = torch.zeros(len(names), 1, a.shape[0], dtype=dtype, device=a.device)
-            start = {}
-            for n in present:
-                start[n] = sum(module.lora_A[m].weight.shape[0] for m in present[:present.index(n)])
+        if BASE not in names and len(set(names)) == 1:
+            n = names[0]
+            a = module.lora_A[n].weight.detach().to(dtype)
+            b = (module.lora_B[n].weight.detach() * module.scaling[n]).to(dtype)
+        else:
+            present = [n for n in names if n != BASE]
+            rank = max(module.lora_A[n].weight.shape[0] for n in present)
+            w = module.lora_A[present[0]].weight
+            a = torch.zeros(len(names), module.in_features, rank, dtype=dtype, device=w.device)
+            b = torch.zeros(len(names), rank, module.out_features, dtype=dtype, device=w.device)
             for i, n in enumerate(names):
                 if n != BASE:
-                    mask[i, :, start[n]:start[n] + module.lora_A[n].weight.shape[0]] = 1
-        self._stacks[id(module)] = (names, a, b, mask)
-        return a, b, mask
+                    r = module.lora_A[n].weight.shape[0]
+                    a[i, :, :r] = module.lora_A[n].weight.detach().T
+                    b[i, :r] = module.lora_B[n].weight.detach().T * module.scaling[n]
+        self._stacks[id(module)] = (names, a, b)
+        return a, b

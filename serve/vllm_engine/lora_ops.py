@@ -17,8 +17,11 @@ op pair per projection, whatever the number of adapters and slices:
 - the slices of a merged projection (q/k/v, gate/up) are fused: their A stacks are concatenated, their B stacks
   placed block-diagonally, so q/k/v is one shrink and one expand, not three of each (`_Fused`, cached per layer
   and rebuilt when vLLM writes a slot: the stacks' version counters are the key);
+- the ranks no slot uses are cut: vLLM pads every adapter to --max-lora-rank (64 by default), so a rank-16
+  adapter did 4x the work in zeros;
 - a mixed decode batch multiplies x by every slot's A at once (rank x slots columns, a few thousand FLOPs per
-  token), masks each token to its own slot, and expands with one batched matmul over the slots, summed.
+  token), masks each token to its own slot's columns, and expands with one matmul over every slot's B side by
+  side (a batched matmul over the slots and a sum measured the same in-process; this is one op fewer).
 On CPU the cost of LoRA here is the number of small ops, not their FLOPs (docs/performance.md).
 """
 
@@ -193,6 +196,7 @@ class _Fused:
     key: tuple
     a: torch.Tensor
     b: torch.Tensor
+    b_side: torch.Tensor  # (out, slots * sum r): every slot's B side by side, for mixed batches
 
 
 def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
@@ -202,36 +206,52 @@ def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
         return None
 
 
+def _used_rank(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Ranks in use in a slice's stacks (slots, r_max, in) / (slots, out, r_max): vLLM zero-pads every adapter to
+    --max-lora-rank, and the padding is work for nothing (4x at rank 16 under the default 64)."""
+    used = (a != 0).any(2).any(0) | (b != 0).any(1).any(0)  # (r_max,)
+    nz = used.nonzero()
+    return int(nz[-1]) + 1 if len(nz) else 1
+
+
+def _side_by_side(b: torch.Tensor) -> torch.Tensor:
+    return b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (slots, out, r) -> (out, slots * r), slot-major
+
+
 def _parts(cache: dict, a_stacks: tuple, b_stacks: tuple) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(A (slots, r, in), B (slots, out, r), column offset) per part: one part for a fusable projection."""
+    """(A (slots, r, in), B (slots, out, r), column offset) per part: one part, with the padding ranks cut, when
+    the stacks carry version counters; else each slice's stacks as vLLM holds them."""
     views = [(a[:, 0], b[:, 0]) for a, b in zip(a_stacks, b_stacks, strict=True)]
     offsets = [0]
     for _, b in views[:-1]:
         offsets.append(offsets[-1] + b.shape[1])
-    key = _stack_key((*a_stacks, *b_stacks)) if len(views) > 1 else None
+    key = _stack_key((*a_stacks, *b_stacks))
     if key is None:
-        return [(a, b, off) for (a, b), off in zip(views, offsets, strict=True)]
+        return [(a, (b, None), off) for (a, b), off in zip(views, offsets, strict=True)]
     fused = cache.get(id(a_stacks[0]))
     if fused is None or fused.key != key:
-        a = torch.cat([a for a, _ in views], 1)
+        ranks = [_used_rank(a, b) for a, b in views]
+        a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
         b = a.new_zeros(a.shape[0], offsets[-1] + views[-1][1].shape[1], a.shape[1])
         r0 = 0
-        for (ai, bi), off in zip(views, offsets, strict=True):
-            b[:, off:off + bi.shape[1], r0:r0 + ai.shape[1]] = bi
-            r0 += ai.shape[1]
-        fused = cache[id(a_stacks[0])] = _Fused(key, a, b)
-    return [(fused.a, fused.b, 0)]
+        for (_, bi), off, r in zip(views, offsets, ranks, strict=True):
+            b[:, off:off + bi.shape[1], r0:r0 + r] = bi[:, :, :r]
+            r0 += r
+        fused = cache[id(a_stacks[0])] = _Fused(key, a, b, _side_by_side(b))
+    return [(fused.a, (fused.b, fused.b_side), 0)]
 
 
-def _delta(plan: _Plan, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """x (N, in) -> (N, out): each token through its slot's A then B, times scale; zero for slot -1."""
+def _delta(plan: _Plan, x: torch.Tensor, a: torch.Tensor, bs: tuple, scale: float) -> torch.Tensor:
+    """x (N, in) -> (N, out): each token through its slot's A then B, times scale; zero for slot -1.
+    bs: B (slots, out, r) and, when cached, the same side by side (out, slots * r)."""
+    b, b_side = bs
     if plan.kind == "single":
         h = F.linear(x, a[plan.slot])
         return F.linear(h * scale if scale != 1.0 else h, b[plan.slot])
     if plan.kind == "mask":
         slots, rank = a.shape[0], a.shape[1]
         h = F.linear(x, a.view(slots * rank, a.shape[2])).view(-1, slots, rank) * plan.mask(slots, x.dtype, scale)
-        return torch.bmm(h.transpose(0, 1), b.transpose(1, 2)).sum(0)
+        return F.linear(h.view(-1, slots * rank), _side_by_side(b) if b_side is None else b_side)
     out = x.new_zeros(x.shape[0], b.shape[1])
     for slot, rows in plan.runs:
         out[rows] = F.linear(F.linear(x[rows], a[slot]) * scale, b[slot])
@@ -255,8 +275,8 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
         return None
     y2 = y.view(-1, y.shape[-1])
     cache = self.__dict__.setdefault("_saelora_fused", {})
-    for a, b, off in _parts(cache, lora_a_stacked, lora_b_stacked):
-        y2[:, off:off + b.shape[1]] += _delta(plan, x2.to(a.dtype), a, b, scale).to(y2.dtype)
+    for a, bs, off in _parts(cache, lora_a_stacked, lora_b_stacked):
+        y2[:, off:off + bs[0].shape[1]] += _delta(plan, x2.to(a.dtype), a, bs, scale).to(y2.dtype)
     return None
 
 

@@ -130,3 +130,28 @@ def test_fused_slices_follow_slot_writes():
     y = torch.zeros(2, sum(SLICES))
     w.add_lora_linear(y, x, a_inf, b_inf, 1.0, SLICES)
     torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 0], 1.0))
+
+
+def test_padding_ranks_are_cut_and_come_back():
+    """vLLM pads every adapter to --max-lora-rank. The ranks no slot uses are not computed (a rank-2 adapter in
+    rank-4 stacks runs as rank 2), and when a higher-rank adapter is written into a slot, its ranks are used."""
+    w = _wrapper([7, 9, 7], [7, 9])
+    a, b = _stacks(2)
+    with torch.no_grad():
+        for t in a:
+            t[:, :, 2:] = 0
+        for t in b:
+            t[..., 2:] = 0
+    x = torch.randn(3, IN)
+    y = torch.zeros(3, sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 1, 0], 1.0))
+    assert next(iter(w._saelora_fused.values())).a.shape[1] == 2 * len(SLICES)
+    full_a, full_b = _stacks(2, seed=5)
+    with torch.no_grad():  # a full-rank adapter activated in slot 1
+        for t, f in zip(a + b, full_a + full_b, strict=True):
+            t[1].copy_(f[1])
+    y = torch.zeros(3, sum(SLICES))
+    w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+    torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 1, 0], 1.0))
+    assert next(iter(w._saelora_fused.values())).a.shape[1] == R * len(SLICES)
