@@ -72,21 +72,23 @@ class GatheredLoRA:
         base_layer = module.base_layer
         linear = type(base_layer) is torch.nn.Linear
 
+        def base(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+            """The base layer's output; for a plain linear, its op without a second module call (the wrapper
+            cost ~5% of a decode step otherwise): F.linear, or the engine's prepacked weights."""
+            if linear and not args and not kwargs and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
+                return packed.linear(base_layer, x)
+            return base_layer(x, *args, **kwargs)
+
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if self._all_base and not args and not kwargs:  # base rows only (plain requests): the base layer's
-                # own op, without a second module call (the wrapper cost ~5% of a decode step otherwise)
-                if linear and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
-                    return packed.linear(base_layer, x)  # F.linear, or the engine's prepacked weights
-                return base_layer(x)
+            if self._all_base and not args and not kwargs:  # base rows only (plain requests)
+                return base(x, args, kwargs)
             names = self._rows
             if names is None or "adapter_names" in kwargs or x.dim() != 3 or x.shape[0] != len(names) \
                     or module.lora_variant or module.merged or module.disable_adapters \
                     or any(n != BASE and n not in module.lora_A for n in names):
                 return peft_forward(x, *args, **kwargs)
-            base = linear and not args and not kwargs and not (base_layer._forward_hooks
-                                                               or base_layer._forward_pre_hooks)
-            result = packed.linear(base_layer, x) if base else base_layer(x, *args, **kwargs)
-            if all(n == BASE for n in names):
+            result = base(x, args, kwargs)
+            if self._all_base:
                 return result
             a, b = self._stack(module, names, x.dtype)
             if a.dim() == 2:  # one adapter, every row: two plain matmuls

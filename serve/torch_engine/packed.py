@@ -17,6 +17,7 @@ cost one more copy of the linear weights in memory.
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for name, module in model.named_modules():
+        # PEFT's own lora_A / lora_B layers are left alone: GatheredLoRA reads their weights directly
         if type(module) is torch.nn.Linear and "forward" not in vars(module) and "lora_" not in name:
             module.saelora_packed = pack(module.weight)
             module.forward = _forward_of(module)
