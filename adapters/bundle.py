@@ -165,6 +165,11 @@ def _check_lora(cfg: dict[str, Any], manifest: dict[str, Any], shapes: dict[str,
             problems.append(f"weights hold {name}, but {module!r} is not among target_modules {targets}")
         if ".lora_A." in name and not cfg.get("rank_pattern") and shape[0] != r:
             problems.append(f"rank mismatch: {name} has rank {shape[0]}, adapter_config.json says r={r}")
+        other = name.replace(".lora_A.", ".lora_B.") if ".lora_A." in name else name.replace(".lora_B.", ".lora_A.")
+        if ".lora_" in name and shapes is not None and other not in shapes:
+            problems.append(f"{name} has no {other.rsplit('.', 2)[-2]} beside it")
+        elif ".lora_A." in name and shapes is not None and shapes[other][-1] != shape[0]:
+            problems.append(f"{name} has rank {shape[0]}, {other} has {shapes[other][-1]}")
 
 
 def _check_targets(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> None:
@@ -253,9 +258,9 @@ BUNDLE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST)
 
 def private_copy(path: str | Path, root: str | Path) -> Path:
     """Copy a bundle's three files into `root/<sha256 of their bytes>` and return that folder (reused when it
-    exists). The copy is hashed after copying, so what a server validates and loads is exactly what it keeps:
-    later edits of the original, or a retrained bundle at the same path, can never reach a loaded adapter, and
-    nothing else (no pickle) is ever next to the weights."""
+    exists). Each file is read once, and the bytes hashed are the bytes written, so what a server validates and
+    loads is exactly what it keeps: later edits of the original, or a retrained bundle at the same path, can
+    never reach a loaded adapter, and nothing else (no pickle) is ever next to the weights."""
     path, root = Path(path), Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -264,8 +269,10 @@ def private_copy(path: str | Path, root: str | Path) -> Path:
         digest = hashlib.sha256()
         for name in BUNDLE_FILES:
             if (path / name).is_file():
-                shutil.copyfile(path / name, tmp / name)
-                digest.update(name.encode() + b"\0" + (tmp / name).read_bytes())
+                data = (path / name).read_bytes()  # read once: the bytes hashed are the bytes written
+                (tmp / name).write_bytes(data)
+                digest.update(name.encode() + b"\0")
+                digest.update(data)
         dest = root / digest.hexdigest()[:32]
         if not dest.is_dir():
             os.replace(tmp, dest)
@@ -298,6 +305,50 @@ def attach_bundle(model: torch.nn.Module, bundle: Bundle, adapter_name: str) -> 
         return model
     return PeftModel.from_pretrained(model, str(bundle.path), adapter_name=adapter_name, is_trainable=False,
                                      low_cpu_mem_usage=True)
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One module's LoRA delta, `b @ a`: a (r, in) and b (out, r) with the adapter's scale folded in."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def lora_weights(bundle: Bundle, model: torch.nn.Module) -> dict[str, LoRAWeights]:
+    """A validated bundle's LoRA for each linear module of `model` (unwrapped) it adapts, by module path, in the
+    module's dtype; without building a PEFT model. Which modules, and each one's rank and alpha, are resolved
+    with PEFT's own functions, as `PeftModel.from_pretrained` resolves them (tests/serve/test_engine_parts.py)."""
+    import math
+
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    from .hooks import unwrap
+
+    cfg = LoraConfig.from_pretrained(str(bundle.path))
+    state = load_file(str(bundle.path / ADAPTER_WEIGHTS))
+    modules = dict(unwrap(model).named_modules())
+    out = {}
+    for key in state:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+        if not check_target_module_exists(cfg, path):
+            continue  # PEFT would not put a layer there, so these weights would not be loaded
+        r = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), path), cfg.r)
+        alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), path), cfg.lora_alpha)
+        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        dtype = modules[path].weight.dtype
+        a, b = state[key], state[key.replace(".lora_A.", ".lora_B.")]
+        out[path] = LoRAWeights(a.to(dtype).contiguous(), (b.to(dtype) * scale).contiguous())
+    return out
 
 
 def detach_adapter(peft_model: Any, adapter_name: str) -> torch.nn.Module:

@@ -1,8 +1,9 @@
-"""The embedded torch engine: transformers + PEFT + the splice, with step-level continuous batching.
+"""The embedded torch engine: transformers + the splice + the engine's own LoRA layers (lora.py), with step-level
+continuous batching.
 
 One background thread owns the model. Between steps it runs commands (adapter load/unload, encode-only
 requests) and admits queued requests (their prompts are prefilled together, left-padded); then one
-batched decode step advances every running row, each with its own adapter (PEFT mixed batch, `__base__`
+batched decode step advances every running row, each with its own adapter (`__base__`
 for none), splice mode, edits and sampling settings. The rows' KV caches are one batched, left-padded cache
 kept across steps (kv.py): it is rebuilt from per-row caches only when rows join, and rows that leave are
 selected out; rows with the same prompt and splice settings (a request's n choices) share one prefill.
@@ -15,7 +16,6 @@ so with features on, a token's event is released one step later, and a finished 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Collection
@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Collection
 import torch
 
 from saelora.adapters.activations import run_to_hook
-from saelora.adapters.bundle import attach_bundle, detach_adapter
+from saelora.adapters.bundle import lora_weights
 from saelora.adapters.hooks import unwrap
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
@@ -32,7 +32,7 @@ from saelora.adapters.splice import RowSpec
 from saelora.adapters.splice_hooks import Splice
 
 from . import kv
-from .lora import GatheredLoRA
+from .lora import ServedLoRA
 from .packed import pack_linears
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
@@ -90,7 +90,7 @@ class TorchEngine(ThreadedEngine):
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
-        self.lora = GatheredLoRA()  # per-row LoRA in one op pair per projection (lora.py)
+        self.lora = ServedLoRA(lm.model)  # adapters beside the base layers, per-row in one op pair (lora.py)
         self._batch: tuple[list[_Row], Any] | None = None  # the rows of the batched KV cache kept across steps
         # prefill computes the vocabulary logits of each row's last position only (not T × V of them)
         self._keep_last = "logits_to_keep" in inspect.signature(unwrap(lm.model).forward).parameters
@@ -122,25 +122,25 @@ class TorchEngine(ThreadedEngine):
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         real = safe_adapter_path(self.adapter_root, path)
         bundle = await asyncio.to_thread(self.registry.validate, name, real)
-        await self._call(lambda: self._attach(name, bundle))
+        weights = await asyncio.to_thread(lora_weights, bundle, self.model)
+        await self._call(lambda: self._attach(name, bundle, weights))
         return self.registry.entries[name].describe()
 
     def load_adapter_now(self, name: str, path: str) -> None:
         """Start-up loading (trusted paths from the command line), before the engine thread runs."""
         from pathlib import Path
 
-        self._attach(name, self.registry.validate(name, Path(path).resolve()))
+        bundle = self.registry.validate(name, Path(path).resolve())
+        self._attach(name, bundle, lora_weights(bundle, self.model))
 
     # ---- engine thread ------------------------------------------------------------------------------
-    def _attach(self, name: str, bundle: Any) -> None:
-        self.model = attach_bundle(self.model, bundle, name)
-        self.lora.install(self.model)
+    def _attach(self, name: str, bundle: Any, weights: dict[str, Any]) -> None:
+        self.lora.attach(name, weights)
         self.registry.add(name, bundle)
         log.info("adapter %s loaded from %s", name, bundle.path)
 
     def _detach(self, name: str) -> None:
-        self.model = detach_adapter(self.model, name)
-        self.lora.invalidate()
+        self.lora.detach(name)
         log.info("adapter %s unloaded", name)
 
     def _busy(self) -> bool:
@@ -176,10 +176,9 @@ class TorchEngine(ThreadedEngine):
                                       past_key_values=cache, use_cache=True)
         if self._keep_last and ids.shape[1] > 1:
             kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is every row's last token
-        names = [r.req.adapter or BASE for r in rows] if hasattr(self.model, "peft_config") else None
         top_k = max(r.req.splice.top_k for r in rows)
         with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k), \
-                self.lora.rows(names) if names else contextlib.nullcontext():
+                self.lora.rows([r.req.adapter or BASE for r in rows]):
             out = self.model(**kwargs)
         return out, self.splice.pop_captures(), self.splice.pop_stops()
 
@@ -305,8 +304,7 @@ class TorchEngine(ThreadedEngine):
         deepest = max((self.splice.saes[n].hook for n in names), key=lambda p: p.depth)
         ids = torch.tensor([prompt_ids])
         row = RowSpec(modes={n: "off" for n in self.splice.saes})
-        rows = self.lora.rows([adapter or BASE]) if hasattr(self.model, "peft_config") else contextlib.nullcontext()
-        with torch.no_grad(), rows, self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
+        with torch.no_grad(), self.lora.rows([adapter or BASE]), self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
                                                       top_k=top_k):
             run_to_hook(self.model, deepest, ids)
         caps = self.splice.pop_captures()

@@ -1,121 +1,137 @@
-"""Per-row LoRA in one op pair per projection, whatever the batch's mix of adapters, for the torch engine.
+"""The torch engine's LoRA: adapters held beside the base linear layers, per-row in one op pair per projection.
 
-PEFT's mixed batch (`adapter_names=[...]`) costs twice over on CPU. Every forward walks all modules to register
-and remove a pre-hook on each LoRA layer (~20 ms a decode step of the embedded model, measured with cProfile).
-Then, per adapter and per projection, it gathers the sub-batch, runs two matmuls and scatters the result back;
-the dispatch of those small ops is the cost, not their FLOPs.
+PEFT's serving path costs three times over on CPU. Loading an adapter (`inject_adapter`) walks every module of
+the model for each of ~600 keys and builds 420 `nn.Linear`s: ~0.3 s for a rank-16 all-linear adapter on the
+embedded model, 0.6 s for the first one, which wraps the model (cProfile). Its mixed batch
+(`adapter_names=[...]`) registers and removes a pre-hook on every LoRA layer each forward (~20 ms a decode
+step). And per adapter and per projection it gathers the sub-batch, runs two matmuls and scatters back.
 
-Here the engine names each row's adapter once per forward (`with lora.rows(names): model(...)`, no
-`adapter_names`), and every LoRA linear layer computes
+So the engine keeps no PEFT model. `lora_weights` (adapters/bundle.py) reads a bundle into each target module's
+A (r, in) and B (out, r) with PEFT's scale folded in, resolving targets, rank and alpha patterns with PEFT's own
+functions. `ServedLoRA.attach` puts them beside the module, which stays an `nn.Linear` with an instance forward
+(its name, weight, hooks and fingerprint unchanged), and the engine names each row's adapter once per forward
+(`with lora.rows(names): model(...)`). Every adapted linear layer then computes
 
     y = base(x) + bmm(bmm(x, A_rows), B_rows)        x: (B, T, d), A_rows: (B, d, r), B_rows: (B, r, o)
 
-as two ops (`bmm`, then `baddbmm` onto the base output), from stacks of each row's A and B (zero for
-`__base__` rows, zero-padded to the largest rank, the scale folded into B). When every row uses the same
-adapter, the two ops are plain matmuls on that adapter's own A and B (`linear(linear(x, A), B)`), which reads
-them once instead of once per row. Tried and not kept (bench/serve.py, torch engine): one pair of plain matmuls
-for mixed batches too, over the present adapters' A stacked and B side by side with a 0/1 column mask per row
-(the same bytes, one op more): mixed_adapters 1.20 against 0.97 with the per-row stacks; and the LoRA matmuls
-on prepacked oneDNN copies like the base layers (packed.py): 0.66 of a base decode step against 0.75 in-process.
-The stacks are cached per module for the batch's adapter tuple, so a decode step reuses the last one, and
-dropped whenever an adapter is attached or detached. Outside `rows(...)`, or for anything but vanilla LoRA (the
-bundle allow-list admits nothing else), PEFT's own forward runs. In fp64 the result equals PEFT's within 1e-10
-(tests/serve/test_engine_parts.py); in fp32 the two differ by kernel rounding.
+as two ops, from stacks of each row's A and B (zero for `__base__` rows and for adapters that do not reach this
+module, zero-padded to the largest rank). When every row uses the same adapter, the two ops are plain matmuls on
+that adapter's own A and B (`linear(linear(x, A), B)`), which reads them once instead of once per row. The
+stacks are cached per module for the batch's adapter tuple, so a decode step reuses the last one. Outside
+`rows(...)` a layer is its base layer. Detaching an adapter's last module gives the layer back its own forward,
+so a server whose adapters are gone runs exactly the model it started with. In fp64 the result equals PEFT's
+mixed batch within 1e-10 (tests/serve/test_engine_parts.py); in fp32 the two differ by kernel rounding.
+
+Tried and not kept (bench/serve.py, torch engine): one pair of plain matmuls for mixed batches too, over the
+present adapters' A stacked and B side by side with a 0/1 column mask per row: mixed_adapters 1.20 against
+0.97 with the per-row stacks; and the LoRA matmuls on prepacked oneDNN copies like the base layers (packed.py):
+0.66 of a base decode step against 0.75 in-process.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from saelora.adapters.bundle import LoRAWeights
 
 from . import packed
 
 BASE = "__base__"
 
 
-class GatheredLoRA:
-    """Installs the gathered forward on every LoRA linear layer of a PEFT model; `invalidate()` after any
-    adapter change; `rows(names)` around a forward."""
+class _Layer:
+    """One linear module with adapters beside it: each adapter's (A, scaled B), and the last batch's stacks."""
 
-    def __init__(self) -> None:
-        self._stacks: dict[int, tuple[tuple[str, ...], torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, module: torch.nn.Linear) -> None:
+        self.module = module
+        self.adapters: dict[str, LoRAWeights] = {}
+        self.cached: tuple[tuple[str, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    def stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row on one adapter: its A (r, in) and scaled B (out, r). Otherwise each row's A (B, in, r) and
+        scaled B (B, r, out), zero for rows whose adapter is not on this layer. None: no row's adapter is."""
+        if self.cached is not None and self.cached[0] == names:
+            return self.cached[1]
+        present = [n for n in names if n in self.adapters]
+        if not present:
+            got = None
+        elif len(present) == len(names) and len(set(present)) == 1:
+            w = self.adapters[present[0]]
+            got = (w.a, w.b)
+        else:
+            rank = max(self.adapters[n].a.shape[0] for n in present)
+            w = self.module.weight
+            a = torch.zeros(len(names), self.module.in_features, rank, dtype=w.dtype)
+            b = torch.zeros(len(names), rank, self.module.out_features, dtype=w.dtype)
+            for i, n in enumerate(names):
+                if n in self.adapters:
+                    lw = self.adapters[n]
+                    a[i, :, :lw.rank] = lw.a.T
+                    b[i, :lw.rank] = lw.b.T
+            got = (a, b)
+        self.cached = (names, got)
+        return got
+
+
+class ServedLoRA:
+    """The adapters of one model, by name: `attach` / `detach` between forwards, `rows(names)` around one."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = dict(model.named_modules())
+        self.layers: dict[str, _Layer] = {}
         self._rows: tuple[str, ...] | None = None
-        self._all_base = False  # every row of the current forward is `__base__`: the base layer alone
 
-    def install(self, model: torch.nn.Module) -> None:
-        from peft.tuners.lora.layer import Linear as LoraLinear
+    def attach(self, name: str, weights: Mapping[str, LoRAWeights]) -> None:
+        """Adapter `name`: `weights[path]` beside the linear module at `path`, for each path."""
+        if name == BASE or any(name in layer.adapters for layer in self.layers.values()):
+            raise ValueError(f"adapter name {name!r} is reserved or already attached")
+        for path, w in weights.items():
+            layer = self.layers.get(path) or self._install(path)
+            layer.adapters[name] = w
+            layer.cached = None
 
-        self._stacks.clear()
-        for module in model.modules():
-            if isinstance(module, LoraLinear) and "forward" not in vars(module):
-                module.forward = self._forward_of(module)  # bound to this module; nn.Module.__call__ finds it
-
-    def invalidate(self) -> None:
-        self._stacks.clear()
+    def detach(self, name: str) -> None:
+        for path, layer in list(self.layers.items()):
+            if layer.adapters.pop(name, None) is not None:
+                layer.cached = None
+                if not layer.adapters:
+                    packed.reset_forward(layer.module)  # its own forward again: the model as it started
+                    del self.layers[path]
 
     @contextlib.contextmanager
     def rows(self, names: Sequence[str]) -> Iterator[None]:
         """Forwards inside use adapter names[i] (or `__base__`) for batch row i."""
-        previous = self._rows, self._all_base
-        self._rows, self._all_base = tuple(names), all(n == BASE for n in names)
+        previous = self._rows
+        self._rows = None if all(n == BASE for n in names) else tuple(names)
         try:
             yield
         finally:
-            self._rows, self._all_base = previous
+            self._rows = previous
 
-    def _forward_of(self, module: Any):  # noqa: ANN202
-        peft_forward = type(module).forward.__get__(module)
+    def _install(self, path: str) -> _Layer:
+        module = self.modules.get(path)
+        if type(module) is not torch.nn.Linear:
+            raise ValueError(f"{path!r} is not a linear module of the model")
+        layer = self.layers[path] = _Layer(module)
 
-        base_layer = module.base_layer
-        linear = type(base_layer) is torch.nn.Linear
-
-        def base(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-            """The base layer's output; for a plain linear, its op without a second module call (the wrapper
-            cost ~5% of a decode step otherwise): F.linear, or the engine's prepacked weights."""
-            if linear and not args and not kwargs and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
-                return packed.linear(base_layer, x)
-            return base_layer(x, *args, **kwargs)
-
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if self._all_base and not args and not kwargs:  # base rows only (plain requests)
-                return base(x, args, kwargs)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = packed.linear(module, x)
             names = self._rows
-            if names is None or "adapter_names" in kwargs or x.dim() != 3 or x.shape[0] != len(names) \
-                    or module.lora_variant or module.merged or module.disable_adapters \
-                    or any(n != BASE and n not in module.lora_A for n in names):
-                return peft_forward(x, *args, **kwargs)
-            result = base(x, args, kwargs)
-            if self._all_base:
-                return result
-            a, b = self._stack(module, names, x.dtype)
+            if names is None:  # outside rows(), or base rows only (plain requests)
+                return y
+            if x.dim() != 3 or x.shape[0] != len(names):
+                raise RuntimeError(f"{path}: input {tuple(x.shape)} does not have one row per adapter name "
+                                   f"({len(names)})")
+            ab = layer.stacks(names)
+            if ab is None:
+                return y
+            a, b = ab
             if a.dim() == 2:  # one adapter, every row: two plain matmuls
-                return result.add_(F.linear(F.linear(x, a), b))
-            return torch.baddbmm(result, torch.bmm(x, a), b)
-        return forward
-
-    def _stack(self, module: Any, names: tuple[str, ...], dtype: torch.dtype):  # noqa: ANN202
-        """Every row on one adapter: its A (r, in) and its B with the scale folded in (out, r). Otherwise each
-        row's A (B, in, r) and scaled B (B, r, out), zero for `__base__` rows, zero-padded to the largest rank."""
-        cached = self._stacks.get(id(module))
-        if cached is not None and cached[0] == names:
-            return cached[1:]
-        if BASE not in names and len(set(names)) == 1:
-            n = names[0]
-            a = module.lora_A[n].weight.detach().to(dtype)
-            b = (module.lora_B[n].weight.detach() * module.scaling[n]).to(dtype)
-        else:
-            present = [n for n in names if n != BASE]
-            rank = max(module.lora_A[n].weight.shape[0] for n in present)
-            w = module.lora_A[present[0]].weight
-            a = torch.zeros(len(names), module.in_features, rank, dtype=dtype, device=w.device)
-            b = torch.zeros(len(names), rank, module.out_features, dtype=dtype, device=w.device)
-            for i, n in enumerate(names):
-                if n != BASE:
-                    r = module.lora_A[n].weight.shape[0]
-                    a[i, :, :r] = module.lora_A[n].weight.detach().T
-                    b[i, :r] = module.lora_B[n].weight.detach().T * module.scaling[n]
-        self._stacks[id(module)] = (names, a, b)
-        return a, b
+                return y.add_(F.linear(F.linear(x, a), b))
+            return torch.baddbmm(y, torch.bmm(x, a), b)
+        module.forward = forward  # an instance forward: nn.Module.__call__ finds it, hooks still run
+        return layer

@@ -7,8 +7,8 @@ CPU fusions use) reads them at about 21 GB/s (measured: the embedded model's 90 
 against 15 ms). vLLM's CPU backend does the same (`onednn_mm`). It is exact across batch sizes too: a row's output
 does not depend on the rows beside it (MKL's does, in the last bits), and prefill-sized inputs are no slower.
 
-`pack_linears(model)` keeps each `nn.Linear` an `nn.Linear` (PEFT still finds and wraps it; its `weight` stays
-the parameter everything else reads) and gives it an instance `forward` over the packed copy. The copy is taken
+`pack_linears(model)` keeps each `nn.Linear` an `nn.Linear` (its `weight` stays the parameter everything else
+reads) and gives it an instance `forward` over the packed copy. The copy is taken
 once, at engine set-up, so the base weights must not change afterwards: serving never changes them (adapters
 are added beside them, never merged). Anything that needs gradients falls back to `F.linear`. The packed copies
 cost one more copy of the linear weights in memory.
@@ -39,10 +39,11 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for name, module in model.named_modules():
-        # PEFT's own lora_A / lora_B layers are left alone: GatheredLoRA reads their weights directly
-        if type(module) is torch.nn.Linear and "forward" not in vars(module) and "lora_" not in name:
+        # a layer with adapters beside it (lora.py) keeps its forward, which reads the packed copy through linear()
+        if type(module) is torch.nn.Linear and getattr(module, "saelora_packed", None) is None:
             module.saelora_packed = pack(module.weight)
-            module.forward = _forward_of(module)
+            if "forward" not in vars(module):
+                module.forward = _forward_of(module)
             n += 1
     log.info("%d linear layers on prepacked oneDNN weights", n)
     return n
@@ -59,6 +60,15 @@ def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if packed is None or (torch.is_grad_enabled() and module.weight.requires_grad) or x.dtype != torch.float32:
         return F.linear(x, module.weight, module.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+
+
+def reset_forward(module: torch.nn.Linear) -> None:
+    """Give `module` back the forward it has without adapters: over its packed copy if it has one, else its
+    class's."""
+    if getattr(module, "saelora_packed", None) is not None:
+        module.forward = _forward_of(module)
+    else:
+        vars(module).pop("forward", None)
 
 
 def _forward_of(module: torch.nn.Linear):  # noqa: ANN202

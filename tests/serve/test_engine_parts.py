@@ -174,35 +174,60 @@ def test_batched_cache_across_joins_and_leaves_equals_solo(ws):
     assert {"same", "subset", "rejoin"} <= set(branches)  # every way the batched cache is kept was taken
 
 
-def test_gathered_lora_equals_peft_mixed_batch(ws):
-    """Invariant: the torch engine's one-op-per-projection LoRA gives PEFT's mixed-batch logits, row by row, for
-    a batch mixing two adapters of different content and base rows; and it takes the gathered path."""
-    from saelora.adapters.bundle import attach_bundle, load_bundle
+def _patterned_bundle(ws, out):
+    """Bundle a2 with PEFT's per-module settings: an alpha pattern, rsLoRA scaling, and layer 0 only."""
+    import json
+    import shutil
+
+    shutil.copytree(ws["a2"], out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(alpha_pattern={"mlp.down_proj": 3.0}, use_rslora=True, layers_to_transform=[0])
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_served_lora_equals_peft_mixed_batch(ws, tmp_path):
+    """Invariant: the torch engine's own LoRA layers give real PEFT's mixed-batch logits, row by row, for a batch
+    mixing three adapters (one with an alpha pattern, rsLoRA and a layer filter, resolved as PEFT resolves them)
+    and base rows; and detaching every adapter gives back the model it started as, bit for bit."""
+    from saelora.adapters.bundle import attach_bundle, load_bundle, lora_weights
     from saelora.adapters.models import load_model
-    from saelora.serve.torch_engine.lora import GatheredLoRA
+    from saelora.serve.torch_engine.lora import ServedLoRA
 
     lm = load_model(ws["model"], device="cpu")
-    model = attach_bundle(lm.model, load_bundle(ws["a1"], lm.fingerprint), "a1")
-    model = attach_bundle(model, load_bundle(ws["a2"], lm.fingerprint), "a2").double()  # fp64: rounding apart
+    paths = {"a1": ws["a1"], "a2": ws["a2"], "a3": _patterned_bundle(ws, tmp_path / "a3")}
+    bundles = {n: load_bundle(p, lm.fingerprint) for n, p in paths.items()}
+    peft_model = lm.model
+    for n, b in bundles.items():
+        peft_model = attach_bundle(peft_model, b, n)
+    peft_model = peft_model.double()  # fp64: rounding apart
+    model = load_model(ws["model"], device="cpu").model.double()
+    served = ServedLoRA(model)
+    for n, b in bundles.items():
+        served.attach(n, lora_weights(b, model))
     ids = torch.randint(3, 40, (4, 7), generator=torch.Generator().manual_seed(0))
-    names = ["a1", "__base__", "a2", "a1"]
+    names = ["a1", "__base__", "a3", "a2"]
     with torch.no_grad():
-        want = model(input_ids=ids, adapter_names=names).logits
-        base = model(input_ids=ids, adapter_names=["__base__"] * 4).logits
-        want_same = model(input_ids=ids, adapter_names=["a2"] * 4).logits
-        gathered = GatheredLoRA()
-        gathered.install(model)
-        with gathered.rows(names):  # how the engine names each row's adapter: no PEFT hooks
+        before = model(input_ids=ids).logits  # outside rows(): the base layers
+        want = peft_model(input_ids=ids, adapter_names=names).logits
+        want_same = peft_model(input_ids=ids, adapter_names=["a3"] * 4).logits
+        with served.rows(names):
             got = model(input_ids=ids).logits
-        with gathered.rows(["a2"] * 4):  # every row the same adapter
+        with served.rows(["a3"] * 4):  # every row the same adapter
             same = model(input_ids=ids).logits
-        with gathered.rows(["__base__"] * 4):  # base rows only: the base layers' own ops (the fast path)
+        with served.rows(["__base__"] * 4):
             plain = model(input_ids=ids).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            disabled = peft_model(input_ids=ids).logits
+        for n in bundles:
+            served.detach(n)
+        after = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(plain, base, atol=0, rtol=0)
-    torch.testing.assert_close(plain, disabled, atol=0, rtol=0)
     torch.testing.assert_close(same, want_same, atol=1e-10, rtol=1e-10)
-    assert not torch.allclose(want[0], base[0], atol=1e-3)  # the adapters do change the logits
-    assert gathered._stacks  # the gathered path ran (stacks were built)
+    torch.testing.assert_close(plain, disabled, atol=0, rtol=0)
+    torch.testing.assert_close(before, plain, atol=0, rtol=0)
+    torch.testing.assert_close(after, plain, atol=0, rtol=0)
+    assert not torch.allclose(want[0], plain[0], atol=1e-3)  # the adapters do change the logits
+    a3 = lora_weights(bundles["a3"], model)
+    assert a3 and all(".layers.0." in p for p in a3)  # layers_to_transform: PEFT's matching, not every key
+    assert not served.layers and not any("forward" in vars(m) for m in model.modules())  # nothing left behind
