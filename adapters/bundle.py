@@ -309,14 +309,15 @@ def attach_bundle(model: torch.nn.Module, bundle: Bundle, adapter_name: str) -> 
 
 @dataclass(frozen=True)
 class LoRAWeights:
-    """One module's LoRA delta, `b @ a`: a (r, in) and b (out, r) with the adapter's scale folded in."""
+    """One module's LoRA delta for inputs x (..., in): `x @ a @ b`, with a (in, r) and b (r, out) the transposes
+    of PEFT's lora_A / lora_B weights (row-major for the matmul), the adapter's scale folded into b."""
 
     a: torch.Tensor
     b: torch.Tensor
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return self.a.shape[1]
 
 
 def lora_weights(bundle: Bundle, model: torch.nn.Module) -> dict[str, LoRAWeights]:
@@ -347,7 +348,7 @@ def lora_weights(bundle: Bundle, model: torch.nn.Module) -> dict[str, LoRAWeight
         scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
         dtype = modules[path].weight.dtype
         a, b = state[key], state[key.replace(".lora_A.", ".lora_B.")]
-        out[path] = LoRAWeights(a.to(dtype).contiguous(), (b.to(dtype) * scale).contiguous())
+        out[path] = LoRAWeights(a.to(dtype).T.contiguous(), (b.to(dtype) * scale).T.contiguous())
     return out
 
 

@@ -16,7 +16,9 @@ functions. `ServedLoRA.attach` puts them beside the module, which stays an `nn.L
 
 as two ops, from stacks of each row's A and B (zero for `__base__` rows and for adapters that do not reach this
 module, zero-padded to the largest rank). When every row uses the same adapter, the two ops are plain matmuls on
-that adapter's own A and B (`linear(linear(x, A), B)`), which reads them once instead of once per row. The
+that adapter's own A and B (`addmm_(y, x @ A, B)`), which reads them once instead of once per row. A and B are
+kept transposed from PEFT's layout (row-major for the matmul): ~11 µs a projection at 4 rows on the embedded
+model's shapes, against ~20 µs for `y.add_(linear(linear(x, A), B))` (a throwaway microbenchmark). The
 stacks are cached per module for the batch's adapter tuple, so a decode step reuses the last one. Outside
 `rows(...)` a layer is its base layer. Detaching an adapter's last module gives the layer back its own forward,
 so a server whose adapters are gone runs exactly the model it started with. In fp64 the result equals PEFT's
@@ -34,7 +36,6 @@ import contextlib
 from typing import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from saelora.adapters.bundle import LoRAWeights
 
@@ -52,7 +53,7 @@ class _Layer:
         self.cached: tuple[tuple[str, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def stacks(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every row on one adapter: its A (r, in) and scaled B (out, r). Otherwise each row's A (B, in, r) and
+        """Every row on one adapter: its A (in, r) and scaled B (r, out). Otherwise each row's A (B, in, r) and
         scaled B (B, r, out), zero for rows whose adapter is not on this layer. None: no row's adapter is."""
         if self.cached is not None and self.cached[0] == names:
             return self.cached[1]
@@ -63,15 +64,15 @@ class _Layer:
             w = self.adapters[present[0]]
             got = (w.a, w.b)
         else:
-            rank = max(self.adapters[n].a.shape[0] for n in present)
+            rank = max(self.adapters[n].rank for n in present)
             w = self.module.weight
             a = torch.zeros(len(names), self.module.in_features, rank, dtype=w.dtype)
             b = torch.zeros(len(names), rank, self.module.out_features, dtype=w.dtype)
             for i, n in enumerate(names):
                 if n in self.adapters:
                     lw = self.adapters[n]
-                    a[i, :, :lw.rank] = lw.a.T
-                    b[i, :lw.rank] = lw.b.T
+                    a[i, :, :lw.rank] = lw.a
+                    b[i, :lw.rank] = lw.b
             got = (a, b)
         self.cached = (names, got)
         return got
@@ -119,7 +120,7 @@ class ServedLoRA:
         layer = self.layers[path] = _Layer(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            y = packed.linear(module, x)
+            y = packed.linear(module, x).contiguous()  # a no-op for the layer's own output
             names = self._rows
             if names is None:  # outside rows(), or base rows only (plain requests)
                 return y
@@ -130,8 +131,8 @@ class ServedLoRA:
             if ab is None:
                 return y
             a, b = ab
-            if a.dim() == 2:  # one adapter, every row: two plain matmuls
-                return y.add_(F.linear(F.linear(x, a), b))
+            if a.dim() == 2:  # one adapter, every row: two plain matmuls, the second accumulating onto y
+                return y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a, b).view(y.shape)
             return torch.baddbmm(y, torch.bmm(x, a), b)
         module.forward = forward  # an instance forward: nn.Module.__call__ finds it, hooks still run
         return layer
