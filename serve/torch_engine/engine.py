@@ -33,7 +33,7 @@ from saelora.adapters.splice_hooks import Splice
 
 from . import kv
 from .lora import ServedLoRA
-from .packed import pack_linears
+from ..core.packed import pack_linears
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
@@ -304,8 +304,9 @@ class TorchEngine(ThreadedEngine):
         deepest = max((self.splice.saes[n].hook for n in names), key=lambda p: p.depth)
         ids = torch.tensor([prompt_ids])
         row = RowSpec(modes={n: "off" for n in self.splice.saes})
-        with torch.no_grad(), self.lora.rows([adapter or BASE]), self.splice.batch(rows=[row], positions=torch.arange(len(prompt_ids))[None],
-                                                      top_k=top_k):
+        positions = torch.arange(len(prompt_ids))[None]
+        with torch.no_grad(), self.lora.rows([adapter or BASE]), \
+                self.splice.batch(rows=[row], positions=positions, top_k=top_k):
             run_to_hook(self.model, deepest, ids)
         caps = self.splice.pop_captures()
         return [TokenFeaturesOut(j, prompt_ids[j], self._latents(caps, report, top_k, 0, j))

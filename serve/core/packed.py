@@ -38,7 +38,7 @@ def pack_linears(model: torch.nn.Module) -> int:
     if not packing_available(model):
         return 0
     n = 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         # a layer with adapters beside it (lora.py) keeps its forward, which reads the packed copy through linear()
         if type(module) is torch.nn.Linear and getattr(module, "saelora_packed", None) is None:
             module.saelora_packed = pack(module.weight)
@@ -52,6 +52,21 @@ def pack_linears(model: torch.nn.Module) -> int:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's blocked copy of an (out, in) fp32 weight."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+
+
+def pack_if_possible(weight: torch.Tensor) -> torch.Tensor | None:
+    """`pack(weight)` for an fp32 CPU weight where oneDNN is available; else None (use `F.linear`)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() \
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return None
+    return pack(weight.contiguous())
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight)`, on `packed` (weight's `pack_if_possible`) when there is one and x is fp32."""
+    if packed is None or x.dtype != torch.float32:
+        return F.linear(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
