@@ -240,8 +240,8 @@ def measure(servers: dict, names: list[str], args: argparse.Namespace) -> dict:
            "concurrency": concurrency(url, args.tokens),
            "mixed_adapters": mixed_adapters(url, names, args.tokens, args.reps),
            "lora_cost": lora_cost({args.engine: url}, names[0], args.tokens, args.reps)[args.engine],
-           # a server that differs from the bare one only by its SAE (main has had adapters loaded, whose PEFT
-           # wrappers stay on the model: that cost is measured apart, as idle_after_adapters)
+           # a server that differs from the bare one only by its SAE (main has had adapters loaded and unloaded:
+           # that is measured apart, as idle_after_adapters)
            "idle_sae": idle_sae({"with_sae": servers["idle"].url, "without_sae": servers["bare"].url}, args.tokens,
                                 args.reps),
            "idle_after_adapters": idle_sae({"with_sae": url, "without_sae": servers["bare"].url}, args.tokens,
@@ -323,8 +323,8 @@ def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
     md += ["", f"Last repeat: tok/s at 1 / 4 / 8 streams {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
            f"{c['streams_8']['tok_s']}; hot-swap failures under load: **{last['hot_swap']['failed']}** of "
            f"{last['hot_swap']['requests_during']} requests over {last['hot_swap']['cycles']} cycles.",
-           "", "idle_sae compares two fresh servers that differ only by the SAE. A server that has had adapters "
-           f"loaded keeps PEFT's wrappers on the model; against the bare server its plain requests cost "
+           "", "idle_sae compares two fresh servers that differ only by the SAE. Against the bare server, the "
+           f"server that has had adapters loaded and unloaded costs "
            f"{[r['idle_after_adapters']['ratio'] for r in res['repeats']]} (per repeat)."]
     if "vs_torch_engine" in res:
         e, lc = res["vs_torch_engine"], res["lora_ops"]

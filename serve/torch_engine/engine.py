@@ -33,7 +33,7 @@ from saelora.adapters.splice_hooks import Splice
 
 from . import kv
 from .lora import ServedLoRA
-from ..core.packed import pack_linears
+from .packed import pack_linears
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
@@ -135,7 +135,10 @@ class TorchEngine(ThreadedEngine):
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _attach(self, name: str, bundle: Any, weights: dict[str, Any]) -> None:
-        self.lora.attach(name, weights)
+        try:
+            self.lora.attach(name, weights)
+        except ValueError as e:  # nothing was attached
+            raise EngineError("invalid", f"adapter {name!r} cannot be attached: {e}", "lora_path") from e
         self.registry.add(name, bundle)
         log.info("adapter %s loaded from %s", name, bundle.path)
 

@@ -39,7 +39,7 @@ import torch
 
 from saelora.adapters.bundle import LoRAWeights
 
-from ..core import packed
+from . import packed
 
 BASE = "__base__"
 
@@ -90,6 +90,9 @@ class ServedLoRA:
         """Adapter `name`: `weights[path]` beside the linear module at `path`, for each path."""
         if name == BASE or any(name in layer.adapters for layer in self.layers.values()):
             raise ValueError(f"adapter name {name!r} is reserved or already attached")
+        wrong = [p for p in weights if type(self.modules.get(p)) is not torch.nn.Linear]
+        if wrong:  # checked before anything changes: an adapter is attached whole or not at all
+            raise ValueError(f"not linear modules of the model: {wrong}")
         for path, w in weights.items():
             layer = self.layers.get(path) or self._install(path)
             layer.adapters[name] = w
@@ -114,9 +117,7 @@ class ServedLoRA:
             self._rows = previous
 
     def _install(self, path: str) -> _Layer:
-        module = self.modules.get(path)
-        if type(module) is not torch.nn.Linear:
-            raise ValueError(f"{path!r} is not a linear module of the model")
+        module = self.modules[path]
         layer = self.layers[path] = _Layer(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The torch engine's parts: KV stacking, sampling, incremental detokenisation with stop strings."""
 
+import pytest
 import torch
 
 from saelora.serve.torch_engine import kv
@@ -231,3 +232,20 @@ def test_served_lora_equals_peft_mixed_batch(ws, tmp_path):
     a3 = lora_weights(bundles["a3"], model)
     assert a3 and all(".layers.0." in p for p in a3)  # layers_to_transform: PEFT's matching, not every key
     assert not served.layers and not any("forward" in vars(m) for m in model.modules())  # nothing left behind
+
+
+def test_served_lora_attaches_whole_or_not_at_all(ws):
+    """Invariant: an adapter with one module that is not a linear layer of the model changes nothing."""
+    from saelora.adapters.bundle import load_bundle, lora_weights
+    from saelora.adapters.models import load_model
+    from saelora.serve.torch_engine.lora import ServedLoRA
+
+    lm = load_model(ws["model"], device="cpu")
+    served = ServedLoRA(lm.model)
+    weights = lora_weights(load_bundle(ws["a1"], lm.fingerprint), lm.model)
+    bad = dict(weights, **{"model.norm": next(iter(weights.values()))})
+    with pytest.raises(ValueError, match="model.norm"):
+        served.attach("a1", bad)
+    assert not served.layers and not any("forward" in vars(m) for m in lm.model.modules())
+    served.attach("a1", weights)  # the same name is still free
+    assert len(served.layers) == len(weights)
