@@ -33,7 +33,7 @@ from saelora.adapters.splice_hooks import Splice
 
 from . import kv
 from .lora import ServedLoRA
-from ..core.packed import pack_linears
+from .packed import pack_linears
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path

@@ -39,7 +39,7 @@ import torch
 
 from saelora.adapters.bundle import LoRAWeights
 
-from ..core import packed
+from . import packed
 
 BASE = "__base__"
 

@@ -30,12 +30,10 @@ from __future__ import annotations
 import logging
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
-from ..core import packed
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +197,6 @@ class _Fused:
     a: torch.Tensor
     b: torch.Tensor
     b_side: torch.Tensor  # (out, slots * sum r): every slot's B side by side, for mixed batches
-    # oneDNN's prepacked copies (serve/core/packed.py), made on first use: "all" -> (A of every slot, b_side);
-    # a slot -> (its A, its B). ~2-4x faster than F.linear on the expand shapes here (see _delta)
-    prepacked: dict = field(default_factory=dict)
-
-    def packs(self, which: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if which not in self.prepacked:
-            a, b = (self.a.reshape(-1, self.a.shape[2]), self.b_side) if which == "all" else (self.a[which],
-                                                                                              self.b[which])
-            self.prepacked[which] = (packed.pack_if_possible(a), packed.pack_if_possible(b))
-        return self.prepacked[which]
 
 
 def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
@@ -239,7 +227,7 @@ def _parts(cache: dict, a_stacks: tuple, b_stacks: tuple) -> list[tuple[torch.Te
         offsets.append(offsets[-1] + b.shape[1])
     key = _stack_key((*a_stacks, *b_stacks))
     if key is None:
-        return [(a, (b, None, None), off) for (a, b), off in zip(views, offsets, strict=True)]
+        return [(a, (b, None), off) for (a, b), off in zip(views, offsets, strict=True)]
     fused = cache.get(id(a_stacks[0]))
     if fused is None or fused.key != key:
         ranks = [_used_rank(a, b) for a, b in views]
@@ -250,25 +238,20 @@ def _parts(cache: dict, a_stacks: tuple, b_stacks: tuple) -> list[tuple[torch.Te
             b[:, off:off + bi.shape[1], r0:r0 + r] = bi[:, :, :r]
             r0 += r
         fused = cache[id(a_stacks[0])] = _Fused(key, a, b, _side_by_side(b))
-    return [(fused.a, (fused.b, fused.b_side, fused), 0)]
+    return [(fused.a, (fused.b, fused.b_side), 0)]
 
 
 def _delta(plan: _Plan, x: torch.Tensor, a: torch.Tensor, bs: tuple, scale: float) -> torch.Tensor:
     """x (N, in) -> (N, out): each token through its slot's A then B, times scale; zero for slot -1.
-    bs: B (slots, out, r) and, when cached, the same side by side (out, slots * r) and the _Fused entry, whose
-    prepacked copies the matmuls then run on (4 rows, the embedded model's gate/up expand of 4 slots: 64 us
-    against 291 us for F.linear; a throwaway microbenchmark over 30 layers' weights)."""
-    b, b_side, fused = bs
+    bs: B (slots, out, r) and, when cached, the same side by side (out, slots * r)."""
+    b, b_side = bs
     if plan.kind == "single":
-        pa, pb = fused.packs(plan.slot) if fused is not None else (None, None)
-        h = packed.matmul(x, a[plan.slot], pa)
-        return packed.matmul(h * scale if scale != 1.0 else h, b[plan.slot], pb)
+        h = F.linear(x, a[plan.slot])
+        return F.linear(h * scale if scale != 1.0 else h, b[plan.slot])
     if plan.kind == "mask":
         slots, rank = a.shape[0], a.shape[1]
-        pa, pb = fused.packs("all") if fused is not None else (None, None)
-        h = packed.matmul(x, a.view(slots * rank, a.shape[2]), pa).view(-1, slots, rank) \
-            * plan.mask(slots, x.dtype, scale)
-        return packed.matmul(h.view(-1, slots * rank), _side_by_side(b) if b_side is None else b_side, pb)
+        h = F.linear(x, a.view(slots * rank, a.shape[2])).view(-1, slots, rank) * plan.mask(slots, x.dtype, scale)
+        return F.linear(h.view(-1, slots * rank), _side_by_side(b) if b_side is None else b_side)
     out = x.new_zeros(x.shape[0], b.shape[1])
     for slot, rows in plan.runs:
         out[rows] = F.linear(F.linear(x[rows], a[slot]) * scale, b[slot])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelora.serve.core.packed import pack_linears, packing_available
+from saelora.serve.torch_engine.packed import pack_linears, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.nn.Linear(2, 2)), reason="no oneDNN on this torch")
 

@@ -54,21 +54,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
-def pack_if_possible(weight: torch.Tensor) -> torch.Tensor | None:
-    """`pack(weight)` for an fp32 CPU weight where oneDNN is available; else None (use `F.linear`)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available() \
-            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return None
-    return pack(weight.contiguous())
-
-
-def matmul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight)`, on `packed` (weight's `pack_if_possible`) when there is one and x is fp32."""
-    if packed is None or x.dtype != torch.float32:
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
 def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` without the module call: the packed op when `module` has one, else `F.linear`."""
     packed = getattr(module, "saelora_packed", None)
