@@ -122,7 +122,7 @@ class TorchEngine(ThreadedEngine):
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         real = safe_adapter_path(self.adapter_root, path)
         bundle = await asyncio.to_thread(self.registry.validate, name, real)
-        weights = await asyncio.to_thread(lora_weights, bundle, self.model)
+        weights = await asyncio.to_thread(self._weights, name, bundle)
         await self._call(lambda: self._attach(name, bundle, weights))
         return self.registry.entries[name].describe()
 
@@ -131,10 +131,19 @@ class TorchEngine(ThreadedEngine):
         from pathlib import Path
 
         bundle = self.registry.validate(name, Path(path).resolve())
-        self._attach(name, bundle, lora_weights(bundle, self.model))
+        self._attach(name, bundle, self._weights(name, bundle))
+
+    def _weights(self, name: str, bundle: Any) -> dict[str, Any]:
+        try:
+            return lora_weights(bundle, self.model)
+        except (ValueError, TypeError, KeyError) as e:  # a config value PEFT refuses, a tensor name that misleads
+            raise EngineError("invalid", f"adapter {name!r} cannot be read: {type(e).__name__}: {e}",
+                              "lora_path") from e
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _attach(self, name: str, bundle: Any, weights: dict[str, Any]) -> None:
+        if name in self.registry.entries:  # a concurrent load of the same name got here first
+            raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
         try:
             self.lora.attach(name, weights)
         except ValueError as e:  # nothing was attached

@@ -249,3 +249,19 @@ def test_served_lora_attaches_whole_or_not_at_all(ws):
     assert not served.layers and not any("forward" in vars(m) for m in lm.model.modules())
     served.attach("a1", weights)  # the same name is still free
     assert len(served.layers) == len(weights)
+
+
+def test_attach_of_a_loaded_name_is_a_conflict_and_changes_nothing(ws):
+    """Invariant: two loads of one name that both passed validation (a race) end with one adapter, and the
+    second gets a 409-class error, not a server error."""
+    from conftest import make_engine
+    from saelora.serve.core.engine import EngineError
+
+    engine = make_engine(ws)
+    engine.load_adapter_now("a1", ws["a1"])
+    bundle = engine.registry.entries["a1"].bundle
+    layers = dict(engine.lora.layers)
+    with pytest.raises(EngineError) as err:
+        engine._attach("a1", bundle, engine._weights("a1", bundle))
+    assert err.value.kind == "conflict"
+    assert engine.lora.layers == layers and all(list(layer.adapters) == ["a1"] for layer in layers.values())
