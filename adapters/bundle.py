@@ -165,11 +165,13 @@ def _check_lora(cfg: dict[str, Any], manifest: dict[str, Any], shapes: dict[str,
             problems.append(f"weights hold {name}, but {module!r} is not among target_modules {targets}")
         if ".lora_A." in name and not cfg.get("rank_pattern") and shape[0] != r:
             problems.append(f"rank mismatch: {name} has rank {shape[0]}, adapter_config.json says r={r}")
-        other = name.replace(".lora_A.", ".lora_B.") if ".lora_A." in name else name.replace(".lora_B.", ".lora_A.")
-        if ".lora_" in name and shapes is not None and other not in shapes:
-            problems.append(f"{name} has no {other.rsplit('.', 2)[-2]} beside it")
-        elif ".lora_A." in name and shapes is not None and shapes[other][-1] != shape[0]:
-            problems.append(f"{name} has rank {shape[0]}, {other} has {shapes[other][-1]}")
+        if ".lora_A." in name or ".lora_B." in name:  # each half of the pair needs the other, of one rank
+            a_side = ".lora_A." in name
+            other = name.replace(".lora_A.", ".lora_B.") if a_side else name.replace(".lora_B.", ".lora_A.")
+            if other not in shapes:
+                problems.append(f"{name} has no {other.rsplit('.', 2)[-2]} beside it")
+            elif a_side and shapes[other][-1] != shape[0]:
+                problems.append(f"{name} has rank {shape[0]}, {other} has {shapes[other][-1]}")
 
 
 def _check_targets(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> None:

@@ -62,11 +62,16 @@ class AdapterRegistry:
         self.entries: dict[str, AdapterEntry] = {}
         self.lock = threading.Lock()
 
-    def validate(self, name: str, path: Path) -> Bundle:
+    def check_new(self, name: str) -> None:
+        """`name` may be given to a new adapter: not `__base__`, not loaded. Checked when a load is asked for,
+        and again on the engine thread just before attaching (two loads of one name can both pass the first)."""
         if name == BASE:
             raise EngineError("invalid", f"{BASE!r} is reserved for the base model", "lora_name")
         if name in self.entries:
             raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
+
+    def validate(self, name: str, path: Path) -> Bundle:
+        self.check_new(name)
         try:
             found = path.is_dir()
         except OSError as e:  # e.g. a name too long for the file system

@@ -142,8 +142,7 @@ class TorchEngine(ThreadedEngine):
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _attach(self, name: str, bundle: Any, weights: dict[str, Any]) -> None:
-        if name in self.registry.entries:  # a concurrent load of the same name got here first
-            raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
+        self.registry.check_new(name)  # a concurrent load of the same name may have got here first
         try:
             self.lora.attach(name, weights)
         except ValueError as e:  # nothing was attached

@@ -237,6 +237,8 @@ class VllmEngine(ThreadedEngine):
     def _add_lora(self, name: str, bundle: Any, register: bool = True) -> None:
         from vllm.lora.request import LoRARequest
 
+        if register:
+            self.registry.check_new(name)  # a concurrent load of the same name may have got here first
         # Never reuse an id: vLLM keys its prefix cache by LoRA id, so a reload (new content) must get a new one.
         self._lora_seq += 1
         lora_id = self._lora_seq

@@ -100,6 +100,16 @@ def _break(path, how):
         c = json.loads((path / "adapter_config.json").read_text())
         c["r"] = 2
         (path / "adapter_config.json").write_text(json.dumps(c))
+    elif how in ("lone_a", "pair_ranks"):  # one module's lora_B dropped, or cut to a rank its lora_A lacks
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(path / "adapter_model.safetensors"))
+        key = sorted(k for k in state if ".lora_B." in k)[0]
+        if how == "lone_a":
+            del state[key]
+        else:
+            state[key] = state[key][:, :2].contiguous()
+        save_file(state, str(path / "adapter_model.safetensors"))
     elif how in FEATURES:
         c = json.loads((path / "adapter_config.json").read_text())
         c.update(FEATURES[how])
@@ -121,6 +131,8 @@ FEATURES = {"dora": {"use_dora": True}, "replication": {"layer_replication": [[0
     ("rank", "rank mismatch: manifest says r=8"),
     ("targets", "target mismatch"),
     ("config_rank", "has rank 4, adapter_config.json says r=2"),
+    ("lone_a", "has no lora_B beside it"),
+    ("pair_ranks", ".lora_B.weight has 2"),
     ("dora", "use_dora=True is not supported"),
     ("replication", "layer_replication=[[0, 2]] is not supported"),
     ("modules_to_save", "modules_to_save=['lm_head'] is not supported"),
