@@ -25,7 +25,8 @@ class _Stop(Exception):
 def run_to_hook(model: torch.nn.Module, point: HookPoint, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, **model_kwargs: Any) -> torch.Tensor:
     """Residual stream (B, T, d) at `point`; the layers after it do not run. `model_kwargs` go to the forward
-    (e.g. PEFT's `adapter_names`)."""
+    (e.g. PEFT's `adapter_names`, or a KV cache with `use_cache=True`: then only the layers up to `point` add
+    to it)."""
     layer = decoder_layers(model)[point.layer]
 
     def post(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -37,7 +38,7 @@ def run_to_hook(model: torch.nn.Module, point: HookPoint, input_ids: torch.Tenso
     handle = layer.register_forward_hook(post) if point.kind == "post" else \
         layer.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        model(input_ids=input_ids, attention_mask=attention_mask, **{"use_cache": False, **model_kwargs})
     except _Stop as stop:
         return stop.x
     finally:

@@ -10,7 +10,7 @@ selected out; rows with the same prompt and splice settings (a request's n choic
 
 A generated token's latents are those at the token's own position, known one step after it is sampled;
 so with features on, a token's event is released one step later, and a finished row takes one more
-(feature-only) step.
+(feature-only) step. When every row of a step is such a finished row, the step runs only up to the deepest SAE.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from saelora.adapters.splice_hooks import Splice
 
 from . import kv
 from .lora import ServedLoRA
-from .packed import pack_linears
+from ..core.packed import pack_linears, pack_sae_encoder
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
 from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
@@ -99,6 +99,8 @@ class TorchEngine(ThreadedEngine):
     def _setup(self) -> None:
         if self.pack_weights:  # on the engine thread: the reorder is a parallel op (adapters/threads.py)
             pack_linears(self.lm.model)
+            for s in self.splice.saes.values():
+                pack_sae_encoder(s.sae)
 
     def stats(self) -> dict[str, float]:
         return {"running": len(self.active), "queued": max(0, self.in_flight - len(self.active)),
@@ -182,15 +184,24 @@ class TorchEngine(ThreadedEngine):
                 return
             self.active += [r for r in new if not r.done]
 
-    def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
-        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=pos.clamp(min=0),
-                                      past_key_values=cache, use_cache=True)
+    def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
+                 latents_only: bool = False):
+        """The batch's forward: (model output, captures, stops). `latents_only`: the rows need no logits, only
+        their latents (finished rows' last tokens), so the layers after the deepest SAE do not run (output None;
+        the cache is left part-extended: these rows are done with it)."""
+        kwargs: dict[str, Any] = dict(attention_mask=mask, position_ids=pos.clamp(min=0), past_key_values=cache,
+                                      use_cache=True)
         if self._keep_last and ids.shape[1] > 1:
             kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is every row's last token
         top_k = max(r.req.splice.top_k for r in rows)
         with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k), \
                 self.lora.rows([r.req.adapter or BASE for r in rows]):
-            out = self.model(**kwargs)
+            if latents_only:
+                deepest = max((s.hook for s in self.splice.saes.values()), key=lambda p: p.depth)
+                run_to_hook(self.model, deepest, ids, **kwargs)
+                out = None
+            else:
+                out = self.model(input_ids=ids, **kwargs)
         return out, self.splice.pop_captures(), self.splice.pop_stops()
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -224,8 +235,9 @@ class TorchEngine(ThreadedEngine):
         ids = torch.tensor([[r.ids[-1]] for r in rows])  # (B, 1)
         mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
         pos = torch.tensor([[n] for n in lengths])  # (B, 1)
-        out, caps, stops = self._forward(rows, ids, mask, pos, cache)
-        self._batch = (list(rows), out.past_key_values)
+        flushing = all(r.flush_reason for r in rows)  # every row only waits for its last token's latents
+        out, caps, stops = self._forward(rows, ids, mask, pos, cache, latents_only=flushing)
+        self._batch = None if flushing else (list(rows), out.past_key_values)
         for i, row in enumerate(rows):
             row.cached += 1
             if row.pending is not None:

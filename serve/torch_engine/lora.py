@@ -39,7 +39,7 @@ import torch
 
 from saelora.adapters.bundle import LoRAWeights
 
-from . import packed
+from ..core import packed
 
 BASE = "__base__"
 

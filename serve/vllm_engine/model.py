@@ -42,6 +42,7 @@ from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import fit_positions, splice_sae
 
 from . import tracker
+from ..core.packed import pack_sae_encoder
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def _load_saes(vllm_config: Any) -> list[LoadedSAE]:
         sae, source = read_sae(s["path"], device=device)  # fp32, whatever the model dtype
         if s.get("folded_scale"):
             sae.fold_activation_norm_scaling_factor(float(s["folded_scale"]))
+        pack_sae_encoder(sae)  # a TopK encoder's matmul on a prepacked oneDNN copy, as the torch engine's
         saes.append(LoadedSAE(name=s["name"], sae=sae, hook=HookPoint(int(s["layer"]), s["kind"]), source=source,
                               fingerprint={}, policy=PositionPolicy.from_json(s.get("policy") or {}),
                               center=bool(s.get("center")), folded_scale=s.get("folded_scale")))

@@ -265,3 +265,41 @@ def test_attach_of_a_loaded_name_is_a_conflict_and_changes_nothing(ws):
         engine._attach("a1", bundle, engine._weights("a1", bundle))
     assert err.value.kind == "conflict"
     assert engine.lora.layers == layers and all(list(layer.adapters) == ["a1"] for layer in layers.values())
+
+
+def test_last_tokens_latents_need_no_full_forward(ws):
+    """Invariants: with latents on, every generated token's latents equal an encode-only pass over the whole
+    text (no KV cache), the last token's included; and the step that only reads finished rows' last tokens
+    stops at the deepest SAE: the LM head runs once per sampled token, never once more."""
+    import asyncio
+
+    from conftest import make_engine
+    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest, TokenEvent
+
+    engine = make_engine(ws, max_batch=4)
+    heads = []
+    engine.model.get_output_embeddings().register_forward_hook(lambda m, a, o: heads.append(1))
+    prompts = [engine.tokenizer(p)["input_ids"] for p in ("the cat sat on", "a big red fox")]
+
+    async def run():
+        await engine.start()
+        try:
+            async def one(ids):
+                heads.clear()
+                req = GenerationRequest(ids, Sampling(max_tokens=5, temperature=0.0), SpliceRequest(top_k=3))
+                evs = [ev async for ev in engine.generate(req) if isinstance(ev, TokenEvent)]
+                assert len(heads) == 5  # the prefill + 4 decode steps; no sixth forward for the last latents
+                return evs
+            got = [await one(ids) for ids in prompts]
+            refs = [await engine.encode(ids + [e.token_id for e in evs], 3, None, None)
+                    for ids, evs in zip(prompts, got, strict=True)]
+            return got, refs
+        finally:
+            await engine.stop()
+
+    got, refs = asyncio.run(run())
+    for ids, evs, ref in zip(prompts, got, refs, strict=True):
+        assert len(evs) == 5
+        for ev, want in zip(evs, ref[len(ids):], strict=True):
+            (ia, va), (ib, vb) = next(iter(ev.features.values())), next(iter(want.features.values()))
+            assert ia == ib and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(va, vb, strict=True))

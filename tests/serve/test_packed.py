@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelora.serve.torch_engine.packed import pack_linears, packing_available
+from saelora.serve.core.packed import pack_linears, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(torch.nn.Linear(2, 2)), reason="no oneDNN on this torch")
 
@@ -57,3 +57,42 @@ def test_packed_model_matches_and_peft_still_wraps_it(llama):
             base_out = peft(ids).logits
     assert not torch.allclose(lora_out, base_out)
     torch.testing.assert_close(base_out, after, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_packed_topk_encoder_equals_sae_lens(rescale):
+    """Invariants: a packed TopK encoder gives sae-lens's latents (fp32 kernel rounding; the same active latents),
+    a row's latents do not depend on the rows beside it (bit for bit), sae-lens's hook points still fire, and
+    with gradients wanted it is sae-lens's own encode exactly."""
+    from tiny import make_sae
+
+    from saelora.serve.core.packed import pack_sae_encoder
+
+    sae = make_sae("topk", d_in=48, d_sae=96, rescale_acts_by_decoder_norm=rescale)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)  # decoder rows of different norms: the rescale matters
+    x = torch.randn(3, 5, 48) * 4
+    with torch.no_grad():
+        want = sae.encode(x)
+    assert pack_sae_encoder(sae) and not pack_sae_encoder(sae)  # packed once
+    seen = []
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.shape))
+    with torch.no_grad():
+        got = sae.encode(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got > 0, want > 0)
+        assert torch.equal(got, torch.cat([sae.encode(x[i:i + 1]) for i in range(3)]))
+    assert seen and seen[0] == (3, 5, 96)
+    sae.requires_grad_(True)
+    assert torch.equal(sae.encode(x), type(sae).encode(sae, x))
+
+
+def test_only_topk_encoders_are_packed():
+    """Other architectures keep sae-lens's own encode (saelora does not rewrite every architecture)."""
+    from tiny import make_sae
+
+    from saelora.serve.core.packed import pack_sae_encoder
+
+    for arch in ("standard", "jumprelu", "gated"):
+        sae = make_sae(arch, d_in=48, d_sae=96)
+        assert not pack_sae_encoder(sae) and "encode" not in vars(sae)
