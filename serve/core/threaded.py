@@ -3,8 +3,8 @@
 Between steps the thread runs commands (adapter load/unload, encode-only work) and admits queued
 requests; then the engine advances every running request by one step. The event loop side streams each
 request's events from an asyncio queue that the thread fills (`_stream`), and awaits commands (`_call`).
-Request validation, SAE/adapter listings and unloading are shared too; an engine hands its collaborators
-(SAEs, adapter registry, tokenizer, context limit) to `ThreadedEngine.__init__`.
+Request validation, SAE/adapter listings, adapter loading and unloading are shared too; an engine hands its
+collaborators (SAEs, adapter registry, tokenizer, context limit, adapter root) to `ThreadedEngine.__init__`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.splice import RowSpec, SpliceError, check_rows
 
 from .engine import Engine, EngineError, Event, Finished, GenerationRequest
-from .registry import AdapterRegistry
+from .registry import AdapterRegistry, safe_adapter_path
 
 log = logging.getLogger(__name__)
 FAILING_STEPS, FAILING_WINDOW_S = 3, 60.0  # that many consecutive failed steps, the last this recent: not healthy
@@ -33,8 +34,9 @@ class ThreadedEngine(Engine):
     lm: Any  # the LoadedModel (both engines keep one)
 
     def __init__(self, max_batch: int, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry,
-                 tokenizer: Any, max_len: int) -> None:
+                 tokenizer: Any, max_len: int, adapter_root: str | None = None) -> None:
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.adapter_root = adapter_root  # folder runtime adapter loads are confined to (None: no runtime loads)
         self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
         self.failed_steps, self.last_failure = 0, 0.0  # consecutive failed engine steps, and when the last was
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
@@ -65,6 +67,11 @@ class ThreadedEngine(Engine):
     @abc.abstractmethod
     def _fail_running(self, error: Exception) -> None:
         """A step raised: fail the running requests (the server keeps serving)."""
+
+    @abc.abstractmethod
+    def _load(self, name: str, path: Path) -> None:
+        """Engine thread: validate the bundle at `path` (`registry.validate`), attach it as `name`, register it."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def _detach(self, name: str) -> None:
@@ -124,6 +131,15 @@ class ThreadedEngine(Engine):
         unknown = set(saes or []) - set(self.sae_names)
         if unknown:
             raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}", "saes")
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Validate, copy, read and attach the bundle at `path` (under the adapter root) as `name`, all in one
+        command on the engine thread, between two steps (decision 45): the load then has the CPU to itself
+        instead of sharing two cores with a decode step, and two loads can never race each other."""
+        real = safe_adapter_path(self.adapter_root, path)
+        self.registry.check_new(name)  # answered at once; validation checks it again on the engine thread
+        await self._call(lambda: self._load(name, real))
+        return self.registry.entries[name].describe()
 
     async def unload_adapter(self, name: str) -> None:
         entry = self.registry.remove(name)  # 404 / 409 (in use) before anything changes

@@ -15,9 +15,9 @@ so with features on, a token's event is released one step later, and a finished 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Collection
 
 import torch
@@ -36,7 +36,7 @@ from .lora import ServedLoRA
 from ..core.packed import pack_linears, pack_sae_encoder
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                      TokenFeaturesOut)
-from ..core.registry import BASE, AdapterRegistry, safe_adapter_path
+from ..core.registry import BASE, AdapterRegistry
 from ..core.rows import RowState, wire_latents
 from ..core.sampling import logprobs_of, sample
 from ..core.threaded import ThreadedEngine
@@ -82,10 +82,9 @@ class TorchEngine(ThreadedEngine):
                  max_model_len: int | None = None, adapter_root: str | None = None, pack_weights: bool = True) -> None:
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         super().__init__(max_batch, max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
-                         min(max_model_len or cfg_len, cfg_len))
+                         min(max_model_len or cfg_len, cfg_len), adapter_root)
         self.model, self.model_id, self.lm = lm.model, lm.spec, lm
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
-        self.adapter_root = adapter_root
         self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
@@ -121,30 +120,18 @@ class TorchEngine(ThreadedEngine):
         finally:
             self.registry.release(adapter)
 
-    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
-        real = safe_adapter_path(self.adapter_root, path)
-        bundle = await asyncio.to_thread(self.registry.validate, name, real)
-        weights = await asyncio.to_thread(self._weights, name, bundle)
-        await self._call(lambda: self._attach(name, bundle, weights))
-        return self.registry.entries[name].describe()
-
     def load_adapter_now(self, name: str, path: str) -> None:
         """Start-up loading (trusted paths from the command line), before the engine thread runs."""
-        from pathlib import Path
+        self._load(name, Path(path).resolve())
 
-        bundle = self.registry.validate(name, Path(path).resolve())
-        self._attach(name, bundle, self._weights(name, bundle))
-
-    def _weights(self, name: str, bundle: Any) -> dict[str, Any]:
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _load(self, name: str, path: Path) -> None:
+        bundle = self.registry.validate(name, path)  # also: the name is free (nothing else runs meanwhile)
         try:
-            return lora_weights(bundle, self.model)
+            weights = lora_weights(bundle, self.model)
         except (ValueError, TypeError, KeyError) as e:  # a config value PEFT refuses, a tensor name that misleads
             raise EngineError("invalid", f"adapter {name!r} cannot be read: {type(e).__name__}: {e}",
                               "lora_path") from e
-
-    # ---- engine thread ------------------------------------------------------------------------------
-    def _attach(self, name: str, bundle: Any, weights: dict[str, Any]) -> None:
-        self.registry.check_new(name)  # a concurrent load of the same name may have got here first
         try:
             self.lora.attach(name, weights)
         except ValueError as e:  # nothing was attached

@@ -19,7 +19,6 @@ Semantics match the torch engine (the reference):
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import json
@@ -37,7 +36,7 @@ from saelora.adapters.lora_targets import LLAMA_MODULES
 
 from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
                       TokenFeaturesOut)
-from ..core.registry import AdapterRegistry, safe_adapter_path
+from ..core.registry import AdapterRegistry
 from ..core.rows import RowState
 from ..core.threaded import Emit, ThreadedEngine
 from . import ARCHITECTURES, register, spliced_architecture
@@ -119,7 +118,8 @@ class VllmEngine(ThreadedEngine):
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
         registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         super().__init__(self.opts.max_batch, self.opts.max_queue, saes, registry, lm.tokenizer,
-                         min(self.opts.max_model_len or cfg_len, cfg_len - 1))  # room for the extra token
+                         min(self.opts.max_model_len or cfg_len, cfg_len - 1),  # room for the extra token
+                         self.opts.adapter_root)
         self.lm, self.model_id, self.arch = lm, lm.spec, arch
         self.eos = stop_token_ids(lm)
         self.rows: dict[str, _Row] = {}
@@ -161,17 +161,14 @@ class VllmEngine(ThreadedEngine):
                 tokens = ev.tokens
         return tokens
 
-    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
-        real = safe_adapter_path(self.opts.adapter_root, path)
-        bundle = await asyncio.to_thread(self._validate_adapter, name, real)
-        await self._call(lambda: self._add_lora(name, bundle))
-        return self.registry.entries[name].describe()
-
     def load_adapter_now(self, name: str, path: str) -> None:
         """Start-up loading (trusted paths from the command line); added to vLLM once it is built."""
         bundle = self._validate_adapter(name, Path(path).resolve())
         self.startup_adapters.append((name, bundle))
         self.registry.add(name, bundle)
+
+    def _load(self, name: str, path: Path) -> None:
+        self._add_lora(name, self._validate_adapter(name, path))
 
     def _validate_adapter(self, name: str, path: Path) -> Any:
         if self.opts.max_loras <= 0:
@@ -237,8 +234,6 @@ class VllmEngine(ThreadedEngine):
     def _add_lora(self, name: str, bundle: Any, register: bool = True) -> None:
         from vllm.lora.request import LoRARequest
 
-        if register:
-            self.registry.check_new(name)  # a concurrent load of the same name may have got here first
         # Never reuse an id: vLLM keys its prefix cache by LoRA id, so a reload (new content) must get a new one.
         self._lora_seq += 1
         lora_id = self._lora_seq

@@ -251,20 +251,29 @@ def test_served_lora_attaches_whole_or_not_at_all(ws):
     assert len(served.layers) == len(weights)
 
 
-def test_attach_of_a_loaded_name_is_a_conflict_and_changes_nothing(ws):
-    """Invariant: two loads of one name that both passed validation (a race) end with one adapter, and the
-    second gets a 409-class error, not a server error."""
+def test_concurrent_loads_of_one_name_give_one_adapter_and_a_conflict(ws):
+    """Invariant: two loads of one name sent together (both pass the event loop's name check) end with one
+    adapter attached and registered, and the other load gets a 409-class error that changed nothing."""
+    import asyncio
+
     from conftest import make_engine
     from saelora.serve.core.engine import EngineError
 
     engine = make_engine(ws)
-    engine.load_adapter_now("a1", ws["a1"])
-    bundle = engine.registry.entries["a1"].bundle
-    layers = dict(engine.lora.layers)
-    with pytest.raises(EngineError) as err:
-        engine._attach("a1", bundle, engine._weights("a1", bundle))
-    assert err.value.kind == "conflict"
-    assert engine.lora.layers == layers and all(list(layer.adapters) == ["a1"] for layer in layers.values())
+
+    async def run():
+        await engine.start()
+        try:
+            return await asyncio.gather(engine.load_adapter("x", "a1"), engine.load_adapter("x", "a2"),
+                                        return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], EngineError) and errors[0].kind == "conflict", results
+    assert list(engine.registry.entries) == ["x"]
+    assert engine.lora.layers and all(list(layer.adapters) == ["x"] for layer in engine.lora.layers.values())
 
 
 def test_last_tokens_latents_need_no_full_forward(ws):
