@@ -163,46 +163,54 @@ class _Plan:
     """Which adapter slot each token of this step uses, in the form the ops want; built once per step."""
 
     kind: PlanKind
+    n: int  # tokens in the step
     slot: int = -1  # "single": every token's slot
     indices: torch.Tensor | None = None  # "mask": (N,) slot per token, -1 for none
     runs: Groups = field(default_factory=list)  # "runs": (slot, rows) per slot present
-    masks: dict = field(default_factory=dict)  # (slots, dtype, scale) -> (N, slots, 1) one-hot, scaled
+    masks: dict = field(default_factory=dict)  # (ranks, slots, dtype, scale) -> (N, columns) one-hot, scaled
 
     @classmethod
     def of(cls, indices: torch.Tensor) -> "_Plan":
-        slots = indices.tolist()
+        slots, n = indices.tolist(), indices.shape[0]
         if all(s < 0 for s in slots):
-            return cls("none")
+            return cls("none", n)
         if all(s == slots[0] for s in slots):
-            return cls("single", slot=slots[0])
+            return cls("single", n, slot=slots[0])
         if len(slots) <= MASK_MAX_TOKENS:
-            return cls("mask", indices=indices.clone())
-        return cls("runs", runs=_token_groups(indices))
+            return cls("mask", n, indices=indices.clone())
+        return cls("runs", n, runs=_token_groups(indices))
 
-    def mask(self, n_slots: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        key = (n_slots, dtype, scale)
+    def mask(self, ranks: tuple[int, ...], n_slots: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """(N, columns of `_Fused.a_all`): `scale` where the column belongs to the token's slot, else 0."""
+        key = (ranks, n_slots, dtype, scale)
         if key not in self.masks:
             idx = self.indices
-            hot = (idx.unsqueeze(1) == torch.arange(n_slots, device=idx.device)).to(dtype) * scale
-            self.masks[key] = hot.unsqueeze(-1)
+            cols = torch.cat([torch.arange(n_slots, device=idx.device).repeat_interleave(r) for r in ranks])
+            self.masks[key] = (idx.unsqueeze(1) == cols).to(dtype) * scale
         return self.masks[key]
 
 
 @dataclass
 class _Fused:
-    """A merged projection's slices as one LoRA: A stacks concatenated (slots, sum r, in), B stacks block-diagonal
-    (slots, sum out, sum r). `key` holds the stacks' storage and version counters: vLLM writes slots in place."""
+    """A merged projection's slices as one LoRA. `key` holds the stacks' storage and version counters: vLLM
+    writes slots in place. For one adapter: A stacks concatenated, B stacks block-diagonal (one shrink, one
+    expand). For a mixed batch, where every slot's weights are read: every slot's A at once, slice-major, and each
+    slice's B with the slots side by side, so that no block-diagonal zeros are read for every slot."""
 
-    key: tuple
-    a: torch.Tensor
-    b: torch.Tensor
-    b_side: torch.Tensor  # (out, slots * sum r): every slot's B side by side, for mixed batches
+    key: tuple | None
+    outs: tuple[int, ...]  # output size, per slice
+    ranks: tuple[int, ...]  # the ranks in use, per slice
+    a: torch.Tensor  # (slots, sum r, in)
+    b: torch.Tensor  # (slots, sum out, sum r), block-diagonal
+    a_all: torch.Tensor  # (sum over slices of slots x r, in): slice-major, then slot-major
+    sides: list[tuple[int, int, int, int, torch.Tensor]]  # per slice: out offset, out size, a_all row offset,
+    #                                                       rows, B side by side (out size, slots x r)
 
 
 def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
     try:
         return tuple((t.data_ptr(), t._version) for t in stacks)
-    except RuntimeError:  # inference tensors keep no version counter: never fuse them
+    except RuntimeError:  # inference tensors keep no version counter: never cache them
         return None
 
 
@@ -218,44 +226,47 @@ def _side_by_side(b: torch.Tensor) -> torch.Tensor:
     return b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (slots, out, r) -> (out, slots * r), slot-major
 
 
-def _parts(cache: dict, a_stacks: tuple, b_stacks: tuple) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(A (slots, r, in), B (slots, out, r), column offset) per part: one part, with the padding ranks cut, when
-    the stacks carry version counters; else each slice's stacks as vLLM holds them."""
-    views = [(a[:, 0], b[:, 0]) for a, b in zip(a_stacks, b_stacks, strict=True)]
-    offsets = [0]
-    for _, b in views[:-1]:
-        offsets.append(offsets[-1] + b.shape[1])
+def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> _Fused:
+    """views: per slice, A (slots, r_max, in) and B (slots, out, r_max); the first `ranks[i]` ranks are used."""
+    slots, sides, out_off, row_off = views[0][0].shape[0], [], 0, 0
+    for (_, bi), r in zip(views, ranks, strict=True):
+        sides.append((out_off, bi.shape[1], row_off, slots * r, _side_by_side(bi[:, :, :r])))
+        out_off, row_off = out_off + bi.shape[1], row_off + slots * r
+    a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
+    b = a.new_zeros(slots, out_off, a.shape[1])
+    r0 = 0
+    for (_, bi), (off, size, *_), r in zip(views, sides, ranks, strict=True):
+        b[:, off:off + size, r0:r0 + r] = bi[:, :, :r]
+        r0 += r
+    a_all = torch.cat([ai[:, :r].reshape(slots * r, ai.shape[2]) for (ai, _), r in zip(views, ranks, strict=True)])
+    return _Fused(key, tuple(bi.shape[1] for _, bi in views), tuple(ranks), a, b, a_all, sides)
+
+
+def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
+    """The merged projection's `_Fused`, with the padding ranks cut, cached until vLLM writes a slot; stacks
+    without version counters are fused afresh at every call, at their full rank."""
     key = _stack_key((*a_stacks, *b_stacks))
-    if key is None:
-        return [(a, (b, None), off) for (a, b), off in zip(views, offsets, strict=True)]
     fused = cache.get(id(a_stacks[0]))
-    if fused is None or fused.key != key:
-        ranks = [_used_rank(a, b) for a, b in views]
-        a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
-        b = a.new_zeros(a.shape[0], offsets[-1] + views[-1][1].shape[1], a.shape[1])
-        r0 = 0
-        for (_, bi), off, r in zip(views, offsets, ranks, strict=True):
-            b[:, off:off + bi.shape[1], r0:r0 + r] = bi[:, :, :r]
-            r0 += r
-        fused = cache[id(a_stacks[0])] = _Fused(key, a, b, _side_by_side(b))
-    return [(fused.a, (fused.b, fused.b_side), 0)]
+    if key is not None and fused is not None and fused.key == key:
+        return fused
+    views = [(a[:, 0], b[:, 0]) for a, b in zip(a_stacks, b_stacks, strict=True)]
+    if key is None:
+        return _fuse(None, views, [a.shape[1] for a, _ in views])
+    fused = cache[id(a_stacks[0])] = _fuse(key, views, [_used_rank(a, b) for a, b in views])
+    return fused
 
 
-def _delta(plan: _Plan, x: torch.Tensor, a: torch.Tensor, bs: tuple, scale: float) -> torch.Tensor:
-    """x (N, in) -> (N, out): each token through its slot's A then B, times scale; zero for slot -1.
-    bs: B (slots, out, r) and, when cached, the same side by side (out, slots * r)."""
-    b, b_side = bs
-    if plan.kind == "single":
-        h = F.linear(x, a[plan.slot])
-        return F.linear(h * scale if scale != 1.0 else h, b[plan.slot])
-    if plan.kind == "mask":
-        slots, rank = a.shape[0], a.shape[1]
-        h = F.linear(x, a.view(slots * rank, a.shape[2])).view(-1, slots, rank) * plan.mask(slots, x.dtype, scale)
-        return F.linear(h.view(-1, slots * rank), _side_by_side(b) if b_side is None else b_side)
-    out = x.new_zeros(x.shape[0], b.shape[1])
-    for slot, rows in plan.runs:
-        out[rows] = F.linear(F.linear(x[rows], a[slot]) * scale, b[slot])
-    return out
+def _add_delta(plan: _Plan, y: torch.Tensor, x: torch.Tensor, f: _Fused, scale: float) -> None:
+    """y (N, sum out) += each token through its slot's A then B, times scale; nothing for slot -1."""
+    if plan.kind == "single":  # one shrink, one expand accumulating onto y
+        y.addmm_(F.linear(x, f.a[plan.slot]), f.b[plan.slot].T, alpha=scale)
+    elif plan.kind == "mask":  # every slot's A at once, each token masked to its own slot's columns
+        h = F.linear(x, f.a_all) * plan.mask(f.ranks, f.a.shape[0], x.dtype, scale)
+        for off, size, row, rows, side in f.sides:
+            y[:, off:off + size].addmm_(h[:, row:row + rows], side.T)
+    else:
+        for slot, rows in plan.runs:
+            y[rows] += F.linear(F.linear(x[rows], f.a[slot]) * scale, f.b[slot])
 
 
 def update_metadata(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
@@ -267,17 +278,24 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
                     **kwargs):  # noqa: ANN003
     plan: _Plan | None = getattr(self, "_saelora_plan", None)
     x2 = x.view(-1, x.shape[-1])
-    if plan is None or x2.shape[0] != self.token_lora_indices.shape[0] \
-            or tuple(b.shape[2] for b in lora_b_stacked) != tuple(output_slices):
-        return _ORIG["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
-                                        buffer=buffer, **kwargs)
-    if plan.kind == "none":
-        return None
-    y2 = y.view(-1, y.shape[-1])
-    cache = self.__dict__.setdefault("_saelora_fused", {})
-    for a, bs, off in _parts(cache, lora_a_stacked, lora_b_stacked):
-        y2[:, off:off + bs[0].shape[1]] += _delta(plan, x2.to(a.dtype), a, bs, scale).to(y2.dtype)
-    return None
+    if plan is not None and x2.shape[0] == plan.n:
+        if plan.kind == "none":
+            return None
+        f = _fused(self.__dict__.setdefault("_saelora_fused", {}), lora_a_stacked, lora_b_stacked)
+        if f.outs == tuple(output_slices):
+            _add_lora(plan, y.view(-1, y.shape[-1]), x2, f, scale)
+            return None
+    return _ORIG["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                                    buffer=buffer, **kwargs)
+
+
+def _add_lora(plan: _Plan, y2: torch.Tensor, x2: torch.Tensor, f: _Fused, scale: float) -> None:
+    if y2.dtype == f.a.dtype:
+        _add_delta(plan, y2, x2.to(f.a.dtype), f, scale)
+    else:
+        delta = torch.zeros(y2.shape, dtype=f.a.dtype, device=y2.device)
+        _add_delta(plan, delta, x2.to(f.a.dtype), f, scale)
+        y2 += delta.to(y2.dtype)
 
 
 _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
