@@ -9,19 +9,20 @@ These replacements keep the signatures and the semantics (`y[i] += x[i] @ A[idx[
 but treat -1 as "no adapter" and group tokens by slot: one matmul per adapter present in the batch, no
 per-token weight copies.
 
-Above them, `add_lora_linear` (every LoRA projection of the model goes through it) is replaced by one gathered
-op pair per projection, whatever the number of adapters and slices:
+Above them, `add_lora_linear` (every LoRA projection of the model goes through it) is replaced by a few
+gathered ops per projection, whatever the number of adapters:
 - the batch's plan is computed once per step, when vLLM updates the wrapper's metadata (`_Plan`): no adapter
   (nothing to do), one slot for every token, a small mixed batch (a one-hot mask over slots), or runs of tokens
   per slot (a large mixed batch: a prefill chunk beside other rows);
-- the slices of a merged projection (q/k/v, gate/up) are fused: their A stacks are concatenated, their B stacks
-  placed block-diagonally, so q/k/v is one shrink and one expand, not three of each (`_Fused`, cached per layer
-  and rebuilt when vLLM writes a slot: the stacks' version counters are the key);
+- the slices of a merged projection (q/k/v, gate/up) are fused (`_Fused`, cached per layer and rebuilt when vLLM
+  writes a slot: the stacks' version counters are the key). One adapter: their A stacks concatenated and their B
+  stacks block-diagonal, so q/k/v is one shrink and one `addmm_` onto the output, the scale as its alpha;
 - the ranks no slot uses are cut: vLLM pads every adapter to --max-lora-rank (64 by default), so a rank-16
   adapter did 4x the work in zeros;
-- a mixed decode batch multiplies x by every slot's A at once (rank x slots columns, a few thousand FLOPs per
-  token), masks each token to its own slot's columns, and expands with one matmul over every slot's B side by
-  side (a batched matmul over the slots and a sum measured the same in-process; this is one op fewer).
+- a mixed decode batch multiplies x by every slot's A at once (slots x rank columns, slice-major), masks each
+  token to its own slot's columns, and expands each slice with its B for every slot side by side, straight into
+  the slice's output columns. A mixed batch reads every present slot's weights, so it reads no zeros: one
+  block-diagonal expand read the off-diagonal zeros of every slot (1.5x the bytes for q/k/v and gate/up).
 On CPU the cost of LoRA here is the number of small ops, not their FLOPs (docs/performance.md).
 """
 
