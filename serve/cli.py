@@ -117,9 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
                    help="torch: the embedded transformers + PEFT engine (default); vllm: vLLM with the SAE splice "
                    "and native multi-LoRA (needs saelora[vllm]; llama/mistral/qwen2/qwen3/gemma/gemma2)")
-    p.add_argument("--no-pack-weights", action="store_true", help="torch engine on CPU: run linear layers with "
-                   "F.linear on the model's own weights, not on prepacked oneDNN copies (those are ~2x faster "
-                   "per decode step and cost one more copy of the linear weights in memory)")
+    p.add_argument("--no-pack-weights", action="store_true", help="torch engine on CPU: run linear layers (and "
+                   "TopK SAE encoders) with F.linear / sae-lens on their own weights, not on prepacked oneDNN "
+                   "copies (those are ~2x faster per decode step and cost one more copy of the weights in memory)")
     g = p.add_argument_group("vLLM engine")
     g.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache size in GiB (default 2)")
     g.add_argument("--max-loras", type=int, default=4, help="adapters resident at once; 0 turns LoRA off "
