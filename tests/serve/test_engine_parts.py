@@ -312,3 +312,41 @@ def test_last_tokens_latents_need_no_full_forward(ws):
         for ev, want in zip(evs, ref[len(ids):], strict=True):
             (ia, va), (ib, vb) = next(iter(ev.features.values())), next(iter(want.features.values()))
             assert ia == ib and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(va, vb, strict=True))
+
+
+@pytest.mark.parametrize("change", [{"lora_alpha": "sixteen"}, {"alpha_pattern": {"q_proj": "x"}},
+                                    {"layers_to_transform": "x"}])
+def test_a_bundle_peft_cannot_read_is_invalid_and_attaches_nothing(ws, change):
+    """Invariant: a bundle that passes saelora's validation but whose config PEFT cannot turn into weights (a
+    non-numeric alpha or alpha pattern, a layer filter that is not a list) is a 4xx 'invalid' error on load,
+    never a server error, and leaves the engine as it was."""
+    import asyncio
+    import json
+    import shutil
+    from pathlib import Path
+
+    from conftest import make_engine
+    from saelora.serve.core.engine import EngineError
+
+    name = "bad_" + "_".join(change)
+    out = Path(ws["root"]) / name
+    shutil.copytree(ws["a1"], out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    engine = make_engine(ws)
+
+    async def run():
+        await engine.start()
+        try:
+            await engine.load_adapter("bad", name)
+        finally:
+            await engine.stop()
+
+    try:
+        with pytest.raises(EngineError) as err:
+            asyncio.run(run())
+    finally:
+        shutil.rmtree(out)  # the adapter root is shared by the session's tests
+    assert err.value.kind == "invalid" and err.value.param == "lora_path", err.value
+    assert "cannot be read" in str(err.value)  # past saelora's validation, refused when read with PEFT's rules
+    assert not engine.registry.entries and not engine.lora.layers
