@@ -202,10 +202,10 @@ class _Fused:
     outs: tuple[int, ...]  # output size, per slice
     ranks: tuple[int, ...]  # the ranks in use, per slice
     a: torch.Tensor  # (slots, sum r, in)
-    b: torch.Tensor  # (slots, sum out, sum r), block-diagonal
+    bt: torch.Tensor  # (slots, sum r, sum out): B block-diagonal, transposed (a contiguous right operand)
     a_all: torch.Tensor  # (sum over slices of slots x r, in): slice-major, then slot-major
     sides: list[tuple[int, int, int, int, torch.Tensor]]  # per slice: out offset, out size, a_all row offset,
-    #                                                       rows, B side by side (out size, slots x r)
+    #                                                       rows, B side by side, transposed (slots x r, out size)
 
 
 def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
@@ -231,7 +231,7 @@ def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ran
     """views: per slice, A (slots, r_max, in) and B (slots, out, r_max); the first `ranks[i]` ranks are used."""
     slots, sides, out_off, row_off = views[0][0].shape[0], [], 0, 0
     for (_, bi), r in zip(views, ranks, strict=True):
-        sides.append((out_off, bi.shape[1], row_off, slots * r, _side_by_side(bi[:, :, :r])))
+        sides.append((out_off, bi.shape[1], row_off, slots * r, _side_by_side(bi[:, :, :r]).T.contiguous()))
         out_off, row_off = out_off + bi.shape[1], row_off + slots * r
     a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
     b = a.new_zeros(slots, out_off, a.shape[1])
@@ -240,7 +240,8 @@ def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ran
         b[:, off:off + size, r0:r0 + r] = bi[:, :, :r]
         r0 += r
     a_all = torch.cat([ai[:, :r].reshape(slots * r, ai.shape[2]) for (ai, _), r in zip(views, ranks, strict=True)])
-    return _Fused(key, tuple(bi.shape[1] for _, bi in views), tuple(ranks), a, b, a_all, sides)
+    return _Fused(key, tuple(bi.shape[1] for _, bi in views), tuple(ranks), a, b.transpose(1, 2).contiguous(), a_all,
+                  sides)
 
 
 def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
@@ -260,14 +261,14 @@ def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
 def _add_delta(plan: _Plan, y: torch.Tensor, x: torch.Tensor, f: _Fused, scale: float) -> None:
     """y (N, sum out) += each token through its slot's A then B, times scale; nothing for slot -1."""
     if plan.kind == "single":  # one shrink, one expand accumulating onto y
-        y.addmm_(F.linear(x, f.a[plan.slot]), f.b[plan.slot].T, alpha=scale)
+        y.addmm_(F.linear(x, f.a[plan.slot]), f.bt[plan.slot], alpha=scale)
     elif plan.kind == "mask":  # every slot's A at once, each token masked to its own slot's columns
         h = F.linear(x, f.a_all) * plan.mask(f.ranks, f.a.shape[0], x.dtype, scale)
-        for off, size, row, rows, side in f.sides:
-            y[:, off:off + size].addmm_(h[:, row:row + rows], side.T)
+        for off, size, row, rows, side_t in f.sides:
+            y[:, off:off + size].addmm_(h[:, row:row + rows], side_t)
     else:
         for slot, rows in plan.runs:
-            y[rows] += F.linear(F.linear(x[rows], f.a[slot]) * scale, f.b[slot])
+            y[rows] += (F.linear(x[rows], f.a[slot]) * scale) @ f.bt[slot]
 
 
 def update_metadata(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
