@@ -85,6 +85,8 @@ class TorchEngine(ThreadedEngine):
                          min(max_model_len or cfg_len, cfg_len), adapter_root)
         self.model, self.model_id, self.lm = lm.model, lm.spec, lm
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
+        # where a step that only reads latents can stop (None: no SAE, so no such step)
+        self._deepest = max((s.hook for s in saes), key=lambda p: p.depth) if saes else None
         self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
@@ -184,8 +186,7 @@ class TorchEngine(ThreadedEngine):
         with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k), \
                 self.lora.rows([r.req.adapter or BASE for r in rows]):
             if latents_only:
-                deepest = max((s.hook for s in self.splice.saes.values()), key=lambda p: p.depth)
-                run_to_hook(self.model, deepest, ids, **kwargs)
+                run_to_hook(self.model, self._deepest, ids, **kwargs)
                 out = None
             else:
                 out = self.model(input_ids=ids, **kwargs)
@@ -222,7 +223,8 @@ class TorchEngine(ThreadedEngine):
         ids = torch.tensor([[r.ids[-1]] for r in rows])  # (B, 1)
         mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
         pos = torch.tensor([[n] for n in lengths])  # (B, 1)
-        flushing = all(r.flush_reason for r in rows)  # every row only waits for its last token's latents
+        # every row only waits for its last token's latents
+        flushing = self._deepest is not None and all(r.flush_reason for r in rows)
         out, caps, stops = self._forward(rows, ids, mask, pos, cache, latents_only=flushing)
         self._batch = None if flushing else (list(rows), out.past_key_values)
         for i, row in enumerate(rows):

@@ -229,19 +229,16 @@ def _side_by_side(b: torch.Tensor) -> torch.Tensor:
 
 def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> _Fused:
     """views: per slice, A (slots, r_max, in) and B (slots, out, r_max); the first `ranks[i]` ranks are used."""
-    slots, sides, out_off, row_off = views[0][0].shape[0], [], 0, 0
-    for (_, bi), r in zip(views, ranks, strict=True):
-        sides.append((out_off, bi.shape[1], row_off, slots * r, _side_by_side(bi[:, :, :r]).T.contiguous()))
-        out_off, row_off = out_off + bi.shape[1], row_off + slots * r
+    slots, outs = views[0][0].shape[0], tuple(bi.shape[1] for _, bi in views)
+    bt = views[0][0].new_zeros(slots, sum(ranks), sum(outs))  # block-diagonal B, transposed
+    sides, out_off, row_off, r0 = [], 0, 0, 0
+    for (_, bi), size, r in zip(views, outs, ranks, strict=True):
+        bt[:, r0:r0 + r, out_off:out_off + size] = bi[:, :, :r].transpose(1, 2)
+        sides.append((out_off, size, row_off, slots * r, _side_by_side(bi[:, :, :r]).T.contiguous()))
+        out_off, row_off, r0 = out_off + size, row_off + slots * r, r0 + r
     a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
-    b = a.new_zeros(slots, out_off, a.shape[1])
-    r0 = 0
-    for (_, bi), (off, size, *_), r in zip(views, sides, ranks, strict=True):
-        b[:, off:off + size, r0:r0 + r] = bi[:, :, :r]
-        r0 += r
     a_all = torch.cat([ai[:, :r].reshape(slots * r, ai.shape[2]) for (ai, _), r in zip(views, ranks, strict=True)])
-    return _Fused(key, tuple(bi.shape[1] for _, bi in views), tuple(ranks), a, b.transpose(1, 2).contiguous(), a_all,
-                  sides)
+    return _Fused(key, outs, tuple(ranks), a, bt, a_all, sides)
 
 
 def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
@@ -292,11 +289,12 @@ def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_sl
 
 
 def _add_lora(plan: _Plan, y2: torch.Tensor, x2: torch.Tensor, f: _Fused, scale: float) -> None:
+    x2 = x2.to(f.a.dtype)
     if y2.dtype == f.a.dtype:
-        _add_delta(plan, y2, x2.to(f.a.dtype), f, scale)
-    else:
+        _add_delta(plan, y2, x2, f, scale)
+    else:  # the adapter's dtype differs from the model's: accumulate apart, then cast once
         delta = torch.zeros(y2.shape, dtype=f.a.dtype, device=y2.device)
-        _add_delta(plan, delta, x2.to(f.a.dtype), f, scale)
+        _add_delta(plan, delta, x2, f, scale)
         y2 += delta.to(y2.dtype)
 
 

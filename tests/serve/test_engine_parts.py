@@ -1,4 +1,5 @@
-"""The torch engine's parts: KV stacking, sampling, incremental detokenisation with stop strings."""
+"""The torch engine's parts: KV stacking, sampling, incremental detokenisation with stop strings, its own LoRA
+layers and adapter loads, and the last token's latents."""
 
 import pytest
 import torch
