@@ -193,12 +193,12 @@ class _Plan:
 
 @dataclass
 class _Fused:
-    """A merged projection's slices as one LoRA. `key` holds the stacks' storage and version counters: vLLM
+    """A merged projection's slices as one LoRA. `key` holds the stacks' version counters: vLLM
     writes slots in place. For one adapter: A stacks concatenated, B stacks block-diagonal (one shrink, one
     expand). For a mixed batch, where every slot's weights are read: every slot's A at once, slice-major, and each
     slice's B with the slots side by side, so that no block-diagonal zeros are read for every slot."""
 
-    key: tuple | None
+    key: list[int] | None  # the stacks' version counters (None: not cached)
     outs: tuple[int, ...]  # output size, per slice
     ranks: tuple[int, ...]  # the ranks in use, per slice
     a: torch.Tensor  # (slots, sum r, in)
@@ -206,11 +206,15 @@ class _Fused:
     a_all: torch.Tensor  # (sum over slices of slots x r, in): slice-major, then slot-major
     sides: list[tuple[int, int, int, int, torch.Tensor]]  # per slice: out offset, out size, a_all row offset,
     #                                                       rows, B side by side, transposed (slots x r, out size)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]  # per slot: (a[slot], bt[slot]), views made once
 
 
-def _stack_key(stacks: tuple[torch.Tensor, ...]) -> tuple | None:
+def _stack_key(a_stacks: tuple[torch.Tensor, ...], b_stacks: tuple[torch.Tensor, ...]) -> list[int] | None:
+    """The stacks' version counters (the cache entry holds the first stack, so its id is not reused)."""
     try:
-        return tuple((t.data_ptr(), t._version) for t in stacks)
+        key = [t._version for t in a_stacks]
+        key += [t._version for t in b_stacks]
+        return key
     except RuntimeError:  # inference tensors keep no version counter: never cache them
         return None
 
@@ -227,7 +231,7 @@ def _side_by_side(b: torch.Tensor) -> torch.Tensor:
     return b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (slots, out, r) -> (out, slots * r), slot-major
 
 
-def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> _Fused:
+def _fuse(key: list[int] | None, views: list[tuple[torch.Tensor, torch.Tensor]], ranks: list[int]) -> _Fused:
     """views: per slice, A (slots, r_max, in) and B (slots, out, r_max); the first `ranks[i]` ranks are used."""
     slots, outs = views[0][0].shape[0], tuple(bi.shape[1] for _, bi in views)
     bt = views[0][0].new_zeros(slots, sum(ranks), sum(outs))  # block-diagonal B, transposed
@@ -238,27 +242,29 @@ def _fuse(key: tuple | None, views: list[tuple[torch.Tensor, torch.Tensor]], ran
         out_off, row_off, r0 = out_off + size, row_off + slots * r, r0 + r
     a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
     a_all = torch.cat([ai[:, :r].reshape(slots * r, ai.shape[2]) for (ai, _), r in zip(views, ranks, strict=True)])
-    return _Fused(key, outs, tuple(ranks), a, bt, a_all, sides)
+    return _Fused(key, outs, tuple(ranks), a, bt, a_all, sides, list(zip(a.unbind(), bt.unbind(), strict=True)))
 
 
 def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
     """The merged projection's `_Fused`, with the padding ranks cut, cached until vLLM writes a slot; stacks
     without version counters are fused afresh at every call, at their full rank."""
-    key = _stack_key((*a_stacks, *b_stacks))
-    fused = cache.get(id(a_stacks[0]))
-    if key is not None and fused is not None and fused.key == key:
-        return fused
+    key = _stack_key(a_stacks, b_stacks)
+    got = cache.get(id(a_stacks[0]))
+    if key is not None and got is not None and got[1].key == key:
+        return got[1]
     views = [(a[:, 0], b[:, 0]) for a, b in zip(a_stacks, b_stacks, strict=True)]
     if key is None:
         return _fuse(None, views, [a.shape[1] for a, _ in views])
-    fused = cache[id(a_stacks[0])] = _fuse(key, views, [_used_rank(a, b) for a, b in views])
+    fused = _fuse(key, views, [_used_rank(a, b) for a, b in views])
+    cache[id(a_stacks[0])] = (a_stacks[0], fused)  # holding the stack keeps its id from being reused
     return fused
 
 
 def _add_delta(plan: _Plan, y: torch.Tensor, x: torch.Tensor, f: _Fused, scale: float) -> None:
     """y (N, sum out) += each token through its slot's A then B, times scale; nothing for slot -1."""
     if plan.kind == "single":  # one shrink, one expand accumulating onto y
-        y.addmm_(F.linear(x, f.a[plan.slot]), f.bt[plan.slot], alpha=scale)
+        a, bt = f.pairs[plan.slot]
+        y.addmm_(F.linear(x, a), bt, alpha=scale)
     elif plan.kind == "mask":  # every slot's A at once, each token masked to its own slot's columns
         h = F.linear(x, f.a_all) * plan.mask(f.ranks, f.a.shape[0], x.dtype, scale)
         for off, size, row, rows, side_t in f.sides:
@@ -275,25 +281,27 @@ def update_metadata(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN
 
 def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,  # noqa: ANN001, ANN201
                     **kwargs):  # noqa: ANN003
-    plan: _Plan | None = getattr(self, "_saelora_plan", None)
-    x2 = x.view(-1, x.shape[-1])
+    plan: _Plan | None = self.__dict__.get("_saelora_plan")  # this runs 4 times a layer: kept lean
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
     if plan is not None and x2.shape[0] == plan.n:
         if plan.kind == "none":
             return None
         f = _fused(self.__dict__.setdefault("_saelora_fused", {}), lora_a_stacked, lora_b_stacked)
         if f.outs == tuple(output_slices):
-            _add_lora(plan, y.view(-1, y.shape[-1]), x2, f, scale)
+            _add_lora(plan, y if y.dim() == 2 else y.view(-1, y.shape[-1]), x2, f, scale)
             return None
     return _ORIG["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                     buffer=buffer, **kwargs)
 
 
 def _add_lora(plan: _Plan, y2: torch.Tensor, x2: torch.Tensor, f: _Fused, scale: float) -> None:
-    x2 = x2.to(f.a.dtype)
-    if y2.dtype == f.a.dtype:
+    dtype = f.a.dtype
+    if x2.dtype != dtype:
+        x2 = x2.to(dtype)
+    if y2.dtype == dtype:
         _add_delta(plan, y2, x2, f, scale)
     else:  # the adapter's dtype differs from the model's: accumulate apart, then cast once
-        delta = torch.zeros(y2.shape, dtype=f.a.dtype, device=y2.device)
+        delta = torch.zeros(y2.shape, dtype=dtype, device=y2.device)
         _add_delta(plan, delta, x2, f, scale)
         y2 += delta.to(y2.dtype)
 

@@ -146,7 +146,7 @@ def test_padding_ranks_are_cut_and_come_back():
     y = torch.zeros(3, sum(SLICES))
     w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 1, 0], 1.0))
-    assert next(iter(w._saelora_fused.values())).a.shape[1] == 2 * len(SLICES)
+    assert next(iter(w._saelora_fused.values()))[1].a.shape[1] == 2 * len(SLICES)
     full_a, full_b = _stacks(2, seed=5)
     with torch.no_grad():  # a full-rank adapter activated in slot 1
         for t, f in zip(a + b, full_a + full_b, strict=True):
@@ -154,4 +154,4 @@ def test_padding_ranks_are_cut_and_come_back():
     y = torch.zeros(3, sum(SLICES))
     w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     torch.testing.assert_close(y, _linear_reference(x, a, b, [0, 1, 0], 1.0))
-    assert next(iter(w._saelora_fused.values())).a.shape[1] == R * len(SLICES)
+    assert next(iter(w._saelora_fused.values()))[1].a.shape[1] == R * len(SLICES)
