@@ -204,8 +204,8 @@ class _Fused:
     a: torch.Tensor  # (slots, sum r, in)
     bt: torch.Tensor  # (slots, sum r, sum out): B block-diagonal, transposed (a contiguous right operand)
     a_all: torch.Tensor  # (sum over slices of slots x r, in): slice-major, then slot-major
-    sides: list[tuple[int, int, int, int, torch.Tensor]]  # per slice: out offset, out size, a_all row offset,
-    #                                                       rows, B side by side, transposed (slots x r, out size)
+    side_rows: tuple[int, ...]  # per slice: its rows of a_all (slots x r)
+    sides: list[torch.Tensor]  # per slice: B for every slot side by side, transposed (slots x r, out size)
     pairs: list[tuple[torch.Tensor, torch.Tensor]]  # per slot: (a[slot], bt[slot]), views made once
 
 
@@ -235,14 +235,15 @@ def _fuse(key: list[int] | None, views: list[tuple[torch.Tensor, torch.Tensor]],
     """views: per slice, A (slots, r_max, in) and B (slots, out, r_max); the first `ranks[i]` ranks are used."""
     slots, outs = views[0][0].shape[0], tuple(bi.shape[1] for _, bi in views)
     bt = views[0][0].new_zeros(slots, sum(ranks), sum(outs))  # block-diagonal B, transposed
-    sides, out_off, row_off, r0 = [], 0, 0, 0
+    sides, out_off, r0 = [], 0, 0
     for (_, bi), size, r in zip(views, outs, ranks, strict=True):
         bt[:, r0:r0 + r, out_off:out_off + size] = bi[:, :, :r].transpose(1, 2)
-        sides.append((out_off, size, row_off, slots * r, _side_by_side(bi[:, :, :r]).T.contiguous()))
-        out_off, row_off, r0 = out_off + size, row_off + slots * r, r0 + r
+        sides.append(_side_by_side(bi[:, :, :r]).T.contiguous())
+        out_off, r0 = out_off + size, r0 + r
     a = torch.cat([ai[:, :r] for (ai, _), r in zip(views, ranks, strict=True)], 1)
     a_all = torch.cat([ai[:, :r].reshape(slots * r, ai.shape[2]) for (ai, _), r in zip(views, ranks, strict=True)])
-    return _Fused(key, outs, tuple(ranks), a, bt, a_all, sides, list(zip(a.unbind(), bt.unbind(), strict=True)))
+    return _Fused(key, outs, tuple(ranks), a, bt, a_all, tuple(slots * r for r in ranks), sides,
+                  list(zip(a.unbind(), bt.unbind(), strict=True)))
 
 
 def _fused(cache: dict, a_stacks: tuple, b_stacks: tuple) -> _Fused:
@@ -267,8 +268,11 @@ def _add_delta(plan: _Plan, y: torch.Tensor, x: torch.Tensor, f: _Fused, scale: 
         y.addmm_(F.linear(x, a), bt, alpha=scale)
     elif plan.kind == "mask":  # every slot's A at once, each token masked to its own slot's columns
         h = F.linear(x, f.a_all) * plan.mask(f.ranks, f.a.shape[0], x.dtype, scale)
-        for off, size, row, rows, side_t in f.sides:
-            y[:, off:off + size].addmm_(h[:, row:row + rows], side_t)
+        if len(f.sides) == 1:
+            y.addmm_(h, f.sides[0])
+        else:  # each slice's columns of y, from its rows of h (views made by one split each)
+            for y_i, h_i, side_t in zip(y.split(f.outs, 1), h.split(f.side_rows, 1), f.sides, strict=True):
+                y_i.addmm_(h_i, side_t)
     else:
         for slot, rows in plan.runs:
             y[rows] += (F.linear(x[rows], f.a[slot]) * scale) @ f.bt[slot]
