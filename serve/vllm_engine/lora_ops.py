@@ -268,14 +268,13 @@ def _add_delta(plan: _Plan, y: torch.Tensor, x: torch.Tensor, f: _Fused, scale: 
         y.addmm_(F.linear(x, a), bt, alpha=scale)
     elif plan.kind == "mask":  # every slot's A at once, each token masked to its own slot's columns
         h = F.linear(x, f.a_all) * plan.mask(f.ranks, f.a.shape[0], x.dtype, scale)
-        if len(f.sides) == 1:
-            y.addmm_(h, f.sides[0])
-        else:  # each slice's columns of y, from its rows of h (views made by one split each)
-            for y_i, h_i, side_t in zip(y.split(f.outs, 1), h.split(f.side_rows, 1), f.sides, strict=True):
-                y_i.addmm_(h_i, side_t)
+        # each slice's columns of y, from its rows of h (views made by one split each)
+        for y_i, h_i, side_t in zip(y.split(f.outs, 1), h.split(f.side_rows, 1), f.sides, strict=True):
+            y_i.addmm_(h_i, side_t)
     else:
         for slot, rows in plan.runs:
-            y[rows] += (F.linear(x[rows], f.a[slot]) * scale) @ f.bt[slot]
+            a, bt = f.pairs[slot]
+            y[rows] += (F.linear(x[rows], a) * scale) @ bt
 
 
 def update_metadata(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
