@@ -15,7 +15,8 @@ def spliced_architecture(arch: str) -> str:
 
 def register() -> None:
     """Register the spliced model classes; on CPU also install the grouped LoRA ops (lora_ops.py), which fix
-    base rows picking up an adapter when every LoRA slot is in use (SAELORA_VLLM_LORA_OPS=vllm keeps vLLM's)."""
+    base rows picking up an adapter when every LoRA slot is in use (SAELORA_VLLM_LORA_OPS=vllm keeps vLLM's),
+    and the eager logprob-rank op (sampler_ops.py), which keeps a first logprobs request from compiling."""
     import os
 
     from vllm import ModelRegistry
@@ -28,3 +29,6 @@ def register() -> None:
         from .lora_ops import install
 
         install()
+    from . import sampler_ops
+
+    sampler_ops.install()

@@ -1,0 +1,49 @@
+"""vLLM's logprob-rank op, eager on CPU.
+
+vLLM's sampler ranks each sampled token among the vocabulary with `batched_count_greater_than`, a function
+wrapped in `torch.compile` (inductor) so that on GPUs it does not materialise a (rows, vocab) boolean tensor.
+On CPU that wrapper costs more than it saves:
+
+- the first request that asks for logprobs compiles it inside the engine step, which stalls every running
+  request: measured on the 2-core test machine, 24 s with an empty inductor cache and 3-4 s with a warm one
+  (CI saw a 14 s response to a one-token request; docs/decisions.md, decision 47);
+- inductor needs a C++ compiler at run time, which the slim server image does not have.
+
+The eager expression is the compiled one's own body, so the ranks are the same integers; the boolean tensor
+it builds is rows x vocab bytes (e.g. 64 rows x 262k vocab = 17 MB), freed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ORIG: dict = {}
+
+
+def batched_count_greater_than(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of `x`, how many entries are >= that row's value in `values` (rows, 1): the 1-based rank."""
+    return (x >= values).sum(-1)
+
+
+def install() -> bool:
+    """On a CPU platform, point vLLM's sampler at the eager op; returns whether it did (idempotent)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        from vllm.v1.sample import sampler
+    except ImportError:
+        return False
+    current = getattr(sampler, "batched_count_greater_than", None)
+    if current is None:
+        log.warning("vLLM's sampler no longer has batched_count_greater_than; its logprob ranks stay compiled")
+        return False
+    if current is not batched_count_greater_than:
+        _ORIG["batched_count_greater_than"] = current
+        sampler.batched_count_greater_than = batched_count_greater_than
+    return True
