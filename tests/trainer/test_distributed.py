@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 # over steps; measured here: relative differences of a few 1e-7 after 6 steps. The bound leaves room, and stays
 # far below what a wrong global batch would give (different rows: KL differs by percents at the first step).
 RTOL = 1e-4
+WEIGHT_RTOL = 1e-3  # the final adapter's tensors: relative Frobenius distance (see the test)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,13 @@ def test_two_processes_equal_one_process_at_twice_the_batch(ws, tmp_path):
         assert eb[0]["saes"][name]["l0_spliced"] == pytest.approx(d["l0_spliced"], rel=RTOL)
     wa = load_file(ref_bundle / "adapter_model.safetensors")
     wb = load_file(two / "adapter" / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-6) for k in wa)
+    # Per tensor, not per element: Adam divides each gradient by its own running RMS, so an element whose
+    # gradient is near zero turns the ranks' different summation order into a visible step (measured: one
+    # element of 12288 off by 1.4e-3 relative on one machine, passing on another). Measured over the tensors:
+    # ||a - b|| / ||a|| <= 8.7e-5; one process at the wrong batch (2, not 4) gives >= 0.33 on every lora_B.
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm() / wa[k].norm()) < WEIGHT_RTOL, k
     assert load_bundle(two / "adapter").manifest.training["processes"] == 2
 
 
