@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serve import make_adapters  # noqa: E402
+from bench.vllm_lora_step import inprocess_engine  # noqa: E402
 
 log = logging.getLogger("bench.vllm_hot_load")
 RESULTS = Path(__file__).parent / "results"
@@ -62,21 +63,17 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from saelora.adapters.config import DEFAULT_MODEL
-    from saelora.adapters.models import load_model
-    from saelora.adapters.saes import load_sae, shipped_sae
+    from saelora.adapters.saes import shipped_sae
     from saelora.adapters.threads import one_thread
     from saelora.serve.core import registry
-    from saelora.serve.vllm_engine.engine import VllmEngine, VllmOptions
 
     acc: dict[str, list[float]] = {}
     for name in PARTS:
         setattr(registry, name, timed(getattr(registry, name), name, acc))
     root = Path(tempfile.mkdtemp(prefix="saelora-bench-"))
-    with one_thread():  # as `saelora serve` starts: no OpenMP team on this thread
+    with one_thread():  # no OpenMP team on this thread, as in `saelora serve`
         make_adapters(root, str(shipped_sae(DEFAULT_MODEL)), 1, rank=16)
-        lm = load_model(DEFAULT_MODEL, device="cpu", weights=False)
-        saes = [load_sae(lm.model, str(shipped_sae(DEFAULT_MODEL)), tokenizer=lm.tokenizer)]
-        engine = VllmEngine(lm, saes, VllmOptions(kv_cache_gb=2, adapter_root=str(root)))
+    _, engine = inprocess_engine(root)
     engine._add_lora = timed(engine._add_lora, "vllm_add_lora", acc)
     acc.update(asyncio.run(cycles(engine, args.cycles)))
     size = (root / "r0" / "adapter_model.safetensors").stat().st_size

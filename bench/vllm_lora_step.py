@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.serve import PROMPTS, make_adapters  # noqa: E402
@@ -76,17 +77,23 @@ async def one_run(engine, tokenizer, adapter: str | None, tokens: int, acc: dict
             "python_ms": (acc["add_lora_linear"] - acc["_add_delta"]) / n * 1e3, "steps": n}
 
 
-async def measure(args: argparse.Namespace, root: Path) -> dict:
+def inprocess_engine(root: Path) -> tuple[Any, Any]:
+    """(model, VllmEngine) for the embedded model with the shipped SAE and adapters under `root`, built as
+    `saelora serve` builds it: under one_thread(), so no OpenMP team starts on this thread. Not started."""
     from saelora.adapters.config import DEFAULT_MODEL
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae, shipped_sae
     from saelora.adapters.threads import one_thread
     from saelora.serve.vllm_engine.engine import VllmEngine, VllmOptions
 
-    with one_thread():  # as `saelora serve` builds it
+    with one_thread():
         lm = load_model(DEFAULT_MODEL, device="cpu", weights=False)
         saes = [load_sae(lm.model, str(shipped_sae(DEFAULT_MODEL)), tokenizer=lm.tokenizer)]
-        engine = VllmEngine(lm, saes, VllmOptions(kv_cache_gb=2, adapter_root=str(root)))
+        return lm, VllmEngine(lm, saes, VllmOptions(kv_cache_gb=2, adapter_root=str(root)))
+
+
+async def measure(args: argparse.Namespace, root: Path) -> dict:
+    lm, engine = inprocess_engine(root)
     acc = timers(engine)
     await engine.start()
     try:
