@@ -5,8 +5,8 @@ wrapped in `torch.compile` (inductor) so that on GPUs it does not materialise a 
 On CPU that wrapper costs more than it saves:
 
 - the first request that asks for logprobs compiles it inside the engine step, which stalls every running
-  request: measured on the 2-core test machine, 24 s with an empty inductor cache and 3-4 s with a warm one
-  (CI saw a 14 s response to a one-token request; docs/decisions.md, decision 47);
+  request: 18 s with an empty inductor cache and 4 s with a warm one on the embedded model
+  (bench/vllm_first_logprobs.py; CI saw a 14 s response to a one-token request; decision 47);
 - inductor needs a C++ compiler at run time, which the slim server image does not have.
 
 The eager expression is the compiled one's own body, so the ranks are the same integers; the boolean tensor

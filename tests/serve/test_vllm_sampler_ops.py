@@ -1,5 +1,5 @@
 """vLLM's logprob ranks on CPU come from saelora's eager op (sampler_ops.py): the same ranks as the definition,
-and asking for logprobs compiles nothing (the compiled op stalled the engine 3-24 s on a first logprobs request)."""
+and asking for logprobs compiles nothing (the compiled op stalled the engine 4-18 s on a first logprobs request)."""
 
 import torch
 import torch._dynamo.utils as dynamo_utils
