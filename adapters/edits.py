@@ -20,10 +20,19 @@ from .errors import SaeloraError
 
 Mode = Literal["replace", "error_term", "off"]
 Op = Literal["set", "add", "scale", "clamp_max", "clamp_min", "ablate"]
+#: A steering vector's ops at an SAE's hook: `add` (x += value * v) and the paper's projection scaling
+#: `project` (x += value * (x . v^) v^, v^ = v / |v|).
+VectorOp = Literal["add", "project"]
 PositionWord = Literal["all", "prompt", "generated"]
+#: The unit of an edit's value. raw: as given; max: a multiple of the latent's max activation on the description
+#: corpus; norm: a fraction of the typical residual norm at the hook, along the decoder direction (or the vector).
+#: Converted to raw at the HTTP edge (adapters/steering.py `to_raw`); engines see raw values only.
+Unit = Literal["raw", "max", "norm"]
 MODES: tuple[str, ...] = get_args(Mode)
 OPS: tuple[str, ...] = get_args(Op)
+VECTOR_OPS: tuple[str, ...] = get_args(VectorOp)
 POSITION_WORDS: tuple[str, ...] = get_args(PositionWord)
+UNITS: tuple[str, ...] = get_args(Unit)
 
 #: Serving's default mode: no edit means the exact base model. Training splices in `replace` (TRAIN_MODE).
 SERVE_MODE: Mode = "error_term"
@@ -88,6 +97,42 @@ class LatentEdit:
                    Condition.from_json(when) if when else None)
 
 
+@dataclass(frozen=True)
+class VectorEdit:
+    """Steer along a direction of the residual stream at SAE `sae`'s hook point, independent of its latents:
+    op `add` (x += value * vector) or `project` (x += value * (x . v^) v^), at `positions`, with `when` only at the
+    tokens where that latent of the SAE (before any edit) is above a threshold. Applied after the SAE's splice, in
+    every splice mode; positions the SAE's policy keeps original stay original."""
+
+    sae: str
+    vector: tuple[float, ...]
+    op: str = "add"
+    value: float = 1.0
+    positions: str | tuple[int, ...] = "all"
+    when: Condition | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (a dict, where a latent edit is a list)."""
+        return {"sae": self.sae, "vector": list(self.vector), "op": self.op, "value": self.value,
+                "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
+                "when": self.when.to_json() if self.when else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "VectorEdit":
+        pos = data["positions"]
+        return cls(data["sae"], tuple(float(v) for v in data["vector"]), data["op"], float(data["value"]),
+                   pos if isinstance(pos, str) else tuple(int(p) for p in pos),
+                   Condition.from_json(data["when"]) if data.get("when") else None)
+
+
+Edit = LatentEdit | VectorEdit
+
+
+def edit_from_json(data: list[Any] | dict[str, Any]) -> Edit:
+    """An edit from its JSON form (`to_json`): a list is a latent edit, a dict a vector edit."""
+    return VectorEdit.from_json(data) if isinstance(data, dict) else LatentEdit.from_json(data)
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise SpliceError(f"Unknown splice mode {mode!r}; expected one of {MODES}")
@@ -101,12 +146,16 @@ def check_condition(c: Condition, d_sae: int) -> None:
         raise SpliceError(f"A condition's threshold must be finite within ±{MAX_EDIT_VALUE:g}, got {c.above!r}")
 
 
-def check_edit(e: LatentEdit, d_sae: int) -> None:
-    """Raise `SpliceError` unless `e` can be applied to an SAE with `d_sae` latents."""
-    if e.op not in OPS:
-        raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
-    if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
-        raise SpliceNotFoundError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
+def check_edit(e: Edit, d_sae: int, d_in: int | None = None) -> None:
+    """Raise `SpliceError` unless `e` can be applied to an SAE with `d_sae` latents (and, for a vector edit, a
+    residual stream of width `d_in`, when known)."""
+    if isinstance(e, VectorEdit):
+        _check_vector(e, d_in)
+    else:
+        if e.op not in OPS:
+            raise SpliceError(f"Unknown edit op {e.op!r}; expected one of {OPS}")
+        if isinstance(e.feature, bool) or not isinstance(e.feature, int) or not 0 <= e.feature < d_sae:
+            raise SpliceNotFoundError(f"Feature index {e.feature!r} of SAE {e.sae!r} is outside [0, {d_sae})")
     if not isinstance(e.value, (int, float)) or not math.isfinite(e.value):
         raise SpliceError(f"Edit value must be a finite number, got {e.value!r}")
     if abs(e.value) > MAX_EDIT_VALUE:
@@ -121,6 +170,18 @@ def check_edit(e: LatentEdit, d_sae: int) -> None:
             raise SpliceError(f"an edit's condition reads the edit's own SAE ({e.sae!r}), not {e.when.sae!r}: "
                               "latents of another SAE are not known where this one is spliced")
         check_condition(e.when, d_sae)
+
+
+def _check_vector(e: VectorEdit, d_in: int | None) -> None:
+    if e.op not in VECTOR_OPS:
+        raise SpliceError(f"Unknown vector op {e.op!r}; expected one of {VECTOR_OPS}")
+    if d_in is not None and len(e.vector) != d_in:
+        raise SpliceError(f"A steering vector at SAE {e.sae!r} has {d_in} numbers, got {len(e.vector)}")
+    if not e.vector or not all(isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= MAX_EDIT_VALUE
+                               for v in e.vector):
+        raise SpliceError(f"A steering vector's numbers must be finite within ±{MAX_EDIT_VALUE:g}")
+    if not any(e.vector):
+        raise SpliceError("A steering vector must not be all zeros")
 
 
 #: op -> f(latent column, value): the edited column (same shape).
@@ -153,7 +214,10 @@ def position_mask(positions: str | tuple[int, ...], pos: Any, prompt_len: int | 
     return real & (pos[..., None] == wanted).any(-1) if len(wanted) else real & False
 
 
-def changes_stream(mode: str, edits: list[LatentEdit] | tuple[LatentEdit, ...], sae: str) -> bool:
+def changes_stream(mode: str, edits: list[Edit] | tuple[Edit, ...], sae: str) -> bool:
     """Whether a row with this mode and these edits has its residual stream changed at SAE `sae`: `replace`,
-    or `error_term` with an edit of that SAE. Otherwise the stream is exactly the base model's."""
-    return mode == "replace" or (mode == "error_term" and any(e.sae == sae for e in edits))
+    `error_term` with an edit of that SAE, or a vector edit at it (any mode). Otherwise the stream is exactly the
+    base model's."""
+    mine = [e for e in edits if e.sae == sae]
+    return (mode == "replace" or (mode == "error_term" and bool(mine))
+            or any(isinstance(e, VectorEdit) for e in mine))

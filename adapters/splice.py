@@ -29,21 +29,22 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .edits import (Condition, LatentEdit, SpliceError, SpliceNotFoundError, apply_op, changes_stream,
-                    check_condition, check_edit, check_mode, position_mask)
+from .edits import (Condition, Edit, LatentEdit, SpliceError, SpliceNotFoundError, VectorEdit, apply_op,
+                    changes_stream, check_condition, check_edit, check_mode, position_mask)
 from .saes import LoadedSAE
 
-__all__ = ["Capture", "Condition", "LatentEdit", "RowSpec", "SpliceError", "SpliceNotFoundError", "SpliceResult",
+__all__ = ["Capture", "Condition", "Edit", "LatentEdit", "VectorEdit", "RowSpec", "SpliceError", "SpliceNotFoundError",
+           "SpliceResult",
            "SpliceStats", "changes_stream", "check_edits", "check_rows", "fit_positions", "splice_sae"]
 
 
 @dataclass
 class RowSpec:
-    """What one batch row gets: per-SAE mode overrides, latent edits, its prompt length (tokens), and the
-    conditions that end its generation (`stops`: reported per generated token, the stream is not touched)."""
+    """What one batch row gets: per-SAE mode overrides, latent and vector edits, its prompt length (tokens), and
+    the conditions that end its generation (`stops`: reported per generated token, the stream is not touched)."""
 
     modes: dict[str, str] = field(default_factory=dict)
-    edits: list[LatentEdit] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
     prompt_len: int | None = None
     stops: list[Condition] = field(default_factory=list)
 
@@ -88,20 +89,22 @@ class SpliceResult:
 def check_rows(saes: Mapping[str, LoadedSAE], rows: Sequence[RowSpec]) -> None:
     """Raise `SpliceError` for anything in `rows` that cannot be applied with these SAEs (keyed by name)."""
     sizes = {name: s.d_sae for name, s in saes.items()}
+    widths = {name: s.d_in for name, s in saes.items()}
     for row in rows:
         for name, mode in row.modes.items():
             _d_sae(sizes, name)
             check_mode(mode)
-        check_edits(sizes, row.edits, row.stops)
+        check_edits(sizes, row.edits, row.stops, widths)
 
 
-def check_edits(sizes: Mapping[str, int], edits: Sequence[LatentEdit], stops: Sequence[Condition] = ()) -> None:
-    """Raise `SpliceError` unless every edit and stop condition fits SAEs of these widths (d_sae, keyed by name);
-    `SpliceNotFoundError` for an SAE or latent they do not have."""
+def check_edits(sizes: Mapping[str, int], edits: Sequence[Edit], stops: Sequence[Condition] = (),
+                widths: Mapping[str, int] | None = None) -> None:
+    """Raise `SpliceError` unless every edit and stop condition fits SAEs of these widths (d_sae, and d_in for
+    vector edits when `widths` is given, keyed by name); `SpliceNotFoundError` for an SAE or latent they lack."""
     for e in edits:
         if e.when is not None:
             _d_sae(sizes, e.when.sae)  # an SAE the server lacks is "not found" before "not supported"
-        check_edit(e, _d_sae(sizes, e.sae))
+        check_edit(e, _d_sae(sizes, e.sae), (widths or {}).get(e.sae))
     for c in stops:
         check_condition(c, _d_sae(sizes, c.sae))
 
@@ -153,6 +156,7 @@ def splice_sae(s: LoadedSAE, x: torch.Tensor, pos: torch.Tensor, ids: torch.Tens
         emask = edited & err[:, None]  # (B, T)
         if bool(emask.any()):
             out = torch.where(emask[..., None], x + (recon(False) - recon(True)), out)
+    out = _add_vectors(s.name, out, z, pos, keep, rows)
     if bool(keep.any()):
         out = torch.where(keep[..., None], x, out)
     return SpliceResult(out, capture=_capture(z_edit, pos, top_k) if top_k > 0 else None,
@@ -176,23 +180,49 @@ def _any_active(name: str, rows: Sequence[RowSpec] | None, modes: list[str]) -> 
 
 def _edit_latents(name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
                   rows: Sequence[RowSpec] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not rows or not any(e.sae == name for r in rows for e in r.edits):
+    if not rows or not any(e.sae == name and isinstance(e, LatentEdit) for r in rows for e in r.edits):
         return z, None
     z0, z = z, z.clone()  # conditions read z0: the latents before any edit
     edited = torch.zeros(pos.shape, dtype=torch.bool, device=z.device)
     for r, row in enumerate(rows):
         for e in row.edits:
-            if e.sae != name:
+            if e.sae != name or not isinstance(e, LatentEdit):
                 continue
-            m = position_mask(e.positions, pos[r], row.prompt_len) & ~keep[r]  # (T,)
-            if e.when is not None:
-                m = m & (z0[r, :, e.when.feature] > e.when.above)
+            m = _edit_mask(e, z0[r], pos[r], keep[r], row.prompt_len)
             if not bool(m.any()):
                 continue
             col = z[r, :, e.feature]
             z[r, :, e.feature] = torch.where(m, apply_op(e.op, col, e.value), col)
             edited[r] |= m
     return z, edited
+
+
+def _edit_mask(e: Edit, z0: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
+               prompt_len: int | None) -> torch.Tensor:
+    """(T,) bool: where edit `e` applies in one row (its positions, not policy-kept, its condition on z0 (T, S))."""
+    m = position_mask(e.positions, pos, prompt_len) & ~keep
+    return m & (z0[:, e.when.feature] > e.when.above) if e.when is not None else m
+
+
+def _add_vectors(name: str, out: torch.Tensor, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
+                 rows: Sequence[RowSpec] | None) -> torch.Tensor:
+    """out after the rows' vector edits at this SAE: add (out += value v) or project (out += value (out.v^) v^)."""
+    if not rows or not any(e.sae == name and isinstance(e, VectorEdit) for r in rows for e in r.edits):
+        return out
+    out = out.clone()
+    for r, row in enumerate(rows):
+        for e in row.edits:
+            if e.sae != name or not isinstance(e, VectorEdit):
+                continue
+            m = _edit_mask(e, z[r], pos[r], keep[r], row.prompt_len)[:, None]  # (T, 1)
+            v = out.new_tensor(e.vector)  # (d,)
+            if e.op == "add":
+                delta = e.value * v
+            else:
+                u = v / v.norm()
+                delta = e.value * (out[r].float() @ u.float()).to(out.dtype)[:, None] * u
+            out[r] = torch.where(m, out[r] + delta, out[r])
+    return out
 
 
 def _stops(name: str, z: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,

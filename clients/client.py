@@ -20,50 +20,12 @@ import httpx
 
 from . import endpoints as E
 from . import protocol as P
+from . import protocol_steer as PS
+from .edits import Edit, Vector
 from .endpoints import DONE, Call, kept_by_policy, sse_data
 from .errors import RateLimitError, ServiceUnavailableError, from_response
 
 RETRYABLE = (RateLimitError, ServiceUnavailableError)
-
-
-class Edit:
-    """Latent edits for the `sae.edits` field: Edit.set(f, v), Edit.add, Edit.scale, Edit.clamp_max,
-    Edit.clamp_min, Edit.ablate(f)."""
-
-    @staticmethod
-    def make(op: str, feature: int, value: float = 0.0, sae: str | None = None,
-             positions: str | list[int] = "all", when: P.SAECondition | None = None) -> P.SAEEdit:
-        return P.SAEEdit(sae=sae, feature=feature, op=op, value=value, positions=positions,  # type: ignore[arg-type]
-                         when=when)
-
-    @staticmethod
-    def when(feature: int, above: float, sae: str | None = None) -> P.SAECondition:
-        """A condition: latent `feature` (before edits) above `above`; for `when=` of an edit, or `stop_when`."""
-        return P.SAECondition(sae=sae, feature=feature, above=above)
-
-    @staticmethod
-    def set(feature: int, value: float, **kw: Any) -> P.SAEEdit:
-        return Edit.make("set", feature, value, **kw)
-
-    @staticmethod
-    def add(feature: int, value: float, **kw: Any) -> P.SAEEdit:
-        return Edit.make("add", feature, value, **kw)
-
-    @staticmethod
-    def scale(feature: int, value: float, **kw: Any) -> P.SAEEdit:
-        return Edit.make("scale", feature, value, **kw)
-
-    @staticmethod
-    def clamp_max(feature: int, value: float, **kw: Any) -> P.SAEEdit:
-        return Edit.make("clamp_max", feature, value, **kw)
-
-    @staticmethod
-    def clamp_min(feature: int, value: float, **kw: Any) -> P.SAEEdit:
-        return Edit.make("clamp_min", feature, value, **kw)
-
-    @staticmethod
-    def ablate(feature: int, **kw: Any) -> P.SAEEdit:
-        return Edit.make("ablate", feature, 0.0, **kw)
 
 
 def _retry_delay(attempt: int, headers: httpx.Headers | None) -> float:
@@ -100,6 +62,7 @@ class SaeloraClient(_Base):
         self.adapters = _Adapters(self)
         self.saes = _SAEs(self)
         self.presets = _Presets(self)
+        self.vectors = _Vectors(self)
 
     def close(self) -> None:
         self.http.close()
@@ -184,11 +147,21 @@ class SaeloraClient(_Base):
         return E.compare_result(prompt, steered)
 
     def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
-                 n: int = 10) -> list[dict[str, Any]]:
-        """Latents whose mean activation (top-k sparse, over the tokens each SAE's position policy splices: not
-        the attention sink or BOS/EOS) differs most between two prompt sets."""
+                 n: int = 10, ranking: str = E.DEFAULT_RANKING) -> list[dict[str, Any]]:
+        """The latents that most tell prompt set A from set B (`endpoints.contrast_result`: by default the
+        standardised mean difference with always-on latents excluded; "mean_diff" is the old raw ranking)."""
         return E.contrast_result([self.features(p, top_k=top_k) for p in prompts_a],
-                                 [self.features(p, top_k=top_k) for p in prompts_b], n, self.saes.list())
+                                 [self.features(p, top_k=top_k) for p in prompts_b], n, self.saes.list(), ranking)
+
+    def search(self, sae: str, q: str, n: int = 10) -> PS.SearchResponse:
+        """Latents whose feature descriptions (top contexts, promoted tokens) match the query words."""
+        return self.run(E.search(sae, q, n))
+
+    def auto_steer(self, name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
+                   prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5,
+                   sae: str | None = None) -> PS.AutoSteerResponse:
+        """Search, sweep and judge on the server; the winner is stored as preset `name` (admin key)."""
+        return self.run(E.auto_steer(name, positive, negative, prompts, max_fluency_gap, sae))
 
 
 class _Adapters:
@@ -217,11 +190,31 @@ class _Presets:
     def get(self, name: str) -> P.PresetInfo:
         return self.c.run(E.get_preset(name))
 
-    def put(self, name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> P.PresetInfo:
+    def put(self, name: str, edits: Sequence[P.SAEEdit | P.SAEVectorEdit], mode: str = "error_term") -> P.PresetInfo:
         return self.c.run(E.put_preset(name, edits, mode))
 
     def delete(self, name: str) -> dict[str, Any]:
         return self.c.run(E.delete_preset(name))
+
+
+class _Vectors:
+    """Steering vectors: `list`, `get`, `put` (numbers, or DiffMean of two text sets; admin key), `delete`."""
+
+    def __init__(self, c: SaeloraClient) -> None:
+        self.c = c
+
+    def list(self) -> PS.VectorList:
+        return self.c.run(E.list_vectors())
+
+    def get(self, name: str) -> PS.VectorInfo:
+        return self.c.run(E.get_vector(name))
+
+    def put(self, name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
+            negative: Sequence[str] | None = None, sae: str | None = None) -> PS.VectorInfo:
+        return self.c.run(E.put_vector(name, values, positive, negative, sae))
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self.c.run(E.delete_vector(name))
 
 
 class _SAEs:
@@ -241,6 +234,7 @@ class AsyncSaeloraClient(_Base):
         self.adapters = _AsyncAdapters(self)
         self.saes = _AsyncSAEs(self)
         self.presets = _AsyncPresets(self)
+        self.vectors = _AsyncVectors(self)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -337,11 +331,20 @@ class AsyncSaeloraClient(_Base):
         return E.compare_result(prompt, steered.choices[0])
 
     async def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
-                       n: int = 10) -> list[dict[str, Any]]:
+                       n: int = 10, ranking: str = E.DEFAULT_RANKING) -> list[dict[str, Any]]:
         """See `SaeloraClient.contrast`; the prompts are sent concurrently."""
         a = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_a])
         b = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_b])
-        return E.contrast_result(a, b, n, await self.saes.list())
+        return E.contrast_result(a, b, n, await self.saes.list(), ranking)
+
+    async def search(self, sae: str, q: str, n: int = 10) -> PS.SearchResponse:
+        return await self.run(E.search(sae, q, n))
+
+    async def auto_steer(self, name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
+                         prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5,
+                         sae: str | None = None) -> PS.AutoSteerResponse:
+        """See `SaeloraClient.auto_steer`."""
+        return await self.run(E.auto_steer(name, positive, negative, prompts, max_fluency_gap, sae))
 
 
 class _AsyncPresets:
@@ -354,7 +357,8 @@ class _AsyncPresets:
     async def get(self, name: str) -> P.PresetInfo:
         return await self.c.run(E.get_preset(name))
 
-    async def put(self, name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> P.PresetInfo:
+    async def put(self, name: str, edits: Sequence[P.SAEEdit | P.SAEVectorEdit],
+                  mode: str = "error_term") -> P.PresetInfo:
         return await self.c.run(E.put_preset(name, edits, mode))
 
     async def delete(self, name: str) -> dict[str, Any]:
@@ -375,6 +379,24 @@ class _AsyncAdapters:
         return await self.c.run(E.unload_adapter(name))
 
 
+class _AsyncVectors:
+    def __init__(self, c: AsyncSaeloraClient) -> None:
+        self.c = c
+
+    async def list(self) -> PS.VectorList:
+        return await self.c.run(E.list_vectors())
+
+    async def get(self, name: str) -> PS.VectorInfo:
+        return await self.c.run(E.get_vector(name))
+
+    async def put(self, name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
+                  negative: Sequence[str] | None = None, sae: str | None = None) -> PS.VectorInfo:
+        return await self.c.run(E.put_vector(name, values, positive, negative, sae))
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        return await self.c.run(E.delete_vector(name))
+
+
 class _AsyncSAEs:
     def __init__(self, c: AsyncSaeloraClient) -> None:
         self.c = c
@@ -383,4 +405,4 @@ class _AsyncSAEs:
         return await self.c.run(E.list_saes())
 
 
-__all__ = ["AsyncSaeloraClient", "Edit", "SaeloraClient", "kept_by_policy"]
+__all__ = ["AsyncSaeloraClient", "Edit", "SaeloraClient", "Vector", "kept_by_policy"]

@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from saelora.adapters.search import DEFAULT_RANKING, MAX_DENSITY, LatentTally, rank_latents
+
 from . import protocol as P
+from . import protocol_steer as PS
 from .errors import from_response
 
 
@@ -57,13 +60,20 @@ def features(model: str, text: str | None = None, messages: Sequence[dict[str, A
     return Call("POST", "/v1/features", _dump(req), P.FeaturesResponse.model_validate)
 
 
-def steer_options(edits: Sequence[P.SAEEdit], top_k: int = 0, mode: str | None = None, preset: str | None = None,
-                  stop_when: Sequence[P.SAECondition] = (), compare: bool = False) -> P.SAEOptions:
-    """The `sae` field of a steered completion: a preset and/or edits, stop conditions, `compare`, and the top-k
-    latents per token when top_k > 0. Without `mode`, the preset's (else error_term) applies."""
+def steer_options(edits: Sequence[P.SAEEdit | P.SAEVectorEdit], top_k: int = 0, mode: str | None = None,
+                  preset: str | None = None, stop_when: Sequence[P.SAECondition] = (),
+                  compare: bool = False) -> P.SAEOptions:
+    """The `sae` field of a steered completion: a preset and/or edits (latent edits and steering vectors), stop
+    conditions, `compare`, and the top-k latents per token when top_k > 0. Without `mode`, the preset's (else
+    error_term) applies."""
     opts: dict[str, Any] = {"mode": mode} if mode is not None else {}
-    return P.SAEOptions(edits=list(edits), preset=preset, stop_when=list(stop_when), compare=compare,
+    latents, vectors = _split(edits)
+    return P.SAEOptions(edits=latents, vectors=vectors, preset=preset, stop_when=list(stop_when), compare=compare,
                         features=P.SAEFeatureOptions(top_k=top_k) if top_k else None, **opts)
+
+
+def _split(edits: Sequence[P.SAEEdit | P.SAEVectorEdit]) -> tuple[list[P.SAEEdit], list[P.SAEVectorEdit]]:
+    return [e for e in edits if isinstance(e, P.SAEEdit)], [e for e in edits if isinstance(e, P.SAEVectorEdit)]
 
 
 def list_presets() -> Call:
@@ -74,9 +84,44 @@ def get_preset(name: str) -> Call:
     return Call("GET", f"/v1/steering/presets/{name}", parse=P.PresetInfo.model_validate)
 
 
-def put_preset(name: str, edits: Sequence[P.SAEEdit], mode: str = "error_term") -> Call:
-    body = _dump(P.SteeringPreset(mode=mode, edits=list(edits)))  # type: ignore[arg-type]
+def put_preset(name: str, edits: Sequence[P.SAEEdit | P.SAEVectorEdit], mode: str = "error_term") -> Call:
+    latents, vectors = _split(edits)
+    body = _dump(P.SteeringPreset(mode=mode, edits=latents, vectors=vectors))  # type: ignore[arg-type]
     return Call("PUT", f"/v1/steering/presets/{name}", body, P.PresetInfo.model_validate)
+
+
+def list_vectors() -> Call:
+    return Call("GET", "/v1/steering/vectors", parse=PS.VectorList.model_validate)
+
+
+def get_vector(name: str) -> Call:
+    return Call("GET", f"/v1/steering/vectors/{name}", parse=PS.VectorInfo.model_validate)
+
+
+def put_vector(name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
+               negative: Sequence[str] | None = None, sae: str | None = None) -> Call:
+    given = {"sae": sae, "values": values, "positive": positive, "negative": negative}
+    body = _dump(PS.SteeringVectorBody(**{k: list(v) if isinstance(v, (list, tuple)) else v
+                                          for k, v in given.items() if v is not None}))
+    return Call("PUT", f"/v1/steering/vectors/{name}", body, PS.VectorInfo.model_validate)
+
+
+def delete_vector(name: str) -> Call:
+    return Call("DELETE", f"/v1/steering/vectors/{name}")
+
+
+def search(sae: str, q: str, n: int = 10) -> Call:
+    from urllib.parse import quote
+
+    return Call("GET", f"/v1/saes/{sae}/search?q={quote(q)}&n={n}", parse=PS.SearchResponse.model_validate)
+
+
+def auto_steer(name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
+               prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5, sae: str | None = None) -> Call:
+    given = {"negative": negative, "prompts": prompts}
+    req = PS.AutoSteerRequest(name=name, positive=list(positive), max_fluency_gap=max_fluency_gap, sae=sae,
+                              **{k: list(v) for k, v in given.items() if v is not None})
+    return Call("POST", "/v1/steering/auto", _dump(req), PS.AutoSteerResponse.model_validate)
 
 
 def delete_preset(name: str) -> Call:
@@ -155,12 +200,28 @@ def compare_result(prompt: str, steered: P.CompletionChoice, n: int = 10) -> dic
 
 
 def contrast_result(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesResponse], n: int,
-                    saes: P.SAEList) -> list[dict[str, Any]]:
-    """Latents whose mean activation (top-k sparse, over the tokens each SAE's position policy splices: not the
-    attention sink or BOS/EOS, as in training) differs most between two prompt sets."""
+                    saes: P.SAEList, ranking: str = DEFAULT_RANKING,
+                    max_density: float = MAX_DENSITY) -> list[dict[str, Any]]:
+    """The latents that most tell prompt set A from set B (adapters/search.py: by default the standardised mean
+    difference, latents firing on more than `max_density` of B's tokens excluded; `ranking="mean_diff"` is the
+    old ranking by raw mean difference), over the tokens each SAE's position policy splices (not the attention
+    sink or BOS/EOS, as in training). Latents are top-k sparse: a latent outside a token's top-k counts as 0."""
     policies = {s.id: s.policy for s in saes.data}
-    ma = _mean_latents([t for r in a for t in r.tokens], policies)
-    mb = _mean_latents([t for r in b for t in r.tokens], policies)
-    keys = sorted(set(ma) | set(mb), key=lambda k: -abs(ma.get(k, 0.0) - mb.get(k, 0.0)))[:n]
-    return [{"sae": k[0], "feature": k[1], "mean_a": round(ma.get(k, 0.0), 4), "mean_b": round(mb.get(k, 0.0), 4),
-             "diff": round(ma.get(k, 0.0) - mb.get(k, 0.0), 4)} for k in keys]
+    ta, tb = _tallies([t for r in a for t in r.tokens], policies), _tallies([t for r in b for t in r.tokens], policies)
+    out = []
+    for sae in sorted(set(ta) | set(tb)):
+        for r in rank_latents(ta.get(sae, LatentTally()), tb.get(sae, LatentTally()), ranking, n, max_density):
+            out.append({"sae": sae, "feature": r.feature, "score": round(r.score, 4), "mean_a": round(r.mean_a, 4),
+                        "mean_b": round(r.mean_b, 4), "diff": round(r.mean_a - r.mean_b, 4),
+                        "freq_a": round(r.freq_a, 4), "freq_b": round(r.freq_b, 4), "ranking": ranking})
+    key = (lambda d: -abs(d["score"])) if ranking == "mean_diff" else (lambda d: -d["score"])
+    return sorted(out, key=key)[:n]
+
+
+def _tallies(tokens: Sequence[P.TokenFeatures], policies: dict[str, dict[str, Any] | None]) -> dict[str, LatentTally]:
+    out: dict[str, LatentTally] = {}
+    for t in tokens:
+        for f in t.features:
+            if not kept_by_policy(policies.get(f.sae), t):
+                out.setdefault(f.sae, LatentTally()).add_token(zip(f.indices, f.values, strict=True))
+    return out

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord
+from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord, Unit, VectorOp
 
 MAX_TOP_K = 64  # latents per token per SAE
 MAX_EDITS = 64
@@ -30,6 +30,8 @@ MAX_STOP_WHEN = 16
 MAX_PRESETS = 256
 LOGIT_TOP = 10  # tokens a latent promotes / suppresses (GET /v1/saes/{sae}/features/{i})
 MAX_PATH = 1024
+MAX_VECTOR = 16384  # numbers in a steering vector (the residual width)
+MAX_VECTOR_EDITS = 8
 
 SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
 EditOp = Op
@@ -88,8 +90,40 @@ class SAEEdit(_Strict):
     positions: PositionWord | Annotated[list[jint(ge=0, le=MAX_POSITION)],
                                         Field(min_length=1, max_length=MAX_POSITIONS)] = "all"
     when: SAECondition | None = Field(None, description="apply only where this condition holds")
+    unit: Unit = Field("raw", description="raw: the value as given; max: a multiple of the latent's max activation "
+                                          "on the description corpus; norm: a fraction of the median residual norm at "
+                                          "the hook, along the latent's decoder direction (docs/api.md)")
 
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
+
+
+class SAEVectorEdit(_Strict):
+    """Steer along a direction at SAE `sae`'s hook point: a stored vector (`vector`) or numbers (`values`), with
+    op `add` (x += value * v) or `project` (x += value * (x . v^) v^, the paper's projection scaling)."""
+
+    sae: str | None = Field(None, description="SAE id whose hook point the vector acts at; may be omitted when one "
+                                              "SAE is loaded (a stored vector brings its own)")
+    vector: str | None = Field(None, pattern=PRESET_NAME, description="a stored steering vector "
+                                                                      "(PUT /v1/steering/vectors/{name})")
+    values: list[JFloat] | None = Field(None, min_length=1, max_length=MAX_VECTOR,
+                                        description="the direction as numbers (d_in of them)")
+    op: VectorOp = "add"
+    value: JFloat = Field(1.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
+    unit: Unit = Field("raw", description="raw, or norm (with add): the added vector's length as a fraction of the "
+                                          "median residual norm at the hook")
+    positions: PositionWord | Annotated[list[jint(ge=0, le=MAX_POSITION)],
+                                        Field(min_length=1, max_length=MAX_POSITIONS)] = "all"
+    when: SAECondition | None = Field(None, description="apply only where this condition holds")
+
+    _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SAEVectorEdit":
+        if (self.vector is None) == (self.values is None):
+            raise ValueError("give exactly one of `vector` (a stored vector's name) and `values` (numbers)")
+        if self.values is not None and not all(math.isfinite(v) for v in self.values):
+            raise ValueError("values must be finite numbers (NaN and Inf are rejected)")
+        return self
 
 
 class SAEFeatureOptions(_Strict):
@@ -105,6 +139,8 @@ class SAEOptions(_Strict):
     features: SAEFeatureOptions | None = None
     edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS,
                                  description="applied after the preset's edits, when a preset is named")
+    vectors: list[SAEVectorEdit] = Field(default_factory=list, max_length=MAX_VECTOR_EDITS,
+                                         description="steering vectors, applied after the preset's")
     preset: str | None = Field(None, pattern=PRESET_NAME, description="a steering preset (GET /v1/steering/presets)")
     stop_when: list[SAECondition] = Field(default_factory=list, max_length=MAX_STOP_WHEN,
                                           description="end with finish_reason stop once one holds at a generated "
@@ -118,10 +154,18 @@ class SAEOptions(_Strict):
 
 
 class SteeringPreset(_Strict):
-    """A named set of edits (PUT /v1/steering/presets/{name}); requests use it with `"sae": {"preset": name}`."""
+    """A named set of latent edits and steering vectors (PUT /v1/steering/presets/{name}); requests use it with
+    `"sae": {"preset": name}`. At least one edit or vector."""
 
     mode: SpliceMode = SERVE_MODE
-    edits: list[SAEEdit] = Field(..., min_length=1, max_length=MAX_EDITS)
+    edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS)
+    vectors: list[SAEVectorEdit] = Field(default_factory=list, max_length=MAX_VECTOR_EDITS)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "SteeringPreset":
+        if not self.edits and not self.vectors:
+            raise ValueError("a preset needs at least one edit or vector")
+        return self
 
 
 class PresetInfo(SteeringPreset):

@@ -39,7 +39,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict
             continue
         flag = "--" + (renames or {}).get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        text = f"{f.metadata.get('help', '')} (default: {default})".strip().replace("%", "%%")  # argparse formats help
         kind, dest = _kind(hints[f.name]), prefix + f.name
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)

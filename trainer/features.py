@@ -1,7 +1,8 @@
 """`saelora features`: what each SAE latent responds to, over a corpus, optionally under an adapter.
 
-Per latent: the top-activating contexts (token, text around it, activation), activation density and
-max; plus the dead latents. Written as `features.json` and a static `index.html` (searchable by feature
+Per latent: the top-activating contexts (token, text around it, activation), activation density, max and
+decoder-row norm; plus the dead latents and the median residual norm at the hook (the scales of calibrated
+steering units, adapters/units.py). Written as `features.json` and a static `index.html` (searchable by feature
 index and by token) per SAE. The server serves these descriptions at /v1/saes/{id}/features/{index}.
 """
 
@@ -24,6 +25,7 @@ from saelora.adapters.activations import run_to_hook
 from saelora.adapters.config import FEATURES_FILE, descriptions_dir
 from saelora.adapters.logit_lens import top_logits
 from saelora.adapters.saes import LoadedSAE
+from saelora.adapters.steering import decoder_norms
 
 from .config import opt
 
@@ -86,6 +88,7 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
                       cfg: FeaturesConfig) -> dict[str, Any]:
     """Scan `rows` (N, T) and describe every latent of `sae`."""
     acc = TopContexts(sae.d_sae, cfg.top_n)
+    norms = []
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"features {sae.name}", disable=None):
             ids = rows[i:i + cfg.batch_size]
@@ -94,18 +97,22 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
             keep = sae.policy.keep_in_rows(ids, x)
             z[keep] = 0  # positions the SAE is not spliced at (attention sink, BOS/EOS) describe nothing
             acc.update(z, i, counted=int((~keep).sum()))
+            norms.append(x[~keep].float().norm(dim=-1).cpu())
     rows_cpu = rows.cpu()
     writes = top_logits(model, sae, cfg.logit_top)  # what each latent writes to the logits (adapters/logit_lens.py)
     features = []
+    dec_norms = decoder_norms(sae)
     for j in range(sae.d_sae):
         top = [dict(_context(tokenizer, rows_cpu, int(acc.where[n, j]), cfg), value=round(float(acc.values[n, j]), 4))
                for n in range(acc.values.shape[0]) if acc.values[n, j] > 0]
         logits = {side: [{"token": tokenizer.decode([i]), "token_id": i, "value": round(v, 4)} for i, v in pairs]
                   for side, pairs in zip(("promoted", "suppressed"), writes[j], strict=True)}
         features.append({"index": j, "density": float(acc.active[j]) / acc.tokens, "max": float(acc.max[j]),
-                         "top": top, "logits": logits})
+                         "dec_norm": round(dec_norms[j], 6), "top": top, "logits": logits})
     dead = [f["index"] for f in features if not f["top"]]
-    return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead, "features": features}
+    # resid_norm and dec_norm are the scales of calibrated steering units (adapters/units.py)
+    return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead,
+            "resid_norm": float(torch.cat(norms).median()) if norms else 0.0, "features": features}
 
 
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>

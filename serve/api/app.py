@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -27,16 +26,16 @@ from saelora.adapters.config import descriptions_file
 from saelora.clients import protocol as P
 
 from ..core.engine import Engine, EngineError
-from . import errors, steering
+from . import errors, steer_routes, steering
 from .handlers import Handlers
 from .metrics import Metrics
-from .steering import PresetStore
+from .steering import Steering
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
 OPEN_PATHS = {"/health"}
 ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}  # change what every client is served
-ADMIN_PREFIXES = ("/v1/steering/presets/",)  # ... with these methods
+ADMIN_PREFIXES = ("/v1/steering/presets/", "/v1/steering/vectors/", "/v1/steering/auto")  # ... with these methods
 ADMIN_METHODS = {"PUT", "DELETE", "POST", "PATCH"}
 
 
@@ -52,8 +51,7 @@ class ServerState:
     allowed_hosts: list[str] | None
     metrics: Metrics
     handlers: Handlers
-    presets: PresetStore
-    descriptions: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # read once per SAE
+    steering: Steering  # presets, vectors, feature descriptions
     draining: bool = False  # shutting down: in-flight requests finish, new ones get 503
 
     def drain(self) -> None:
@@ -82,8 +80,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     loopback, so a web page cannot reach the local server through DNS rebinding. Steering presets live in
     `presets_dir` (one JSON file each; None: in memory only), and changing them needs the admin key like adapters."""
     metrics = Metrics(engine)
-    presets = PresetStore(presets_dir)
-    handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens, presets=presets)
+    steer = Steering(engine, presets_dir)
+    handlers = Handlers(engine, served_name, on_finish=metrics.count_tokens, steering=steer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,12 +92,13 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app = FastAPI(title="saelora", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API with per-token SAE latents, latent steering and LoRA hot-swap.")
     app.state.saelora = ServerState(engine, served_name, api_key, max_body, admin_api_key, allowed_hosts, metrics,
-                                    handlers, presets)
+                                    handlers, steer)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(Guard)  # outermost
     app.include_router(router)
     app.include_router(steering.router)
+    app.include_router(steer_routes.router)
     vocab = len(engine.tokenizer)
     app.openapi = lambda: errors.openapi_without_422(app, vocab)  # type: ignore[method-assign]
     return app
@@ -280,10 +279,7 @@ async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
         raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae_id")
     if not 0 <= index < sae["d_sae"]:
         raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
-    if sae_id not in s.descriptions:
-        path = descriptions_file(sae["source"])
-        s.descriptions[sae_id] = json.loads(path.read_text()) if path.is_file() else None
-    data = s.descriptions[sae_id]
+    data = s.steering.descriptions(sae_id)
     logits = await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP)
     if data is None:
         return P.FeatureDescription(sae=sae_id, index=index, logits=logits)
@@ -320,7 +316,7 @@ def _public_sae(d: dict[str, Any]) -> dict[str, Any]:
 
 _ROUTES = {"/health", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
            "/v1/features", "/v1/saes", "/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-           "/v1/steering/presets"}
+           "/v1/steering/presets", "/v1/steering/vectors", "/v1/steering/auto"}
 
 
 def _route_label(path: str) -> str:
@@ -329,4 +325,8 @@ def _route_label(path: str) -> str:
         return path
     if path.startswith("/v1/steering/presets/"):
         return "/v1/steering/presets/{name}"
+    if path.startswith("/v1/steering/vectors/"):
+        return "/v1/steering/vectors/{name}"
+    if path.startswith("/v1/saes/") and path.endswith("/search"):
+        return "/v1/saes/{id}/search"
     return "/v1/saes/{id}/features/{index}" if path.startswith("/v1/saes/") else "other"

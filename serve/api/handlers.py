@@ -18,9 +18,8 @@ from saelora.clients import protocol as P
 
 from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
                      SpliceRequest, TokenEvent, TokenFeaturesOut)
-from . import steering
 from .errors import error_event
-from .steering import PresetStore
+from .steering import Steering
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 JSON = "application/json"
@@ -28,9 +27,9 @@ JSON = "application/json"
 
 class Handlers:
     def __init__(self, engine: Engine, served_name: str, on_finish: Callable[[int, int], None] | None = None,
-                 presets: PresetStore | None = None) -> None:
+                 steering: Steering | None = None) -> None:
         self.engine, self.name = engine, served_name
-        self.presets = presets or PresetStore()
+        self.steering = steering or Steering(engine)
         self.on_finish = on_finish or (lambda prompt, generated: None)  # token accounting (metrics)
         # Tokenising and building latent JSON run off the event loop, on one thread: a fast tokenizer must not
         # encode in two threads at once, and a response with per-token latents can be megabytes.
@@ -52,21 +51,8 @@ class Handlers:
         raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
 
     def splice_request(self, sae: P.SAEOptions | None) -> SpliceRequest:
-        """The engine's splice settings: the preset's edits, then the request's own; its stop conditions."""
-        if sae is None:
-            return SpliceRequest()
-        saes = self.engine.saes()
-        ids = [s["name"] for s in saes]
-        if (sae.edits or sae.mode != "off" or sae.features or sae.preset or sae.stop_when) and not ids:
-            raise EngineError("invalid", "this server has no SAE loaded", "sae")
-        preset = self.presets.get(sae.preset) if sae.preset else None
-        edits = steering.to_edits(preset.edits, ids, "preset.edits") if preset else []
-        edits += steering.to_edits(sae.edits, ids, "sae.edits")
-        stops = steering.to_conditions(sae.stop_when, ids, "sae.stop_when")
-        steering.check_against(saes, edits, stops, "sae")
-        f = sae.features or P.SAEFeatureOptions()
-        return SpliceRequest(mode=sae.mode_or(preset.mode if preset else None), top_k=f.top_k,
-                             include_prompt=f.include_prompt, saes=f.saes, edits=edits, stops=stops)
+        """The engine's splice settings (serve/api/steering.py: presets, units, vectors, checks)."""
+        return SpliceRequest() if sae is None else self.steering.splice_request(sae)
 
     def sampling(self, r: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
                  logprobs: int | None) -> Sampling:

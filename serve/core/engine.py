@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, get_args
 
-from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit, SpliceNotFoundError
+from saelora.adapters.edits import SERVE_MODE, Condition, Edit, SpliceNotFoundError
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -55,7 +55,7 @@ class SpliceRequest:
     top_k: int = 0  # latents per token and SAE to return (0: none)
     include_prompt: bool = False
     saes: list[str] | None = None  # SAEs to report (None: all)
-    edits: list[LatentEdit] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)  # latent and vector edits, raw values
     stops: list[Condition] = field(default_factory=list)  # end with "stop" once one holds at a generated token
 
 
@@ -144,6 +144,18 @@ class Engine(abc.ABC):
         """`protocol.LatentLogits` for latent `index` of SAE `sae` (what it writes to the logits), or None when this
         engine cannot tell."""
         return None
+
+    async def steering_vector(self, sae: str, positive: list[str], negative: list[str]) -> list[float]:
+        """DiffMean at SAE `sae`'s hook: mean residual of `positive` minus that of `negative` (adapters/steering.py).
+        Needs the model's weights in this process: the torch engine has them, the vLLM engine does not."""
+        raise EngineError("invalid", "this engine cannot read residuals for a DiffMean vector (the torch engine "
+                          "can); give the vector as numbers (`values`)", "positive")
+
+    async def auto_steer(self, sae: str, positive: list[str], negative: list[str], prompts: list[str] | None,
+                         max_fluency_gap: float) -> Any:
+        """`adapters.autosteer.AutoSteerResult` for these texts (the torch engine; see `steering_vector`)."""
+        raise EngineError("invalid", "auto-steer generates with the model in this process: use the torch engine "
+                          "(it stores a preset that the vLLM engine then serves the same way)", "name")
 
     @abc.abstractmethod
     def stats(self) -> dict[str, float]:

@@ -113,6 +113,25 @@ class TorchEngine(ThreadedEngine):
         async for ev in self._stream(lambda emit: _Row(req, emit, self)):
             yield ev
 
+    async def steering_vector(self, sae: str, positive: list[str], negative: list[str]) -> list[float]:
+        """DiffMean, on the engine thread between steps (the base model: no adapter, no splice change)."""
+        from saelora.adapters.steering import diffmean, read_texts
+
+        def run() -> list[float]:
+            s = self.splice.saes[sae]
+            return diffmean(read_texts(self.lm.model, self.tokenizer, s, positive),
+                            read_texts(self.lm.model, self.tokenizer, s, negative)).tolist()
+        return await self._call(run)
+
+    async def auto_steer(self, sae: str, positive: list[str], negative: list[str], prompts: list[str] | None,
+                         max_fluency_gap: float) -> Any:
+        """Auto-steer as one command on the engine thread, with the engine's own splice (its hooks are the only
+        ones on the model): running requests wait for it (bounded: adapters/autosteer.py)."""
+        from saelora.adapters.autosteer import auto_steer
+
+        return await self._call(lambda: auto_steer(self.lm, self.splice, self.splice.saes[sae], positive, negative,
+                                                   prompts, max_fluency_gap=max_fluency_gap))
+
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:
         self._check_encode(prompt_ids, saes)

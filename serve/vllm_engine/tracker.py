@@ -24,7 +24,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from saelora.adapters.edits import SERVE_MODE, Condition, LatentEdit, changes_stream
+from saelora.adapters.edits import SERVE_MODE, Condition, Edit, changes_stream, edit_from_json
 from saelora.adapters.splice import RowSpec
 
 from ..core.rows import wire_latents
@@ -49,7 +49,7 @@ class SlotSpec:
         return self.top_k > 0 or self.changes_stream(sae) or any(c.sae == sae for c in self.row.stops)
 
 
-def encode_settings(rid: str, modes: dict[str, str], edits: list[LatentEdit], prompt_len: int,
+def encode_settings(rid: str, modes: dict[str, str], edits: list[Edit], prompt_len: int,
                     top_k: int, stops: list[Condition]) -> dict[str, Any]:
     """The extra_args entry for one request (plain JSON types, so it also crosses process boundaries)."""
     return {KEY: {"rid": rid, "modes": modes, "prompt_len": prompt_len, "top_k": top_k,
@@ -60,7 +60,7 @@ def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
     data = (extra_args or {}).get(KEY)
     if not data:
         return None
-    edits = [LatentEdit.from_json(e) for e in data["edits"]]
+    edits = [edit_from_json(e) for e in data["edits"]]
     row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]),
                   stops=[Condition.from_json(c) for c in data["stops"]])
     return SlotSpec(rid=str(data["rid"]), row=row, top_k=int(data["top_k"]))

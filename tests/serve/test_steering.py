@@ -144,3 +144,65 @@ def test_vllm_engine_matches_torch_engine(sae, torch_server, vllm_server):
         assert g["text"] == w["text"] and g["finish_reason"] == w["finish_reason"]
         assert (g.get("unsteered") or {}).get("text") == (w.get("unsteered") or {}).get("text")
     assert got["usage"] == want["usage"]
+
+
+def _vector(ws, seed=0):
+    """A direction of the tiny model's residual (d_model 128), large enough to change greedy text."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(128, generator=g) * 3).tolist()
+
+
+@pytest.mark.parametrize("vec", [{"op": "add", "value": 2.0}, {"op": "project", "value": 3.0, "positions": "generated"},
+                                 {"op": "add", "value": 2.0, "when": {"feature": 5, "above": 0.5}}],
+                         ids=["add", "project", "when"])
+def test_vector_edits_change_the_text_and_the_vllm_engine_matches_torch(vec, ws, torch_server, vllm_server):
+    sae = {"vectors": [dict(vec, values=_vector(ws))]}
+    want, got = complete(torch_server, sae), complete(vllm_server, sae)
+    assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+    assert _close(got["choices"][0]["features"], want["choices"][0]["features"])
+    if "when" not in vec:
+        assert want["choices"][0]["text"] != complete(torch_server)["choices"][0]["text"]
+
+
+def test_stored_vector_by_name_equals_inline_values(server, ws):
+    v = _vector(ws, seed=1)
+    assert httpx.put(server.url + "/v1/steering/vectors/t-vec", json={"values": v}).status_code == 200
+    try:
+        by_name = complete(server, {"vectors": [{"vector": "t-vec", "value": 2.0}]})
+        inline = complete(server, {"vectors": [{"values": v, "value": 2.0}]})
+        assert by_name["choices"] == inline["choices"]
+    finally:
+        httpx.delete(server.url + "/v1/steering/vectors/t-vec")
+
+
+def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_server):
+    """Invariants: DiffMean from texts is stored and usable; auto-steer stores a preset that the vLLM engine serves
+    like the torch engine; the vLLM engine refuses both computations with a 400 naming the torch engine."""
+    pos = ["the cat sat on the mat", "a big cat ran under a log", "the quick cat jumps over the dog",
+           "small red cat sat on a mat"]
+    neg = ["the river flows to sea", "sun rises east sets west", "moon night day bright dark", "bird sings in tree"]
+    r = httpx.put(torch_server.url + "/v1/steering/vectors/t-dm", json={"positive": pos, "negative": neg}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == "diffmean" and len(r.json()["values"]) == 128 and r.json()["norm"] > 0
+    httpx.delete(torch_server.url + "/v1/steering/vectors/t-dm")
+    bad = httpx.put(vllm_server.url + "/v1/steering/vectors/t-dm", json={"positive": pos, "negative": neg})
+    assert bad.status_code == 400 and "torch engine" in bad.json()["error"]["message"]
+    r = httpx.post(torch_server.url + "/v1/steering/auto", json={"name": "t-auto", "positive": pos, "negative": neg,
+                                                                 "prompts": ["the", "a"]}, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    try:
+        assert body["measured"]["method"] in ("latent_add", "diffmean") and len(body["candidates"]) == 9
+        preset = httpx.get(torch_server.url + "/v1/steering/presets/t-auto").json()
+        assert preset["edits"] or preset["vectors"]
+        assert httpx.put(vllm_server.url + "/v1/steering/presets/t-auto",
+                         json={k: preset[k] for k in ("mode", "edits", "vectors")}).status_code == 200
+        want, got = complete(torch_server, {"preset": "t-auto"}), complete(vllm_server, {"preset": "t-auto"})
+        assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+    finally:
+        for srv in (torch_server, vllm_server):
+            httpx.delete(srv.url + "/v1/steering/presets/t-auto")
+    bad = httpx.post(vllm_server.url + "/v1/steering/auto", json={"name": "t-auto", "positive": pos})
+    assert bad.status_code == 400 and "torch engine" in bad.json()["error"]["message"]

@@ -1,0 +1,144 @@
+"""Generate under a steering setting and score what comes out: on-concept (a judge), fluent (cross-entropy of the
+generated tokens under the unsteered model, against what that model gives real texts of the concept) and not
+repetitive (distinct-2). The steering benchmark (trainer/steer_eval.py) and auto-steer (serve/) both use it.
+
+    gens = generate(lm, splice, prompts, edits, mode="error_term", samples=2, max_new=32, seed=0)
+    ce = continuation_ce(lm.model, gens)                 # under the model as it is outside the splice context
+    scores = score(gens, ce, judge, "mathematics", reference_ce)
+
+A generation counts as a success when it is on-concept (judge probability >= 0.5), fluent (its CE is at most
+`max_gap` nats above the reference) and distinct-2 >= `min_distinct`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .edits import SERVE_MODE, Edit
+from .judge import Judge, words
+from .splice import RowSpec
+from .splice_hooks import Splice
+
+MAX_GAP = 0.5
+MIN_DISTINCT = 0.6
+
+
+@dataclass
+class Generation:
+    prompt: str  # the neutral prompt (fluency is measured after it)
+    prompt_ids: list[int]  # its tokens, as the scoring model reads them
+    ids: list[int]  # generated tokens, up to (not including) the first stop token
+    text: str
+
+
+@dataclass
+class Scores:
+    """Per generation and aggregated: judge probability, CE gap (nats above the reference), distinct-2."""
+
+    concept: list[float]
+    gap: list[float]
+    distinct: list[float]
+    max_gap: float = MAX_GAP
+    min_distinct: float = MIN_DISTINCT
+
+    def on(self) -> list[bool]:
+        return [p >= 0.5 for p in self.concept]
+
+    def success(self) -> list[bool]:
+        return [o and g <= self.max_gap and d >= self.min_distinct
+                for o, g, d in zip(self.on(), self.gap, self.distinct, strict=True)]
+
+    def summary(self) -> dict[str, float]:
+        n = max(1, len(self.concept))
+        return {"concept": sum(self.on()) / n, "fluency_gap": sum(self.gap) / n, "distinct2": sum(self.distinct) / n,
+                "success": sum(self.success()) / n, "n": len(self.concept)}
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(lm: Any, splice: Splice, prompts: Sequence[str], edits: Sequence[Edit], mode: str = SERVE_MODE,
+             samples: int = 1, max_new: int = 32, temperature: float = 1.0, seed: int = 0,
+             prefix: str = "", stop_ids: Sequence[int] = ()) -> list[Generation]:
+    """`samples` generations per prompt (sampled at `temperature`; 0 = greedy), with `edits` under `mode` for every
+    SAE of `splice`, and `prefix` put before each prompt (the prompting baseline). Fluency is measured after the
+    neutral prompt alone, so `Generation.prompt_ids` leave the prefix out."""
+    tok = lm.tokenizer
+    neutral = [tok(p)["input_ids"] for p in prompts for _ in range(samples)]
+    given = [tok(prefix + p)["input_ids"] for p in prompts for _ in range(samples)] if prefix else neutral
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = _left_pad(given, pad)
+    device = next(lm.model.parameters()).device
+    rows = [RowSpec(modes={n: mode for n in splice.saes}, edits=list(edits), prompt_len=len(g)) for g in given]
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
+        {"do_sample": False}
+    with splice.batch(rows=rows):
+        out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                                pad_token_id=pad, **sampling)
+    stops = set(stop_ids) | {tok.eos_token_id}
+    gens = []
+    for r, row in enumerate(out[:, ids.shape[1]:].tolist()):
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        gens.append(Generation(prompts[r // samples], neutral[r], row[:cut], tok.decode(row[:cut])))
+    return gens
+
+
+@torch.no_grad()
+def continuation_ce(model: torch.nn.Module, gens: Sequence[Generation], pad: int = 0) -> list[float]:
+    """Mean cross-entropy (nats per token) of each generation's tokens after its neutral prompt, under `model` as
+    called (no splice context: the unsteered model). An empty generation gets +inf."""
+    rows = [g.prompt_ids + g.ids for g in gens]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    device = next(model.parameters()).device
+    logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()  # (N, W-1): token t+1 given <= t
+    out = []
+    for i, g in enumerate(gens):
+        a, b = len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.ids)
+        out.append(float(nll[i, a:b].mean()) if g.ids else float("inf"))
+    return out
+
+
+@torch.no_grad()
+def reference_ce(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], start: int = 4, length: int = 32,
+                 bos: int | None = None) -> float:
+    """Mean CE per token that `model` gives real texts over tokens [start, start + length): the band where a
+    generation's tokens sit after a short prompt (the first tokens of any text are the hardest)."""
+    rows = [([bos] if bos is not None else []) + tokenizer(t, add_special_tokens=False)["input_ids"][:start + length]
+            for t in texts]
+    rows = [r for r in rows if len(r) > start + 1]
+    if not rows:
+        raise ValueError("no text is long enough for a reference CE")
+    gens = [Generation("", r[:start], r[start:], "") for r in rows]
+    ces = continuation_ce(model, gens)
+    return sum(ces) / len(ces)
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams over all word bigrams of `text` (0 for fewer than two words)."""
+    w = words(text)
+    pairs = list(zip(w, w[1:], strict=False))
+    return len(set(pairs)) / len(pairs) if pairs else 0.0
+
+
+def score(gens: Sequence[Generation], ce: Sequence[float], judge: Judge, concept: str, reference: float,
+          max_gap: float = MAX_GAP, min_distinct: float = MIN_DISTINCT) -> Scores:
+    texts = [g.text for g in gens]
+    return Scores(judge.prob(texts, concept), [c - reference for c in ce], [distinct2(t) for t in texts],
+                  max_gap, min_distinct)

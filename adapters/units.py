@@ -1,0 +1,63 @@
+"""Calibrated steering strength: an edit's value in a unit (`edits.Unit`), converted to the raw value the splice
+applies. One home for the rule: the HTTP edge converts with it before anything reaches an engine, and the steering
+benchmark calls it too. This module imports no torch.
+
+    raw    the value as given (latent units for latent edits, a multiplier of the vector for vector edits)
+    max    value x the latent's max activation on the description corpus (`saelora features`)
+    norm   value x the typical (median) residual norm at the hook, along the direction: for a latent, a change of
+           the latent by value x norm / |W_dec[latent]|; for a vector, value x norm / |vector|, so that the added
+           vector's length is that fraction of the norm
+
+`norm` suits `add`; `project` is a multiplier of the stream's own component and takes raw values only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .edits import UNITS, SpliceError
+
+
+class UnitError(SpliceError):
+    """A unit that cannot be converted for this edit, or whose scales the SAE lacks."""
+
+
+@dataclass(frozen=True)
+class SteerScales:
+    """What the units are measured in, for one SAE: each latent's max activation and decoder-row norm, and the
+    median residual norm at the hook (over the positions the SAE is spliced at)."""
+
+    max_act: Sequence[float]
+    dec_norm: Sequence[float]
+    resid_norm: float
+
+    @classmethod
+    def from_descriptions(cls, data: dict[str, Any] | None, sae: str) -> "SteerScales":
+        """From `saelora features`' features.json (its `max`, `dec_norm` and `resid_norm`)."""
+        feats = (data or {}).get("features") or []
+        if not feats or "resid_norm" not in data or any("dec_norm" not in f for f in feats[:1]):
+            raise UnitError(f"SAE {sae!r} has no feature descriptions with scales: units 'max' and 'norm' need "
+                            f"`saelora features` (run again if its descriptions predate them); use unit 'raw'")
+        return cls([float(f["max"]) for f in feats], [float(f["dec_norm"]) for f in feats], float(data["resid_norm"]))
+
+
+def to_raw(value: float, unit: str, scales: SteerScales | None, feature: int | None = None,
+           vector: Sequence[float] | None = None, op: str = "add") -> float:
+    """The raw value of an edit given in `unit`: of latent `feature`, or of a vector edit (`vector`) with `op`."""
+    if unit not in UNITS:
+        raise UnitError(f"unknown unit {unit!r}; expected one of {UNITS}")
+    if unit == "raw":
+        return float(value)
+    if scales is None:
+        raise UnitError(f"unit {unit!r} needs the SAE's feature descriptions (saelora features); use unit 'raw'")
+    if vector is not None:
+        if unit != "norm" or op != "add":
+            raise UnitError(f"a vector edit takes unit 'raw', or 'norm' with op 'add' (got {unit!r} with {op!r})")
+        length = math.sqrt(sum(v * v for v in vector))
+        return float(value) * scales.resid_norm / max(length, 1e-12)
+    assert feature is not None
+    if unit == "max":
+        return float(value) * scales.max_act[feature]
+    return float(value) * scales.resid_norm / max(scales.dec_norm[feature], 1e-12)

@@ -1,0 +1,102 @@
+"""Request and response models of the steering routes beside the preset ones: steering vectors, feature search
+and auto-steer. Pydantic only (no torch), like clients/protocol.py, whose building blocks they use."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from .protocol import MAX_VECTOR, PRESET_NAME, JFloat, PresetInfo, _Strict
+
+MAX_TEXTS = 64  # texts per side of a DiffMean vector or an auto-steer call
+MAX_TEXT_CHARS = 4000
+MAX_AUTO_PROMPTS = 8
+MAX_SEARCH = 50
+
+Text = str  # bounded below (Field on the list items)
+
+
+class SteeringVectorBody(_Strict):
+    """PUT /v1/steering/vectors/{name}: a direction at SAE `sae`'s hook, given as numbers (`values`) or made from
+    two text sets as the difference of their mean residuals (`positive` minus `negative`: DiffMean)."""
+
+    sae: str | None = Field(None, description="SAE id whose hook point the vector acts at (default: the only SAE)")
+    values: list[JFloat] | None = Field(None, min_length=1, max_length=MAX_VECTOR)
+    positive: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS,
+                                        description="texts of the concept (DiffMean)")
+    negative: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS,
+                                        description="other texts (DiffMean)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SteeringVectorBody":
+        if (self.values is None) == (self.positive is None) or (self.positive is None) != (self.negative is None):
+            raise ValueError("give `values`, or `positive` and `negative` texts (DiffMean), not both")
+        if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in (self.positive or []) + (self.negative or [])):
+            raise ValueError(f"texts must be non-empty and at most {MAX_TEXT_CHARS} characters")
+        return self
+
+
+class StoredVector(_Strict):
+    """A steering vector as the server keeps it."""
+
+    sae: str
+    values: list[float]
+    source: Literal["values", "diffmean"]
+    texts: dict[str, int] = Field(default_factory=dict, description="texts per side, for a DiffMean vector")
+
+
+class VectorInfo(StoredVector):
+    name: str
+    norm: float
+
+
+class VectorList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VectorInfo]
+
+
+class SearchHit(BaseModel):
+    index: int
+    score: float
+    density: float
+    max: float
+    tokens: list[str] = Field(description="tokens of its top contexts")
+    promoted: list[str] = Field(default_factory=list, description="tokens it writes to the logits most")
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    sae: str
+    query: str
+    data: list[SearchHit]
+
+
+class AutoSteerRequest(_Strict):
+    """POST /v1/steering/auto: search, a strength sweep and a judge, from example texts; the winner is stored as
+    preset `name`."""
+
+    name: str = Field(..., pattern=PRESET_NAME)
+    positive: list[Text] = Field(..., min_length=4, max_length=MAX_TEXTS, description="texts of the concept")
+    negative: list[Text] | None = Field(None, min_length=4, max_length=MAX_TEXTS,
+                                        description="other texts (default: everyday texts shipped with saelora)")
+    prompts: list[Text] | None = Field(None, min_length=1, max_length=MAX_AUTO_PROMPTS,
+                                       description="neutral prompts to tune on (default: six built-in ones)")
+    sae: str | None = None
+    max_fluency_gap: JFloat = Field(0.5, gt=0, le=10, description="nats of CE above the model's CE on the "
+                                                                   "positive texts that a generation may reach")
+
+    @model_validator(mode="after")
+    def _texts(self) -> "AutoSteerRequest":
+        if any(len(t) > MAX_TEXT_CHARS or not t.strip()
+               for t in self.positive + (self.negative or []) + (self.prompts or [])):
+            raise ValueError(f"texts and prompts must be non-empty and at most {MAX_TEXT_CHARS} characters")
+        return self
+
+
+class AutoSteerResponse(BaseModel):
+    preset: PresetInfo
+    measured: dict[str, Any] = Field(description="the winner's concept score, fluency_gap, distinct2, success, "
+                                                 "method and strength, by auto-steer's own judge")
+    candidates: list[dict[str, Any]] = Field(default_factory=list, description="every setting it tried")
+    seconds: float

@@ -1,0 +1,129 @@
+"""Routes for steering vectors, feature search and auto-steer (the preset routes are in steering.py).
+
+    PUT    /v1/steering/vectors/{name}   numbers, or DiffMean of two text sets (admin key when keys are set)
+    GET    /v1/steering/vectors[/{name}]
+    DELETE /v1/steering/vectors/{name}
+    GET    /v1/saes/{sae}/search?q=...   latents whose top contexts or promoted tokens match the query words
+    POST   /v1/steering/auto             search, sweep and judge from example texts; stores the winner as a preset
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from saelora.adapters.autosteer import default_negatives
+from saelora.adapters.edits import LatentEdit, VectorEdit
+from saelora.clients import protocol as P
+from saelora.clients import protocol_steer as PS
+
+from ..core.engine import EngineError
+from . import errors
+from .steering import NamePath, Steering, _sae_name, steering_of
+
+router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))
+
+
+def _info(name: str, v: PS.StoredVector) -> PS.VectorInfo:
+    return PS.VectorInfo(name=name, norm=round(math.sqrt(sum(x * x for x in v.values)), 6), **v.model_dump())
+
+
+@router.get("/v1/steering/vectors", response_model=PS.VectorList)
+async def list_vectors(st: Steering = Depends(steering_of)) -> PS.VectorList:
+    return PS.VectorList(data=[_info(n, v) for n, v in sorted(st.vectors.items.items())])
+
+
+@router.get("/v1/steering/vectors/{name}", response_model=PS.VectorInfo, responses=errors.documented(404))
+async def get_vector(name: str = NamePath, st: Steering = Depends(steering_of)) -> PS.VectorInfo:
+    return _info(name, st.vectors.get(name))
+
+
+@router.put("/v1/steering/vectors/{name}", response_model=PS.VectorInfo, responses=errors.documented(403, 404, 409))
+async def put_vector(body: PS.SteeringVectorBody, name: str = NamePath,
+                     st: Steering = Depends(steering_of)) -> PS.VectorInfo:
+    ids = [s["name"] for s in st.engine.saes()]
+    if not ids:
+        raise EngineError("invalid", "this server has no SAE loaded", "sae")
+    sae = _sae_name(body.sae, None, ids, "body")
+    d_in = int(st.sae(sae)["d_in"])
+    if body.values is not None:
+        if len(body.values) != d_in:
+            raise EngineError("invalid", f"SAE {sae!r} acts on a residual of {d_in}; got {len(body.values)} values",
+                              "values")
+        if not any(body.values):
+            raise EngineError("invalid", "a steering vector must not be all zeros", "values")
+        stored = PS.StoredVector(sae=sae, values=list(body.values), source="values")
+    else:
+        values = await st.engine.steering_vector(sae, body.positive or [], body.negative or [])
+        stored = PS.StoredVector(sae=sae, values=[round(v, 6) for v in values], source="diffmean",
+                                 texts={"positive": len(body.positive or []), "negative": len(body.negative or [])})
+    st.vectors.put(name, stored)
+    return _info(name, stored)
+
+
+@router.delete("/v1/steering/vectors/{name}", responses=errors.documented(403, 404))
+async def delete_vector(name: str = NamePath, st: Steering = Depends(steering_of)) -> dict:
+    st.vectors.delete(name)
+    return {"status": "deleted", "name": name}
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w}
+
+
+def search_features(data: dict[str, Any], query: str, n: int) -> list[PS.SearchHit]:
+    """Latents whose top-context tokens (weight 1 each) or promoted tokens (weight 2 each: what steering writes)
+    match a query word, best first; ties to the denser latent."""
+    want = _words(query)
+    hits = []
+    for f in data["features"]:
+        tokens = [c["token"] for c in f.get("top", [])]
+        promoted = [t["token"] for t in (f.get("logits") or {}).get("promoted", [])]
+        score = sum(bool(_words(t) & want) for t in tokens) + 2 * sum(bool(_words(t) & want) for t in promoted)
+        if score:
+            hits.append(PS.SearchHit(index=f["index"], score=score, density=f["density"], max=f["max"],
+                                     tokens=tokens, promoted=promoted))
+    hits.sort(key=lambda h: (-h.score, -h.density, h.index))
+    return hits[:n]
+
+
+@router.get("/v1/saes/{sae_id}/search", response_model=PS.SearchResponse, responses=errors.documented(404))
+async def search(sae_id: str, q: str = Query(..., min_length=1, max_length=200, description="words or tokens"),
+                 n: int = Query(10, ge=1, le=PS.MAX_SEARCH), st: Steering = Depends(steering_of)) -> PS.SearchResponse:
+    data = st.descriptions(sae_id)
+    if data is None:
+        raise EngineError("not_found", f"SAE {sae_id!r} has no feature descriptions: run `saelora features` for it",
+                          "sae_id")
+    if not _words(q):
+        raise EngineError("invalid", "the query has no letters or digits to search for", "q")
+    return PS.SearchResponse(sae=sae_id, query=q, data=search_features(data, q, n))
+
+
+def _wire(edits: list[Any]) -> P.SteeringPreset:
+    """Engine edits (raw values) as a preset on the wire."""
+    latents = [P.SAEEdit(sae=e.sae, feature=e.feature, op=e.op, value=e.value, positions=e.positions)
+               for e in edits if isinstance(e, LatentEdit)]
+    vectors = [P.SAEVectorEdit(sae=e.sae, values=list(e.vector), op=e.op, value=e.value, positions=e.positions)
+               for e in edits if isinstance(e, VectorEdit)]
+    return P.SteeringPreset(edits=latents, vectors=vectors)
+
+
+@router.post("/v1/steering/auto", response_model=PS.AutoSteerResponse, responses=errors.documented(403, 404, 409))
+async def auto(body: PS.AutoSteerRequest, st: Steering = Depends(steering_of)) -> PS.AutoSteerResponse:
+    ids = [s["name"] for s in st.engine.saes()]
+    if not ids:
+        raise EngineError("invalid", "this server has no SAE loaded", "sae")
+    sae = _sae_name(body.sae, None, ids, "body")
+    st.sae(sae)
+    if body.name not in st.presets.items and len(st.presets.items) >= P.MAX_PRESETS:
+        raise EngineError("conflict", f"at most {P.MAX_PRESETS} presets; delete one first", "name")
+    res = await st.engine.auto_steer(sae, body.positive, body.negative or default_negatives(), body.prompts,
+                                     body.max_fluency_gap)
+    preset = _wire(res.edits)
+    st.presets.put(body.name, preset)
+    return PS.AutoSteerResponse(preset=P.PresetInfo(name=body.name, **preset.model_dump()), measured=res.measured,
+                                candidates=[{"method": c.method, "strength": c.strength, **c.summary}
+                                            for c in res.candidates], seconds=round(res.seconds, 2))

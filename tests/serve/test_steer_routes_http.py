@@ -1,0 +1,137 @@
+"""Steering vectors, calibrated units, feature search and auto-steer over HTTP against the fake engine (fast
+tier): what reaches the engine, persistence, the admin key, and bad input to every new route getting a 4xx in
+the OpenAI envelope. What the engines do with vectors is in test_steering.py (both engines, live)."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fake_engine import SAE_INFO, FakeEngine
+from saelora.adapters.edits import LatentEdit, VectorEdit
+from saelora.serve.api.app import create_app
+
+V8 = [0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]  # the fake SAE reads a residual of 8
+
+
+class DescribedEngine(FakeEngine):
+    """The fake engine with an SAE whose feature descriptions exist (max, dec_norm and resid_norm in them)."""
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        feats = [{"index": i, "density": 0.01 * (i + 1), "max": 10.0 * (i + 1), "dec_norm": 0.5,
+                  "top": [{"token": " law" if i == 5 else " cat", "left": "", "right": "", "value": 1.0}],
+                  "logits": {"promoted": [{"token": " court" if i in (5, 9) else " dog", "token_id": 1, "value": 1}],
+                             "suppressed": []}} for i in range(16)]
+        (folder / "features").mkdir(parents=True)
+        (folder / "features" / "features.json").write_text(json.dumps(
+            {"sae": {}, "tokens": 100, "dead": [], "resid_norm": 40.0, "features": feats}))
+        self.info = dict(SAE_INFO, source=str(folder))
+
+    def saes(self):
+        return [self.info]
+
+
+def _err(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+def _complete(c, sae):
+    return c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 1, "sae": sae})
+
+
+def test_units_are_converted_to_raw_before_the_engine(tmp_path):
+    engine = DescribedEngine(tmp_path / "sae")
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        assert _complete(c, {"edits": [{"feature": 2, "op": "set", "value": 2.0, "unit": "max"},
+                                       {"feature": 3, "op": "add", "value": 0.5, "unit": "norm"},
+                                       {"feature": 4, "op": "add", "value": 7.0}]}).status_code == 200
+        e = engine.requests[-1].splice.edits
+        assert [x.value for x in e] == [60.0, 0.5 * 40.0 / 0.5, 7.0]  # max x 30; norm x 40 / |W_dec|; raw
+        assert _complete(c, {"vectors": [{"values": V8, "value": 0.25, "unit": "norm"}]}).status_code == 200
+        (v,) = engine.requests[-1].splice.edits
+        assert isinstance(v, VectorEdit) and v.value * 5 ** 0.5 == pytest.approx(0.25 * 40.0)
+
+
+def test_units_without_descriptions_and_bad_vectors_are_400(tmp_path):
+    with TestClient(create_app(FakeEngine(), served_name="fake")) as c:  # the fake SAE has no descriptions
+        _err(_complete(c, {"edits": [{"feature": 2, "op": "set", "value": 2.0, "unit": "max"}]}), 400)
+        _err(_complete(c, {"edits": [{"feature": 2, "op": "set", "value": 2.0, "unit": "parsec"}]}), 400)
+        _err(_complete(c, {"edits": [{"feature": 99, "op": "set", "value": 1.0, "unit": "norm"}]}), 404)
+        _err(_complete(c, {"vectors": [{"values": V8[:3]}]}), 400)  # wrong width
+        _err(_complete(c, {"vectors": [{"values": [0.0] * 8}]}), 400)  # no direction
+        _err(_complete(c, {"vectors": [{"values": V8, "vector": "v"}]}), 400)  # two sources
+        _err(_complete(c, {"vectors": [{}]}), 400)  # no source
+        _err(_complete(c, {"vectors": [{"values": V8, "op": "project", "unit": "norm"}]}), 400)
+        _err(_complete(c, {"vectors": [{"values": V8, "op": "spin"}]}), 400)
+        _err(_complete(c, {"vectors": [{"vector": "missing"}]}), 404)
+
+
+def test_stored_vectors_crud_persist_and_act_like_inline_values(tmp_path):
+    engine = FakeEngine()
+    with TestClient(create_app(engine, served_name="fake", presets_dir=str(tmp_path))) as c:
+        r = c.put("/v1/steering/vectors/up", json={"values": V8})
+        assert r.status_code == 200 and r.json()["norm"] == pytest.approx(5 ** 0.5) and r.json()["source"] == "values"
+        assert [v["name"] for v in c.get("/v1/steering/vectors").json()["data"]] == ["up"]
+        assert _complete(c, {"vectors": [{"vector": "up", "value": 3.0, "positions": "generated"}]}).status_code == 200
+        by_name = engine.requests[-1].splice.edits
+        assert _complete(c, {"vectors": [{"values": V8, "value": 3.0, "positions": "generated"}]}).status_code == 200
+        assert by_name == engine.requests[-1].splice.edits
+        preset = {"edits": [{"feature": 1, "op": "add", "value": 1.0}], "vectors": [{"vector": "up", "op": "project",
+                                                                                       "value": 2.0}]}
+        assert c.put("/v1/steering/presets/both", json=preset).status_code == 200
+        assert _complete(c, {"preset": "both"}).status_code == 200
+        got = engine.requests[-1].splice.edits
+        assert isinstance(got[0], LatentEdit) and isinstance(got[1], VectorEdit) and got[1].op == "project"
+    with TestClient(create_app(FakeEngine(), served_name="fake", presets_dir=str(tmp_path))) as c:  # a restart
+        assert c.get("/v1/steering/vectors/up").json()["values"] == V8
+        assert c.delete("/v1/steering/vectors/up").status_code == 200
+        _err(c.get("/v1/steering/vectors/up"), 404)
+
+
+def test_vector_route_validation_and_admin_key():
+    with TestClient(create_app(FakeEngine(), served_name="fake")) as c:
+        _err(c.put("/v1/steering/vectors/x", json={"values": V8[:2]}), 400)
+        _err(c.put("/v1/steering/vectors/x", json={"values": [0.0] * 8}), 400)
+        _err(c.put("/v1/steering/vectors/x", json={}), 400)
+        _err(c.put("/v1/steering/vectors/x", json={"values": V8, "positive": ["a"], "negative": ["b"]}), 400)
+        _err(c.put("/v1/steering/vectors/x", json={"positive": ["a"]}), 400)  # DiffMean needs both sides
+        _err(c.put("/v1/steering/vectors/x", json={"values": V8, "sae": "nope"}), 404)
+        _err(c.put("/v1/steering/vectors/a.b", json={"values": V8}), 400)
+        # the fake engine, like vLLM, cannot read residuals: DiffMean from texts is a clear 400
+        assert "torch engine" in _err(c.put("/v1/steering/vectors/x", json={"positive": ["a"], "negative": ["b"]}),
+                                      400)["message"]
+        assert c.get("/v1/steering/vectors").json()["data"] == []
+    user, admin = {"Authorization": "Bearer k"}, {"Authorization": "Bearer adm"}
+    with TestClient(create_app(FakeEngine(), served_name="fake", api_key="k", admin_api_key="adm")) as c:
+        _err(c.put("/v1/steering/vectors/x", json={"values": V8}, headers=user), 401)
+        assert c.put("/v1/steering/vectors/x", json={"values": V8}, headers=admin).status_code == 200
+        _err(c.post("/v1/steering/auto", json={"name": "a", "positive": ["x"] * 4}, headers=user), 401)
+
+
+def test_search_ranks_by_descriptions(tmp_path):
+    with TestClient(create_app(DescribedEngine(tmp_path / "sae"), served_name="fake")) as c:
+        hits = c.get("/v1/saes/fake/search", params={"q": "law court"}).json()["data"]
+        assert [h["index"] for h in hits[:2]] == [5, 9]  # context and promoted token, then promoted token only
+        assert hits[0]["tokens"] == [" law"] and hits[0]["promoted"] == [" court"]
+        assert c.get("/v1/saes/fake/search", params={"q": "zebra"}).json()["data"] == []
+        _err(c.get("/v1/saes/fake/search", params={"q": "!!!"}), 400)
+        _err(c.get("/v1/saes/fake/search", params={"q": "law", "n": 0}), 400)
+        _err(c.get("/v1/saes/nope/search", params={"q": "law"}), 404)
+    with TestClient(create_app(FakeEngine(), served_name="fake")) as c:
+        _err(c.get("/v1/saes/fake/search", params={"q": "law"}), 404)  # no descriptions
+
+
+def test_auto_steer_validation():
+    with TestClient(create_app(FakeEngine(), served_name="fake")) as c:
+        _err(c.post("/v1/steering/auto", json={"name": "a", "positive": ["x"] * 3}), 400)  # too few texts
+        _err(c.post("/v1/steering/auto", json={"name": "a.b", "positive": ["x"] * 4}), 400)
+        _err(c.post("/v1/steering/auto", json={"name": "a", "positive": ["x"] * 4, "max_fluency_gap": 0}), 400)
+        _err(c.post("/v1/steering/auto", json={"name": "a", "positive": [" "] * 4}), 400)
+        _err(c.post("/v1/steering/auto", json={"name": "a", "positive": ["x"] * 4, "sae": "nope"}), 404)
+        assert "torch engine" in _err(c.post("/v1/steering/auto", json={"name": "a", "positive": ["x y"] * 4}),
+                                      400)["message"]
+        assert c.get("/v1/steering/presets").json()["data"] == []
