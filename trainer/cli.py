@@ -104,6 +104,18 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_steer_eval(args: argparse.Namespace) -> int:
+    from .run_steer_eval import run_steer_eval
+    from .steer_eval import SteerEvalConfig
+    from .steer_report import summarise, table
+
+    result = run_steer_eval(config_from_args(SteerEvalConfig, args))
+    for condition in sorted({r["condition"] for r in result["rows"]}):
+        print(f"\n== {condition} (strengths chosen on the development concepts, reported on the others)")
+        print(table(summarise(result["rows"], condition)))
+    return 0
+
+
 def _print_eval(result: dict[str, Any]) -> None:
     from .evaluate import format_table
 
@@ -125,6 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .config import TrainConfig
     from .features import FeaturesConfig
     from .run_eval import EvalConfig
+    from .steer_eval import SteerEvalConfig
     from .train_sae import SAETrainConfig
 
     specs = [
@@ -133,6 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("train-sae", SAETrainConfig, _cmd_train_sae, "train an SAE on activations streamed from the model"),
         ("eval", EvalConfig, _cmd_eval, "CE base / spliced / spliced+adapter, gap closed, KL, L0, FVU"),
         ("features", FeaturesConfig, _cmd_features, "top-activating contexts per latent as JSON + HTML"),
+        ("steer-eval", SteerEvalConfig, _cmd_steer_eval, "steering benchmark: concept score and fluency per method "
+                                                         "and strength, auto-steer included"),
     ]
     for name, cls, func, text in specs:
         p = sub.add_parser(name, help=text, description=text)

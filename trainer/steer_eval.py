@@ -160,8 +160,8 @@ def concept_rows(runner: Runner, p: Plan, suite: ConceptSuite, sae: Any, methods
         for strength, edits in grid:
             prefix = f"The following text is about {suite.descriptions[p.concept]}.\n\n" if method == "prompt" else ""
             r = runner.run(p, edits, suite.prompts, prefix)
-            rows.append({"condition": condition, "concept": p.concept, "method": method, "strength": strength,
-                         **extra, **r})
+            rows.append({"condition": condition, "target": p.concept, "method": method, "strength": strength,
+                         **extra, **r})  # "concept" is the on-concept fraction, "target" the concept's name
             log.info("%s %s %s %.2f: concept %.2f gap %.2f distinct %.2f success %.2f", condition, p.concept, method,
                      strength, r["concept"], r["fluency_gap"], r["distinct2"], r["success"])
     return rows

@@ -1,0 +1,90 @@
+"""Steering benchmark (`saelora steer-eval`) on the embedded models, and its report.
+
+    python bench/steering.py --model smollm2-135m [--adapter]   # ~40 min: bench/results/steering_smollm2-135m.json
+    python bench/steering.py --model gemma3-270m --concepts test  # Gemma 3: the test concepts (its SAE: the demo's)
+    python bench/steering.py --report                             # steering.{json,md,png} from every run above
+
+Protocol (docs/steering.md): concepts and their text parts are fixed by rules (trainer/concepts.py); each swept
+method's strength is chosen on the development concepts and reported once on the test concepts; auto-steer
+chooses per concept from the search texts alone, with its own prompts and judge, and is scored by the benchmark's
+judge on the evaluation prompts. `--adapter` adds the spliced and adapted conditions with the demo adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("bench.steering")
+
+
+def run(model: str, adapter: bool, concepts: str, methods: list[str] | None) -> Path:
+    from saelora.adapters.config import cache_dir
+    from saelora.trainer.concepts import DEV_CONCEPTS, WIKI_CONCEPTS
+    from saelora.trainer.run_steer_eval import run_steer_eval
+    from saelora.trainer.steer_eval import METHODS, SteerEvalConfig
+
+    chosen = {"all": list(WIKI_CONCEPTS), "dev": list(DEV_CONCEPTS),
+              "test": [c for c in WIKI_CONCEPTS if c not in DEV_CONCEPTS]}[concepts]
+    bundle = cache_dir() / "demo" / model / "adapter"
+    if adapter and not bundle.is_dir():
+        raise SystemExit(f"no demo adapter at {bundle}: run `saelora demo --model {model}` first")
+    cfg = SteerEvalConfig(model=model, adapter=str(bundle) if adapter else None, concepts=chosen,
+                          methods=methods or list(METHODS))
+    result = run_steer_eval(cfg)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"steering_{model}.json"
+    out.write_text(json.dumps(result, indent=1))
+    log.info("wrote %s (%.0f s)", out, result["seconds"])
+    return out
+
+
+def report() -> None:
+    from saelora.trainer.steer_report import pareto_plot, summarise, table
+
+    runs = {p.stem.removeprefix("steering_"): json.loads(p.read_text())
+            for p in sorted(RESULTS.glob("steering_*.json")) if p.stem != "steering_pilot"}
+    summary, md = {"auto_steer": {}, "models": {}}, ["# Steering benchmark", ""]
+    for model, res in runs.items():
+        conds = sorted({r["condition"] for r in res["rows"]})
+        summary["models"][model] = {c: summarise(res["rows"], c) for c in conds}
+        base = summary["models"][model]["base"]
+        if "auto" in base:
+            summary["auto_steer"][model] = {k: base["auto"][k] for k in ("concept", "fluency_gap", "distinct2",
+                                                                         "success", "concepts", "n")
+                                            if k in base["auto"]} | {"fluency_gap": base["auto"]["gap"]}
+        acc = res["judge_accuracy"]
+        md += [f"## {model} (SAE {res['sae']['name']}, {res['seconds'] / 60:.0f} min)", "",
+               "Judge on the test texts (first 25 words): " + ", ".join(
+                   f"{c} {a['recall']:.2f}/{a['false_positive']:.3f}" for c, a in acc.items()) +
+               " (recall / false-positive rate).", ""]
+        for c in conds:
+            md += [f"### condition: {c}", "", table(summary["models"][model][c]), ""]
+        pareto_plot([r for r in res["rows"] if r["condition"] == "base"], str(RESULTS / f"steering_{model}.png"),
+                    f"{model}: steering on the test concepts (base condition)")
+    (RESULTS / "steering.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / "steering.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", action="store_true", help="add the spliced and adapted conditions (demo adapter)")
+    p.add_argument("--concepts", choices=("all", "dev", "test"), default="all")
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--report", action="store_true", help="only write steering.{json,md} from the runs' files")
+    args = p.parse_args(argv)
+    if not args.report:
+        run(args.model, args.adapter, args.concepts, args.methods)
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
