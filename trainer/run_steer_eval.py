@@ -43,16 +43,14 @@ def _max_act(lm: Any, sae: Any, folder: str) -> list[float]:
 
 
 def _sae_folder(model: str) -> str:
+    """The demo's SAE of `model` (a copy of the shipped one, or trained there), where descriptions may be written."""
     from saelora.adapters.config import cache_dir
-    from saelora.adapters.saes import SHIPPED_SAES, shipped_sae
 
-    if model in SHIPPED_SAES:
-        return str(shipped_sae(model))
     demo = cache_dir() / "demo" / model / "sae"
     if not (demo / "cfg.json").is_file():
         from saelora.adapters.errors import ConfigError
 
-        raise ConfigError(f"no SAE is shipped for {model}: give --sae, or run `saelora demo --model {model}` first")
+        raise ConfigError(f"no demo SAE for {model}: give --sae, or run `saelora demo --model {model}` first")
     return str(demo)
 
 

@@ -43,13 +43,13 @@ METHODS = ("none", "prompt", "latent_add", "latent_set", "diffmean", "project", 
 #: bracketing the optimum found on the development concepts (bench/results/steering_pilot.md).
 GRIDS: dict[str, tuple[float, ...]] = {"latent_add": (0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
                                        "diffmean": (0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
-                                       "latent_set": (1.0, 2.0, 4.0, 8.0), "project": (2.0, 5.0, 10.0, 20.0)}
+                                       "latent_set": (1.0, 2.0, 4.0), "project": (2.0, 5.0, 10.0)}
 
 
 @dataclass
 class SteerEvalConfig:
     model: str = opt(DEFAULT_MODEL, "base model spec")
-    sae: str | None = opt(None, "sae-lens folder (default: the model's shipped or demo SAE)")
+    sae: str | None = opt(None, "sae-lens folder (default: the demo's SAE in $SAELORA_CACHE/demo/<model>/sae)")
     adapter: str | None = opt(None, "adapter bundle: adds the spliced and adapted conditions")
     suite: str = opt("wiki", "concept suite: 'wiki' (embedded) or a folder (trainer/concepts.py)")
     concepts: list[str] = opt(factory=list, help="concepts to run (default: all of the suite)")
