@@ -14,7 +14,10 @@ from .client import Edit, SaeloraClient
 from .errors import SaeloraAPIError
 
 HELP = """commands:
-  /steer <feature> <op> [value]   add a latent edit (op: set add scale clamp_max clamp_min ablate)
+  /steer <feature> <op> [value] [unit]   add a latent edit on all positions (op: set add scale clamp_max
+                                  clamp_min ablate; unit: raw max norm, e.g. /steer 1905 add 0.4 norm)
+  /search <words>                 latents whose descriptions match the words
+  /autosteer <name> <file>        auto-steer from a file of concept texts (one per line); stores preset <name>
   /unsteer                        drop all edits (and the preset)
   /save <name>                    save the edits as a steering preset (needs the admin key, if the server has one)
   /preset <name|off>              steer with a saved preset (your /steer edits apply after it)
@@ -79,6 +82,8 @@ class ChatSession:
             self.say(f"[compare {args[0]}]")
         elif cmd in ("/save", "/preset", "/presets"):
             self._presets(cmd, args)
+        elif cmd in ("/search", "/autosteer") and args:
+            self._discover(cmd, args)
         else:
             self.say(f"[unknown command {line!r}; /help lists them]")
         return True
@@ -87,16 +92,40 @@ class ChatSession:
         try:
             feature, op = int(args[0]), args[1]
             value = float(args[2]) if len(args) > 2 else 0.0
-            self.edits.append(Edit.make(op, feature, value, positions="generated"))
-            self.say(f"[steering: {', '.join(f'{e.op} #{e.feature} {e.value:g}' for e in self.edits)}]")
+            unit = args[3] if len(args) > 3 else "raw"
+            self.edits.append(Edit.make(op, feature, value, unit=unit))  # all positions: what steers best
+            self.say(f"[steering: {', '.join(f'{e.op} #{e.feature} {e.value:g} {e.unit}' for e in self.edits)}]")
         except (IndexError, ValueError) as e:
-            self.say(f"[usage: /steer <feature> <op> [value] ({e.__class__.__name__})]")
+            self.say(f"[usage: /steer <feature> <op> [value] [unit] ({e.__class__.__name__})]")
+
+    def _discover(self, cmd: str, args: list[str]) -> None:
+        try:
+            if cmd == "/search":
+                sae = self.c.saes.list().data[0].id
+                for h in self.c.search(sae, " ".join(args)).data[:8]:
+                    self.say(f"  #{h.index} score {h.score:g}: fires on {', '.join(map(repr, h.tokens[:3]))}; "
+                             f"promotes {', '.join(map(repr, h.promoted[:3]))}")
+            elif len(args) == 2:
+                with open(args[1], encoding="utf-8") as f:
+                    texts = [ln.strip() for ln in f if ln.strip()]
+                r = self.c.auto_steer(args[0], texts)
+                m = r.measured
+                self.preset = args[0]
+                self.say(f"[preset {args[0]}: {m['method']} at {m['strength']} norm; on-concept {m['concept']:.0%}, "
+                         f"fluency gap {m['fluency_gap']:+.2f}, {r.seconds:.0f} s; now steering with it]")
+            else:
+                self.say("[usage: /autosteer <name> <file>]")
+        except OSError as e:
+            self.say(f"[cannot read {args[-1]}: {e.strerror}]")
+        except SaeloraAPIError as e:
+            self.say(f"[error {e.status}: {e.message}]")
 
     def _presets(self, cmd: str, args: list[str]) -> None:
         try:
             if cmd == "/presets":
                 for p in self.c.presets.list().data:
-                    self.say(f"  {p.name}: {p.mode}, " + ", ".join(f"{e.op} #{e.feature} {e.value:g}" for e in p.edits))
+                    self.say(f"  {p.name}: {p.mode}, " + ", ".join(
+                        [f"{e.op} #{e.feature} {e.value:g}" for e in p.edits] + [f"{v.op} vector" for v in p.vectors]))
             elif cmd == "/save" and len(args) == 1:
                 if not self.edits:
                     self.say("[no edits to save: /steer first]")

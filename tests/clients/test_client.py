@@ -142,7 +142,7 @@ def test_terminal_chat_in_a_pty(server):
         child.expect(r"'\S+'\[#\d+:\d+\.\d")  # a token with its top latents
         child.expect("> ")
         child.sendline("/steer 3 set 250")
-        child.expect(r"\[steering: set #3 250\]")
+        child.expect(r"\[steering: set #3 250 raw\]")
         child.sendline("the cat")
         child.expect("#3:250.0")
         child.expect("> ")
@@ -168,6 +168,10 @@ def test_terminal_chat_in_a_pty(server):
         child.expect(r"\[no model 'nope'")
         child.sendline("/steer x")
         child.expect(r"\[usage: /steer")
+        child.sendline("/search cat")
+        child.expect(r"\[error 404")  # the tiny SAE has no descriptions
+        child.sendline("/autosteer p /nonexistent/texts.txt")
+        child.expect(r"\[cannot read")
         child.sendline("/clear")
         child.expect(r"\[conversation cleared\]")
         child.sendline("/quit")
@@ -194,7 +198,7 @@ def test_async_client_offers_every_sync_call():
     sync, aio = SaeloraClient("http://127.0.0.1:9"), AsyncSaeloraClient("http://127.0.0.1:9")
     skip = {"close", "__enter__", "__exit__"}  # the context protocol differs by nature (aclose / async with)
     for s_obj, a_obj in ((sync, aio), (sync.adapters, aio.adapters), (sync.saes, aio.saes),
-                         (sync.presets, aio.presets)):
+                         (sync.presets, aio.presets), (sync.vectors, aio.vectors)):
         s_calls, a_calls = _public_calls(s_obj), _public_calls(a_obj)
         missing = set(s_calls) - set(a_calls) - skip
         assert not missing, f"AsyncSaeloraClient lacks {sorted(missing)}"
