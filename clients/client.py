@@ -147,11 +147,17 @@ class SaeloraClient(_Base):
         return E.compare_result(prompt, steered)
 
     def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
-                 n: int = 10, ranking: str = E.DEFAULT_RANKING) -> list[dict[str, Any]]:
+                 n: int = 10, ranking: str = E.DEFAULT_RANKING, lens: bool = False) -> list[dict[str, Any]]:
         """The latents that most tell prompt set A from set B (`endpoints.contrast_result`: by default the
-        standardised mean difference with always-on latents excluded; "mean_diff" is the old raw ranking)."""
-        return E.contrast_result([self.features(p, top_k=top_k) for p in prompts_a],
-                                 [self.features(p, top_k=top_k) for p in prompts_b], n, self.saes.list(), ranking)
+        standardised mean difference with always-on latents excluded; "mean_diff" is the old raw ranking).
+        `lens=True` adds each latent's logit-lens agreement with set A's frequent tokens (`lens_agreement`)."""
+        a = [self.features(p, top_k=top_k) for p in prompts_a]
+        b = [self.features(p, top_k=top_k) for p in prompts_b]
+        out = E.contrast_result(a, b, n, self.saes.list(), ranking)
+        for d in out if lens else []:
+            logits = self.feature(d["sae"], d["feature"]).logits
+            d["lens"] = round(E.lens_agreement([t.token for t in logits.promoted] if logits else [], a, b), 4)
+        return out
 
     def search(self, sae: str, q: str, n: int = 10) -> PS.SearchResponse:
         """Latents whose feature descriptions (top contexts, promoted tokens) match the query words."""
@@ -331,11 +337,15 @@ class AsyncSaeloraClient(_Base):
         return E.compare_result(prompt, steered.choices[0])
 
     async def contrast(self, prompts_a: Sequence[str], prompts_b: Sequence[str], top_k: int = 32,
-                       n: int = 10, ranking: str = E.DEFAULT_RANKING) -> list[dict[str, Any]]:
+                       n: int = 10, ranking: str = E.DEFAULT_RANKING, lens: bool = False) -> list[dict[str, Any]]:
         """See `SaeloraClient.contrast`; the prompts are sent concurrently."""
         a = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_a])
         b = await asyncio.gather(*[self.features(p, top_k=top_k) for p in prompts_b])
-        return E.contrast_result(a, b, n, await self.saes.list(), ranking)
+        out = E.contrast_result(a, b, n, await self.saes.list(), ranking)
+        for d in out if lens else []:
+            logits = (await self.feature(d["sae"], d["feature"])).logits
+            d["lens"] = round(E.lens_agreement([t.token for t in logits.promoted] if logits else [], a, b), 4)
+        return out
 
     async def search(self, sae: str, q: str, n: int = 10) -> PS.SearchResponse:
         return await self.run(E.search(sae, q, n))

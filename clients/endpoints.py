@@ -218,6 +218,19 @@ def contrast_result(a: Sequence[P.FeaturesResponse], b: Sequence[P.FeaturesRespo
     return sorted(out, key=key)[:n]
 
 
+def lens_agreement(promoted: Sequence[str], a: Sequence[P.FeaturesResponse],
+                   b: Sequence[P.FeaturesResponse]) -> float:
+    """The fraction of a latent's promoted tokens (what it writes to the logits) that are the concept's frequent
+    tokens: more frequent in set A's tokens than in set B's (case and spaces ignored). A second signal beside
+    `contrast_result`'s statistic: a latent that fires on a concept need not write it."""
+    def freq(rs: Sequence[P.FeaturesResponse]) -> dict[str, float]:
+        toks = [t.token.strip().lower() for r in rs for t in r.tokens]
+        return {w: toks.count(w) / max(1, len(toks)) for w in set(toks)}
+    fa, fb = freq(a), freq(b)
+    words = [w.strip().lower() for w in promoted if w.strip()]
+    return sum(fa.get(w, 0.0) > fb.get(w, 0.0) for w in words) / max(1, len(words))
+
+
 def _tallies(tokens: Sequence[P.TokenFeatures], policies: dict[str, dict[str, Any] | None]) -> dict[str, LatentTally]:
     out: dict[str, LatentTally] = {}
     for t in tokens:

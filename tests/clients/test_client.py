@@ -51,8 +51,13 @@ def test_steer_and_compare(client):
     cmp = client.compare("the cat sat on", [Edit.set(3, 250.0, positions="generated")], max_tokens=6)
     assert cmp["default"] != cmp["steered"]
     assert cmp["changed"][0]["feature"] == 3 and cmp["changed"][0]["steered"] == 250.0
-    c = client.contrast(["the cat sat on the mat", "a cat and a dog"], ["sun rises east", "river flows to sea"], n=3)
-    assert len(c) == 3 and abs(c[0]["diff"]) >= abs(c[-1]["diff"])
+    a, b = ["the cat sat on the mat", "a cat and a dog"], ["sun rises east", "river flows to sea"]
+    c = client.contrast(a, b, n=3)  # default: standardised mean difference, dense latents excluded
+    assert len(c) == 3 and [x["score"] for x in c] == sorted((x["score"] for x in c), reverse=True)
+    assert all(x["ranking"] == "smd" and x["freq_b"] <= 0.2 for x in c)
+    assert all(0.0 <= x["lens"] <= 1.0 for x in client.contrast(a, b, n=2, lens=True))
+    old = client.contrast(a, b, n=3, ranking="mean_diff")  # the old ranking, kept by name
+    assert [abs(x["diff"]) for x in old] == sorted((abs(x["diff"]) for x in old), reverse=True)
     assert Edit.ablate(4).op == "ablate" and Edit.clamp_max(4, 1.0).value == 1.0
 
 
@@ -207,3 +212,18 @@ def test_async_client_offers_every_sync_call():
             assert inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn), name
             s_params = list(inspect.signature(s_calls[name]).parameters)
             assert list(inspect.signature(fn).parameters) == s_params, name
+
+
+def test_lens_agreement_counts_promoted_tokens_frequent_in_set_a():
+
+    from saelora.clients.endpoints import lens_agreement
+
+    def resp(words):
+        return P.FeaturesResponse(model="m", usage=P.Usage(prompt_tokens=len(words), completion_tokens=0,
+                                                           total_tokens=len(words)),
+                                  tokens=[P.TokenFeatures(token=w, token_id=i, position=i, features=[])
+                                                     for i, w in enumerate(words)])
+    a, b = [resp([" court", " judge", " the", " court"])], [resp([" the", " sea", " judge", " judge"])]
+    assert lens_agreement([" Court", "court ", " sea"], a, b) == pytest.approx(2 / 3)  # case and spaces ignored
+    assert lens_agreement([" judge"], a, b) == 0.0  # more frequent in B
+    assert lens_agreement([], a, b) == 0.0
