@@ -22,7 +22,8 @@ RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("bench.steering")
 
 
-def run(model: str, adapter: bool, concepts: str, methods: list[str] | None) -> Path:
+def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, samples: int,
+        adapter_methods: list[str] | None) -> Path:
     from saelora.adapters.config import cache_dir
     from saelora.trainer.concepts import DEV_CONCEPTS, WIKI_CONCEPTS
     from saelora.trainer.run_steer_eval import run_steer_eval
@@ -34,7 +35,8 @@ def run(model: str, adapter: bool, concepts: str, methods: list[str] | None) -> 
     if adapter and not bundle.is_dir():
         raise SystemExit(f"no demo adapter at {bundle}: run `saelora demo --model {model}` first")
     cfg = SteerEvalConfig(model=model, adapter=str(bundle) if adapter else None, concepts=chosen,
-                          methods=methods or list(METHODS))
+                          methods=methods or list(METHODS), samples=samples,
+                          adapter_methods=adapter_methods or ["none", "latent_add", "project"])
     result = run_steer_eval(cfg)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"steering_{model}.json"
@@ -78,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", action="store_true", help="add the spliced and adapted conditions (demo adapter)")
     p.add_argument("--concepts", choices=("all", "dev", "test"), default="all")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--adapter-methods", nargs="*", default=None, help="methods run in the spliced and adapted "
+                   "conditions (default: none latent_add project)")
+    p.add_argument("--samples", type=int, default=2, help="generations per prompt and setting")
     p.add_argument("--report", action="store_true", help="only write steering.{json,md} from the runs' files")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.adapter, args.concepts, args.methods)
+        run(args.model, args.adapter, args.concepts, args.methods, args.samples, args.adapter_methods)
     report()
     return 0
 

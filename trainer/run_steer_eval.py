@@ -96,7 +96,7 @@ def run_steer_eval(cfg: SteerEvalConfig) -> dict[str, Any]:
             plans[concept] = {"latents": p.latents, "feature": p.feature, "reference_ce": round(p.reference, 4),
                               "resid_norm": round(p.scales.resid_norm, 3)}
             for name, mode, ctx in conditions:
-                methods = [m for m in cfg.methods if name == "base" or m in ("none", "latent_add", "project")]
+                methods = [m for m in cfg.methods if name == "base" or (m in cfg.adapter_methods and m != "auto")]
                 # fluency is scored with the adapter off; a context already off is not entered twice (PEFT's
                 # disable_adapter turns the adapter back on when it exits)
                 scorer = contextlib.nullcontext if ctx is base else base

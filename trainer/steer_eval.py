@@ -54,6 +54,8 @@ class SteerEvalConfig:
     suite: str = opt("wiki", "concept suite: 'wiki' (embedded) or a folder (trainer/concepts.py)")
     concepts: list[str] = opt(factory=list, help="concepts to run (default: all of the suite)")
     methods: list[str] = opt(factory=lambda: list(METHODS), help=f"methods, of {METHODS}")
+    adapter_methods: list[str] = opt(factory=lambda: ["none", "latent_add", "project"],
+                                     help="methods also run in the spliced and adapted conditions (with --adapter)")
     samples: int = opt(2, "generations per prompt and setting")
     max_new: int = opt(32, "tokens generated")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
