@@ -28,6 +28,7 @@ PositionWord = Literal["all", "prompt", "generated"]
 #: corpus; norm: a fraction of the typical residual norm at the hook, along the decoder direction (or the vector).
 #: Converted to raw at the HTTP edge (adapters/steering.py `to_raw`); engines see raw values only.
 Unit = Literal["raw", "max", "norm"]
+VectorUnit = Literal["raw", "norm"]  # a vector has no max activation
 MODES: tuple[str, ...] = get_args(Mode)
 OPS: tuple[str, ...] = get_args(Op)
 VECTOR_OPS: tuple[str, ...] = get_args(VectorOp)
@@ -173,15 +174,16 @@ def check_edit(e: Edit, d_sae: int, d_in: int | None = None) -> None:
 
 
 def _check_vector(e: VectorEdit, d_in: int | None) -> None:
+    """A vector of another width is a direction the SAE's hook does not have: not found (404), as a latent
+    outside [0, d_sae) is. An all-zero vector is allowed and does nothing."""
     if e.op not in VECTOR_OPS:
         raise SpliceError(f"Unknown vector op {e.op!r}; expected one of {VECTOR_OPS}")
     if d_in is not None and len(e.vector) != d_in:
-        raise SpliceError(f"A steering vector at SAE {e.sae!r} has {d_in} numbers, got {len(e.vector)}")
+        raise SpliceNotFoundError(f"SAE {e.sae!r} acts on a residual of {d_in} numbers; the vector has "
+                                  f"{len(e.vector)}")
     if not e.vector or not all(isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= MAX_EDIT_VALUE
                                for v in e.vector):
         raise SpliceError(f"A steering vector's numbers must be finite within ±{MAX_EDIT_VALUE:g}")
-    if not any(e.vector):
-        raise SpliceError("A steering vector must not be all zeros")
 
 
 #: op -> f(latent column, value): the edited column (same shape).

@@ -218,8 +218,8 @@ def _add_vectors(name: str, out: torch.Tensor, z: torch.Tensor, pos: torch.Tenso
             v = out.new_tensor(e.vector)  # (d,)
             if e.op == "add":
                 delta = e.value * v
-            else:
-                u = v / v.norm()
+            else:  # an all-zero direction projects to nothing
+                u = v / v.norm().clamp_min(1e-30) if bool(v.any()) else v
                 delta = e.value * (out[r].float() @ u.float()).to(out.dtype)[:, None] * u
             out[r] = torch.where(m, out[r] + delta, out[r])
     return out

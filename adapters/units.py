@@ -8,7 +8,8 @@ benchmark calls it too. This module imports no torch.
            the latent by value x norm / |W_dec[latent]|; for a vector, value x norm / |vector|, so that the added
            vector's length is that fraction of the norm
 
-`norm` suits `add`; `project` is a multiplier of the stream's own component and takes raw values only.
+`norm` suits `add`. `project`'s value is a pure multiplier of the stream's own component along the vector: it is
+the same number in every unit. A vector has no max activation, so `max` is for latents only.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .edits import UNITS, SpliceError
+from .edits import UNITS, SpliceError, SpliceNotFoundError
 
 
 class UnitError(SpliceError):
-    """A unit that cannot be converted for this edit, or whose scales the SAE lacks."""
+    """A unit that cannot be converted for this edit."""
+
+
+class MissingScalesError(UnitError, SpliceNotFoundError):
+    """The SAE has no descriptions with the units' scales (the server answers 404: they are not found)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,8 @@ class SteerScales:
         """From `saelora features`' features.json (its `max`, `dec_norm` and `resid_norm`)."""
         feats = (data or {}).get("features") or []
         if not feats or "resid_norm" not in data or any("dec_norm" not in f for f in feats[:1]):
-            raise UnitError(f"SAE {sae!r} has no feature descriptions with scales: units 'max' and 'norm' need "
-                            f"`saelora features` (run again if its descriptions predate them); use unit 'raw'")
+            raise MissingScalesError(f"SAE {sae!r} has no feature descriptions with scales: units 'max' and 'norm' "
+                                     "need `saelora features` (run again if its descriptions predate them); use 'raw'")
         return cls([float(f["max"]) for f in feats], [float(f["dec_norm"]) for f in feats], float(data["resid_norm"]))
 
 
@@ -48,15 +53,16 @@ def to_raw(value: float, unit: str, scales: SteerScales | None, feature: int | N
     """The raw value of an edit given in `unit`: of latent `feature`, or of a vector edit (`vector`) with `op`."""
     if unit not in UNITS:
         raise UnitError(f"unknown unit {unit!r}; expected one of {UNITS}")
-    if unit == "raw":
+    if vector is not None and unit == "max":
+        raise UnitError("a vector has no max activation: use unit 'raw' or 'norm'")
+    if unit == "raw" or (vector is not None and op == "project"):
         return float(value)
     if scales is None:
-        raise UnitError(f"unit {unit!r} needs the SAE's feature descriptions (saelora features); use unit 'raw'")
+        raise MissingScalesError(f"unit {unit!r} needs the SAE's feature descriptions (saelora features); "
+                                 "use unit 'raw'")
     if vector is not None:
-        if unit != "norm" or op != "add":
-            raise UnitError(f"a vector edit takes unit 'raw', or 'norm' with op 'add' (got {unit!r} with {op!r})")
         length = math.sqrt(sum(v * v for v in vector))
-        return float(value) * scales.resid_norm / max(length, 1e-12)
+        return float(value) * scales.resid_norm / length if length > 0 else 0.0
     assert feature is not None
     if unit == "max":
         return float(value) * scales.max_act[feature]

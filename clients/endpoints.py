@@ -100,9 +100,11 @@ def get_vector(name: str) -> Call:
 
 def put_vector(name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
                negative: Sequence[str] | None = None, sae: str | None = None) -> Call:
-    given = {"sae": sae, "values": values, "positive": positive, "negative": negative}
-    body = _dump(PS.SteeringVectorBody(**{k: list(v) if isinstance(v, (list, tuple)) else v
-                                          for k, v in given.items() if v is not None}))
+    if values is not None:
+        req: Any = PS.VectorFromValues(sae=sae, values=list(values))
+    else:
+        req = PS.VectorFromTexts(sae=sae, positive=list(positive or []), negative=list(negative or []))
+    body = _dump(req)
     return Call("PUT", f"/v1/steering/vectors/{name}", body, PS.VectorInfo.model_validate)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord, Unit, VectorOp
+from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord, Unit, VectorOp, VectorUnit
 
 MAX_TOP_K = 64  # latents per token per SAE
 MAX_EDITS = 64
@@ -97,33 +97,36 @@ class SAEEdit(_Strict):
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
 
 
-class SAEVectorEdit(_Strict):
-    """Steer along a direction at SAE `sae`'s hook point: a stored vector (`vector`) or numbers (`values`), with
-    op `add` (x += value * v) or `project` (x += value * (x . v^) v^, the paper's projection scaling)."""
-
+class _VectorEditBase(_Strict):
     sae: str | None = Field(None, description="SAE id whose hook point the vector acts at; may be omitted when one "
                                               "SAE is loaded (a stored vector brings its own)")
-    vector: str | None = Field(None, pattern=PRESET_NAME, description="a stored steering vector "
-                                                                      "(PUT /v1/steering/vectors/{name})")
-    values: list[JFloat] | None = Field(None, min_length=1, max_length=MAX_VECTOR,
-                                        description="the direction as numbers (d_in of them)")
-    op: VectorOp = "add"
+    op: VectorOp = Field("add", description="add: x += value * v; project: x += value * (x . v^) v^ (the paper's "
+                                            "projection scaling)")
     value: JFloat = Field(1.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE)
-    unit: Unit = Field("raw", description="raw, or norm (with add): the added vector's length as a fraction of the "
-                                          "median residual norm at the hook")
+    unit: VectorUnit = Field("raw", description="raw, or norm with add: |value * v| = value x the median residual "
+                                                "norm at the hook; project's value is a pure multiplier in any unit")
     positions: PositionWord | Annotated[list[jint(ge=0, le=MAX_POSITION)],
                                         Field(min_length=1, max_length=MAX_POSITIONS)] = "all"
     when: SAECondition | None = Field(None, description="apply only where this condition holds")
 
     _check_value = field_validator("value")(classmethod(lambda cls, v: _finite(v)))
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "SAEVectorEdit":
-        if (self.vector is None) == (self.values is None):
-            raise ValueError("give exactly one of `vector` (a stored vector's name) and `values` (numbers)")
-        if self.values is not None and not all(math.isfinite(v) for v in self.values):
-            raise ValueError("values must be finite numbers (NaN and Inf are rejected)")
-        return self
+
+class SAEVectorByName(_VectorEditBase):
+    """Steer along a stored steering vector (PUT /v1/steering/vectors/{name})."""
+
+    vector: str = Field(..., pattern=PRESET_NAME, description="a stored steering vector's name")
+
+
+class SAEVectorValues(_VectorEditBase):
+    """Steer along a direction given as numbers (d_in of them; an all-zero direction does nothing)."""
+
+    values: list[JFloat] = Field(..., min_length=1, max_length=MAX_VECTOR)
+
+    _check_values = field_validator("values")(classmethod(lambda cls, v: [_finite(x) for x in v]))
+
+
+SAEVectorEdit = SAEVectorByName | SAEVectorValues
 
 
 class SAEFeatureOptions(_Strict):
@@ -155,17 +158,11 @@ class SAEOptions(_Strict):
 
 class SteeringPreset(_Strict):
     """A named set of latent edits and steering vectors (PUT /v1/steering/presets/{name}); requests use it with
-    `"sae": {"preset": name}`. At least one edit or vector."""
+    `"sae": {"preset": name}`. An empty preset steers nothing."""
 
     mode: SpliceMode = SERVE_MODE
     edits: list[SAEEdit] = Field(default_factory=list, max_length=MAX_EDITS)
     vectors: list[SAEVectorEdit] = Field(default_factory=list, max_length=MAX_VECTOR_EDITS)
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "SteeringPreset":
-        if not self.edits and not self.vectors:
-            raise ValueError("a preset needs at least one edit or vector")
-        return self
 
 
 class PresetInfo(SteeringPreset):

@@ -3,9 +3,9 @@ and auto-steer. Pydantic only (no torch), like clients/protocol.py, whose buildi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from .protocol import MAX_VECTOR, PRESET_NAME, JFloat, PresetInfo, _Strict
 
@@ -14,27 +14,24 @@ MAX_TEXT_CHARS = 4000
 MAX_AUTO_PROMPTS = 8
 MAX_SEARCH = 50
 
-Text = str  # bounded below (Field on the list items)
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S")]  # not only white space
 
 
-class SteeringVectorBody(_Strict):
-    """PUT /v1/steering/vectors/{name}: a direction at SAE `sae`'s hook, given as numbers (`values`) or made from
-    two text sets as the difference of their mean residuals (`positive` minus `negative`: DiffMean)."""
+class VectorFromValues(_Strict):
+    """PUT /v1/steering/vectors/{name} with numbers: a direction at SAE `sae`'s hook (d_in numbers)."""
 
     sae: str | None = Field(None, description="SAE id whose hook point the vector acts at (default: the only SAE)")
-    values: list[JFloat] | None = Field(None, min_length=1, max_length=MAX_VECTOR)
-    positive: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS,
-                                        description="texts of the concept (DiffMean)")
-    negative: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS,
-                                        description="other texts (DiffMean)")
+    values: list[JFloat] = Field(..., min_length=1, max_length=MAX_VECTOR)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "SteeringVectorBody":
-        if (self.values is None) == (self.positive is None) or (self.positive is None) != (self.negative is None):
-            raise ValueError("give `values`, or `positive` and `negative` texts (DiffMean), not both")
-        if any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in (self.positive or []) + (self.negative or [])):
-            raise ValueError(f"texts must be non-empty and at most {MAX_TEXT_CHARS} characters")
-        return self
+
+class VectorFromTexts(_Strict):
+    """PUT /v1/steering/vectors/{name} from two text sets: the difference of their mean residuals at the hook
+    (`positive` minus `negative`: DiffMean). Only engines that run the model in the server process offer it (the
+    torch engine); elsewhere this body is not part of the API."""
+
+    sae: str | None = Field(None, description="SAE id whose hook point the vector acts at (default: the only SAE)")
+    positive: list[Text] = Field(..., min_length=1, max_length=MAX_TEXTS, description="texts of the concept")
+    negative: list[Text] = Field(..., min_length=1, max_length=MAX_TEXTS, description="other texts")
 
 
 class StoredVector(_Strict):
@@ -74,7 +71,7 @@ class SearchResponse(BaseModel):
 
 class AutoSteerRequest(_Strict):
     """POST /v1/steering/auto: search, a strength sweep and a judge, from example texts; the winner is stored as
-    preset `name`."""
+    preset `name`. Offered by engines that run the model in the server process (the torch engine)."""
 
     name: str = Field(..., pattern=PRESET_NAME)
     positive: list[Text] = Field(..., min_length=4, max_length=MAX_TEXTS, description="texts of the concept")
@@ -85,13 +82,6 @@ class AutoSteerRequest(_Strict):
     sae: str | None = None
     max_fluency_gap: JFloat = Field(0.5, gt=0, le=10, description="nats of CE above the model's CE on the "
                                                                    "positive texts that a generation may reach")
-
-    @model_validator(mode="after")
-    def _texts(self) -> "AutoSteerRequest":
-        if any(len(t) > MAX_TEXT_CHARS or not t.strip()
-               for t in self.positive + (self.negative or []) + (self.prompts or [])):
-            raise ValueError(f"texts and prompts must be non-empty and at most {MAX_TEXT_CHARS} characters")
-        return self
 
 
 class AutoSteerResponse(BaseModel):

@@ -98,7 +98,8 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
     app.add_middleware(Guard)  # outermost
     app.include_router(router)
     app.include_router(steering.router)
-    app.include_router(steer_routes.router)
+    for r in steer_routes.routers(engine.steers_from_text):
+        app.include_router(r)
     vocab = len(engine.tokenizer)
     app.openapi = lambda: errors.openapi_without_422(app, vocab)  # type: ignore[method-assign]
     return app

@@ -1,10 +1,14 @@
 """Routes for steering vectors, feature search and auto-steer (the preset routes are in steering.py).
 
-    PUT    /v1/steering/vectors/{name}   numbers, or DiffMean of two text sets (admin key when keys are set)
+    PUT    /v1/steering/vectors/{name}   numbers, or (engines that run the model here) DiffMean of two text sets
     GET    /v1/steering/vectors[/{name}]
     DELETE /v1/steering/vectors/{name}
     GET    /v1/saes/{sae}/search?q=...   latents whose top contexts or promoted tokens match the query words
     POST   /v1/steering/auto             search, sweep and judge from example texts; stores the winner as a preset
+
+Changes need the admin key when the server has keys. The routes that read texts through the model (DiffMean,
+auto-steer) are part of a server's API only when its engine `steers_from_text` (the torch engine): a vLLM
+server's model weights live in vLLM's worker, so its OpenAPI schema offers numbers only, and auto-steer is a 404.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from ..core.engine import EngineError
 from . import errors
 from .steering import NamePath, Steering, _sae_name, steering_of
 
-router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))
+router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # every engine
+values_router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # engines without `steers_from_text`
+text_router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # engines with it
 
 
 def _info(name: str, v: PS.StoredVector) -> PS.VectorInfo:
@@ -41,33 +47,55 @@ async def get_vector(name: str = NamePath, st: Steering = Depends(steering_of)) 
     return _info(name, st.vectors.get(name))
 
 
-@router.put("/v1/steering/vectors/{name}", response_model=PS.VectorInfo, responses=errors.documented(403, 404, 409))
-async def put_vector(body: PS.SteeringVectorBody, name: str = NamePath,
-                     st: Steering = Depends(steering_of)) -> PS.VectorInfo:
+def _target(st: Steering, given: str | None) -> tuple[str, int]:
+    """The SAE a vector acts at, and its residual width."""
     ids = [s["name"] for s in st.engine.saes()]
     if not ids:
         raise EngineError("invalid", "this server has no SAE loaded", "sae")
-    sae = _sae_name(body.sae, None, ids, "body")
-    d_in = int(st.sae(sae)["d_in"])
-    if body.values is not None:
-        if len(body.values) != d_in:
-            raise EngineError("invalid", f"SAE {sae!r} acts on a residual of {d_in}; got {len(body.values)} values",
-                              "values")
-        if not any(body.values):
-            raise EngineError("invalid", "a steering vector must not be all zeros", "values")
+    sae = _sae_name(given, None, ids, "body")
+    return sae, int(st.sae(sae)["d_in"])
+
+
+async def _store_vector(st: Steering, name: str, body: PS.VectorFromValues | PS.VectorFromTexts) -> PS.VectorInfo:
+    sae, d_in = _target(st, body.sae)
+    if isinstance(body, PS.VectorFromValues):
+        if len(body.values) != d_in:  # a direction this hook does not have: 404, as a latent outside d_sae is
+            raise EngineError("not_found", f"SAE {sae!r} acts on a residual of {d_in} numbers; got "
+                              f"{len(body.values)}", "values")
         stored = PS.StoredVector(sae=sae, values=list(body.values), source="values")
     else:
-        values = await st.engine.steering_vector(sae, body.positive or [], body.negative or [])
+        values = await st.engine.steering_vector(sae, body.positive, body.negative)
         stored = PS.StoredVector(sae=sae, values=[round(v, 6) for v in values], source="diffmean",
-                                 texts={"positive": len(body.positive or []), "negative": len(body.negative or [])})
+                                 texts={"positive": len(body.positive), "negative": len(body.negative)})
     st.vectors.put(name, stored)
     return _info(name, stored)
+
+
+@values_router.put("/v1/steering/vectors/{name}", response_model=PS.VectorInfo,
+                   responses=errors.documented(403, 404, 409))
+async def put_vector(body: PS.VectorFromValues, name: str = NamePath,
+                     st: Steering = Depends(steering_of)) -> PS.VectorInfo:
+    """Store a steering vector given as numbers."""
+    return await _store_vector(st, name, body)
+
+
+@text_router.put("/v1/steering/vectors/{name}", response_model=PS.VectorInfo,
+                 responses=errors.documented(403, 404, 409))
+async def put_vector_or_diffmean(body: PS.VectorFromValues | PS.VectorFromTexts, name: str = NamePath,
+                                 st: Steering = Depends(steering_of)) -> PS.VectorInfo:
+    """Store a steering vector given as numbers, or made from two text sets (DiffMean)."""
+    return await _store_vector(st, name, body)
 
 
 @router.delete("/v1/steering/vectors/{name}", responses=errors.documented(403, 404))
 async def delete_vector(name: str = NamePath, st: Steering = Depends(steering_of)) -> dict:
     st.vectors.delete(name)
     return {"status": "deleted", "name": name}
+
+
+def routers(steers_from_text: bool) -> list[APIRouter]:
+    """The steering routes a server over an engine offers."""
+    return [router, text_router if steers_from_text else values_router]
 
 
 def _words(text: str) -> set[str]:
@@ -91,7 +119,8 @@ def search_features(data: dict[str, Any], query: str, n: int) -> list[PS.SearchH
 
 
 @router.get("/v1/saes/{sae_id}/search", response_model=PS.SearchResponse, responses=errors.documented(404))
-async def search(sae_id: str, q: str = Query(..., min_length=1, max_length=200, description="words or tokens"),
+async def search(sae_id: str, q: str = Query(..., min_length=1, max_length=200, pattern=r"[A-Za-z0-9]",
+                                            description="words or tokens (at least one letter or digit)"),
                  n: int = Query(10, ge=1, le=PS.MAX_SEARCH), st: Steering = Depends(steering_of)) -> PS.SearchResponse:
     data = st.descriptions(sae_id)
     if data is None:
@@ -111,7 +140,8 @@ def _wire(edits: list[Any]) -> P.SteeringPreset:
     return P.SteeringPreset(edits=latents, vectors=vectors)
 
 
-@router.post("/v1/steering/auto", response_model=PS.AutoSteerResponse, responses=errors.documented(403, 404, 409))
+@text_router.post("/v1/steering/auto", response_model=PS.AutoSteerResponse,
+                  responses=errors.documented(403, 404, 409))
 async def auto(body: PS.AutoSteerRequest, st: Steering = Depends(steering_of)) -> PS.AutoSteerResponse:
     ids = [s["name"] for s in st.engine.saes()]
     if not ids:

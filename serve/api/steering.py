@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from saelora.adapters.config import descriptions_file
 from saelora.adapters.edits import Condition, Edit, LatentEdit, SpliceError, VectorEdit
 from saelora.adapters.splice import check_edits
-from saelora.adapters.units import SteerScales, UnitError, to_raw
+from saelora.adapters.units import MissingScalesError, SteerScales, to_raw
 from saelora.clients import protocol as P
 from saelora.clients import protocol_steer as PS
 
@@ -122,22 +122,27 @@ class Steering:
         return self._descriptions[sae_id]
 
     def scales(self, sae_id: str) -> SteerScales:
+        """The units' scales of an SAE; `MissingScalesError` (404) when its descriptions lack them."""
         if sae_id not in self._scales:
             try:
                 self._scales[sae_id] = SteerScales.from_descriptions(self.descriptions(sae_id), sae_id)
-            except UnitError:
+            except MissingScalesError:
                 self._scales[sae_id] = None
         found = self._scales[sae_id]
         if found is None:
-            raise UnitError(f"SAE {sae_id!r} has no feature descriptions with scales: units 'max' and 'norm' need "
-                            "`saelora features` for it (descriptions written before the units lack them); use 'raw'")
+            raise MissingScalesError(f"SAE {sae_id!r} has no feature descriptions with scales: units 'max' and "
+                                     "'norm' need `saelora features` for it (descriptions written before the units "
+                                     "lack them); use 'raw'")
         return found
 
     def _value(self, value: float, unit: str, sae: str, param: str, **where: Any) -> float:
         try:
-            return to_raw(value, unit, None if unit == "raw" else self.scales(sae), **where)
+            try:  # most units need no scales (raw; project's multiplier): read the descriptions only when needed
+                return to_raw(value, unit, None, **where)
+            except MissingScalesError:
+                return to_raw(value, unit, self.scales(sae), **where)
         except SpliceError as e:
-            raise EngineError("invalid", str(e), f"{param}.unit") from e
+            raise EngineError.from_splice(e, f"{param}.unit") from e
 
     def to_edits(self, edits: list[P.SAEEdit], ids: list[str], param: str) -> list[Edit]:
         out: list[Edit] = []
@@ -161,12 +166,12 @@ class Steering:
     def to_vectors(self, vectors: list[P.SAEVectorEdit], ids: list[str], param: str) -> list[Edit]:
         out: list[Edit] = []
         for i, v in enumerate(vectors):
-            stored = self.vectors.get(v.vector) if v.vector is not None else None
+            stored = self.vectors.get(v.vector) if isinstance(v, P.SAEVectorByName) else None
             name = _sae_name(v.sae, stored.sae if stored else None, ids, f"{param}.{i}")
-            if stored is not None and stored.sae != name:
-                raise EngineError("invalid", f"steering vector {v.vector!r} acts at SAE {stored.sae!r}, not {name!r}",
-                                  f"{param}.{i}.sae")
-            values = tuple(stored.values if stored is not None else v.values or ())
+            if stored is not None and stored.sae != name:  # not found at that SAE (a 404, as an unknown SAE is)
+                raise EngineError("not_found", f"steering vector {v.vector!r} acts at SAE {stored.sae!r}, not at "
+                                  f"{name!r}", f"{param}.{i}.sae")
+            values = tuple(stored.values if stored is not None else v.values)  # type: ignore[union-attr]
             when = None
             if v.when is not None:
                 when = Condition(_sae_name(v.when.sae, name, ids, f"{param}.{i}.when"), v.when.feature, v.when.above)

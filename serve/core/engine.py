@@ -108,6 +108,9 @@ class Engine(abc.ABC):
 
     tokenizer: Any
     model_id: str
+    #: Whether the model runs in the server process, so that text sets can be read through it (DiffMean vectors,
+    #: auto-steer). The vLLM engine's weights live in vLLM's worker: it does not.
+    steers_from_text: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -78,6 +78,8 @@ def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
 
 
 class TorchEngine(ThreadedEngine):
+    steers_from_text = True  # the model is in this process (DiffMean vectors, auto-steer)
+
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, adapter_root: str | None = None, pack_weights: bool = True) -> None:
         cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from saelora.adapters.edits import LatentEdit, SpliceError, VectorEdit, changes_stream, check_edit, edit_from_json
+from saelora.adapters.edits import (LatentEdit, SpliceError, SpliceNotFoundError, VectorEdit, changes_stream,
+                                   check_edit, edit_from_json)
 from saelora.adapters.search import LatentTally, rank_latents
 from saelora.adapters.units import SteerScales, UnitError, to_raw
 
@@ -40,9 +41,10 @@ def test_units_convert_to_raw_values():
     assert to_raw(0.5, "norm", sc, feature=0) == pytest.approx(0.5 * 144 / 0.5)  # the change of x is 0.5 x norm
     v = [3.0, 4.0]
     assert to_raw(0.25, "norm", sc, vector=v) * 5.0 == pytest.approx(0.25 * 144)  # |value x v| = 0.25 x norm
-    for bad in ({"unit": "max", "vector": v}, {"unit": "norm", "vector": v, "op": "project"}):
-        with pytest.raises(UnitError):
-            to_raw(1.0, bad.pop("unit"), sc, **bad)
+    with pytest.raises(UnitError):
+        to_raw(1.0, "max", sc, vector=v)  # a vector has no max activation
+    assert to_raw(3.0, "norm", None, vector=v, op="project") == 3.0  # project's value is a pure multiplier
+    assert to_raw(0.5, "norm", sc, vector=[0.0, 0.0]) == 0.0  # an all-zero direction adds nothing
     with pytest.raises(UnitError):
         to_raw(1.0, "norm", None, feature=0)  # no scales: no calibrated unit
     with pytest.raises(UnitError):
@@ -57,10 +59,12 @@ def test_vector_edit_checks_and_json_round_trip():
     latent = LatentEdit("s", 4, "add", 1.0)
     assert edit_from_json(latent.to_json()) == latent
     check_edit(e, d_sae=8, d_in=3)
-    for bad in (VectorEdit("s", (1.0, 0.0), "add"), VectorEdit("s", (0.0, 0.0, 0.0), "add"),
-                VectorEdit("s", (math.nan, 0.0, 1.0), "add"), VectorEdit("s", (1.0, 0.0, 1.0), "rotate")):
+    with pytest.raises(SpliceNotFoundError):  # another width: a direction this hook does not have (404)
+        check_edit(VectorEdit("s", (1.0, 0.0), "add"), d_sae=8, d_in=3)
+    for bad in (VectorEdit("s", (math.nan, 0.0, 1.0), "add"), VectorEdit("s", (1.0, 0.0, 1.0), "rotate")):
         with pytest.raises(SpliceError):
             check_edit(bad, d_sae=8, d_in=3)
+    check_edit(VectorEdit("s", (0.0, 0.0, 0.0), "project"), d_sae=8, d_in=3)  # all zeros: allowed, does nothing
     assert changes_stream("off", [e], "s") and not changes_stream("off", [latent], "s")  # a vector acts in any mode
     assert not changes_stream("error_term", [e], "other")
 
@@ -89,6 +93,8 @@ def test_vector_edits_in_the_splice_are_the_formulas_at_the_masked_positions(lla
     assert torch.allclose(out[0, 3:], x[0, 3:] + 2.0 * v, atol=1e-5)
     u = v / v.norm()
     assert torch.allclose(out[1, 1:], x[1, 1:] + 4.0 * (x[1, 1:] @ u)[:, None] * u, atol=1e-4)
+    zero = [RowSpec(edits=[VectorEdit(sae.name, (0.0,) * 32, "project", 5.0)])]
+    assert torch.equal(splice_sae(sae, x[:1], pos[:1], None, zero, mode="error_term").out, x[:1])
     off = splice_sae(sae, x[:1], pos[:1], None, [RowSpec(modes={sae.name: "off"}, edits=rows[0].edits,
                                                          prompt_len=3)], mode="off").out
     assert torch.allclose(off[0, 3:], x[0, 3:] + 2.0 * v, atol=1e-5)  # in mode off, only the vector acts

@@ -1,6 +1,9 @@
 """Schemathesis against the server's own /openapi.json: 0 failures. Over the fake engine with every route; over
 both real engines (tiny model) with the adapter-management routes left out, since the session's servers are
-shared with other tests.
+shared with other tests, and auto-steer left out (each call generates ~9 settings: seconds, not the milliseconds
+the response-time check expects; its validation runs over a fake text-reading engine in
+test_steer_routes_http.py, its real runs in test_steering.py). Server-dependent rules (a latent outside d_sae, a
+vector of another width, units without descriptions) answer 404, so schema-valid requests never get a 400.
 
 Every check runs. `positive_data_acceptance` (ST202, "a schema-valid request must not get a 400") runs as
 `positive_data_acceptance_within_context` (schemathesis_hooks.py): the one rule no static schema can state is the
@@ -45,4 +48,4 @@ def test_schemathesis_over_the_fake_engine():
 
 
 def test_schemathesis_over_a_real_engine(server):
-    _schemathesis(server.url, "--exclude-path-regex", "lora_adapter", examples=15)
+    _schemathesis(server.url, "--exclude-path-regex", "lora_adapter|steering/auto", examples=15)

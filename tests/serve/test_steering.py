@@ -179,7 +179,8 @@ def test_stored_vector_by_name_equals_inline_values(server, ws):
 
 def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_server):
     """Invariants: DiffMean from texts is stored and usable; auto-steer stores a preset that the vLLM engine serves
-    like the torch engine; the vLLM engine refuses both computations with a 400 naming the torch engine."""
+    like the torch engine; a vLLM server, whose model is not in its process, offers neither (numbers only: a
+    text body is a 400; auto-steer is not a route there: 404)."""
     pos = ["the cat sat on the mat", "a big cat ran under a log", "the quick cat jumps over the dog",
            "small red cat sat on a mat"]
     neg = ["the river flows to sea", "sun rises east sets west", "moon night day bright dark", "bird sings in tree"]
@@ -188,7 +189,7 @@ def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_s
     assert r.json()["source"] == "diffmean" and len(r.json()["values"]) == 128 and r.json()["norm"] > 0
     httpx.delete(torch_server.url + "/v1/steering/vectors/t-dm")
     bad = httpx.put(vllm_server.url + "/v1/steering/vectors/t-dm", json={"positive": pos, "negative": neg})
-    assert bad.status_code == 400 and "torch engine" in bad.json()["error"]["message"]
+    assert bad.status_code == 400
     r = httpx.post(torch_server.url + "/v1/steering/auto", json={"name": "t-auto", "positive": pos, "negative": neg,
                                                                  "prompts": ["the", "a"]}, timeout=300)
     assert r.status_code == 200, r.text
@@ -205,4 +206,4 @@ def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_s
         for srv in (torch_server, vllm_server):
             httpx.delete(srv.url + "/v1/steering/presets/t-auto")
     bad = httpx.post(vllm_server.url + "/v1/steering/auto", json={"name": "t-auto", "positive": pos})
-    assert bad.status_code == 400 and "torch engine" in bad.json()["error"]["message"]
+    assert bad.status_code == 404

@@ -47,7 +47,8 @@ def test_preset_validation(engine):
     with TestClient(create_app(engine, served_name="fake")) as c:
         _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 16, "op": "set"}]}), 404)  # d_sae 16
         _err(c.put("/v1/steering/presets/x", json={"edits": [{"sae": "nope", "feature": 1, "op": "set"}]}), 404)
-        _err(c.put("/v1/steering/presets/x", json={"edits": []}), 400)
+        assert c.put("/v1/steering/presets/empty", json={"edits": []}).status_code == 200  # steers nothing
+        c.delete("/v1/steering/presets/empty")
         _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 1, "op": "set", "when": {
             "feature": 1, "above": 1e300}}]}), 400)
         _err(c.put("/v1/steering/presets/x", json={"edits": [{"feature": 1, "op": "set", "when": {
