@@ -135,7 +135,7 @@ def _wire(edits: list[Any]) -> P.SteeringPreset:
     """Engine edits (raw values) as a preset on the wire."""
     latents = [P.SAEEdit(sae=e.sae, feature=e.feature, op=e.op, value=e.value, positions=e.positions)
                for e in edits if isinstance(e, LatentEdit)]
-    vectors = [P.SAEVectorEdit(sae=e.sae, values=list(e.vector), op=e.op, value=e.value, positions=e.positions)
+    vectors = [P.SAEVectorValues(sae=e.sae, values=list(e.vector), op=e.op, value=e.value, positions=e.positions)
                for e in edits if isinstance(e, VectorEdit)]
     return P.SteeringPreset(edits=latents, vectors=vectors)
 

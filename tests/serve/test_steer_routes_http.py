@@ -123,6 +123,13 @@ class TextEngine(FakeEngine):
     async def steering_vector(self, sae, positive, negative):
         return [float(len(positive) - len(negative))] * 8
 
+    async def auto_steer(self, sae, positive, negative, prompts, max_fluency_gap):
+        from saelora.adapters.autosteer import AutoSteerResult
+
+        self.auto_args = (sae, positive, negative, prompts, max_fluency_gap)
+        edits = [LatentEdit(sae, 3, "add", 1.5), VectorEdit(sae, tuple(V8), "add", 0.25, (1, 2))]
+        return AutoSteerResult(edits, {"concept": 0.75, "fluency_gap": 0.1, "method": "diffmean"}, [], 1.0)
+
 
 def test_search_ranks_by_descriptions(tmp_path):
     with TestClient(create_app(DescribedEngine(tmp_path / "sae"), served_name="fake")) as c:
@@ -152,3 +159,18 @@ def test_text_routes_validation_where_the_engine_reads_texts():
             "positive": 2, "negative": 1} and r.json()["values"] == [1.0] * 8
         assert c.put("/v1/steering/vectors/y", json={"values": V8}).status_code == 200  # numbers still work
         assert c.get("/v1/steering/presets").json()["data"] == []
+
+
+def test_auto_steer_stores_the_engines_winner_as_a_preset():
+    engine = TextEngine()
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        r = c.post("/v1/steering/auto", json={"name": "auto1", "positive": ["a b"] * 4, "max_fluency_gap": 0.3})
+        assert r.status_code == 200, r.text
+        assert r.json()["measured"]["concept"] == 0.75
+        negatives = engine.auto_args[2]
+        assert len(negatives) >= 30 and engine.auto_args[4] == 0.3  # the shipped everyday texts by default
+        stored = c.get("/v1/steering/presets/auto1").json()
+        assert stored["edits"][0]["feature"] == 3 and stored["vectors"][0]["values"] == V8
+        assert _complete(c, {"preset": "auto1"}).status_code == 200
+        assert engine.requests[-1].splice.edits == [LatentEdit("fake", 3, "add", 1.5),
+                                                     VectorEdit("fake", tuple(V8), "add", 0.25, (1, 2))]
