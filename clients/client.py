@@ -22,6 +22,8 @@ from . import endpoints as E
 from . import protocol as P
 from . import protocol_steer as PS
 from .edits import Edit, Vector
+from .namespaces import (_Adapters, _AsyncAdapters, _AsyncPresets, _AsyncSAEs, _AsyncVectors, _Presets, _SAEs,
+                         _Vectors)
 from .endpoints import DONE, Call, kept_by_policy, sse_data
 from .errors import RateLimitError, ServiceUnavailableError, from_response
 
@@ -170,67 +172,6 @@ class SaeloraClient(_Base):
         return self.run(E.auto_steer(name, positive, negative, prompts, max_fluency_gap, sae))
 
 
-class _Adapters:
-    def __init__(self, c: SaeloraClient) -> None:
-        self.c = c
-
-    def list(self) -> P.AdapterList:
-        return self.c.run(E.list_adapters())
-
-    def load(self, name: str, path: str) -> dict[str, Any]:
-        return self.c.run(E.load_adapter(name, path))
-
-    def unload(self, name: str) -> dict[str, Any]:
-        return self.c.run(E.unload_adapter(name))
-
-
-class _Presets:
-    """Steering presets: `list`, `get`, `put` (admin key, when the server has one), `delete`."""
-
-    def __init__(self, c: SaeloraClient) -> None:
-        self.c = c
-
-    def list(self) -> P.PresetList:
-        return self.c.run(E.list_presets())
-
-    def get(self, name: str) -> P.PresetInfo:
-        return self.c.run(E.get_preset(name))
-
-    def put(self, name: str, edits: Sequence[P.SAEEdit | P.SAEVectorEdit], mode: str = "error_term") -> P.PresetInfo:
-        return self.c.run(E.put_preset(name, edits, mode))
-
-    def delete(self, name: str) -> dict[str, Any]:
-        return self.c.run(E.delete_preset(name))
-
-
-class _Vectors:
-    """Steering vectors: `list`, `get`, `put` (numbers, or DiffMean of two text sets; admin key), `delete`."""
-
-    def __init__(self, c: SaeloraClient) -> None:
-        self.c = c
-
-    def list(self) -> PS.VectorList:
-        return self.c.run(E.list_vectors())
-
-    def get(self, name: str) -> PS.VectorInfo:
-        return self.c.run(E.get_vector(name))
-
-    def put(self, name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
-            negative: Sequence[str] | None = None, sae: str | None = None) -> PS.VectorInfo:
-        return self.c.run(E.put_vector(name, values, positive, negative, sae))
-
-    def delete(self, name: str) -> dict[str, Any]:
-        return self.c.run(E.delete_vector(name))
-
-
-class _SAEs:
-    def __init__(self, c: SaeloraClient) -> None:
-        self.c = c
-
-    def list(self) -> P.SAEList:
-        return self.c.run(E.list_saes())
-
-
 class AsyncSaeloraClient(_Base):
     """Asynchronous client with the same calls as `SaeloraClient`, awaited (streams are async iterators)."""
 
@@ -355,64 +296,6 @@ class AsyncSaeloraClient(_Base):
                          sae: str | None = None) -> PS.AutoSteerResponse:
         """See `SaeloraClient.auto_steer`."""
         return await self.run(E.auto_steer(name, positive, negative, prompts, max_fluency_gap, sae))
-
-
-class _AsyncPresets:
-    def __init__(self, c: AsyncSaeloraClient) -> None:
-        self.c = c
-
-    async def list(self) -> P.PresetList:
-        return await self.c.run(E.list_presets())
-
-    async def get(self, name: str) -> P.PresetInfo:
-        return await self.c.run(E.get_preset(name))
-
-    async def put(self, name: str, edits: Sequence[P.SAEEdit | P.SAEVectorEdit],
-                  mode: str = "error_term") -> P.PresetInfo:
-        return await self.c.run(E.put_preset(name, edits, mode))
-
-    async def delete(self, name: str) -> dict[str, Any]:
-        return await self.c.run(E.delete_preset(name))
-
-
-class _AsyncAdapters:
-    def __init__(self, c: AsyncSaeloraClient) -> None:
-        self.c = c
-
-    async def list(self) -> P.AdapterList:
-        return await self.c.run(E.list_adapters())
-
-    async def load(self, name: str, path: str) -> dict[str, Any]:
-        return await self.c.run(E.load_adapter(name, path))
-
-    async def unload(self, name: str) -> dict[str, Any]:
-        return await self.c.run(E.unload_adapter(name))
-
-
-class _AsyncVectors:
-    def __init__(self, c: AsyncSaeloraClient) -> None:
-        self.c = c
-
-    async def list(self) -> PS.VectorList:
-        return await self.c.run(E.list_vectors())
-
-    async def get(self, name: str) -> PS.VectorInfo:
-        return await self.c.run(E.get_vector(name))
-
-    async def put(self, name: str, values: Sequence[float] | None = None, positive: Sequence[str] | None = None,
-                  negative: Sequence[str] | None = None, sae: str | None = None) -> PS.VectorInfo:
-        return await self.c.run(E.put_vector(name, values, positive, negative, sae))
-
-    async def delete(self, name: str) -> dict[str, Any]:
-        return await self.c.run(E.delete_vector(name))
-
-
-class _AsyncSAEs:
-    def __init__(self, c: AsyncSaeloraClient) -> None:
-        self.c = c
-
-    async def list(self) -> P.SAEList:
-        return await self.c.run(E.list_saes())
 
 
 __all__ = ["AsyncSaeloraClient", "Edit", "SaeloraClient", "Vector", "kept_by_policy"]
