@@ -30,3 +30,13 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
 
+
+
+def error_body(r, status: int, kind: str | None = None) -> dict:
+    """The OpenAI error envelope of response `r`, after checking its status (and error type, when given)."""
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    if kind:
+        assert body["type"] == kind
+    return body

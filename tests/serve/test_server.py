@@ -12,7 +12,7 @@ import pytest
 
 from saelora.serve.api.app import create_app
 from conftest import SAE, make_engine
-from server_util import LiveServer
+from server_util import LiveServer, error_body
 
 PROMPTS = ["the cat sat on", "a big red fox jumps over the lazy", "sun rises east", "river flows to"]
 
@@ -232,13 +232,7 @@ def test_hot_swap_under_concurrent_load(server):
 
 # ---- errors --------------------------------------------------------------------------------------------------
 
-def _err(r, status, kind=None):
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"} and body["message"]
-    if kind:
-        assert body["type"] == kind
-    return body
+_err = error_body
 
 
 @pytest.mark.parametrize("body,param", [

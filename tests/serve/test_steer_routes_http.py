@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from fake_engine import SAE_INFO, FakeEngine
 from saelora.adapters.edits import LatentEdit, VectorEdit
 from saelora.serve.api.app import create_app
+from server_util import error_body
 
 V8 = [0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]  # the fake SAE reads a residual of 8
 
@@ -32,11 +33,7 @@ class DescribedEngine(FakeEngine):
         return [self.info]
 
 
-def _err(r, status):
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"}
-    return body
+_err = error_body
 
 
 def _complete(c, sae):

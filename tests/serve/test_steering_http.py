@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from fake_engine import FakeEngine
 from saelora.serve.api.app import create_app
+from server_util import error_body
 
 PRESET = {"mode": "error_term", "edits": [{"feature": 3, "op": "set", "value": 5.0, "positions": "generated"},
                                           {"feature": 4, "op": "ablate", "when": {"feature": 2, "above": 0.5}}]}
@@ -19,11 +20,7 @@ def engine():
     return FakeEngine()
 
 
-def _err(r, status):
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"}
-    return body
+_err = error_body
 
 
 def test_preset_crud_and_persistence(engine, tmp_path):
