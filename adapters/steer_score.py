@@ -122,9 +122,11 @@ def reference_ce(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], s
     generation's tokens sit after a short prompt (the first tokens of any text are the hardest)."""
     rows = [([bos] if bos is not None else []) + tokenizer(t, add_special_tokens=False)["input_ids"][:start + length]
             for t in texts]
+    if not any(len(r) > start + 1 for r in rows):  # short texts (a sentence each): score them from token 1
+        start = 1
     rows = [r for r in rows if len(r) > start + 1]
     if not rows:
-        raise ValueError("no text is long enough for a reference CE")
+        raise ValueError("no text is long enough for a reference CE (each needs at least three tokens)")
     gens = [Generation("", r[:start], r[start:], "") for r in rows]
     ces = continuation_ce(model, gens)
     return sum(ces) / len(ces)

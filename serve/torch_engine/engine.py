@@ -121,8 +121,12 @@ class TorchEngine(ThreadedEngine):
 
         def run() -> list[float]:
             s = self.splice.saes[sae]
-            return diffmean(read_texts(self.lm.model, self.tokenizer, s, positive),
-                            read_texts(self.lm.model, self.tokenizer, s, negative)).tolist()
+            try:
+                return diffmean(read_texts(self.lm.model, self.tokenizer, s, positive),
+                                read_texts(self.lm.model, self.tokenizer, s, negative)).tolist()
+            except ValueError as e:  # a side with no position the SAE is spliced at: depends on this server's
+                raise EngineError("not_found", f"{e}: no token of one text set sits at a position SAE {sae!r} "
+                                  "is spliced at (a row's first token stays original)", "positive") from e
         return await self._call(run)
 
     async def auto_steer(self, sae: str, positive: list[str], negative: list[str], prompts: list[str] | None,
@@ -131,8 +135,13 @@ class TorchEngine(ThreadedEngine):
         ones on the model): running requests wait for it (bounded: adapters/autosteer.py)."""
         from saelora.adapters.autosteer import auto_steer
 
-        return await self._call(lambda: auto_steer(self.lm, self.splice, self.splice.saes[sae], positive, negative,
-                                                   prompts, max_fluency_gap=max_fluency_gap))
+        def run() -> Any:
+            try:
+                return auto_steer(self.lm, self.splice, self.splice.saes[sae], positive, negative, prompts,
+                                  max_fluency_gap=max_fluency_gap)
+            except ValueError as e:  # texts too short to read or to score against
+                raise EngineError("invalid", str(e), "positive") from e
+        return await self._call(run)
 
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:

@@ -188,6 +188,9 @@ def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_s
     assert r.status_code == 200, r.text
     assert r.json()["source"] == "diffmean" and len(r.json()["values"]) == 128 and r.json()["norm"] > 0
     httpx.delete(torch_server.url + "/v1/steering/vectors/t-dm")
+    short = httpx.put(torch_server.url + "/v1/steering/vectors/t-dm", json={"positive": ["cat"], "negative": ["dog"]})
+    assert short.status_code == 404  # one token each: the first token stays original, nothing is read (found
+    # by schemathesis: a schema-valid request must not get a 400)
     bad = httpx.put(vllm_server.url + "/v1/steering/vectors/t-dm", json={"positive": pos, "negative": neg})
     assert bad.status_code == 400
     r = httpx.post(torch_server.url + "/v1/steering/auto", json={"name": "t-auto", "positive": pos, "negative": neg,
