@@ -66,8 +66,8 @@ def report() -> None:
                " (recall / false-positive rate).", ""]
         for c in conds:
             md += [f"### condition: {c}", "", table(summary["models"][model][c]), ""]
-        pareto_plot([r for r in res["rows"] if r["condition"] == "base"], str(RESULTS / f"steering_{model}.png"),
-                    f"{model}: steering on the test concepts (base condition)")
+    if runs:
+        pareto_plot({m: r["rows"] for m, r in runs.items()}, str(RESULTS / "steering.png"))
     (RESULTS / "steering.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / "steering.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

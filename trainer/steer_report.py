@@ -86,27 +86,31 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
-    """Concept score against fluency gap, one point per (method, strength), mean over the test concepts."""
+def pareto_plot(rows_by_model: dict[str, Sequence[dict[str, Any]]], path: str,
+                dev: Sequence[str] = DEV_CONCEPTS) -> None:
+    """Concept score against fluency gap, one point per (method, strength), means over the test concepts in the
+    base condition; one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["method"] for r in rows}):
-        pts = defaultdict(list)
-        for r in rows:
-            if r["method"] == method and r["target"] not in DEV_CONCEPTS:
-                pts[r["strength"]].append(r)
-        xs = [sum(r["fluency_gap"] for r in v) / len(v) for _, v in sorted(pts.items())]
-        ys = [sum(r["concept"] for r in v) / len(v) for _, v in sorted(pts.items())]
-        ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=method)
-    ax.axvline(0.5, color="grey", ls=":", lw=1)
-    ax.set_xlabel("fluency gap (nats above real concept text; lower is better)")
-    ax.set_ylabel("on-concept fraction (judge)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(rows_by_model), figsize=(6.5 * len(rows_by_model), 4.5), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], rows_by_model.items(), strict=True):
+        rows = [r for r in rows if r["condition"] == "base" and r["target"] not in dev]
+        for method in sorted({r["method"] for r in rows}):
+            pts = defaultdict(list)
+            for r in rows:
+                if r["method"] == method:
+                    pts[r["strength"]].append(r)
+            xs = [sum(r["fluency_gap"] for r in v) / len(v) for _, v in sorted(pts.items())]
+            ys = [sum(r["concept"] for r in v) / len(v) for _, v in sorted(pts.items())]
+            ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=method)
+        ax.axvline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("fluency gap (nats above real concept text; lower is better)")
+        ax.set_ylabel("on-concept fraction (judge)")
+        ax.set_title(f"{model}: test concepts, base condition")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,7 +24,7 @@ def test_steer_eval_runs_every_method_and_the_report_chooses_on_dev(tmp_path, mo
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.run_steer_eval import run_steer_eval
     from saelora.trainer.steer_eval import METHODS, SteerEvalConfig
-    from saelora.trainer.steer_report import summarise, table
+    from saelora.trainer.steer_report import pareto_plot, summarise, table
     from tiny import WORDS, tiny_workspace
 
     ws = tiny_workspace(tmp_path)
@@ -46,6 +46,8 @@ def test_steer_eval_runs_every_method_and_the_report_chooses_on_dev(tmp_path, mo
     summary = summarise(rows, dev=("cats",))
     assert summary["latent_add"]["concepts"] == ["sky"] and summary["latent_add"]["strength"] is not None
     assert "| auto |" in table(summary)
+    pareto_plot({"tiny": rows}, str(tmp_path / "pareto.png"), dev=("cats",))
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
 
 
 def test_embedded_suite_parts_are_disjoint_and_rule_based():
