@@ -135,7 +135,7 @@ def _steer(c: Any, sae: str) -> None:
 
     texts = json.loads(casual_texts_path().read_text(encoding="utf-8"))
     pos, neg = texts[STEER_CONCEPT], texts["none"]
-    top = c.contrast(pos[:8], neg[:8], n=1)[0]
+    top = c.contrast(pos, neg, n=1)[0]
     desc = c.feature(sae, top["feature"])
     print(f"\n== steering towards {STEER_CONCEPT!r} ({len(pos)} example texts written in the repo)")
     print(f"  concept search (standardised mean difference): latent #{top['feature']}, fires on "
