@@ -45,15 +45,25 @@ def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, sam
     return out
 
 
+def _has_dev(res: dict) -> bool:
+    from saelora.trainer.concepts import DEV_CONCEPTS
+
+    return any(r["target"] in DEV_CONCEPTS for r in res["rows"])
+
+
 def report() -> None:
     from saelora.trainer.steer_report import pareto_plot, summarise, table
 
     runs = {p.stem.removeprefix("steering_"): json.loads(p.read_text())
             for p in sorted(RESULTS.glob("steering_*.json")) if p.stem != "steering_pilot"}
     summary, md = {"auto_steer": {}, "models": {}}, ["# Steering benchmark", ""]
-    for model, res in runs.items():
+    chosen: dict[str, float] = {}  # a run without development concepts takes the first run's choices
+    for model, res in sorted(runs.items(), key=lambda kv: not _has_dev(kv[1])):
         conds = sorted({r["condition"] for r in res["rows"]})
-        summary["models"][model] = {c: summarise(res["rows"], c) for c in conds}
+        fixed = None if _has_dev(res) else chosen
+        summary["models"][model] = {c: summarise(res["rows"], c, fixed=fixed) for c in conds}
+        if not chosen:
+            chosen = {m: s["strength"] for m, s in summary["models"][model]["base"].items() if s["strength"]}
         base = summary["models"][model]["base"]
         if "auto" in base:
             summary["auto_steer"][model] = {k: base["auto"][k] for k in ("concept", "fluency_gap", "distinct2",

@@ -44,9 +44,10 @@ def _dev_score(rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
     return sum(succ) / max(1, len(succ)), -sum(gap) / max(1, len(gap))
 
 
-def summarise(rows: Sequence[dict[str, Any]], condition: str = "base",
-              dev: Sequence[str] = DEV_CONCEPTS) -> dict[str, Any]:
-    """Per method: the dev-chosen strength and the test-band figures at it (mean over generations, 95% CI)."""
+def summarise(rows: Sequence[dict[str, Any]], condition: str = "base", dev: Sequence[str] = DEV_CONCEPTS,
+              fixed: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per method: the dev-chosen strength and the test-band figures at it (mean over generations, 95% CI).
+    `fixed`: strengths chosen elsewhere (a run without development concepts takes another model's choices)."""
     rows = [r for r in rows if r["condition"] == condition]
     by: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -54,7 +55,10 @@ def summarise(rows: Sequence[dict[str, Any]], condition: str = "base",
     out: dict[str, Any] = {}
     for method in sorted({r["method"] for r in rows}):
         strengths = sorted({s for m, s in by if m == method})
-        if method in SWEPT:
+        if method in SWEPT and fixed and method in fixed:
+            chosen = fixed[method]
+            test = [r for r in by[(method, chosen)] if r["target"] not in dev]
+        elif method in SWEPT:
             chosen = max(strengths, key=lambda s, m=method: _dev_score([r for r in by[(m, s)] if r["target"] in dev]))
             test = [r for r in by[(method, chosen)] if r["target"] not in dev]
         else:  # none, prompt, auto: nothing to choose (auto chooses per concept, on its own)
