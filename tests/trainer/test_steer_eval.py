@@ -46,6 +46,8 @@ def test_steer_eval_runs_every_method_and_the_report_chooses_on_dev(tmp_path, mo
     summary = summarise(rows, dev=("cats",))
     assert summary["latent_add"]["concepts"] == ["sky"] and summary["latent_add"]["strength"] is not None
     assert "| auto |" in table(summary)
+    fixed = summarise(rows, dev=(), fixed={"latent_add": 0.5})  # no development concept: another run's choice
+    assert fixed["latent_add"]["strength"] == 0.5 and fixed["latent_add"]["concepts"] == ["cats", "sky"]
     pareto_plot({"tiny": rows}, str(tmp_path / "pareto.png"), dev=("cats",))
     assert (tmp_path / "pareto.png").stat().st_size > 1000
 
