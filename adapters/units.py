@@ -42,7 +42,7 @@ class SteerScales:
     def from_descriptions(cls, data: dict[str, Any] | None, sae: str) -> "SteerScales":
         """From `saelora features`' features.json (its `max`, `dec_norm` and `resid_norm`)."""
         feats = (data or {}).get("features") or []
-        if not feats or "resid_norm" not in data or any("dec_norm" not in f for f in feats[:1]):
+        if not feats or "resid_norm" not in data or "dec_norm" not in feats[0]:
             raise MissingScalesError(f"SAE {sae!r} has no feature descriptions with scales: units 'max' and 'norm' "
                                      "need `saelora features` (run again if its descriptions predate them); use 'raw'")
         return cls([float(f["max"]) for f in feats], [float(f["dec_norm"]) for f in feats], float(data["resid_norm"]))

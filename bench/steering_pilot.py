@@ -9,11 +9,11 @@ base condition, 12 neutral prompts x 2 samples. It chose bench/steering.py's gri
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from saelora.adapters.autosteer import sentences
 from saelora.adapters.edits import LatentEdit, VectorEdit
 from saelora.adapters.judge import Judge
 from saelora.adapters.models import load_model
@@ -26,10 +26,6 @@ from saelora.adapters.units import SteerScales, to_raw
 from saelora.trainer.concepts import DEV_CONCEPTS, wiki_suite
 
 OUT = Path(__file__).parent / "results" / "steering_pilot.json"
-
-
-def sentences(texts: list[str]) -> list[str]:
-    return [s for t in texts for s in re.split(r"(?<=[.!?])\s+", t) if len(s.split()) >= 5]
 
 
 def main() -> None:
