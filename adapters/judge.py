@@ -64,7 +64,8 @@ class Judge:
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="none")
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.sparse.mm(x, w) + b, y,
+                                                                       reduction="none")
             loss = (bce * weight).sum() / len(labels) + l2 * w.pow(2).sum()
             loss.backward()
             return loss
@@ -74,7 +75,7 @@ class Judge:
 
     def probs(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, L) probability of each label (one-vs-rest: rows need not sum to 1)."""
-        return torch.sigmoid(_features(texts, self.vocab, self.idf) @ self.weight + self.bias)
+        return torch.sigmoid(torch.sparse.mm(_features(texts, self.vocab, self.idf), self.weight) + self.bias)
 
     def prob(self, texts: Sequence[str], label: str) -> list[float]:
         return self.probs(texts)[:, self.labels.index(label)].tolist()
@@ -97,10 +98,18 @@ class Judge:
 
 
 def _features(texts: Sequence[str], vocab: Mapping[str, int], idf: torch.Tensor) -> torch.Tensor:
-    x = torch.zeros(len(texts), max(1, len(vocab)))
+    """(N, V) sparse (COO): each text's (1 + log count) x idf, unit length (texts are short, the vocabulary large:
+    dense, a benchmark's judge would be gigabytes)."""
+    rows, cols, vals = [], [], []
     for r, t in enumerate(texts):
         for w, c in Counter(words(t)).items():
             if w in vocab:
-                x[r, vocab[w]] = 1.0 + math.log(c)
-    x = x * idf
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                rows.append(r)
+                cols.append(vocab[w])
+                vals.append(1.0 + math.log(c))
+    col = torch.tensor(cols, dtype=torch.long)
+    val = torch.tensor(vals, dtype=torch.float32) * idf[col] if cols else torch.zeros(0)
+    row = torch.tensor(rows, dtype=torch.long)
+    norm = torch.zeros(len(texts)).index_add_(0, row, val * val).sqrt().clamp_min(1e-12)
+    return torch.sparse_coo_tensor(torch.stack([row, col]), val / norm[row],
+                                   (len(texts), max(1, len(vocab))), check_invariants=True).coalesce()

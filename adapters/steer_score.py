@@ -67,20 +67,30 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-@torch.no_grad()
 def generate(lm: Any, splice: Splice, prompts: Sequence[str], edits: Sequence[Edit], mode: str = SERVE_MODE,
              samples: int = 1, max_new: int = 32, temperature: float = 1.0, seed: int = 0,
              prefix: str = "", stop_ids: Sequence[int] = ()) -> list[Generation]:
     """`samples` generations per prompt (sampled at `temperature`; 0 = greedy), with `edits` under `mode` for every
     SAE of `splice`, and `prefix` put before each prompt (the prompting baseline). Fluency is measured after the
     neutral prompt alone, so `Generation.prompt_ids` leave the prefix out."""
+    return generate_each(lm, splice, prompts, [edits], mode, samples, max_new, temperature, seed, prefix,
+                         stop_ids)[0]
+
+
+@torch.no_grad()
+def generate_each(lm: Any, splice: Splice, prompts: Sequence[str], settings: Sequence[Sequence[Edit]],
+                  mode: str = SERVE_MODE, samples: int = 1, max_new: int = 32, temperature: float = 1.0,
+                  seed: int = 0, prefix: str = "", stop_ids: Sequence[int] = ()) -> list[list[Generation]]:
+    """`generate` under each of several settings (edit lists) at once: one batch, each row with its own edits
+    (the splice applies edits per row), so a sweep costs one generation loop instead of one per setting."""
     tok = lm.tokenizer
     neutral = [tok(p)["input_ids"] for p in prompts for _ in range(samples)]
     given = [tok(prefix + p)["input_ids"] for p in prompts for _ in range(samples)] if prefix else neutral
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = _left_pad(given, pad)
+    ids, mask = _left_pad(given * len(settings), pad)
     device = next(lm.model.parameters()).device
-    rows = [RowSpec(modes={n: mode for n in splice.saes}, edits=list(edits), prompt_len=len(g)) for g in given]
+    rows = [RowSpec(modes={n: mode for n in splice.saes}, edits=list(edits), prompt_len=len(g))
+            for edits in settings for g in given]
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
         {"do_sample": False}
@@ -91,14 +101,20 @@ def generate(lm: Any, splice: Splice, prompts: Sequence[str], edits: Sequence[Ed
     gens = []
     for r, row in enumerate(out[:, ids.shape[1]:].tolist()):
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        gens.append(Generation(prompts[r // samples], neutral[r], row[:cut], tok.decode(row[:cut])))
-    return gens
+        k = r % len(given)
+        gens.append(Generation(prompts[k // samples], neutral[k], row[:cut], tok.decode(row[:cut])))
+    return [gens[i:i + len(given)] for i in range(0, len(gens), len(given))]
 
 
 @torch.no_grad()
-def continuation_ce(model: torch.nn.Module, gens: Sequence[Generation], pad: int = 0) -> list[float]:
+def continuation_ce(model: torch.nn.Module, gens: Sequence[Generation], pad: int = 0,
+                    batch_size: int = 16) -> list[float]:
     """Mean cross-entropy (nats per token) of each generation's tokens after its neutral prompt, under `model` as
-    called (no splice context: the unsteered model). An empty generation gets +inf."""
+    called (no splice context: the unsteered model). An empty generation gets +inf. Rows go `batch_size` at a
+    time (a large vocabulary's log-probabilities are big)."""
+    if len(gens) > batch_size:
+        return [ce for i in range(0, len(gens), batch_size)
+                for ce in continuation_ce(model, gens[i:i + batch_size], pad, batch_size)]
     rows = [g.prompt_ids + g.ids for g in gens]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

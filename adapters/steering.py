@@ -29,6 +29,7 @@ class TextReading:
 
     tally: LatentTally = field(default_factory=LatentTally)
     resid_sum: torch.Tensor | None = None  # (d,) fp32
+    sq_sum: float = 0.0  # sum of squared residual norms (for the spread about the mean)
     norms: list[float] = field(default_factory=list)
     texts: int = 0
 
@@ -72,6 +73,7 @@ def read_texts(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, texts: Se
         z = sae.encode(xs)  # (n, d_sae)
         out.resid_sum = xs.sum(0) if out.resid_sum is None else out.resid_sum + xs.sum(0)
         out.norms.extend(xs.norm(dim=-1).tolist())
+        out.sq_sum += float(xs.square().sum())
         nz = z > 0
         rows, cols = nz.nonzero(as_tuple=True)
         vals = z[rows, cols]
@@ -99,6 +101,14 @@ def median_norm(reading: TextReading) -> float:
     if not reading.norms:
         raise ValueError("no spliced position was read: the text set is empty")
     return float(torch.tensor(reading.norms).median())
+
+
+def spread(reading: TextReading) -> float:
+    """The residual's root-mean-square distance from its mean over a reading's spliced positions: its typical norm
+    with the constant component taken out. Gemma 3's residual is ~98% one constant direction, SmolLM2's ~70%, so
+    this, not `median_norm`, is what strengths transfer between models by (docs/steering.md)."""
+    mean = reading.mean_residual()
+    return max(reading.sq_sum / reading.tokens - float(mean.square().sum()), 0.0) ** 0.5
 
 
 def decoder_norms(sae: LoadedSAE) -> list[float]:

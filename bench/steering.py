@@ -1,7 +1,8 @@
 """Steering benchmark (`saelora steer-eval`) on the embedded models, and its report.
 
     python bench/steering.py --model smollm2-135m [--adapter]   # ~40 min: bench/results/steering_smollm2-135m.json
-    python bench/steering.py --model gemma3-270m --concepts test  # Gemma 3: the test concepts (its SAE: the demo's)
+    python bench/steering.py --model gemma3-270m --samples 1 --grid-scale 0.32 --methods none prompt latent_add \
+        diffmean auto                                             # Gemma 3 (its SAE: the demo's), ~40 min
     python bench/steering.py --report                             # steering.{json,md,png} from every run above
 
 Protocol (docs/steering.md): concepts and their text parts are fixed by rules (trainer/concepts.py); each swept
@@ -23,7 +24,7 @@ log = logging.getLogger("bench.steering")
 
 
 def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, samples: int,
-        adapter_methods: list[str] | None) -> Path:
+        adapter_methods: list[str] | None, grid_scale: float = 1.0, merge: bool = False) -> Path:
     from saelora.adapters.config import cache_dir
     from saelora.trainer.concepts import DEV_CONCEPTS, WIKI_CONCEPTS
     from saelora.trainer.run_steer_eval import run_steer_eval
@@ -35,14 +36,27 @@ def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, sam
     if adapter and not bundle.is_dir():
         raise SystemExit(f"no demo adapter at {bundle}: run `saelora demo --model {model}` first")
     cfg = SteerEvalConfig(model=model, adapter=str(bundle) if adapter else None, concepts=chosen,
-                          methods=methods or list(METHODS), samples=samples,
+                          methods=methods or list(METHODS), samples=samples, grid_scale=grid_scale,
                           adapter_methods=adapter_methods or ["none", "latent_add", "project"])
     result = run_steer_eval(cfg)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"steering_{model}.json"
+    if merge and out.is_file():
+        result = _merged(json.loads(out.read_text()), result)
     out.write_text(json.dumps(result, indent=1))
     log.info("wrote %s (%.0f s)", out, result["seconds"])
     return out
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """`new`'s rows replace `old`'s of the same condition, concept and method; the rest of `old` stays. Each run's
+    config is kept under `runs` (a method rerun after a change says so there)."""
+    key = lambda r: (r["condition"], r["target"], r["method"])  # noqa: E731
+    redone = {key(r) for r in new["rows"]}
+    runs = old.get("runs", [{"config": old["config"], "seconds": old["seconds"]}])
+    return {**old, "rows": [r for r in old["rows"] if key(r) not in redone] + new["rows"],
+            "plans": {**old["plans"], **new["plans"]}, "seconds": old["seconds"] + new["seconds"],
+            "runs": runs + [{"config": new["config"], "seconds": new["seconds"]}]}
 
 
 def _has_dev(res: dict) -> bool:
@@ -93,10 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-methods", nargs="*", default=None, help="methods run in the spliced and adapted "
                    "conditions (default: none latent_add project)")
     p.add_argument("--samples", type=int, default=2, help="generations per prompt and setting")
+    p.add_argument("--grid-scale", type=float, default=1.0, help="multiply the norm-unit grids (Gemma 3: 0.32, "
+                   "its spread-to-norm ratio over SmolLM2's)")
+    p.add_argument("--merge", action="store_true", help="replace only this run's rows (condition, concept, "
+                   "method) in the model's results file, keeping the others")
     p.add_argument("--report", action="store_true", help="only write steering.{json,md} from the runs' files")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.adapter, args.concepts, args.methods, args.samples, args.adapter_methods)
+        run(args.model, args.adapter, args.concepts, args.methods, args.samples, args.adapter_methods,
+            args.grid_scale, args.merge)
     report()
     return 0
 

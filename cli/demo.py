@@ -85,7 +85,7 @@ def _server(sae: Path, work: Path, args: argparse.Namespace) -> "ServeProcess":
                          args.engine], env=env)
 
 
-def _session(url: str, adapter: Path) -> None:
+def _session(url: str, adapter: Path, model: str) -> None:
     from saelora.adapters.bundle import read_manifest
     from saelora.adapters.policy import PositionPolicy
     from saelora.clients import SaeloraClient
@@ -100,7 +100,7 @@ def _session(url: str, adapter: Path) -> None:
         lat = ", ".join(f"#{i} {v:.1f}" for f in t.features for i, v in zip(f.indices, f.values, strict=True))
         kept = "  (left original: the SAE's policy keeps it)" if kept_by_policy(sae.policy, t) else ""
         print(f"  {t.token!r:>12}  {lat}{kept}")
-    _steer(c, sae.id)
+    _steer(c, sae.id, model)
     manifest = read_manifest(adapter)
     c.adapters.load("demo", adapter.name)
     adapted = c.complete(PROMPT, model="demo", max_tokens=12, temperature=0, sae={"mode": "replace"}).choices[0].text
@@ -124,7 +124,7 @@ STEER_CONCEPT = "astronomy"  # a concept with everyday texts written in the repo
 STEER_PROMPT = "Yesterday I"
 
 
-def _steer(c: Any, sae: str) -> None:
+def _steer(c: Any, sae: str, model: str) -> None:
     """Auto-steer from the repo's texts of one concept (torch engine); on vLLM, which cannot run it, the same
     preset made by hand from concept search: the best latent, `add` 0.4 of the residual norm (the benchmark's
     calibrated default, docs/steering.md)."""
@@ -153,6 +153,32 @@ def _steer(c: Any, sae: str) -> None:
               "torch engine)")
     cmp = c.compare(STEER_PROMPT, preset="demo-steer", max_tokens=32, top_k=4)  # one call, greedy
     print(f"  unsteered: {cmp['default']!r}\n  steered:   {cmp['steered']!r}  (both in one compare call)")
+    print("  " + _bench_judge(model, cmp["steered"], cmp["default"]))
+
+
+def _bench_judge(model: str, steered: str, unsteered: str) -> str:
+    """The steered and unsteered texts scored the benchmark's way (trainer/steer_eval.py): its judge, fitted on
+    Wikipedia leads (none of the repo's texts auto-steer read), the fluency gap under the unsteered model against
+    its CE on held-out leads of the concept, and distinct-2."""
+    from saelora.adapters.models import load_model
+    from saelora.adapters.steer_score import MAX_GAP, MIN_DISTINCT, continuation_ce, reference_ce, score
+    from saelora.adapters.steer_score import Generation as Gen
+    from saelora.trainer.concepts import wiki_suite
+    from saelora.trainer.steer_eval import fit_judge
+
+    suite = wiki_suite()
+    judge, _ = fit_judge(suite)
+    lm = load_model(model, device="cpu")
+    prompt = lm.tokenizer(STEER_PROMPT)["input_ids"]
+    gens = [Gen(STEER_PROMPT, prompt, lm.tokenizer(t, add_special_tokens=False)["input_ids"], t)
+            for t in (steered, unsteered)]
+    bos = lm.tokenizer.bos_token_id if prompt[:1] == [lm.tokenizer.bos_token_id] else None
+    ref = reference_ce(lm.model, lm.tokenizer, suite.texts(STEER_CONCEPT, "test", 48), bos=bos)
+    s = score(gens, continuation_ce(lm.model, gens), judge, STEER_CONCEPT, ref)
+    ok = s.success()[0]
+    return (f"the benchmark's judge: steered {s.concept[0]:.2f} {STEER_CONCEPT} (unsteered {s.concept[1]:.2f}), "
+            f"fluency gap {s.gap[0]:+.2f} nat (bound {MAX_GAP}), distinct-2 {s.distinct[0]:.2f} (bound "
+            f"{MIN_DISTINCT}): {'on-concept and fluent' if ok else 'NOT a success by the benchmark'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sae, adapter = _prepare(work, args)
     with _server(sae, work, args) as srv:
-        _session(srv.url, adapter)
+        _session(srv.url, adapter, args.model)
     print(f"\n== demo finished in {time.time() - t0:.0f} s (artifacts in {work})")
     return 0
 

@@ -87,6 +87,8 @@ class AutoSteerRequest(_Strict):
 class AutoSteerResponse(BaseModel):
     preset: PresetInfo
     measured: dict[str, Any] = Field(description="the winner's concept score, fluency_gap, distinct2, success, "
-                                                 "method and strength, by auto-steer's own judge")
+                                                 "method and strength (norm units), by auto-steer's own judge, "
+                                                 "from a second run with a fresh seed (sweep_concept: its score "
+                                                 "in the sweep, biased upward by the choice)")
     candidates: list[dict[str, Any]] = Field(default_factory=list, description="every setting it tried")
     seconds: float

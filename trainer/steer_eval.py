@@ -28,7 +28,7 @@ from saelora.adapters.autosteer import auto_steer, sentences
 from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.edits import LatentEdit, VectorEdit
 from saelora.adapters.judge import Judge
-from saelora.adapters.steer_score import continuation_ce, generate, reference_ce, score
+from saelora.adapters.steer_score import continuation_ce, generate_each, reference_ce, score
 from saelora.adapters.steering import (concept_latents, decoder_norms, diffmean, median_norm, project_direction,
                                        read_texts)
 from saelora.adapters.units import SteerScales, to_raw
@@ -57,6 +57,9 @@ class SteerEvalConfig:
     adapter_methods: list[str] = opt(factory=lambda: ["none", "latent_add", "project"],
                                      help="methods also run in the spliced and adapted conditions (with --adapter)")
     samples: int = opt(2, "generations per prompt and setting")
+    grid_scale: float = opt(1.0, "multiply the norm-unit grids (latent_add, diffmean): they bracket SmolLM2's "
+                            "optimum; for another model use its spread-to-norm ratio over SmolLM2's "
+                            "(adapters/steering.py spread; Gemma 3: 0.32)")
     max_new: int = opt(32, "tokens generated")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
     seed: int = opt(0, "sampling seed")
@@ -101,16 +104,16 @@ def plan(lm: Any, sae: Any, suite: ConceptSuite, concept: str, max_act: list[flo
                 SteerScales(max_act, decoder_norms(sae), median_norm(neg)), ref)
 
 
-def settings(p: Plan, method: str, sae_name: str) -> list[tuple[float, list[Any]]]:
-    """(strength, edits) of one method's grid for one concept."""
+def settings(p: Plan, method: str, sae_name: str, grid_scale: float = 1.0) -> list[tuple[float, list[Any]]]:
+    """(strength, edits) of one method's grid for one concept (norm-unit grids times `grid_scale`)."""
     f, sc = p.feature, p.scales
+    norms = [round(s * grid_scale, 4) for s in GRIDS.get(method, ())]
     if method == "latent_add":
-        return [(s, [LatentEdit(sae_name, f, "add", to_raw(s, "norm", sc, feature=f))]) for s in GRIDS[method]]
+        return [(s, [LatentEdit(sae_name, f, "add", to_raw(s, "norm", sc, feature=f))]) for s in norms]
     if method == "latent_set":
         return [(s, [LatentEdit(sae_name, f, "set", to_raw(s, "max", sc, feature=f))]) for s in GRIDS[method]]
     if method == "diffmean":
-        return [(s, [VectorEdit(sae_name, p.vector, "add", to_raw(s, "norm", sc, vector=p.vector))])
-                for s in GRIDS[method]]
+        return [(s, [VectorEdit(sae_name, p.vector, "add", to_raw(s, "norm", sc, vector=p.vector))]) for s in norms]
     if method == "project":
         return [(s, [VectorEdit(sae_name, p.direction, "project", s)]) for s in GRIDS[method]]
     return [(0.0, [])]
@@ -129,15 +132,23 @@ class Runner:
     base: Any
 
     def run(self, p: Plan, edits: list[Any], prompts: list[str], prefix: str = "") -> dict[str, Any]:
+        return self.run_each(p, [edits], prompts, prefix)[0]
+
+    def run_each(self, p: Plan, settings: list[list[Any]], prompts: list[str],
+                 prefix: str = "") -> list[dict[str, Any]]:
+        """Each setting (an edit list) scored; their generations share one batch."""
         cfg = self.cfg
-        gens = generate(self.lm, self.splice, prompts, edits, mode=self.mode, samples=cfg.samples,
-                        max_new=cfg.max_new, temperature=cfg.temperature, seed=cfg.seed, prefix=prefix)
+        swept = generate_each(self.lm, self.splice, prompts, settings, mode=self.mode, samples=cfg.samples,
+                              max_new=cfg.max_new, temperature=cfg.temperature, seed=cfg.seed, prefix=prefix)
         self.splice.remove()
         try:
             with self.base():
-                ce = continuation_ce(self.lm.model, gens)
+                ces = [continuation_ce(self.lm.model, gens) for gens in swept]
         finally:
             self.splice.install()
+        return [self._summary(p, gens, ce) for gens, ce in zip(swept, ces, strict=True)]
+
+    def _summary(self, p: Plan, gens: list[Any], ce: list[float]) -> dict[str, Any]:
         s = score(gens, ce, self.judge, p.concept, p.reference)
         return {**{k: round(v, 4) for k, v in s.summary().items()},
                 "examples": [g.prompt + g.text for g in gens[:: max(1, len(gens) // 3)][:3]],
@@ -158,10 +169,10 @@ def concept_rows(runner: Runner, p: Plan, suite: ConceptSuite, sae: Any, methods
             grid = [(res.measured["strength"], res.edits)]
             extra = {"auto": {**res.measured, "seconds": round(res.seconds, 1)}}
         else:
-            grid = settings(p, method, sae.name)
-        for strength, edits in grid:
-            prefix = f"The following text is about {suite.descriptions[p.concept]}.\n\n" if method == "prompt" else ""
-            r = runner.run(p, edits, suite.prompts, prefix)
+            grid = settings(p, method, sae.name, runner.cfg.grid_scale)
+        prefix = f"The following text is about {suite.descriptions[p.concept]}.\n\n" if method == "prompt" else ""
+        results = runner.run_each(p, [edits for _, edits in grid], suite.prompts, prefix)
+        for (strength, _), r in zip(grid, results, strict=True):
             rows.append({"condition": condition, "target": p.concept, "method": method, "strength": strength,
                          **extra, **r})  # "concept" is the on-concept fraction, "target" the concept's name
             log.info("%s %s %s %.2f: concept %.2f gap %.2f distinct %.2f success %.2f", condition, p.concept, method,

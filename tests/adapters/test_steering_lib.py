@@ -118,6 +118,43 @@ def test_diffmean_equals_the_mean_residuals_computed_directly(llama):
     assert torch.allclose(got, mean(pos_t) - mean(neg_t), atol=1e-4)
 
 
+def test_spread_is_the_rms_distance_from_the_mean_residual(llama):
+    """The scale auto-steer's strengths are in: sqrt(mean |x - mean x|^2) over spliced positions."""
+    from saelora.adapters.activations import run_to_hook
+    from saelora.adapters.steering import read_texts, spread
+    from tiny import tiny_text_corpus, tiny_tokenizer
+
+    docs = tiny_text_corpus(20)
+    tok = tiny_tokenizer(docs)
+    sae = _loaded(llama)
+    with torch.no_grad():
+        xs = torch.cat([run_to_hook(llama, sae.hook, torch.tensor([tok(t)["input_ids"][:16]]))[0, 1:]
+                        for t in docs[:8]])
+    want = (xs - xs.mean(0)).square().sum(-1).mean().sqrt()
+    assert spread(read_texts(llama, tok, sae, docs[:8], max_len=16)) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_a_sweep_in_one_batch_gives_each_setting_what_it_gets_alone(tmp_path):
+    """generate_each: every row carries its own setting's edits (greedy, so the comparison is exact)."""
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.adapters.splice_hooks import Splice
+    from saelora.adapters.steer_score import generate, generate_each
+    from tiny import tiny_workspace
+
+    ws = tiny_workspace(tmp_path)
+    lm = load_model(ws["model"], device="cpu")
+    sae = load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer)
+    sp = Splice(lm.model, [sae], mode="error_term").install()
+    d = sae.sae.W_dec.shape[1]
+    settings = [[], [LatentEdit(sae.name, 3, "add", 40.0)], [VectorEdit(sae.name, (1.0,) * d, "add", 8.0)]]
+    prompts = ["the", "a big cat"]
+    both = generate_each(lm, sp, prompts, settings, max_new=5, temperature=0)
+    alone = [generate(lm, sp, prompts, s, max_new=5, temperature=0) for s in settings]
+    assert [[g.ids for g in gens] for gens in both] == [[g.ids for g in gens] for gens in alone]
+    assert [g.ids for g in both[0]] != [g.ids for g in both[2]]  # the settings do differ
+
+
 def test_judge_tells_concepts_apart_and_reports_its_accuracy():
     from saelora.adapters.judge import Judge
 
@@ -132,7 +169,8 @@ def test_judge_tells_concepts_apart_and_reports_its_accuracy():
 
 
 def test_auto_steer_stores_what_reproduces_its_reported_score(tmp_path):
-    """The winner's edits, generated again with the same prompts, seed and judge, give the same summary."""
+    """The winner's edits, generated again with the same prompts, seed and judge, give the same summary (the
+    confirmation run, seed + 1); and spread-unit strengths are stated in norm units."""
     from saelora.adapters.autosteer import auto_steer, sentences
     from saelora.adapters.judge import Judge
     from saelora.adapters.models import load_model
@@ -150,10 +188,29 @@ def test_auto_steer_stores_what_reproduces_its_reported_score(tmp_path):
     sp = Splice(lm.model, [sae], mode="error_term").install()
     res = auto_steer(lm, sp, sae, pos, neg, prompts=prompts, samples=2, max_new=6)
     assert res.edits and res.measured["method"] in ("latent_add", "diffmean") and len(res.candidates) == 9
-    gens = generate(lm, sp, prompts, res.edits, samples=2, max_new=6, temperature=0.7, seed=0)
+    gens = generate(lm, sp, prompts, res.edits, samples=2, max_new=6, temperature=0.7, seed=1)
     sp.remove()
     ce, ref = continuation_ce(lm.model, gens), reference_ce(lm.model, lm.tokenizer, pos)
     judge = Judge.fit({"concept": sentences(pos)}, negatives=sentences(neg))
     again = score(gens, ce, judge, "concept", ref).summary()
     assert {k: round(v, 4) for k, v in again.items() if k != "n"} == \
         {k: v for k, v in res.measured.items() if k in again and k != "n"}
+
+
+def test_auto_steer_picks_the_method_by_its_mean_then_its_strongest_fluent_setting():
+    """method_mean: one lucky setting of a weak method does not win; the winning method's strongest setting
+    within the gap bound (less the margin) and distinct-2 bound is taken."""
+    from saelora.adapters.autosteer import PICKS, Candidate
+
+    def cand(method, feature, strength, concept, gap, distinct=0.9):
+        return Candidate(method, strength, [], {"concept": concept, "fluency_gap": gap, "distinct2": distinct,
+                                                "success": concept}, feature)
+    cands = [cand("latent_add", 7, 0.3, 0.2, -0.5), cand("latent_add", 7, 0.4, 1.0, 0.0),
+             cand("latent_add", 7, 0.5, 0.1, 0.9),  # mean 0.43, one lucky 1.0
+             cand("diffmean", None, 0.3, 0.6, -0.4), cand("diffmean", None, 0.4, 0.7, 0.2),
+             cand("diffmean", None, 0.5, 0.8, 0.45)]  # mean 0.7; 0.5 is past 0.5 - 0.2
+    best = PICKS["method_mean"](cands, 0.5)
+    assert (best.method, best.strength) == ("diffmean", 0.4)
+    assert PICKS["success"](cands, 0.5).feature == 7  # the old rule takes the lucky setting
+    broken = [cand("diffmean", None, s, 0.9, 2.0) for s in (0.3, 0.4)]
+    assert PICKS["method_mean"](broken, 0.5).strength == 0.3  # nothing within the bounds: the weakest

@@ -1,0 +1,129 @@
+"""Auto-steer pilot (recorded; not rerun by CI): how auto-steer should choose its winner, decided on the
+development concepts only, on both embedded models.
+
+For each development concept, auto-steer runs as the benchmark runs it (its own prompts, judge and texts), and then
+*every* candidate of its sweep is also scored the benchmark's way (its judge, the 12 evaluation prompts). Each rule
+in `adapters.autosteer.PICKS` is then replayed on auto-steer's own summaries, and the benchmark's score of the
+candidate it would have chosen is averaged over the concepts. The rule with the most on-concept generations within
+the fluency bounds becomes `PICK`.
+
+    python bench/autosteer_pilot.py --model smollm2-135m     # ~10 min: bench/results/autosteer_pilot_<model>.json
+    python bench/autosteer_pilot.py --model gemma3-270m      # ~20 min
+    python bench/autosteer_pilot.py --report                 # bench/results/autosteer_pilot.md from both
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("bench.autosteer_pilot")
+KEYS = ("concept", "fluency_gap", "distinct2", "success")
+
+
+def run(model: str, samples: int) -> Path:
+    import torch
+
+    from saelora.adapters.autosteer import auto_steer
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+    from saelora.adapters.splice_hooks import Splice
+    from saelora.trainer.concepts import DEV_CONCEPTS, load_suite
+    from saelora.trainer.run_steer_eval import _max_act, _sae_folder
+    from saelora.trainer.steer_eval import Runner, SteerEvalConfig, fit_judge, plan
+
+    torch.set_num_threads(2)
+    cfg = SteerEvalConfig(model=model, samples=samples)
+    lm = load_model(model)
+    folder = _sae_folder(model)
+    sae = load_sae(lm.model, folder, tokenizer=lm.tokenizer)
+    max_act = _max_act(lm, sae, folder)
+    suite = load_suite("wiki")
+    judge, _ = fit_judge(suite)
+    splice = Splice(lm.model, [sae], mode="error_term").install()
+    runner = Runner(lm, splice, judge, cfg, "error_term", contextlib.nullcontext)
+    out = []
+    for concept in DEV_CONCEPTS:
+        splice.remove()
+        p = plan(lm, sae, suite, concept, max_act, cfg)
+        splice.install()
+        n = cfg.search_texts
+        res = auto_steer(lm, splice, sae, suite.texts(concept, "search", n), suite.others(concept, "search", 2 * n),
+                         seed=cfg.seed + 1000)
+        for c in res.candidates:
+            b = runner.run(p, c.edits, suite.prompts)
+            out.append({"model": model, "target": concept, "method": c.method, "feature": c.feature,
+                        "strength": c.strength,
+                        "auto": {k: round(c.summary[k], 4) for k in KEYS},
+                        "bench": {k: b[k] for k in KEYS}, "auto_seconds": round(res.seconds, 1)})
+            log.info("%s %s %.3f auto %s bench %s", concept, c.method, c.strength, out[-1]["auto"], out[-1]["bench"])
+    path = RESULTS / f"autosteer_pilot_{model}.json"
+    path.write_text(json.dumps(out, indent=1))
+    return path
+
+
+def replay(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per rule: the benchmark's mean score of the candidates the rule picks from auto-steer's own summaries."""
+    from saelora.adapters.autosteer import PICKS, Candidate
+    from saelora.adapters.steer_score import MAX_GAP
+
+    out = {}
+    for name, rule in PICKS.items():
+        chosen = []
+        for target in sorted({r["target"] for r in rows}):
+            mine = [r for r in rows if r["target"] == target]
+            # rows are in sweep order: latent 1, latent 2, DiffMean, 3 strengths each
+            cands = [Candidate(r["method"], r["strength"], [], {**r["auto"], "n": 12},
+                               r.get("feature", i // 3 if r["method"] == "latent_add" else None))
+                     for i, r in enumerate(mine)]
+            best = rule(cands, MAX_GAP)
+            chosen.append(mine[cands.index(best)])
+        out[name] = {k: round(sum(r["bench"][k] for r in chosen) / len(chosen), 3) for k in KEYS}
+        out[name]["picked"] = [f"{r['target']}:{r['method']}@{r['strength']}" for r in chosen]
+    return out
+
+
+def report() -> None:
+    lines = ["# Auto-steer pilot (development concepts)", "",
+             "Written by `bench/autosteer_pilot.py --report`. Each rule replayed on auto-steer's own summaries; "
+             "figures are the benchmark's scores (its judge, 12 prompts x 2 samples) of the candidates picked, "
+             "means over the five development concepts.", ""]
+    for path in sorted(RESULTS.glob("autosteer_pilot_*.json")):
+        rows = json.loads(path.read_text())
+        model = rows[0]["model"]
+        secs = sorted({r["auto_seconds"] for r in rows})
+        lines += [f"## {model} (auto-steer {secs[0]:.0f}-{secs[-1]:.0f} s per concept)", "",
+                  "| rule | on-concept | success | fluency gap | distinct-2 | picked |", "|---|---|---|---|---|---|"]
+        for name, s in replay(rows).items():
+            lines.append(f"| {name} | {s['concept']:.2f} | {s['success']:.2f} | {s['fluency_gap']:+.2f} | "
+                         f"{s['distinct2']:.2f} | {', '.join(s['picked'])} |")
+        best = {}
+        for r in rows:  # the oracle: the benchmark's best candidate within bounds, per concept
+            if r["bench"]["fluency_gap"] <= 0.5 and r["bench"]["distinct2"] >= 0.6:
+                best[r["target"]] = max(best.get(r["target"], 0.0), r["bench"]["concept"])
+        lines += ["", f"Oracle (the benchmark's own best candidate within bounds, per concept): "
+                      f"{sum(best.values()) / max(1, len(best)):.2f} on-concept.", ""]
+    (RESULTS / "autosteer_pilot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--samples", type=int, default=2, help="benchmark generations per prompt and candidate")
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args(argv)
+    if not args.report:
+        run(args.model, args.samples)
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
