@@ -218,8 +218,8 @@ def _add_vectors(name: str, out: torch.Tensor, z: torch.Tensor, pos: torch.Tenso
             v = out.new_tensor(e.vector)  # (d,)
             if e.op == "add":
                 delta = e.value * v
-            else:  # an all-zero direction projects to nothing
-                u = v / v.norm().clamp_min(1e-30) if bool(v.any()) else v
+            else:  # an all-zero direction projects to nothing (0 / 1e-30 = 0), with no host sync to check it
+                u = v / v.norm().clamp_min(1e-30)
                 delta = e.value * (out[r].float() @ u.float()).to(out.dtype)[:, None] * u
             out[r] = torch.where(m, out[r] + delta, out[r])
     return out
