@@ -182,15 +182,19 @@ def auto_steer(lm: Any, splice: Splice, sae: LoadedSAE, positive: Sequence[str],
     finally:
         splice.install()
     cands = _candidates(sae, pos, neg, sc, n_latents, strengths)
+    t_read = time.perf_counter() - t0
     run = dict(samples=samples, max_new=max_new, temperature=temperature)
     for c, summary in zip(cands, _scores(lm, splice, prompts, [c.edits for c in cands], judge, ref, max_fluency_gap,
                                          seed=seed, **run), strict=True):
         c.summary = summary
     best = PICKS[pick](cands, max_fluency_gap)
+    t_sweep = time.perf_counter() - t0 - t_read
     # the winner's sweep score is biased upward (the best of several noisy estimates): measure it again, afresh
     again = _scores(lm, splice, prompts, [best.edits], judge, ref, max_fluency_gap, seed=seed + 1, **run)[0]
     measured = {**{k: round(v, 4) for k, v in again.items()}, "method": best.method, "strength": best.strength,
                 "unit": "norm", "reference_ce": round(ref, 4), "sweep_concept": round(best.summary["concept"], 4)}
     seconds = time.perf_counter() - t0
-    log.info("auto-steer: %s at %.2f (norm): %s in %.1f s", best.method, best.strength, measured, seconds)
+    log.info("auto-steer: %s at %.2f (norm): %s in %.1f s (reading and judge %.1f s, sweep %.1f s, measuring "
+             "again %.1f s)", best.method, best.strength, measured, seconds, t_read, t_sweep,
+             seconds - t_read - t_sweep)
     return AutoSteerResult(best.edits, measured, cands, seconds)

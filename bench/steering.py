@@ -1,8 +1,9 @@
 """Steering benchmark (`saelora steer-eval`) on the embedded models, and its report.
 
     python bench/steering.py --model smollm2-135m [--adapter]   # ~40 min: bench/results/steering_smollm2-135m.json
-    python bench/steering.py --model gemma3-270m --samples 1 --grid-scale 0.32 --methods none prompt latent_add \
+    python bench/steering.py --model gemma3-270m --samples 1 --grid-scale 0.25 --methods none prompt latent_add \
         diffmean auto                                             # Gemma 3 (its SAE: the demo's), ~40 min
+    python bench/steering.py --model smollm2-135m --methods auto --merge  # auto-steer again after a change
     python bench/steering.py --report                             # steering.{json,md,png} from every run above
 
 Protocol (docs/steering.md): concepts and their text parts are fixed by rules (trainer/concepts.py); each swept
@@ -59,6 +60,14 @@ def _merged(old: dict, new: dict) -> dict:
             "runs": runs + [{"config": new["config"], "seconds": new["seconds"]}]}
 
 
+def _auto_seconds(res: dict) -> list[float]:
+    """Auto-steer's wall time per concept (min, max) over the test concepts."""
+    from saelora.trainer.concepts import DEV_CONCEPTS
+
+    secs = [r["auto"]["seconds"] for r in res["rows"] if r["method"] == "auto" and r["target"] not in DEV_CONCEPTS]
+    return [min(secs), max(secs)] if secs else []
+
+
 def _has_dev(res: dict) -> bool:
     from saelora.trainer.concepts import DEV_CONCEPTS
 
@@ -82,7 +91,8 @@ def report() -> None:
         if "auto" in base:
             summary["auto_steer"][model] = {k: base["auto"][k] for k in ("concept", "fluency_gap", "distinct2",
                                                                          "success", "concepts", "n")
-                                            if k in base["auto"]} | {"fluency_gap": base["auto"]["gap"]}
+                                            if k in base["auto"]} | {"fluency_gap": base["auto"]["gap"],
+                                                                      "seconds": _auto_seconds(res)}
         acc = res["judge_accuracy"]
         md += [f"## {model} (SAE {res['sae']['name']}, {res['seconds'] / 60:.0f} min)", "",
                "Judge on the test texts (first 25 words): " + ", ".join(

@@ -168,6 +168,19 @@ def test_judge_tells_concepts_apart_and_reports_its_accuracy():
     assert acc["music"]["recall"] == 1.0 and acc["food"]["false_positive"] == 0.0
 
 
+def test_judge_features_are_unit_tf_idf_rows():
+    """The sparse features are (1 + log count) x idf per word in the vocabulary, scaled to unit length; a text
+    with no known word is all zeros."""
+    from saelora.adapters.judge import _features
+
+    vocab = {"cat": 0, "dog": 1, "sun": 2}
+    idf = torch.tensor([1.0, 2.0, 3.0])
+    x = _features(["cat cat dog", "the moon", "sun"], vocab, idf).to_dense()
+    want = torch.tensor([(1 + math.log(2)) * 1.0, 2.0, 0.0])
+    assert torch.allclose(x[0], want / want.norm())
+    assert torch.equal(x[1], torch.zeros(3)) and torch.allclose(x[2], torch.tensor([0.0, 0.0, 1.0]))
+
+
 def test_auto_steer_stores_what_reproduces_its_reported_score(tmp_path):
     """The winner's edits, generated again with the same prompts, seed and judge, give the same summary (the
     confirmation run, seed + 1); and spread-unit strengths are stated in norm units."""
