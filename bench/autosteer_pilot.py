@@ -91,8 +91,11 @@ def replay(rows: list[dict]) -> dict[str, dict[str, float]]:
 def report() -> None:
     lines = ["# Auto-steer pilot (development concepts)", "",
              "Written by `bench/autosteer_pilot.py --report`. Each rule replayed on auto-steer's own summaries; "
-             "figures are the benchmark's scores (its judge, 12 prompts x 2 samples) of the candidates picked, "
-             "means over the five development concepts.", ""]
+             "figures are the benchmark's scores (its judge, 12 prompts x 2 samples on SmolLM2, x 1 on Gemma 3) "
+             "of the candidates picked, means over the development concepts listed. The Gemma 3 run was stopped "
+             "after four of the five concepts to free the cores (its rows were saved from its log); it ran while "
+             "other jobs shared the cores, hence its auto-steer times. `method_mean` was chosen on SmolLM2 alone, "
+             "before the Gemma 3 rows existed.", ""]
     for path in sorted(RESULTS.glob("autosteer_pilot_*.json")):
         rows = json.loads(path.read_text())
         model = rows[0]["model"]
