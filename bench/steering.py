@@ -21,11 +21,19 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+#: Strengths (norm) chosen on a model's development concepts outside its benchmark run, for a run on the test
+#: concepts alone. Gemma 3, by the report's rule (most successes, then the smaller gap) over its development rows:
+#: the auto-steer pilot's candidates (0.093-0.164 norm, astronomy, law, medicine, music; every latent setting
+#: there was past the 0.5-nat gap on average) and a stopped grid run's astronomy rows (0.05-0.2 norm, log only):
+#: latent add 0.05 (astronomy: 0.58 success, against 0.42 at 0.07), DiffMean 0.093 (pilot: 0.46 success, against
+#: 0.25 and 0.10 at 0.128 and 0.164; astronomy: best at 0.10).
+DEV_CHOICES: dict[str, dict[str, float]] = {"gemma3-270m": {"latent_add": 0.05, "diffmean": 0.093}}
 log = logging.getLogger("bench.steering")
 
 
 def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, samples: int,
-        adapter_methods: list[str] | None, grid_scale: float = 1.0, merge: bool = False) -> Path:
+        adapter_methods: list[str] | None, grid_scale: float = 1.0, merge: bool = False,
+        norm_grid: list[float] | None = None) -> Path:
     from saelora.adapters.config import cache_dir
     from saelora.trainer.concepts import DEV_CONCEPTS, WIKI_CONCEPTS
     from saelora.trainer.run_steer_eval import run_steer_eval
@@ -38,6 +46,7 @@ def run(model: str, adapter: bool, concepts: str, methods: list[str] | None, sam
         raise SystemExit(f"no demo adapter at {bundle}: run `saelora demo --model {model}` first")
     cfg = SteerEvalConfig(model=model, adapter=str(bundle) if adapter else None, concepts=chosen,
                           methods=methods or list(METHODS), samples=samples, grid_scale=grid_scale,
+                          norm_grid=norm_grid or [],
                           adapter_methods=adapter_methods or ["none", "latent_add", "project"])
     result = run_steer_eval(cfg)
     RESULTS.mkdir(exist_ok=True)
@@ -83,7 +92,7 @@ def report() -> None:
     chosen: dict[str, float] = {}  # a run without development concepts takes the first run's choices
     for model, res in sorted(runs.items(), key=lambda kv: not _has_dev(kv[1])):
         conds = sorted({r["condition"] for r in res["rows"]})
-        fixed = None if _has_dev(res) else chosen
+        fixed = None if _has_dev(res) else DEV_CHOICES.get(model, chosen)
         summary["models"][model] = {c: summarise(res["rows"], c, fixed=fixed) for c in conds}
         if not chosen:
             chosen = {m: s["strength"] for m, s in summary["models"][model]["base"].items() if s["strength"]}
@@ -119,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2, help="generations per prompt and setting")
     p.add_argument("--grid-scale", type=float, default=1.0, help="multiply the norm-unit grids (Gemma 3: 0.32, "
                    "its spread-to-norm ratio over SmolLM2's)")
+    p.add_argument("--norm-grid", nargs="*", type=float, default=None, help="strengths (norm) for latent_add and "
+                   "diffmean instead of their grids")
     p.add_argument("--merge", action="store_true", help="replace only this run's rows (condition, concept, "
                    "method) in the model's results file, keeping the others")
     p.add_argument("--report", action="store_true", help="only write steering.{json,md} from the runs' files")
     args = p.parse_args(argv)
     if not args.report:
         run(args.model, args.adapter, args.concepts, args.methods, args.samples, args.adapter_methods,
-            args.grid_scale, args.merge)
+            args.grid_scale, args.merge, args.norm_grid)
     report()
     return 0
 

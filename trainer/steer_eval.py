@@ -60,6 +60,8 @@ class SteerEvalConfig:
     grid_scale: float = opt(1.0, "multiply the norm-unit grids (latent_add, diffmean): they bracket SmolLM2's "
                             "optimum; for another model use its spread-to-norm ratio over SmolLM2's "
                             "(adapters/steering.py spread; Gemma 3: 0.32)")
+    norm_grid: list[float] = opt(factory=list, help="strengths (norm units) for latent_add and diffmean instead of "
+                                 "their grids (a run on test concepts at strengths chosen elsewhere)")
     max_new: int = opt(32, "tokens generated")
     temperature: float = opt(0.7, "sampling temperature (0: greedy)")
     seed: int = opt(0, "sampling seed")
@@ -104,10 +106,12 @@ def plan(lm: Any, sae: Any, suite: ConceptSuite, concept: str, max_act: list[flo
                 SteerScales(max_act, decoder_norms(sae), median_norm(neg)), ref)
 
 
-def settings(p: Plan, method: str, sae_name: str, grid_scale: float = 1.0) -> list[tuple[float, list[Any]]]:
-    """(strength, edits) of one method's grid for one concept (norm-unit grids times `grid_scale`)."""
+def settings(p: Plan, method: str, sae_name: str, grid_scale: float = 1.0,
+             norm_grid: list[float] | None = None) -> list[tuple[float, list[Any]]]:
+    """(strength, edits) of one method's grid for one concept (norm-unit grids, or `norm_grid`, times
+    `grid_scale`)."""
     f, sc = p.feature, p.scales
-    norms = [round(s * grid_scale, 4) for s in GRIDS.get(method, ())]
+    norms = [round(s * grid_scale, 4) for s in (norm_grid or GRIDS.get(method, ()))]
     if method == "latent_add":
         return [(s, [LatentEdit(sae_name, f, "add", to_raw(s, "norm", sc, feature=f))]) for s in norms]
     if method == "latent_set":
@@ -169,7 +173,7 @@ def concept_rows(runner: Runner, p: Plan, suite: ConceptSuite, sae: Any, methods
             grid = [(res.measured["strength"], res.edits)]
             extra = {"auto": {**res.measured, "seconds": round(res.seconds, 1)}}
         else:
-            grid = settings(p, method, sae.name, runner.cfg.grid_scale)
+            grid = settings(p, method, sae.name, runner.cfg.grid_scale, runner.cfg.norm_grid)
         prefix = f"The following text is about {suite.descriptions[p.concept]}.\n\n" if method == "prompt" else ""
         results = runner.run_each(p, [edits for _, edits in grid], suite.prompts, prefix)
         for (strength, _), r in zip(grid, results, strict=True):
