@@ -89,6 +89,3 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, points: Sequence[Ho
     peft_model = get_peft_model(model, cfg, adapter_name=adapter_name)
     return peft_model
 
-
-def lora_parameters(peft_model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad]
