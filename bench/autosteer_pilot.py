@@ -89,6 +89,8 @@ def replay(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def report() -> None:
+    from saelora.adapters.steer_score import MAX_GAP, MIN_DISTINCT
+
     lines = ["# Auto-steer pilot (development concepts)", "",
              "Written by `bench/autosteer_pilot.py --report`. Each rule replayed on auto-steer's own summaries; "
              "figures are the benchmark's scores (its judge, 12 prompts x 2 samples on SmolLM2, x 1 on Gemma 3) "
@@ -107,7 +109,7 @@ def report() -> None:
                          f"{s['distinct2']:.2f} | {', '.join(s['picked'])} |")
         best = {}
         for r in rows:  # the oracle: the benchmark's best candidate within bounds, per concept
-            if r["bench"]["fluency_gap"] <= 0.5 and r["bench"]["distinct2"] >= 0.6:
+            if r["bench"]["fluency_gap"] <= MAX_GAP and r["bench"]["distinct2"] >= MIN_DISTINCT:
                 best[r["target"]] = max(best.get(r["target"], 0.0), r["bench"]["concept"])
         lines += ["", f"Oracle (the benchmark's own best candidate within bounds, per concept): "
                       f"{sum(best.values()) / max(1, len(best)):.2f} on-concept.", ""]
