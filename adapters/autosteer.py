@@ -32,7 +32,7 @@ from .edits import Edit, LatentEdit, VectorEdit
 from .judge import Judge
 from .saes import LoadedSAE
 from .splice_hooks import Splice
-from .steer_score import MAX_GAP, MIN_DISTINCT, continuation_ce, generate_each, reference_ce, score
+from .steer_score import MAX_GAP, MIN_DISTINCT, reference_ce, score_each
 from .steering import concept_latents, decoder_norms, diffmean, median_norm, read_texts, spread
 from .units import SteerScales, to_raw
 
@@ -119,8 +119,13 @@ def _by_success(cands: list[Candidate], max_gap: float, strong: bool = False) ->
     return max(ok, key=lambda c: (c.summary["success"], tie(c))) if ok else _fallback(cands, max_gap)
 
 
+def _within(cands: list[Candidate], max_gap: float, margin: float) -> list[Candidate]:
+    """The settings whose mean gap is at most `max_gap - margin` and whose mean distinct-2 is within its bound."""
+    return [c for c in cands if c.summary["fluency_gap"] <= max_gap - margin and c.summary["distinct2"] >= MIN_DISTINCT]
+
+
 def _by_concept(cands: list[Candidate], max_gap: float, margin: float = 0.0) -> Candidate:
-    ok = [c for c in cands if c.summary["fluency_gap"] <= max_gap - margin and c.summary["distinct2"] >= MIN_DISTINCT]
+    ok = _within(cands, max_gap, margin)
     return max(ok, key=lambda c: (c.summary["concept"], c.summary["success"])) if ok else _fallback(cands, max_gap)
 
 
@@ -132,7 +137,7 @@ def _by_method(cands: list[Candidate], max_gap: float, margin: float = 0.2) -> C
     for c in cands:
         methods.setdefault((c.method, c.feature), []).append(c)
     best = max(methods.values(), key=lambda cs: sum(c.summary["concept"] for c in cs) / len(cs))
-    ok = [c for c in best if c.summary["fluency_gap"] <= max_gap - margin and c.summary["distinct2"] >= MIN_DISTINCT]
+    ok = _within(best, max_gap, margin)
     return max(ok, key=lambda c: c.strength) if ok else _fallback(cands, max_gap)
 
 
@@ -152,14 +157,8 @@ PICK = "method_mean"
 def _scores(lm: Any, splice: Splice, prompts: list[str], settings: list[list[Edit]], judge: Judge, ref: float,
             max_gap: float, **run: Any) -> list[dict[str, float]]:
     """Each setting's summary: generated in one batch, scored by `judge` against the reference CE."""
-    swept = generate_each(lm, splice, prompts, settings, **run)
-    splice.remove()
-    try:
-        ces = [continuation_ce(lm.model, gens) for gens in swept]
-    finally:
-        splice.install()
-    return [score(gens, ce, judge, "concept", ref, max_gap=max_gap).summary() for gens, ce in zip(swept, ces,
-                                                                                                 strict=True)]
+    return [s.summary() for _, s in score_each(lm, splice, prompts, settings, judge, "concept", ref, max_gap,
+                                               **run)]
 
 
 def auto_steer(lm: Any, splice: Splice, sae: LoadedSAE, positive: Sequence[str], negative: Sequence[str],

@@ -5,6 +5,8 @@ repetitive (distinct-2). The steering benchmark (trainer/steer_eval.py) and auto
     gens = generate(lm, splice, prompts, edits, mode="error_term", samples=2, max_new=32, seed=0)
     ce = continuation_ce(lm.model, gens)                 # under the model as it is outside the splice context
     scores = score(gens, ce, judge, "mathematics", reference_ce)
+    # a sweep: every setting generated in one batch, each scored the same way
+    swept = score_each(lm, splice, prompts, [edits_a, edits_b], judge, "mathematics", reference_ce, samples=2)
 
 A generation counts as a success when it is on-concept (judge probability >= 0.5), fluent (its CE is at most
 `max_gap` nats above the reference) and distinct-2 >= `min_distinct`.
@@ -12,8 +14,9 @@ A generation counts as a success when it is on-concept (judge probability >= 0.5
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -160,3 +163,21 @@ def score(gens: Sequence[Generation], ce: Sequence[float], judge: Judge, concept
     texts = [g.text for g in gens]
     return Scores(judge.prob(texts, concept), [c - reference for c in ce], [distinct2(t) for t in texts],
                   max_gap, min_distinct)
+
+
+def score_each(lm: Any, splice: Splice, prompts: Sequence[str], settings: Sequence[Sequence[Edit]], judge: Judge,
+               concept: str, reference: float, max_gap: float = MAX_GAP,
+               unsteered: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+               **gen: Any) -> list[tuple[list[Generation], Scores]]:
+    """Each setting's generations (`generate_each`, one batch; `gen` its options) and their scores. Fluency is
+    measured with the splice removed and inside `unsteered()` (a context in which `lm.model` is the unsteered
+    model, e.g. its adapter off); the splice is installed again afterwards."""
+    swept = generate_each(lm, splice, prompts, settings, **gen)
+    splice.remove()
+    try:
+        with unsteered():
+            ces = [continuation_ce(lm.model, gens) for gens in swept]
+    finally:
+        splice.install()
+    return [(gens, score(gens, ce, judge, concept, reference, max_gap=max_gap))
+            for gens, ce in zip(swept, ces, strict=True)]

@@ -1,9 +1,10 @@
 """Steering benchmark (`saelora steer-eval`) on the embedded models, and its report.
 
     python bench/steering.py --model smollm2-135m [--adapter]   # ~40 min: bench/results/steering_smollm2-135m.json
-    python bench/steering.py --model gemma3-270m --samples 1 --grid-scale 0.25 --methods none prompt latent_add \
-        diffmean auto                                             # Gemma 3 (its SAE: the demo's), ~40 min
-    python bench/steering.py --model smollm2-135m --methods auto --merge  # auto-steer again after a change
+    python bench/steering.py --model gemma3-270m --concepts test --samples 1 --norm-grid 0.05 0.07 0.093 \
+        --methods none prompt latent_add diffmean auto            # Gemma 3 (its SAE: the demo's), ~18 min; its
+                                                                  # strengths were chosen on DEV_CHOICES' rows
+    python bench/steering.py --model smollm2-135m --concepts test --methods auto --merge  # auto-steer again
     python bench/steering.py --report                             # steering.{json,md,png} from every run above
 
 Protocol (docs/steering.md): concepts and their text parts are fixed by rules (trainer/concepts.py); each swept

@@ -28,7 +28,7 @@ from saelora.adapters.autosteer import auto_steer, sentences
 from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.edits import LatentEdit, VectorEdit
 from saelora.adapters.judge import Judge
-from saelora.adapters.steer_score import continuation_ce, generate_each, reference_ce, score
+from saelora.adapters.steer_score import Scores, reference_ce, score_each
 from saelora.adapters.steering import (concept_latents, decoder_norms, diffmean, median_norm, project_direction,
                                        read_texts)
 from saelora.adapters.units import SteerScales, to_raw
@@ -142,18 +142,13 @@ class Runner:
                  prefix: str = "") -> list[dict[str, Any]]:
         """Each setting (an edit list) scored; their generations share one batch."""
         cfg = self.cfg
-        swept = generate_each(self.lm, self.splice, prompts, settings, mode=self.mode, samples=cfg.samples,
-                              max_new=cfg.max_new, temperature=cfg.temperature, seed=cfg.seed, prefix=prefix)
-        self.splice.remove()
-        try:
-            with self.base():
-                ces = [continuation_ce(self.lm.model, gens) for gens in swept]
-        finally:
-            self.splice.install()
-        return [self._summary(p, gens, ce) for gens, ce in zip(swept, ces, strict=True)]
+        return [self._summary(gens, s) for gens, s in score_each(
+            self.lm, self.splice, prompts, settings, self.judge, p.concept, p.reference, unsteered=self.base,
+            mode=self.mode, samples=cfg.samples, max_new=cfg.max_new, temperature=cfg.temperature, seed=cfg.seed,
+            prefix=prefix)]
 
-    def _summary(self, p: Plan, gens: list[Any], ce: list[float]) -> dict[str, Any]:
-        s = score(gens, ce, self.judge, p.concept, p.reference)
+    @staticmethod
+    def _summary(gens: list[Any], s: Scores) -> dict[str, Any]:
         return {**{k: round(v, 4) for k, v in s.summary().items()},
                 "examples": [g.prompt + g.text for g in gens[:: max(1, len(gens) // 3)][:3]],
                 "per_generation": {"concept": [round(x, 3) for x in s.concept], "gap": [round(x, 3) for x in s.gap],
