@@ -26,6 +26,12 @@ def _kind(hint: Any) -> Any:
     return hint if hint in (bool, int, float) else str
 
 
+def _item_kind(hint: Any) -> Any:
+    """int, float or str: how the items of a list field are read (`list[float]` items as floats)."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is list and args and args[0] in (int, float) else str
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None,
                        prefix: str = "") -> None:
     """One --option per field of dataclass `cls` (lists repeatable or comma-separated; bools as flags). A field
@@ -61,7 +67,8 @@ def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> A
             continue
         v = getattr(args, prefix + f.name)
         if isinstance(v, list):  # repeatable and/or comma-separated
-            v = [item for x in v for item in str(x).split(",") if item]
+            item = _item_kind(hints[f.name])
+            v = [item(x) for y in v for x in str(y).split(",") if x]
         if v is not None:
             values[f.name] = v
     return cls(**values)

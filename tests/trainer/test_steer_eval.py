@@ -72,3 +72,17 @@ def test_steer_eval_refuses_unknown_methods(bad, tmp_path):
 
     with pytest.raises(ConfigError):
         run_steer_eval(SteerEvalConfig(**bad))
+
+
+def test_steer_eval_cli_reads_list_of_float_options_as_floats():
+    """`--norm-grid` items are numbers (a list[float] field), comma-separated or repeated; list[str] stays text."""
+    import argparse
+
+    from saelora.trainer.cli import add_dataclass_args, config_from_args
+    from saelora.trainer.steer_eval import SteerEvalConfig
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, SteerEvalConfig)
+    cfg = config_from_args(SteerEvalConfig, p.parse_args(["--norm-grid", "0.05,0.07", "--norm-grid", "0.093",
+                                                          "--concepts", "food"]))
+    assert cfg.norm_grid == [0.05, 0.07, 0.093] and cfg.concepts == ["food"]
