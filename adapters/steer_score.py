@@ -114,24 +114,23 @@ def continuation_ce(model: torch.nn.Module, gens: Sequence[Generation], pad: int
                     batch_size: int = 16) -> list[float]:
     """Mean cross-entropy (nats per token) of each generation's tokens after its neutral prompt, under `model` as
     called (no splice context: the unsteered model). An empty generation gets +inf. Rows go `batch_size` at a
-    time (a large vocabulary's log-probabilities are big)."""
+    time, left-padded so that every row's generated tokens end the batch: only the last positions' logits are
+    computed (`logits_to_keep`), which matters with a large vocabulary (Gemma 3's LM head is most of its cost)."""
     if len(gens) > batch_size:
         return [ce for i in range(0, len(gens), batch_size)
                 for ce in continuation_ce(model, gens[i:i + batch_size], pad, batch_size)]
-    rows = [g.prompt_ids + g.ids for g in gens]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    keep = max(len(g.ids) for g in gens) + 1  # the logits that predict the longest row's generated tokens
+    if keep == 1:
+        return [float("inf")] * len(gens)
+    ids, mask = _left_pad([g.prompt_ids + g.ids for g in gens], pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
-    logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()  # (N, W-1): token t+1 given <= t
-    out = []
-    for i, g in enumerate(gens):
-        a, b = len(g.prompt_ids) - 1, len(g.prompt_ids) - 1 + len(g.ids)
-        out.append(float(nll[i, a:b].mean()) if g.ids else float("inf"))
-    return out
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=keep).logits[:, :-1].float()  # (N, keep - 1): token t+1 given <= t
+    target = ids[:, ids.shape[1] - keep + 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    nll = nll.view(len(gens), keep - 1).cpu()
+    return [float(nll[i, nll.shape[1] - len(g.ids):].mean()) if g.ids else float("inf") for i, g in enumerate(gens)]
 
 
 @torch.no_grad()

@@ -20,13 +20,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("bench.autosteer_pilot")
 KEYS = ("concept", "fluency_gap", "distinct2", "success")
 
 
-def run(model: str, samples: int) -> Path:
+def run(model: str, samples: int, strengths: tuple[float, ...] | None = None, tag: str = "") -> Path:
     import torch
 
     from saelora.adapters.autosteer import auto_steer
@@ -48,23 +49,37 @@ def run(model: str, samples: int) -> Path:
     splice = Splice(lm.model, [sae], mode="error_term").install()
     runner = Runner(lm, splice, judge, cfg, "error_term", contextlib.nullcontext)
     out = []
+    path = RESULTS / f"autosteer_pilot_{model}{tag}.json"
     for concept in DEV_CONCEPTS:
         splice.remove()
         p = plan(lm, sae, suite, concept, max_act, cfg)
         splice.install()
         n = cfg.search_texts
         res = auto_steer(lm, splice, sae, suite.texts(concept, "search", n), suite.others(concept, "search", 2 * n),
-                         seed=cfg.seed + 1000)
+                         seed=cfg.seed + 1000, **({"strengths": strengths} if strengths else {}))
+        order: dict[tuple[str, int | None], int] = {}
         for c in res.candidates:
             b = runner.run(p, c.edits, suite.prompts)
+            grid = order[(c.method, c.feature)] = order.get((c.method, c.feature), -1) + 1
             out.append({"model": model, "target": concept, "method": c.method, "feature": c.feature,
-                        "strength": c.strength,
+                        "latent_rank": len({f for m, f in order if m == "latent_add"}) - 1
+                        if c.method == "latent_add" else None,
+                        "strength": c.strength, "grid": grid,
                         "auto": {k: round(c.summary[k], 4) for k in KEYS},
                         "bench": {k: b[k] for k in KEYS}, "auto_seconds": round(res.seconds, 1)})
             log.info("%s %s %.3f auto %s bench %s", concept, c.method, c.strength, out[-1]["auto"], out[-1]["bench"])
-    path = RESULTS / f"autosteer_pilot_{model}.json"
-    path.write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))  # after each concept: a stopped run keeps what it measured
     return path
+
+
+#: Candidate subsets replayed on a run with 2 latents and 4 strengths (`--strengths 0.3 0.4 0.55 0.7`): what
+#: auto-steer would have picked with fewer latents or without the lowest strength.
+SUBSETS: dict[str, Callable[[dict], bool]] = {
+    "2 latents, 4 strengths": lambda r: True,
+    "1 latent, 4 strengths": lambda r: r["latent_rank"] in (None, 0),
+    "2 latents, 3 strengths (v2)": lambda r: r["grid"] > 0,
+    "1 latent, 3 strengths": lambda r: r["latent_rank"] in (None, 0) and r["grid"] > 0,
+}
 
 
 def replay(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -102,11 +117,16 @@ def report() -> None:
         rows = json.loads(path.read_text())
         model = rows[0]["model"]
         secs = sorted({r["auto_seconds"] for r in rows})
-        lines += [f"## {model} (auto-steer {secs[0]:.0f}-{secs[-1]:.0f} s per concept)", "",
-                  "| rule | on-concept | success | fluency gap | distinct-2 | picked |", "|---|---|---|---|---|---|"]
-        for name, s in replay(rows).items():
-            lines.append(f"| {name} | {s['concept']:.2f} | {s['success']:.2f} | {s['fluency_gap']:+.2f} | "
-                         f"{s['distinct2']:.2f} | {', '.join(s['picked'])} |")
+        lines += [f"## {path.stem.removeprefix('autosteer_pilot_')} (auto-steer {secs[0]:.0f}-{secs[-1]:.0f} s "
+                  f"per concept)", ""]
+        subsets = SUBSETS if len({r.get("grid") for r in rows}) > 3 else {"as run": lambda r: True}
+        for label, keep in subsets.items():
+            lines += [f"{label}:", "", "| rule | on-concept | success | fluency gap | distinct-2 | picked |",
+                      "|---|---|---|---|---|---|"]
+            for name, s in replay([r for r in rows if keep(r)]).items():
+                lines.append(f"| {name} | {s['concept']:.2f} | {s['success']:.2f} | {s['fluency_gap']:+.2f} | "
+                             f"{s['distinct2']:.2f} | {', '.join(s['picked'])} |")
+            lines.append("")
         best = {}
         for r in rows:  # the oracle: the benchmark's best candidate within bounds, per concept
             if r["bench"]["fluency_gap"] <= MAX_GAP and r["bench"]["distinct2"] >= MIN_DISTINCT:
@@ -122,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--samples", type=int, default=2, help="benchmark generations per prompt and candidate")
+    p.add_argument("--strengths", type=float, nargs="+", help="auto-steer's grid (fractions of the spread)")
+    p.add_argument("--tag", default="", help="suffix of the results file")
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.samples)
+        run(args.model, args.samples, tuple(args.strengths) if args.strengths else None, args.tag)
     report()
     return 0
 

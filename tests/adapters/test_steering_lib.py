@@ -155,6 +155,34 @@ def test_a_sweep_in_one_batch_gives_each_setting_what_it_gets_alone(tmp_path):
     assert [g.ids for g in both[0]] != [g.ids for g in both[2]]  # the settings do differ
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continuation_ce_in_a_padded_batch_is_each_rows_own_ce(arch):
+    """Left padding, explicit positions and logits for the last positions only change nothing: each row's CE is
+    the mean NLL of its generated tokens computed on that row alone; an empty generation gets +inf. (GPT-2's
+    absolute positions are where wrong position ids would show; RoPE is blind to a shift.)"""
+    from saelora.adapters.steer_score import Generation, continuation_ce
+    from tiny import tiny_gpt2, tiny_llama
+
+    llama = tiny_llama() if arch == "llama" else tiny_gpt2()
+    with torch.no_grad():  # large position embeddings, so that they would show if they were wrong
+        for name, p in llama.named_parameters():
+            if "wpe" in name:
+                p.mul_(50.0)
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 60, (p,), generator=g).tolist(), torch.randint(3, 60, (n,), generator=g).tolist())
+            for p, n in ((1, 5), (4, 2), (2, 0), (6, 7), (3, 3))]
+    gens = [Generation("", p, n, "") for p, n in rows]
+    got = continuation_ce(llama, gens, batch_size=4)  # rows of 6, 6, 2 and 13 tokens, then one of 6
+    for (p, n), ce in zip(rows, got, strict=True):
+        if not n:
+            assert ce == math.inf
+            continue
+        ids = torch.tensor([p + n])
+        logp = llama(input_ids=ids).logits.float().log_softmax(-1)[0, :-1]
+        want = -logp[len(p) - 1:, :].gather(-1, ids[0, len(p):, None]).mean()
+        assert ce == pytest.approx(float(want), abs=1e-4)
+
+
 def test_judge_tells_concepts_apart_and_reports_its_accuracy():
     from saelora.adapters.judge import Judge
 
