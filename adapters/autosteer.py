@@ -8,7 +8,8 @@ Steps, each bounded:
 2. Candidates: the `n_latents` best concept latents by concept search (standardised mean difference, dense
    latents excluded), each as an `add` on all positions, and the DiffMean vector. Strengths are fractions of the
    residual's spread about its mean (`steering.spread`: it transfers between models where the raw norm does not),
-   the grid chosen on SmolLM2's development concepts (docs/steering.md); the preset states them in `norm` units.
+   the grid chosen on the development concepts of both models (bench/results/autosteer_pilot.md); the preset
+   states them in `norm` units.
 3. Judge: a bag-of-words classifier fitted on the sentences of the positive texts against those of the negatives
    (adapters/judge.py): nothing here reads the benchmark's judge or its texts.
 4. Generate from the prompts under every candidate and strength (one batch), score on-concept, fluency gap (CE
@@ -44,8 +45,12 @@ AUTOSTEER_PROMPTS = ("Once upon a time,", "I want to tell you about", "The other
 #: Strengths as fractions of the residual's spread about its mean (`steering.spread`), the scale that transfers
 #: between models: on SmolLM2's development concepts the best lay at 0.3-0.5 of the median norm for latents and
 #: DiffMean alike (bench/results/steering_pilot.md), which is 0.42-0.70 of the spread there (the spread is 0.72
-#: of the median norm on SmolLM2, 0.23 on Gemma 3).
-STRENGTHS = (0.4, 0.55, 0.7)
+#: of the median norm on SmolLM2, 0.23 on Gemma 3). The 0.3 point was added for Gemma 3, whose fluency gap
+#: climbs fast: every development pick of the 0.4-0.7 grid sat at 0.4 (v3 pilot, bench/results/autosteer_pilot.md).
+STRENGTHS = (0.3, 0.4, 0.55, 0.7)
+#: Concept latents swept beside DiffMean: on both models' development concepts `method_mean` never picked the
+#: second latent (v3 pilot), and one fewer method pays for the fourth strength.
+N_LATENTS = 1
 MAX_TEXTS = 64  # texts read per side
 MAX_LEN = 64  # tokens read per text
 
@@ -163,7 +168,7 @@ def _scores(lm: Any, splice: Splice, prompts: list[str], settings: list[list[Edi
 
 def auto_steer(lm: Any, splice: Splice, sae: LoadedSAE, positive: Sequence[str], negative: Sequence[str],
                prompts: Sequence[str] | None = None, max_fluency_gap: float = MAX_GAP, samples: int = 2,
-               max_new: int = 24, n_latents: int = 2, strengths: Sequence[float] = STRENGTHS, seed: int = 0,
+               max_new: int = 24, n_latents: int = N_LATENTS, strengths: Sequence[float] = STRENGTHS, seed: int = 0,
                temperature: float = 0.7, pick: str = PICK) -> AutoSteerResult:
     """Search, sweep and judge (module docstring). `splice` holds `sae` and is installed on `lm.model`; it is
     removed while the unsteered model scores, and installed again."""

@@ -228,7 +228,7 @@ def test_auto_steer_stores_what_reproduces_its_reported_score(tmp_path):
     prompts = ["the", "a big"]
     sp = Splice(lm.model, [sae], mode="error_term").install()
     res = auto_steer(lm, sp, sae, pos, neg, prompts=prompts, samples=2, max_new=6)
-    assert res.edits and res.measured["method"] in ("latent_add", "diffmean") and len(res.candidates) == 9
+    assert res.edits and res.measured["method"] in ("latent_add", "diffmean") and len(res.candidates) == 8
     gens = generate(lm, sp, prompts, res.edits, samples=2, max_new=6, temperature=0.7, seed=1)
     sp.remove()
     ce, ref = continuation_ce(lm.model, gens), reference_ce(lm.model, lm.tokenizer, pos)

@@ -198,7 +198,7 @@ def test_diffmean_vector_and_auto_steer_on_the_torch_engine(torch_server, vllm_s
     assert r.status_code == 200, r.text
     body = r.json()
     try:
-        assert body["measured"]["method"] in ("latent_add", "diffmean") and len(body["candidates"]) == 9
+        assert body["measured"]["method"] in ("latent_add", "diffmean") and len(body["candidates"]) == 8
         preset = httpx.get(torch_server.url + "/v1/steering/presets/t-auto").json()
         assert preset["edits"] or preset["vectors"]
         assert httpx.put(vllm_server.url + "/v1/steering/presets/t-auto",
