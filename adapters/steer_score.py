@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .edits import SERVE_MODE, Edit
 from .judge import Judge, words
@@ -60,6 +61,23 @@ class Scores:
                 "success": sum(self.success()) / n, "n": len(self.concept)}
 
 
+class CdfSampler(LogitsProcessor):
+    """Samples each row's next token from softmax(scores / temperature), all of the vocabulary (no top-k or top-p),
+    by inverting its cumulative distribution (float64 sums), and returns scores that are -inf except at the sampled
+    token, for `generate(do_sample=False)` to take. The same distribution as HF's sampling, ~10x faster on a large
+    vocabulary: `torch.multinomial` over Gemma 3's 262k tokens took 0.5 s per step at 96 rows on 2 cores, a
+    quarter of auto-steer's time."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).double().cumsum(-1)
+        u = torch.rand(len(cdf), 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -95,11 +113,11 @@ def generate_each(lm: Any, splice: Splice, prompts: Sequence[str], settings: Seq
     rows = [RowSpec(modes={n: mode for n in splice.saes}, edits=list(edits), prompt_len=len(g))
             for edits in settings for g in given]
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
-        {"do_sample": False}
+    # HF's greedy step over scores that CdfSampler has made -inf everywhere but the token it sampled
+    sampler = [CdfSampler(temperature)] if temperature > 0 else []
     with splice.batch(rows=rows):
         out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
-                                pad_token_id=pad, **sampling)
+                                pad_token_id=pad, do_sample=False, logits_processor=LogitsProcessorList(sampler))
     stops = set(stop_ids) | {tok.eos_token_id}
     gens = []
     for r, row in enumerate(out[:, ids.shape[1]:].tolist()):

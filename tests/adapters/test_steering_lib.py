@@ -183,6 +183,22 @@ def test_continuation_ce_in_a_padded_batch_is_each_rows_own_ce(arch):
         assert ce == pytest.approx(float(want), abs=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_cdf_sampler_draws_from_the_tempered_softmax(temperature):
+    """Invariant: each token's frequency is softmax(scores / T) (20k rows, 3 standard errors); a token of
+    probability 0 is never drawn; what comes back is -inf except at the one drawn token."""
+    from saelora.adapters.steer_score import CdfSampler
+
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    scores = p.log().expand(20000, 4).clone()
+    torch.manual_seed(0)
+    out = CdfSampler(temperature)(None, scores)
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == 3 * 20000
+    freq = (out == 0).float().mean(0)
+    want = torch.softmax(scores[0] / temperature, -1)
+    assert freq[3] == 0 and torch.all((freq - want).abs() <= 3 * (want * (1 - want) / 20000).sqrt() + 1e-9)
+
+
 def test_judge_tells_concepts_apart_and_reports_its_accuracy():
     from saelora.adapters.judge import Judge
 
