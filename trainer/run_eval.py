@@ -39,6 +39,8 @@ class EvalConfig:
     split: str = opt("val", "val | test (test needs a corpus with a test band, e.g. --test-fraction)")
     val_fraction: float | None = opt(None, "corpus hash bands (default: the adapter's, else 0.05 and 0)")
     test_fraction: float | None = opt(None, "see val_fraction")
+    held_out: list[str] = opt(factory=list, help="sources whose own held-out split (same hash bands) is evaluated "
+                                                 "too, one result each: e.g. each genre of a mixture")
     extra_corpus: list[str] = opt(factory=list, help="other sources, evaluated whole, one result each")
     rows: int = opt(64, "rows per corpus")
     seq_len: int | None = opt(None, "tokens per row (default: the adapter's, else 256)")
@@ -88,6 +90,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"the corpus has no {cfg.split} rows (set --test-fraction for a test band)")
     sets = {"held-out" if cfg.split == "val" else "held-out-test": held}
     seq_len = main.info["config"]["seq_len"]
+    for src in cfg.held_out:
+        part = load_corpus(lm.tokenizer, _corpus_config(cfg, trained, bos, seq_len, (src,)))
+        sets[f"{src} held-out" + ("" if cfg.split == "val" else "-test")] = \
+            part.test if cfg.split == "test" else part.val
     for src in cfg.extra_corpus:
         sets[src] = load_corpus(lm.tokenizer, _corpus_config(cfg, trained, bos, seq_len, (src,), holdout=False)).train
     results = {}

@@ -138,13 +138,15 @@ def test_cli_train_then_eval_then_features(tmp_path):
     assert trained["keep_first"] is False  # the override, recorded in the manifest
     # eval restores the SAE, its policy and the corpus (sources, row length) from the manifest
     r = _cli("eval", "--model", ws["model"], "--adapter", str(tmp_path / "run" / "adapter"), "--rows", "4",
-             "--device", "cpu", env=env)
+             "--device", "cpu", "--held-out", ws["corpus"], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "spliced at" in r.stdout and "position 0" not in r.stdout.split("spliced at")[1].splitlines()[0]
     out = json.loads((tmp_path / "run" / "adapter" / "eval.json").read_text())
     assert list(out["policies"].values()) == [trained]
     res = out["results"]["held-out"]
     assert {"ce_base", "ce_spliced", "ce_adapted", "gap_closed", "kl_adapted", "ce_adapter_only"} <= set(res)
+    # --held-out SOURCE: that source's own held-out band, one result; the training source's is the main one
+    assert out["results"][f"{ws['corpus']} held-out"] == res
     r = _cli("features", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--rows", "8",
              "--seq-len", "32", "--out", str(tmp_path / "feat"), "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
