@@ -112,10 +112,11 @@ def report() -> None:
              "of the candidates picked, means over the development concepts listed. The Gemma 3 run was stopped "
              "after four of the five concepts to free the cores (its rows were saved from its log); it ran while "
              "other jobs shared the cores, hence its auto-steer times. `method_mean` was chosen on SmolLM2 alone, "
-             "before the Gemma 3 rows existed.", ""]
+             "before the Gemma 3 rows existed. The `_v3` runs (`--samples 2 --strengths 0.3 0.4 0.55 0.7 --tag _v3`, "
+             "2 samples on both models, 2 latents and DiffMean at four strengths) chose auto-steer v3: one latent, "
+             "four strengths (decision 54).", ""]
     for path in sorted(RESULTS.glob("autosteer_pilot_*.json")):
         rows = json.loads(path.read_text())
-        model = rows[0]["model"]
         secs = sorted({r["auto_seconds"] for r in rows})
         lines += [f"## {path.stem.removeprefix('autosteer_pilot_')} (auto-steer {secs[0]:.0f}-{secs[-1]:.0f} s "
                   f"per concept)", ""]

@@ -95,7 +95,8 @@ def measure(lm, sae, rows, u, variants=VARIANTS) -> dict[str, float]:
     return out
 
 
-def run(model: str, rows: int, genres: tuple[str, ...], variants: tuple[str, ...]) -> dict:
+def run(model: str, rows: int, genres: tuple[str, ...], variants: tuple[str, ...], sae_path: str | None = None,
+        label: str | None = None) -> dict:
     import torch
 
     from saelora.adapters.config import demo_dir
@@ -107,9 +108,11 @@ def run(model: str, rows: int, genres: tuple[str, ...], variants: tuple[str, ...
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     lm = load_model(model)
-    sae = load_sae(lm.model, demo_dir(model) / "sae", tokenizer=lm.tokenizer)
-    old = {r["model"]: r for r in (json.loads(OUT.read_text()) if OUT.is_file() else [])}
-    result = old.get(model) or {"model": model, "sae": sae.name, "rows": rows, "genres": {}}
+    sae = load_sae(lm.model, sae_path or str(demo_dir(model) / "sae"), tokenizer=lm.tokenizer)
+    key = label or model
+    old = {r.get("label", r["model"]): r for r in (json.loads(OUT.read_text()) if OUT.is_file() else [])}
+    result = old.get(key) or {"model": model, "label": key, "sae": sae.name, "sae_path": sae_path, "rows": rows,
+                              "genres": {}}
     if result["rows"] != rows:
         raise SystemExit(f"{OUT} has {model} rows measured on {result['rows']} rows, not {rows}")
     for genre in genres:
@@ -123,7 +126,7 @@ def run(model: str, rows: int, genres: tuple[str, ...], variants: tuple[str, ...
         result["genres"][genre] = {"tokens": int(val[:, 1:].numel()), "ce": ce,
                                    "cost": {v: ce[v] - ce["base"] for v in ce if v != "base"}}
     result["seconds"] = round(result.get("seconds", 0) + time.perf_counter() - t0, 1)
-    old[model] = result
+    old[key] = result
     OUT.write_text(json.dumps(list(old.values()), indent=1))
     return result
 
@@ -133,7 +136,8 @@ def report() -> None:
              "each variant). CE cost in nats per token over every position, against the base model; held-out rows "
              "of each genre; one SAE per model (the demo's).", ""]
     for r in json.loads(OUT.read_text()):
-        lines += [f"## {r['model']} ({r['sae']}, {r['rows']} rows of 128 tokens per genre, {r['seconds']:.0f} s)",
+        lines += [f"## {r.get('label', r['model'])} ({r['sae']}, {r['rows']} rows of 128 tokens per genre, "
+                  f"{r['seconds']:.0f} s)" + (f"; SAE {r['sae_path']}" if r.get("sae_path") else ""),
                   "", "| genre | base CE | " + " | ".join(VARIANTS[1:]) + " |",
                   "|---" * len(VARIANTS) + "|---|"]
         for g, c in r["genres"].items():
@@ -151,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--genres", nargs="+", default=["wiki", "tech", "narrative"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
+    p.add_argument("--sae", help="an SAE folder (default: the model's demo SAE)")
+    p.add_argument("--label", help="the results entry's name (default: the model)")
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.rows, tuple(args.genres), tuple(args.variants))
+        run(args.model, args.rows, tuple(args.genres), tuple(args.variants), args.sae, args.label)
     report()
     return 0
 

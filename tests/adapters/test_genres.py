@@ -89,7 +89,8 @@ def test_fetch_extracts_each_genre_and_records_its_packages(tmp_path, monkeypatc
         genres.genre_file("tech")
     manifest = genres.fetch()
     assert manifest["narrative"]["documents"] == 2 and manifest["tech"]["documents"] == 3
-    assert manifest["tech"]["packages"][0]["licence"] == "PSF-2.0" and len(manifest["tech"]["packages"][0]["sha256"]) == 64
+    python_doc = manifest["tech"]["packages"][0]
+    assert python_doc["licence"] == "PSF-2.0" and len(python_doc["sha256"]) == 64
     assert json.loads((genres.genres_dir() / "manifest.json").read_text()) == manifest
     narrative = list(iter_documents("narrative"))
     assert narrative == sorted(narrative, key=lambda d: genres.hashlib.sha256(b"cap:" + d.encode()).digest())
