@@ -70,6 +70,7 @@ class SAETrainConfig:
     seed: int = opt(0, "seeds the SAE init and the activation order")
     cache_activations: bool = opt(True, "reuse (and write) the on-disk activation cache; off: always collect, so the "
                                         "training time includes the model forwards")
+    ce_rows: int = opt(32, "held-out rows over which the CE cost of splicing the trained SAE is measured (0: skip)")
     device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
@@ -221,6 +222,22 @@ def save_inference(training: Any, out: Path, extra_metadata: dict[str, Any]) -> 
     return SAE.load_from_disk(out)
 
 
+def ce_cost(lm: Any, folder: Path, rows: torch.Tensor) -> dict[str, float]:
+    """CE of the base model and with the SAE at `folder` spliced (replace mode, under its policy) over held-out
+    `rows`, and their difference: FVU alone does not tell what a splice costs (Gemma 3: FVU 0.08, 0.7 nats)."""
+    if not len(rows):
+        return {}
+    from saelora.adapters.saes import load_sae
+
+    from .evaluate import evaluate
+
+    sae = load_sae(lm.model, str(folder), tokenizer=lm.tokenizer)
+    with torch.no_grad():
+        r = evaluate(lm.model, [sae], rows.to(next(lm.model.parameters()).device), adapter=False)
+    return {"ce_base": r.ce_base, "ce_spliced": r.ce_spliced, "ce_cost": r.ce_spliced - r.ce_base,
+            "ce_tokens": r.tokens}
+
+
 def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
     """Train an SAE on the model's activations at `cfg.hook`; returns (folder, held-out quality)."""
     if cfg.architecture not in ARCHITECTURES:
@@ -259,10 +276,12 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
         log.warning("held-out FVU %.2f > 1: the SAE reconstructs worse than the mean activation; check the hook, "
                     "the learning rate and the activation scale", quality["fvu"])
     quality.update(train_seconds=round(time.perf_counter() - t0, 1), collect_seconds=round(collect_s, 1),
-                   train_activations=len(acts), dead_fraction=quality["dead_latents"] / quality["d_sae"])
+                   train_activations=len(acts), dead_fraction=quality["dead_latents"] / quality["d_sae"],
+                   **ce_cost(lm, out, val_rows[:cfg.ce_rows]))
     save_inference(trained, out, {**meta, **quality, "train_config": asdict(cfg)})
     (out / "train_sae.json").write_text(json.dumps({"config": asdict(cfg), "policy": policy.to_json(),
                                                     "quality": quality}, indent=2))
-    log.info("SAE written to %s: held-out FVU %.3f, L0 %.1f, dead %d/%d on %d held-out tokens", out, quality["fvu"],
-             quality["l0"], quality["dead_latents"], quality["d_sae"], quality["tokens"])
+    log.info("SAE written to %s: held-out FVU %.3f, L0 %.1f, dead %d/%d on %d held-out tokens; spliced CE cost %s",
+             out, quality["fvu"], quality["l0"], quality["dead_latents"], quality["d_sae"], quality["tokens"],
+             f"{quality['ce_cost']:.3f} nats" if "ce_cost" in quality else "not measured")
     return out, quality

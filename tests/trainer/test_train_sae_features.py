@@ -55,6 +55,9 @@ def test_train_sae_on_a_model(tmp_path, monkeypatch):
     meta = json.loads((folder / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["context_size"] == 32
     assert {"fvu", "l0", "dead_latents"} <= set(meta) and 0 < q["fvu"] < 1 and q["l0"] == 4.0
+    # the CE cost of splicing it is measured on held-out rows and recorded beside the FVU
+    assert {"ce_base", "ce_spliced", "ce_cost"} <= set(meta) and 0 < q["ce_tokens"] <= 32 * 31  # up to 32 rows
+    assert q["ce_cost"] == pytest.approx(q["ce_spliced"] - q["ce_base"]) and 0 < q["ce_base"] < 10
     lm = load_model(ws["model"], device="cpu")
     assert load_sae(lm.model, str(folder)).hook.name == "blocks.1.hook_resid_post"
 
