@@ -51,6 +51,7 @@ class Package:
     licence: str
     paths: tuple[str, ...]  # globs inside the package, relative to its root
     reader: str  # a key of READERS
+    skip: tuple[str, ...] = ()  # files whose path (relative to the package root) contains one of these are not read
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,16 @@ class GenreSpec:
 
 GENRES: dict[str, GenreSpec] = {
     "tech": GenreSpec("technical prose: a language's reference and a system administration guide", (
-        Package("python3.11-doc", "PSF-2.0", ("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), "rst"),
+        # release notes are lists of names and issue numbers, not prose; the C API and distutils are left out too
+        Package("python3.11-doc", "PSF-2.0", ("usr/share/doc/python3.11/html/_sources/**/*.rst.txt",), "rst",
+                skip=("whatsnew/", "distutils/", "c-api/")),
         Package("debian-reference-en", "GPL-2+", ("usr/share/debian-reference/debian-reference.en.txt.gz",),
                 "plain")), max_chars=4_000_000),
     "narrative": GenreSpec("quotations, anecdotes, dialogues, jokes and verse", (
-        Package("fortunes", "BSD-4-Clause", ("usr/share/games/fortunes/*",), "fortune"),), max_chars=4_000_000),
+        # .dat: strfile indexes; .u8: UTF-8 copies of the same cookies
+        Package("fortunes", "BSD-4-Clause", ("usr/share/games/fortunes/*",), "fortune",
+                skip=(".dat", ".u8", "ascii-art")),), max_chars=4_000_000),
 }
-#: Python documentation folders left out: release notes are lists of names and issue numbers, not prose.
-_RST_SKIP = ("whatsnew/", "distutils/", "c-api/")
 _SCRIPTURE = re.compile(r"\b(Genesis|Exodus|Leviticus|Deuteronomy|Psalms?|Proverbs|Ecclesiastes|Isaiah|Jeremiah|"
                         r"Matthew|Mark|Luke|John|Acts|Romans|Corinthians|Galatians|Ephesians|Hebrews|James|"
                         r"Revelations?|Job|Daniel|Timothy|Peter)\s+\d+\s*:\s*\d+")
@@ -131,8 +134,7 @@ def _package_docs(root: Path, pkg: Package) -> Iterator[str]:
     for pattern in pkg.paths:
         for path in sorted(root.glob(pattern)):
             rel = path.relative_to(root).as_posix()
-            if not path.is_file() or path.suffix in (".dat", ".u8") or "ascii-art" in path.name or \
-                    any(s in rel for s in _RST_SKIP):
+            if not path.is_file() or any(s in rel for s in pkg.skip):
                 continue
             raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
             yield from READERS[pkg.reader](raw.decode("utf-8", errors="replace"))

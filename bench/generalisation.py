@@ -38,15 +38,16 @@ def run(model: str, rows: int, setting: str | None) -> dict:
     torch.set_num_threads(2)
     adapter = demo_dir(model) / "adapter"
     trained = read_manifest(adapter).training.get("corpus", {}).get("config", {})
-    setting = setting or f"SAE and adapter trained on {'+'.join(trained.get('sources', ['wiki']))}"
+    sources = trained.get("sources", ["wiki"])
+    main = "+".join(sources)  # the adapter's own held-out band: a genre, or the mixture it was trained on
+    setting = setting or f"SAE and adapter trained on {main}"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_eval(EvalConfig(model=model, adapter=str(adapter), held_out=[g for g in GENRES if g != "wiki"]
-                                  if trained.get("sources", ["wiki"]) == ["wiki"] else list(GENRES),
+        res = run_eval(EvalConfig(model=model, adapter=str(adapter), held_out=[g for g in GENRES if [g] != sources],
                                   rows=rows, out=str(Path(tmp) / "eval.json")))
     per_corpus = {}
     for name, r in res.items():
-        genre = "wiki" if name == "held-out" else name.split(" ")[0]
+        genre = main if name == "held-out" else name.split(" ")[0]
         (sae,) = r["saes"].values()
         per_corpus[genre] = {"tokens": r["tokens"], "ce_base": r["ce_base"], "ce_spliced": r["ce_spliced"],
                              "ce_adapted": r["ce_adapted"], "ce_cost": r["ce_spliced"] - r["ce_base"],

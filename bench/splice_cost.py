@@ -62,6 +62,8 @@ def measure(lm, sae, rows, u, variants=VARIANTS) -> dict[str, float]:
     from saelora.adapters.hooks import decoder_layers
 
     point = sae.hook  # a HookPoint
+    if point.kind != "post":
+        raise SystemExit("only resid_post hooks are measured here")
     layer = decoder_layers(lm.model)[point.layer]
     out: dict[str, float] = {}
     for variant in variants:
@@ -77,9 +79,7 @@ def measure(lm, sae, rows, u, variants=VARIANTS) -> dict[str, float]:
             new = torch.where(spliced[..., None], _replace(variant, x, x_hat, u, gen), x).to(h.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        handle = layer.register_forward_hook(hook) if point.kind == "post" and variant != "base" else None
-        if point.kind != "post" and variant != "base":
-            raise SystemExit("only resid_post hooks are measured here")
+        handle = layer.register_forward_hook(hook) if variant != "base" else None
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(rows), 8):

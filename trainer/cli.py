@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any
 
+from .config import opt
+
 log = logging.getLogger(__name__)
 
 
@@ -126,8 +128,9 @@ def _cmd_steer_eval(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass
 class CorpusFetchConfig:
-    genres: list[str] = dataclasses.field(default_factory=lambda: ["tech", "narrative"], metadata={
-        "help": "genres to fetch from Debian packages into $SAELORA_CACHE/corpus/genres (adapters/genres.py)"})
+    genres: list[str] = opt(factory=lambda: ["tech", "narrative"],
+                            help="genres to fetch from Debian packages into $SAELORA_CACHE/corpus/genres "
+                                 "(adapters/genres.py)")
 
 
 def _cmd_corpus_fetch(args: argparse.Namespace) -> int:
