@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,24 @@ def gap_closed(ce_base: float, ce_spliced: float, ce_adapted: float) -> float:
     return float("nan") if gap == 0 else (ce_spliced - ce_adapted) / gap
 
 
+def bootstrap_interval(per_row: dict[str, list[float]], stat: Callable[[dict[str, float]], float], n: int = 1000,
+                       seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of `stat` over rows, resampled in pairs (every key keeps the same rows).
+
+    per_row: per key, one mean per row (rows of equal length, so the mean of row means is the token mean);
+    stat: the statistic of the keys' means, e.g. the gap closed."""
+    keys = list(per_row)
+    count = len(per_row[keys[0]])
+    rng = random.Random(seed)
+    values = []
+    for _ in range(n):
+        pick = [rng.randrange(count) for _ in range(count)]
+        values.append(stat({k: sum(per_row[k][i] for i in pick) / count for k in keys}))
+    values.sort()
+    tail = (1 - level) / 2
+    return [values[int(tail * n)], values[min(n - 1, int((1 - tail) * n))]]
+
+
 @dataclass
 class EvalResult:
     """Means per token over the evaluated rows. The adapter fields are None when no adapter was evaluated.
@@ -37,6 +56,8 @@ class EvalResult:
     ce_adapter_only: float | None = None  # the adapter alone, SAE off (drift from the base model)
     kl_adapter_only: float | None = None
     gap_closed: float | None = None
+    ce_cost_ci: list[float] | None = None  # 95% bootstrap intervals over rows (None with data parallel)
+    gap_closed_ci: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form written to metrics.jsonl, eval.json and the manifest (None fields left out)."""
@@ -49,10 +70,13 @@ class _Acc:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.per_row: dict[str, list[float]] = {}  # this process's rows only
 
     def add(self, key: str, values: torch.Tensor) -> None:
+        """values: (rows, positions)."""
         self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
         self.counts[key] = self.counts.get(key, 0) + values.numel()
+        self.per_row.setdefault(key, []).extend(values.float().mean(-1).tolist())
 
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.counts[key], 1)
@@ -103,13 +127,21 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
             acc.add("kl_adapter_only", kl_per_token(base, drift))
     if sum_across is not None:
         acc.reduce(sum_across)
+        acc.per_row = {}
     per_sae = {n: {f"{k}_spliced": v for k, v in d.items()} for n, d in sae_summary(stats_sp, sum_across).items()}
     res = EvalResult(ce_base=acc.mean("ce_base"), ce_spliced=acc.mean("ce_spliced"), kl_spliced=acc.mean("kl_spliced"),
                      tokens=acc.counts["ce_base"], saes=per_sae)
+    if acc.per_row:
+        cost = {k: acc.per_row[k] for k in ("ce_base", "ce_spliced")}
+        res.ce_cost_ci = bootstrap_interval(cost, lambda m: m["ce_spliced"] - m["ce_base"])
     if adapter:
         res.ce_adapted, res.kl_adapted = acc.mean("ce_adapted"), acc.mean("kl_adapted")
         res.ce_adapter_only, res.kl_adapter_only = acc.mean("ce_adapter_only"), acc.mean("kl_adapter_only")
         res.gap_closed = gap_closed(res.ce_base, res.ce_spliced, res.ce_adapted)
+        if acc.per_row:
+            ce = {k: acc.per_row[k] for k in ("ce_base", "ce_spliced", "ce_adapted")}
+            res.gap_closed_ci = bootstrap_interval(ce, lambda m: gap_closed(m["ce_base"], m["ce_spliced"],
+                                                                            m["ce_adapted"]))
         for n, d in sae_summary(stats_ad, sum_across).items():
             per_sae.setdefault(n, {}).update({f"{k}_adapted": v for k, v in d.items()})
     return res
@@ -124,6 +156,9 @@ def format_table(result: dict[str, Any]) -> str:
         if key in result:
             v = result[key]
             lines.append(f"{key:28s} {v:.4f}" if isinstance(v, float) else f"{key:28s} {v}")
+    for key in ("ce_cost_ci", "gap_closed_ci"):
+        if result.get(key):
+            lines.append(f"{key:28s} [{result[key][0]:.4f}, {result[key][1]:.4f}]")
     for name, d in result.get("saes", {}).items():
         for k, v in d.items():
             lines.append(f"{name + ' ' + k:28s} {v:.4f}")

@@ -148,6 +148,8 @@ def test_cli_train_then_eval_then_features(tmp_path):
     assert list(out["policies"].values()) == [trained]
     res = out["results"]["held-out"]
     assert {"ce_base", "ce_spliced", "ce_adapted", "gap_closed", "kl_adapted", "ce_adapter_only"} <= set(res)
+    lo, hi = res["gap_closed_ci"]  # a bootstrap interval over the 4 rows, around the point estimate
+    assert lo <= res["gap_closed"] <= hi and res["ce_cost_ci"][0] <= res["ce_spliced"] - res["ce_base"]
     # --held-out SOURCE: that source's own held-out band, one result; the training source's is the main one
     assert out["results"][f"{ws['corpus']} held-out"] == res
     r = _cli("features", "--model", ws["model"], "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--rows", "8",

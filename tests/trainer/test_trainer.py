@@ -10,7 +10,7 @@ from saelora.adapters.hooks import HookPoint
 from saelora.adapters.models import load_model
 from saelora.adapters.saes import load_sae
 from saelora.trainer.config import TrainConfig
-from saelora.trainer.evaluate import gap_closed
+from saelora.trainer.evaluate import bootstrap_interval, gap_closed
 from saelora.trainer.lora import LoraSettings, add_lora
 from saelora.trainer.objective import kl_per_token, prefix, teacher_logits
 from saelora.trainer.train import train_lora
@@ -131,6 +131,25 @@ def test_gap_formula():
     assert gap_closed(2.0, 3.0, 3.0) == 0.0
     assert gap_closed(2.0, 3.0, 2.0) == 1.0
     assert gap_closed(2.0, 2.4, 2.1) == pytest.approx(0.75)
+
+
+def test_bootstrap_interval_resamples_rows_in_pairs():
+    """Invariants: the interval holds the point estimate, is reproducible by seed, is empty when every row agrees,
+    narrows with more rows, and keeps each row's keys together (a paired statistic of identical keys is 0)."""
+    gen = torch.Generator().manual_seed(0)
+    base = (2 + torch.rand(64, generator=gen)).tolist()
+    spliced = [b + 1 + 0.5 * float(torch.rand(1, generator=gen)) for b in base]
+    adapted = [s - 0.4 for s in spliced]
+    rows = {"ce_base": base, "ce_spliced": spliced, "ce_adapted": adapted}
+    stat = lambda m: gap_closed(m["ce_base"], m["ce_spliced"], m["ce_adapted"])  # noqa: E731
+    lo, hi = bootstrap_interval(rows, stat)
+    point = stat({k: sum(v) / len(v) for k, v in rows.items()})
+    assert lo < point < hi and hi - lo < 0.1
+    assert bootstrap_interval(rows, stat) == [lo, hi] and bootstrap_interval(rows, stat, seed=1) != [lo, hi]
+    assert bootstrap_interval({"a": [1.0] * 8}, lambda m: m["a"]) == [1.0, 1.0]
+    assert bootstrap_interval({"a": base, "b": base}, lambda m: m["a"] - m["b"]) == [0.0, 0.0]
+    few = bootstrap_interval({k: v[:8] for k, v in rows.items()}, stat)
+    assert few[1] - few[0] > hi - lo
 
 
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
