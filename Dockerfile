@@ -16,13 +16,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make=4.* \
-    && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 saelora
 
 WORKDIR /app
 COPY --chown=saelora:saelora . /app
+# make setup also fetches the broad corpus's genres (apt-get download: the package lists are removed after it).
 RUN make setup VENV=/opt/saelora EXTRAS="${EXTRAS}" TORCH_INDEX="${TORCH_INDEX}" \
-    && chown -R saelora:saelora /opt/saelora
+    && rm -rf /var/lib/apt/lists/* \
+    && chown -R saelora:saelora /opt/saelora /home/saelora
 
 USER 1000
 # The embedded model is dequantised and the embedded corpus packed at build time.

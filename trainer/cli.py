@@ -131,12 +131,14 @@ class CorpusFetchConfig:
     genres: list[str] = opt(factory=lambda: ["tech", "narrative"],
                             help="genres to fetch from Debian packages into $SAELORA_CACHE/corpus/genres "
                                  "(adapters/genres.py)")
+    refresh: bool = opt(False, "download again the genres already fetched (default: keep them as they are)")
 
 
 def _cmd_corpus_fetch(args: argparse.Namespace) -> int:
     from saelora.adapters.genres import fetch
 
-    manifest = fetch(tuple(config_from_args(CorpusFetchConfig, args).genres))
+    cfg = config_from_args(CorpusFetchConfig, args)
+    manifest = fetch(tuple(cfg.genres), refresh=cfg.refresh)
     print(json.dumps({g: {k: v for k, v in m.items() if k != "packages"} for g, m in manifest.items()}, indent=1))
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from saelora.adapters.config import DEFAULT_MODEL
+from saelora.adapters.config import DEFAULT_CORPUS, DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.lora_targets import TARGET_NAMES
 
@@ -47,7 +47,7 @@ class TrainConfig:
     # what to adapt
     model: str = opt(DEFAULT_MODEL, "base model spec (embedded name, HF folder, .gguf, hub id when online)")
     saes: list[str] = opt(factory=list, help="sae-lens folders (or release:id online); one per hook")
-    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources (see adapters/corpus.py)")
+    corpus: list[str] = opt(factory=lambda: [DEFAULT_CORPUS], help="corpus sources (see adapters/corpus.py)")
     val_fraction: float = opt(0.05, "documents held out for evals during training (hash band above the test band)")
     test_fraction: float = opt(0.0, "documents held out for a final test (never used in training or its evals)")
     out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config")

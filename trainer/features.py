@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from saelora.adapters.config import DEFAULT_MODEL
-from saelora.adapters.errors import ConfigError
 from tqdm.auto import tqdm
 
 from saelora.adapters.activations import run_to_hook
-from saelora.adapters.config import FEATURES_FILE, descriptions_dir
+from saelora.adapters.config import DEFAULT_CORPUS, DEFAULT_MODEL, FEATURES_FILE, descriptions_dir
+from saelora.adapters.errors import ConfigError
 from saelora.adapters.logit_lens import top_logits
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.steering import decoder_norms
@@ -37,7 +35,7 @@ class FeaturesConfig:
     model: str = opt(DEFAULT_MODEL, "base model spec")
     saes: list[str] = opt(factory=list, help="sae-lens folders")
     adapter: str | None = opt(None, "adapter bundle to apply before reading latents (changes them with layers=all)")
-    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources to scan")
+    corpus: list[str] = opt(factory=lambda: [DEFAULT_CORPUS], help="corpus sources to scan")
     rows: int = opt(256, "corpus rows to scan (validation split first, then train)")
     seq_len: int = opt(128, "tokens per row")
     batch_size: int = opt(16, "rows per forward")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from saelora.adapters.config import DEFAULT_MODEL
+from saelora.adapters.config import DEFAULT_CORPUS, DEFAULT_MODEL
 from saelora.adapters.bundle import BundleManifest, attach_bundle, load_bundle, read_manifest
 from saelora.adapters.corpus import CorpusConfig, load_corpus
 from saelora.adapters.errors import ConfigError
@@ -35,7 +35,8 @@ class EvalConfig:
     model: str = opt(DEFAULT_MODEL, "base model spec")
     saes: list[str] = opt(factory=list, help="sae-lens folders (default: the adapter's SAEs)")
     adapter: str | None = opt(None, "adapter bundle to evaluate (omit to evaluate the SAEs alone)")
-    corpus: list[str] = opt(factory=list, help="held-out split evaluated (default: the adapter's, else wiki)")
+    corpus: list[str] = opt(factory=list,
+                            help=f"held-out split evaluated (default: the adapter's, else {DEFAULT_CORPUS})")
     split: str = opt("val", "val | test (test needs a corpus with a test band, e.g. --test-fraction)")
     val_fraction: float | None = opt(None, "corpus hash bands (default: the adapter's, else 0.05 and 0)")
     test_fraction: float | None = opt(None, "see val_fraction")
@@ -57,7 +58,7 @@ def _manifest(cfg: EvalConfig) -> BundleManifest | None:
 def _corpus_config(cfg: EvalConfig, trained: dict[str, Any], bos: bool, seq_len: int | None = None,
                    sources: tuple[str, ...] | None = None, holdout: bool = True) -> CorpusConfig:
     pick = lambda mine, key, default: mine if mine not in (None, []) else trained.get(key, default)  # noqa: E731
-    return CorpusConfig(sources=sources or tuple(pick(cfg.corpus, "sources", ["wiki"])),
+    return CorpusConfig(sources=sources or tuple(pick(cfg.corpus, "sources", [DEFAULT_CORPUS])),
                         seq_len=seq_len or pick(cfg.seq_len, "seq_len", 256),
                         val_fraction=pick(cfg.val_fraction, "val_fraction", 0.05) if holdout else 0.0,
                         test_fraction=pick(cfg.test_fraction, "test_fraction", 0.0) if holdout else 0.0,

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelora.adapters.config import DEFAULT_MODEL
 from saelora.adapters.activations import run_to_hook
-from saelora.adapters.config import cache_dir
+from saelora.adapters.config import DEFAULT_CORPUS, DEFAULT_MODEL, cache_dir
 from saelora.adapters.corpus import CorpusConfig, load_corpus
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.hooks import resolve_hook
@@ -63,7 +62,7 @@ class SAETrainConfig:
     sink_ratio: float | None = opt(5.0, "positions with residual norm > ratio x the median norm stay original (massive"
                                         " activations, attention sinks past position 0); recorded in the policy")
     policy: str | None = opt(None, "position-policy override, e.g. keep_first=0 (default: the paper's, per tokenizer)")
-    corpus: list[str] = opt(factory=lambda: ["wiki"], help="corpus sources for activations")
+    corpus: list[str] = opt(factory=lambda: [DEFAULT_CORPUS], help="corpus sources for activations")
     holdout_fraction: float = opt(0.12, "documents never trained on (contains train/eval's val and test bands)")
     val_tokens: int = opt(100_000, "held-out activations for FVU / L0 / dead latents (capped by the held-out band)")
     out: str = opt("runs/sae", "the sae-lens folder written")

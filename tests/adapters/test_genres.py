@@ -101,3 +101,9 @@ def test_fetch_extracts_each_genre_and_records_its_packages(tmp_path, monkeypatc
     assert corpus.info["train_docs"] == 5
     with pytest.raises(genres.GenreError, match="no genre 'poetry'"):
         genres.fetch(("poetry",))
+    # fetched genres are kept as they are (make setup runs corpus-fetch every time); refresh downloads again
+    calls = []
+    monkeypatch.setattr(genres, "_download", lambda pkg, into: calls.append(pkg) or _fake_download(tmp_path)(pkg, into))
+    assert genres.fetch() == manifest and calls == []
+    genres.fetch(("narrative",), refresh=True)
+    assert calls == ["fortunes"]
