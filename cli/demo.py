@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from saelora.launch import ServeProcess
+    from saelora.trainer.config import TrainConfig
 
 log = logging.getLogger("saelora.demo")
 PROMPT = "The capital of France is"
@@ -50,13 +51,43 @@ ADAPTER_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """What the cached demo SAE, descriptions and adapter were built from: the shipped SAE's weights (or train-sae's
+    defaults), the default corpus and the adapter's recipe."""
+    import hashlib
+
+    from saelora.adapters.config import DEFAULT_CORPUS
+    from saelora.adapters.saes import SHIPPED_SAES, shipped_sae
+
+    weights = shipped_sae(args.model) / "sae_weights.safetensors" if args.model in SHIPPED_SAES else None
+    return {"sae": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else "train-sae defaults",
+            "corpus": DEFAULT_CORPUS, "adapter": ADAPTER_RECIPES[args.model], "rank": args.rank,
+            "feature_rows": args.feature_rows}
+
+
+def _drop_stale(work: Path, recipe: dict[str, Any]) -> None:
+    """Remove a cached demo built from another recipe (a newly shipped SAE, another default corpus)."""
+    import json
+    import shutil
+
+    stamp = work / "recipe.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return
+    if (work / "sae").exists() or (work / "adapter").exists():
+        log.warning("the cached demo in %s was built from another recipe: building it again", work)
+    for part in ("sae", "adapter", "lora-run"):
+        shutil.rmtree(work / part, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe, indent=1))
+
+
 def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import descriptions_file
-    from saelora.trainer.config import LoraSettings, TrainConfig
     from saelora.trainer.features import FeaturesConfig, run_features
     from saelora.trainer.train import train_lora
 
+    _drop_stale(work, _recipe(args))
     sae, adapter = work / "sae", work / "adapter"
     if not (sae / "cfg.json").is_file():
         _demo_sae(sae, args)
@@ -66,14 +97,24 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         recipe = {**ADAPTER_RECIPES[args.model],
                   **{k: v for k, v in (("steps", args.lora_steps), ("lr", args.lora_lr)) if v is not None}}
         log.info("training the demo adapter (once): %s", recipe)
-        train_lora(TrainConfig(model=args.model, saes=[str(sae)], out=str(work / "lora-run"),
-                               lora=LoraSettings(rank=args.rank, alpha=32, layers=recipe["layers"]),
-                               lr=recipe["lr"], max_steps=recipe["steps"],
-                               schedule="cosine", warmup_steps=10, batch_size=2, seq_len=128, eval_interval=0,
-                               eval_rows=args.eval_rows, val_fraction=0.03, test_fraction=0.07,
-                               checkpoint_interval=0))
+        train_lora(adapter_config(args.model, sae, work / "lora-run", recipe, rank=args.rank,
+                                  eval_rows=args.eval_rows))
         (work / "lora-run" / "adapter").replace(adapter)
     return sae, adapter
+
+
+def adapter_config(model: str, sae: Path, out: Path, recipe: dict[str, Any], rank: int = 64, eval_rows: int = 32,
+                   corpus: list[str] | None = None) -> "TrainConfig":
+    """The demo adapter's training run (also the generalisation studies': bench/leave_one_out.py): `recipe` from
+    ADAPTER_RECIPES, on `corpus` (default: the default corpus), 2 x 128-token steps, cosine, warm-up 10, the
+    demo's hash bands (3% validation, 7% test)."""
+    from saelora.trainer.config import LoraSettings, TrainConfig
+
+    return TrainConfig(model=model, saes=[str(sae)], out=str(out), **({"corpus": corpus} if corpus else {}),
+                       lora=LoraSettings(rank=rank, alpha=32, layers=recipe["layers"]), lr=recipe["lr"],
+                       max_steps=recipe["steps"], schedule="cosine", warmup_steps=10, batch_size=2, seq_len=128,
+                       eval_interval=0, eval_rows=eval_rows, val_fraction=0.03, test_fraction=0.07,
+                       checkpoint_interval=0)
 
 
 def _server(sae: Path, work: Path, args: argparse.Namespace) -> "ServeProcess":

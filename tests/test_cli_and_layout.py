@@ -115,3 +115,27 @@ def test_every_embedded_model_has_a_demo_adapter_recipe():
 
     assert set(ADAPTER_RECIPES) == set(EMBEDDED_MODELS)
     assert all({"layers", "lr", "steps"} <= set(r) for r in ADAPTER_RECIPES.values())
+
+
+def test_demo_rebuilds_a_cache_built_from_another_recipe(tmp_path):
+    """Invariant: a cached demo SAE and adapter are reused only under the recipe they were built from (a newly
+    shipped SAE or another default corpus builds them again); a cache without a recipe stamp is rebuilt."""
+    import argparse
+
+    from saelora.demo import _drop_stale, _recipe
+
+    def build():
+        for part in ("sae", "adapter"):
+            (tmp_path / part).mkdir(exist_ok=True)
+            (tmp_path / part / "x").write_text("built")
+
+    recipe = _recipe(argparse.Namespace(model="smollm2-135m", rank=64, feature_rows=128))
+    assert recipe["corpus"] == "mix" and len(recipe["sae"]) == 64  # the shipped SAE's weights, hashed
+    build()
+    _drop_stale(tmp_path, recipe)  # no stamp: an older demo
+    assert not (tmp_path / "sae").exists() and json.loads((tmp_path / "recipe.json").read_text()) == recipe
+    build()
+    _drop_stale(tmp_path, recipe)
+    assert (tmp_path / "sae" / "x").read_text() == "built"
+    _drop_stale(tmp_path, {**recipe, "corpus": "wiki"})
+    assert not (tmp_path / "sae").exists() and not (tmp_path / "adapter").exists()
