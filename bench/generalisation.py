@@ -28,7 +28,10 @@ GENRES = ("wiki", "tech", "narrative")
 log = logging.getLogger("bench.generalisation")
 
 
-def run(model: str, rows: int, setting: str | None) -> dict:
+def run(model: str, rows: int, setting: str | None, adapter: Path | None = None, split: str = "val",
+        genres: tuple[str, ...] = GENRES, sae: Path | None = None) -> dict:
+    """Evaluate `adapter` (default: the model's demo adapter) and its SAE (or `sae`, where the folder the
+    adapter's manifest names holds another SAE now) on each genre's `split` band."""
     import torch
 
     from saelora.adapters.bundle import read_manifest
@@ -36,25 +39,25 @@ def run(model: str, rows: int, setting: str | None) -> dict:
     from saelora.trainer.run_eval import EvalConfig, run_eval
 
     torch.set_num_threads(2)
-    adapter = demo_dir(model) / "adapter"
+    adapter = adapter or demo_dir(model) / "adapter"
     trained = read_manifest(adapter).training.get("corpus", {}).get("config", {})
-    sources = trained.get("sources", ["wiki"])
-    main = "+".join(sources)  # the adapter's own held-out band: a genre, or the mixture it was trained on
-    setting = setting or f"SAE and adapter trained on {main}"
+    setting = setting or f"SAE and adapter trained on {'+'.join(trained.get('sources', ['wiki']))}"
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run_eval(EvalConfig(model=model, adapter=str(adapter), held_out=[g for g in GENRES if [g] != sources],
-                                  rows=rows, out=str(Path(tmp) / "eval.json")))
+    with tempfile.TemporaryDirectory() as tmp:  # each genre's own band: the first as the main corpus
+        res = run_eval(EvalConfig(model=model, adapter=str(adapter), saes=[str(sae)] if sae else [],
+                                  corpus=[genres[0]], held_out=list(genres[1:]), split=split, rows=rows,
+                                  out=str(Path(tmp) / "eval.json")))
     per_corpus = {}
     for name, r in res.items():
-        genre = main if name == "held-out" else name.split(" ")[0]
+        genre = genres[0] if name.startswith("held-out") else name.split(" ")[0]
         (sae,) = r["saes"].values()
         per_corpus[genre] = {"tokens": r["tokens"], "ce_base": r["ce_base"], "ce_spliced": r["ce_spliced"],
                              "ce_adapted": r["ce_adapted"], "ce_cost": r["ce_spliced"] - r["ce_base"],
-                             "gap_closed": r["gap_closed"], "fvu": sae.get("fvu_spliced"),
-                             "kl_adapter_only": r.get("kl_adapter_only")}
-    out = {"model": model, "setting": setting, "trained_corpus": trained, "rows": rows,
-           "seconds": round(time.perf_counter() - t0, 1), "corpora": per_corpus}
+                             "ce_cost_ci": r.get("ce_cost_ci"), "gap_closed": r["gap_closed"],
+                             "gap_closed_ci": r.get("gap_closed_ci"), "fvu": sae.get("fvu_spliced"),
+                             "drift_ce": r["ce_adapter_only"] - r["ce_base"], "kl_adapter_only": r["kl_adapter_only"]}
+    out = {"model": model, "setting": setting, "adapter": str(adapter), "trained_corpus": trained, "rows": rows,
+           "split": split, "seconds": round(time.perf_counter() - t0, 1), "corpora": per_corpus}
     results = json.loads(OUT.read_text()) if OUT.is_file() else []
     results = [r for r in results if (r["model"], r["setting"]) != (model, setting)] + [out]
     OUT.write_text(json.dumps(results, indent=1))
@@ -62,20 +65,29 @@ def run(model: str, rows: int, setting: str | None) -> dict:
     return out
 
 
+def _ci(c: dict, key: str, scale: float = 1.0, fmt: str = ".1f") -> str:
+    ci = c.get(f"{key}_ci")
+    return f" [{scale * ci[0]:{fmt}}, {scale * ci[1]:{fmt}}]" if ci else ""
+
+
 def report() -> None:
     results = json.loads(OUT.read_text())
     lines = ["# Generalisation beyond the training text", "",
-             "Written by `bench/generalisation.py --report`. Each model's demo SAE and LoRA adapter on the held-out "
-             "band of each genre (adapters/genres.py; the bands the adapter was trained with), replace mode. CE in "
-             "nats per token; CE cost = spliced - base; gap closed = (spliced - adapted) / (spliced - base). "
-             "Means over the tokens given; one adapter, one seed.", ""]
+             "Written by `bench/generalisation.py --report` (and `bench/leave_one_out.py`). An SAE and a LoRA adapter "
+             "on the held-out band of each genre (adapters/genres.py; the hash bands the adapter was trained with; "
+             "`val` or `test` as given), replace mode. CE in nats per token; CE cost = spliced - base; gap closed = "
+             "(spliced - adapted) / (spliced - base), with a 95% bootstrap interval over rows (one adapter, one seed: "
+             "the interval is over text, not over training runs); drift = the adapter alone, SAE off, minus base.", ""]
     for r in results:
-        lines += [f"## {r['model']}: {r['setting']} ({r['rows']} rows per corpus, {r['seconds']:.0f} s)", "",
-                  "| genre | tokens | FVU | CE base | CE spliced | CE cost | CE adapted | gap closed |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {r['model']}: {r['setting']} ({r['rows']} rows per corpus, {r.get('split', 'val')} band, "
+                  f"{r['seconds']:.0f} s)", "",
+                  "| genre | tokens | FVU | CE base | CE spliced | CE cost | CE adapted | gap closed | drift CE |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for g, c in r["corpora"].items():
+            drift = f"{c['drift_ce']:+.3f}" if "drift_ce" in c else ""
             lines.append(f"| {g} | {c['tokens']} | {c['fvu']:.3f} | {c['ce_base']:.3f} | {c['ce_spliced']:.3f} | "
-                         f"{c['ce_cost']:.3f} | {c['ce_adapted']:.3f} | {100 * c['gap_closed']:.1f}% |")
+                         f"{c['ce_cost']:.3f}{_ci(c, 'ce_cost', fmt='.3f')} | {c['ce_adapted']:.3f} | "
+                         f"{100 * c['gap_closed']:.1f}%{_ci(c, 'gap_closed', 100)} | {drift} |")
         lines.append("")
     (RESULTS / "generalisation.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -87,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", type=int, default=128, help="rows per corpus (the adapter's row length)")
     p.add_argument("--setting", help="name of this row set (default: from the adapter's training corpus)")
+    p.add_argument("--adapter", type=Path, help="adapter bundle (default: the model's demo adapter)")
+    p.add_argument("--sae", type=Path, help="SAE folder (default: the one the adapter's manifest names)")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="each genre's band evaluated")
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.rows, args.setting)
+        run(args.model, args.rows, args.setting, args.adapter, args.split, sae=args.sae)
     report()
     return 0
 
