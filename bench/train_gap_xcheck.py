@@ -85,7 +85,8 @@ def main() -> int:
     lm.model.requires_grad_(False)
     s = load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)
     # rows as the adapter was trained and evaluated on: starting with BOS when the SAE's policy says so (Gemma)
-    corpus_cfg = CorpusConfig(seq_len=run_cfg["seq_len"], val_fraction=run_cfg["val_fraction"],
+    corpus_cfg = CorpusConfig(sources=tuple(run_cfg["corpus"]), seq_len=run_cfg["seq_len"],
+                              val_fraction=run_cfg["val_fraction"],
                               test_fraction=run_cfg["test_fraction"], prepend_bos=corpus_bos([s.policy]))
     rows = load_corpus(lm.tokenizer, corpus_cfg).test[:args.rows]
     mine = evaluate(attach_bundle(lm.model, load_bundle(str(adapter), lm.fingerprint, [s], lm.model), "adapter"),
