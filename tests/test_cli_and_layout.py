@@ -139,3 +139,12 @@ def test_demo_rebuilds_a_cache_built_from_another_recipe(tmp_path):
     assert (tmp_path / "sae" / "x").read_text() == "built"
     _drop_stale(tmp_path, {**recipe, "corpus": "wiki"})
     assert not (tmp_path / "sae").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    """Invariant: ports picked before any server binds are distinct (a vLLM server and an in-process server picked
+    one after the other once shared a port, and the second bind failed)."""
+    from saelora.launch import free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)

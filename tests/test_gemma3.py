@@ -57,9 +57,11 @@ def test_eval_base_ce_equals_plain_transformers_with_bos(gemma, gemma_sae, tmp_p
     from saelora.adapters.corpus import CorpusConfig, load_corpus
     from saelora.trainer.run_eval import EvalConfig, run_eval
 
-    res = run_eval(EvalConfig(model="gemma3-270m", saes=[gemma_sae], rows=8, seq_len=128,
+    # the embedded corpus: the tests' cache holds no fetched genres (the default, mix, needs them)
+    res = run_eval(EvalConfig(model="gemma3-270m", saes=[gemma_sae], corpus=["wiki"], rows=8, seq_len=128,
                               out=str(tmp_path / "eval.json")))["held-out"]
-    rows = load_corpus(gemma.tokenizer, CorpusConfig(seq_len=128, val_fraction=0.05, prepend_bos=True)).val[:8]
+    rows = load_corpus(gemma.tokenizer, CorpusConfig(sources=("wiki",), seq_len=128, val_fraction=0.05,
+                                                     prepend_bos=True)).val[:8]
     assert bool((rows[:, 0] == gemma.tokenizer.bos_token_id).all())
     plain = AutoModelForCausalLM.from_pretrained(gemma.path, dtype=torch.float32).eval()  # independent of saelora
     with torch.no_grad():
@@ -79,6 +81,7 @@ def test_train_eval_serve_on_a_small_budget(gemma, gemma_sae, tmp_path):
     from saelora.trainer.train import train_lora
 
     bundle, final = train_lora(TrainConfig(model="gemma3-270m", saes=[gemma_sae], out=str(tmp_path / "run"),
+                                           corpus=["wiki"],
                                            lora=LoraSettings(rank=4, layers="after"), lr=1e-3, max_steps=2,
                                            batch_size=1, seq_len=32,
                                            eval_interval=0, eval_rows=2, checkpoint_interval=0))
