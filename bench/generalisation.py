@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from saelora.adapters.genres import GENRE_NAMES as GENRES
+
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "generalisation.json"
-GENRES = ("wiki", "tech", "narrative")
 log = logging.getLogger("bench.generalisation")
 
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from saelora.adapters.config import demo_dir
 from saelora.adapters.corpus import CorpusConfig, load_corpus
+from saelora.adapters.genres import GENRE_NAMES
 from saelora.adapters.models import embedded_model_dir, load_model
 from saelora.adapters.saes import load_sae
 from saelora.trainer.evaluate import evaluate
@@ -46,7 +47,7 @@ def main() -> int:
     hook_fn = splice_hook(sae, meta["saelora_policy"], current)
     layer = int(meta["hook_name"].split(".")[1])
     out = {"model": args.model, "rows": args.rows, "genres": {}}
-    for genre in ("wiki", "tech", "narrative"):  # the demo adapter's bands, as bench/generalisation.py reads them
+    for genre in GENRE_NAMES:  # the demo adapter's bands, as bench/generalisation.py reads them
         cfg = CorpusConfig(sources=(genre,), seq_len=128, val_fraction=0.03, test_fraction=0.07,
                            prepend_bos=s.policy.prepend_bos)
         rows = load_corpus(lm.tokenizer, cfg).val[:args.rows]

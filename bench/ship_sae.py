@@ -42,14 +42,13 @@ def plain_fvu(lm, sae, rows: torch.Tensor, policy, layer: int) -> float:  # noqa
     return float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def per_genre(lm, dst: Path, tcfg, policy, point, rows: int) -> dict[str, dict]:  # noqa: ANN001
-    """FVU, L0 and the CE cost of the splice on each genre's own held-out band (same hash bands as training)."""
+def per_genre(lm, sae, dst: Path, tcfg, policy, point, rows: int) -> dict[str, dict]:  # noqa: ANN001
+    """FVU, L0 and the CE cost of the splice on each genre's own held-out band (same hash bands as training);
+    `sae`: the shipped weights at `dst`, loaded."""
     from saelora.adapters.corpus import CorpusConfig, load_corpus
     from saelora.adapters.genres import GENRE_NAMES
     from saelora.trainer.train_sae import cached_activations, ce_cost, sae_quality
-    from sae_lens import SAE
 
-    sae = SAE.load_from_disk(dst, dtype="float32")
     base = replace(policy, keep_norm_above=None)
     out = {}
     for genre in GENRE_NAMES:
@@ -114,7 +113,7 @@ def main() -> int:
     meta.update({POLICY_KEY: policy.to_json(), **quality, "weights": "fp16 (computed in fp32)",
                  "shipped_from": str(src)})
     (dst / "cfg.json").write_text(json.dumps(cfg_json, indent=1, default=str))
-    quality["per_genre"] = per_genre(lm, dst, tcfg, policy, point, args.ce_rows)
+    quality["per_genre"] = per_genre(lm, sae, dst, tcfg, policy, point, args.ce_rows)
     meta["per_genre"] = quality["per_genre"]
     (dst / "cfg.json").write_text(json.dumps(cfg_json, indent=1, default=str))
     record = {"folder": str(dst.relative_to(Path.cwd())) if dst.is_relative_to(Path.cwd()) else str(dst),

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from saelora.adapters.genres import GENRE_NAMES
+
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "splice_cost.json"
 VARIANTS = ("base", "sae", "sae_norm_matched", "sae_mean_dir_fixed", "mean_dir_error_only", "random_error",
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--genres", nargs="+", default=["wiki", "tech", "narrative"])
+    p.add_argument("--genres", nargs="+", default=list(GENRE_NAMES), choices=GENRE_NAMES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
     p.add_argument("--sae", help="an SAE folder (default: the model's demo SAE)")
     p.add_argument("--label", help="the results entry's name (default: the model)")
