@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--genres", nargs="+", default=list(GENRE_NAMES), choices=GENRE_NAMES)
+    p.add_argument("--genres", nargs="+", default=list(GENRE_NAMES))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
     p.add_argument("--sae", help="an SAE folder (default: the model's demo SAE)")
     p.add_argument("--label", help="the results entry's name (default: the model)")
