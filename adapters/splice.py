@@ -25,12 +25,12 @@ model dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .edits import (Condition, Edit, LatentEdit, SpliceError, SpliceNotFoundError, VectorEdit, apply_op,
-                    changes_stream, check_condition, check_edit, check_mode, position_mask)
+                    changes_stream, check_condition, check_edit, check_mode, edit_from_json, position_mask)
 from .saes import LoadedSAE
 
 __all__ = ["Capture", "Condition", "Edit", "LatentEdit", "VectorEdit", "RowSpec", "SpliceError", "SpliceNotFoundError",
@@ -47,6 +47,27 @@ class RowSpec:
     edits: list[Edit] = field(default_factory=list)
     prompt_len: int | None = None
     stops: list[Condition] = field(default_factory=list)
+    top_k: int = 0  # latents per token to capture for this row (0: none; a serving engine's, ignored by the hooks)
+
+    def changes_stream(self, sae: str, default_mode: str) -> bool:
+        """Whether the splice alters this row's residual stream at `sae` (else it only reads latents there)."""
+        return changes_stream(self.modes.get(sae, default_mode), self.edits, sae)
+
+    def needs(self, sae: str, default_mode: str) -> bool:
+        """Whether SAE `sae` must run for this row at all: it changes the stream, captures or watches a stop."""
+        return self.top_k > 0 or self.changes_stream(sae, default_mode) or any(c.sae == sae for c in self.stops)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (the vLLM engine carries a row this way into its worker, across processes too)."""
+        return {"modes": dict(self.modes), "edits": [e.to_json() for e in self.edits], "prompt_len": self.prompt_len,
+                "stops": [c.to_json() for c in self.stops], "top_k": self.top_k}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RowSpec":
+        n = data["prompt_len"]
+        return cls(modes=dict(data["modes"]), edits=[edit_from_json(e) for e in data["edits"]],
+                   prompt_len=None if n is None else int(n), stops=[Condition.from_json(c) for c in data["stops"]],
+                   top_k=int(data["top_k"]))
 
 
 @dataclass

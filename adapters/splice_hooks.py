@@ -69,9 +69,9 @@ class Splice:
     @contextlib.contextmanager
     def batch(self, rows: Sequence[RowSpec] | None = None, positions: torch.Tensor | None = None,
               token_ids: torch.Tensor | None = None, top_k: int | None = None) -> Iterator["Splice"]:
-        """Forwards inside this context use these rows, positions, ids and top-k; checked before any forward."""
-        if rows is not None:
-            check_rows(self.saes, rows)
+        """Forwards inside this context use these rows, positions, ids and top-k. `rows` are not checked here (a
+        step's context must not re-check what was admitted once): check them once with `check_rows`, as a
+        serving engine does on admission and `Splice(rows=...)` / `splice(rows=...)` do."""
         if top_k is not None and top_k < 0:
             raise SpliceError(f"top_k must be >= 0, got {top_k}")
         previous, self._batch = self._batch, Batch(rows, positions, token_ids, top_k)

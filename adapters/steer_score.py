@@ -23,7 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .edits import SERVE_MODE, Edit
 from .judge import Judge, words
-from .splice import RowSpec
+from .splice import RowSpec, check_rows
 from .splice_hooks import Splice
 
 MAX_GAP = 0.5
@@ -112,6 +112,7 @@ def generate_each(lm: Any, splice: Splice, prompts: Sequence[str], settings: Seq
     device = next(lm.model.parameters()).device
     rows = [RowSpec(modes={n: mode for n in splice.saes}, edits=list(edits), prompt_len=len(g))
             for edits in settings for g in given]
+    check_rows(splice.saes, rows)  # once: the batch context does not check
     torch.manual_seed(seed)
     # HF's greedy step over scores that CdfSampler has made -inf everywhere but the token it sampled
     sampler = [CdfSampler(temperature)] if temperature > 0 else []

@@ -84,12 +84,13 @@ def inprocess_engine(root: Path) -> tuple[Any, Any]:
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae, shipped_sae
     from saelora.adapters.threads import one_thread
-    from saelora.serve.vllm_engine.engine import VllmEngine, VllmOptions
+    from saelora.serve.config import ServeConfig
+    from saelora.serve.vllm_engine.engine import VllmEngine
 
     with one_thread():
         lm = load_model(DEFAULT_MODEL, device="cpu", weights=False)
         saes = [load_sae(lm.model, str(shipped_sae(DEFAULT_MODEL)), tokenizer=lm.tokenizer)]
-        return lm, VllmEngine(lm, saes, VllmOptions(kv_cache_gb=2, adapter_root=str(root)))
+        return lm, VllmEngine(lm, saes, ServeConfig(kv_cache_gb=2, adapter_root=str(root)))
 
 
 async def measure(args: argparse.Namespace, root: Path) -> dict:

@@ -397,6 +397,7 @@ class ModelCard(BaseModel):
     owned_by: str = "saelora"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None  # prompt + max_tokens the server admits (as vLLM's /v1/models reports it)
     saes: list[dict[str, Any]] | None = None
 
 

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from saelora.serve.core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures,
-                                  TokenEvent, TokenFeaturesOut)
+                                       TokenEvent, TokenFeaturesOut, check_request)
 from tiny import WORDS, tiny_tokenizer
 
 SAE_INFO = {"name": "fake", "hook": "blocks.0.hook_resid_post", "architecture": "standard", "d_in": 8, "d_sae": 16,
@@ -50,12 +50,7 @@ class FakeEngine(Engine):
         """Like the real engines, an async generator: its errors surface on the first iteration."""
         if self.full or (self.capacity is not None and self.running >= self.capacity):
             raise EngineError("queue_full", "the queue is full")
-        if not r.prompt_ids:
-            raise EngineError("invalid", "the prompt is empty", "prompt")
-        if len(r.prompt_ids) + r.sampling.max_tokens > self._max_len:
-            raise EngineError("context_length", f"prompt + max_tokens over {self._max_len} tokens", "max_tokens")
-        if any(not 0 <= t < len(self.tokenizer) for t in r.prompt_ids):
-            raise EngineError("invalid", "prompt token ids outside the vocabulary", "prompt")
+        check_request(r, self.saes(), len(self.tokenizer), self._max_len)  # the engines' one admission check
         self.requests.append(r)
         self.running += 1
         finished = False

@@ -1,7 +1,8 @@
 """Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features, steer-eval,
 corpus-fetch.
 
-Options are generated from the config dataclasses; each option's help is its field's metadata (`opt(...)`).
+Options are generated from the config dataclasses (adapters/options.py); each option's help is its field's metadata
+(`opt(...)`).
 """
 
 from __future__ import annotations
@@ -10,71 +11,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import types
-import typing
 from typing import Any
+
+from saelora.adapters.options import add_dataclass_args, config_from_args
 
 from .config import opt
 
 log = logging.getLogger(__name__)
-
-
-def _kind(hint: Any) -> Any:
-    """bool, list, int, float or str: how a field of type `hint` is read from the command line (the first
-    non-None member of a union: `str | list[int]` is given as a string, `int | None` as an int)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is list:
-        return list
-    return hint if hint in (bool, int, float) else str
-
-
-def _item_kind(hint: Any) -> Any:
-    """int, float or str: how the items of a list field are read (`list[float]` items as floats)."""
-    args = typing.get_args(hint)
-    return args[0] if typing.get_origin(hint) is list and args and args[0] in (int, float) else str
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None,
-                       prefix: str = "") -> None:
-    """One --option per field of dataclass `cls` (lists repeatable or comma-separated; bools as flags). A field
-    that is itself a dataclass (`TrainConfig.lora`) contributes its own fields' options, unprefixed."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            add_dataclass_args(parser, hints[f.name], renames, prefix=f"{prefix}{f.name}.")
-            continue
-        flag = "--" + (renames or {}).get(f.name, f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        text = f"{f.metadata.get('help', '')} (default: {default})".strip().replace("%", "%%")  # argparse formats help
-        kind, dest = _kind(hints[f.name]), prefix + f.name
-        if kind is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif kind is list:
-            parser.add_argument(flag, dest=dest, action="append", default=None, help=text + "; repeatable")
-        else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default, help=text)
-
-
-def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
-    """The dataclass `cls` from parsed options (nested dataclass fields built from their own options)."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            values[f.name] = config_from_args(hints[f.name], args, prefix=f"{prefix}{f.name}.")
-            continue
-        v = getattr(args, prefix + f.name)
-        if isinstance(v, list):  # repeatable and/or comma-separated
-            item = _item_kind(hints[f.name])
-            v = [item(x) for y in v for x in str(y).split(",") if x]
-        if v is not None:
-            values[f.name] = v
-    return cls(**values)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from saelora.adapters.config import DEFAULT_CORPUS, DEFAULT_MODEL
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.lora_targets import TARGET_NAMES
-
-
-def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:  # noqa: A002
-    """A config field with its command-line help in the field's metadata (read by trainer/cli.py)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from saelora.adapters.options import opt
 
 
 @dataclass

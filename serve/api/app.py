@@ -30,6 +30,7 @@ from . import errors, steer_routes, steering
 from .handlers import Handlers
 from .metrics import Metrics
 from .steering import Steering
+from .wire import wire_logits
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
@@ -239,9 +240,11 @@ async def prometheus(s: ServerState = Depends(state)) -> Response:
 
 @router.get("/v1/models", response_model=P.ModelList)
 async def models(s: ServerState = Depends(state)) -> P.ModelList:
-    cards = [P.ModelCard(id=s.served_name, root=s.served_name, saes=[_public_sae(d) for d in s.engine.saes()])]
-    cards += [P.ModelCard(id=a["name"], root=a["path"], parent=s.served_name, saes=[{"hook": h} for h in a["saes"]])
-              for a in s.engine.adapters()]
+    limit = s.engine.max_model_len  # ServeConfig.max_model_len within the model's positions
+    cards = [P.ModelCard(id=s.served_name, root=s.served_name, max_model_len=limit,
+                         saes=[_public_sae(d) for d in s.engine.saes()])]
+    cards += [P.ModelCard(id=a["name"], root=a["path"], parent=s.served_name, max_model_len=limit,
+                          saes=[{"hook": h} for h in a["saes"]]) for a in s.engine.adapters()]
     return P.ModelList(data=cards)
 
 
@@ -281,7 +284,7 @@ async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
     if not 0 <= index < sae["d_sae"]:
         raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
     data = s.steering.descriptions(sae_id)
-    logits = await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP)
+    logits = wire_logits(await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP), s.engine.tokenizer)
     if data is None:
         return P.FeatureDescription(sae=sae_id, index=index, logits=logits)
     f = data["features"][index]

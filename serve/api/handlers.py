@@ -16,10 +16,11 @@ from pydantic import BaseModel
 
 from saelora.clients import protocol as P
 
-from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, Latents, PromptFeatures, Sampling,
+from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures, Sampling,
                      SpliceRequest, TokenEvent, TokenFeaturesOut)
 from .errors import error_event
 from .steering import Steering
+from .wire import sae_latents, token_features
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 JSON = "application/json"
@@ -183,17 +184,8 @@ class Handlers:
             raise EngineError("invalid", "this server has no SAE loaded", "saes")
         toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
         return await self._json(lambda: P.FeaturesResponse(
-            model=r.model or self.name, tokens=[_token_features(t, self.engine.tokenizer) for t in toks],
+            model=r.model or self.name, tokens=[token_features(t, self.engine.tokenizer) for t in toks],
             usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids))))
-
-
-def _latents(lat: Latents | None) -> list[P.SAELatents]:
-    return [P.SAELatents(sae=k, indices=v[0], values=v[1]) for k, v in (lat or {}).items()]
-
-
-def _token_features(t: TokenFeaturesOut, tok: Any) -> P.TokenFeatures:
-    return P.TokenFeatures(token=tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
-                           features=_latents(t.features))
 
 
 class _Collected:
@@ -220,8 +212,8 @@ class _Collected:
         if not splice.top_k:
             return None
         gen = [P.TokenFeatures(token=self.tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
-                               features=_latents(t.features)) for t in self.tokens]
-        prompt = [_token_features(t, self.tok) for t in self.prompt] if self.prompt is not None else None
+                               features=sae_latents(t.features)) for t in self.tokens]
+        prompt = [token_features(t, self.tok) for t in self.prompt] if self.prompt is not None else None
         return P.ChoiceFeatures(prompt=prompt, generated=gen)
 
     def completion_logprobs(self) -> P.CompletionLogprobs:
@@ -268,9 +260,9 @@ def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: s
     finish = ev.finish_reason if isinstance(ev, Finished) else None
     feats = None
     if isinstance(ev, PromptFeatures):
-        feats = P.ChoiceFeatures(prompt=[_token_features(t, tok) for t in ev.tokens])
+        feats = P.ChoiceFeatures(prompt=[token_features(t, tok) for t in ev.tokens])
     elif isinstance(ev, TokenEvent) and ev.features is not None:
-        feats = P.ChoiceFeatures(generated=[_token_features(TokenFeaturesOut(ev.position, ev.token_id, ev.features),
+        feats = P.ChoiceFeatures(generated=[token_features(TokenFeaturesOut(ev.position, ev.token_id, ev.features),
                                                                             tok)])
     if i >= n:
         twin = P.Unsteered(text=text, finish_reason=finish, features=feats)

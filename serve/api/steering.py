@@ -24,12 +24,11 @@ from pydantic import BaseModel
 
 from saelora.adapters.config import descriptions_file
 from saelora.adapters.edits import Condition, Edit, LatentEdit, SpliceError, VectorEdit
-from saelora.adapters.splice import check_edits
 from saelora.adapters.units import MissingScalesError, SteerScales, to_raw
 from saelora.clients import protocol as P
 from saelora.clients import protocol_steer as PS
 
-from ..core.engine import Engine, EngineError, SpliceRequest
+from ..core.engine import Engine, EngineError, SpliceRequest, check_splice
 from . import errors
 
 log = logging.getLogger(__name__)
@@ -190,8 +189,7 @@ class Steering:
         edits = self.to_edits(preset.edits, ids, "preset.edits") + self.to_vectors(preset.vectors, ids,
                                                                                    "preset.vectors") if preset else []
         edits += self.to_edits(sae.edits, ids, "sae.edits") + self.to_vectors(sae.vectors, ids, "sae.vectors")
-        stops = to_conditions(sae.stop_when, ids, "sae.stop_when")
-        check_against(saes, edits, stops, "sae")
+        stops = to_conditions(sae.stop_when, ids, "sae.stop_when")  # checked with the request, on admission
         f = sae.features or P.SAEFeatureOptions()
         return SpliceRequest(mode=sae.mode_or(preset.mode if preset else None), top_k=f.top_k,
                              include_prompt=f.include_prompt, saes=f.saes, edits=edits, stops=stops)
@@ -202,22 +200,12 @@ class Steering:
         if not saes:
             raise EngineError("invalid", "this server has no SAE loaded", "edits")
         ids = [s["name"] for s in saes]
-        check_against(saes, self.to_edits(body.edits, ids, "edits") + self.to_vectors(body.vectors, ids, "vectors"),
-                      [], "edits")
+        check_splice(saes, self.to_edits(body.edits, ids, "edits") + self.to_vectors(body.vectors, ids, "vectors"),
+                     [], "edits")
 
 
 def to_conditions(conds: list[P.SAECondition], ids: list[str], param: str) -> list[Condition]:
     return [Condition(_sae_name(c.sae, None, ids, f"{param}.{i}"), c.feature, c.above) for i, c in enumerate(conds)]
-
-
-def check_against(saes: list[dict[str, Any]], edits: list[Edit], conds: list[Condition], param: str) -> None:
-    """EngineError (404 for an SAE or latent the server lacks, else 400) unless every edit and condition fits the
-    SAEs as `Engine.saes()` lists them: the splice's own check (`check_edits`)."""
-    try:
-        check_edits({s["name"]: int(s["d_sae"]) for s in saes}, edits, conds,
-                    {s["name"]: int(s["d_in"]) for s in saes})
-    except SpliceError as e:
-        raise EngineError.from_splice(e, param) from e
 
 
 # ---- preset routes ------------------------------------------------------------------------------------------

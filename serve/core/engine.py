@@ -11,7 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, get_args
 
-from saelora.adapters.edits import SERVE_MODE, Condition, Edit, SpliceNotFoundError
+from saelora.adapters.edits import SERVE_MODE, Condition, Edit, SpliceError, SpliceNotFoundError, check_mode
+from saelora.adapters.splice import check_edits
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -67,7 +68,41 @@ class GenerationRequest:
     adapter: str | None = None  # None: the base model
 
 
-Latents = dict[str, tuple[list[int], list[float]]]  # sae id -> (indices, values)
+def check_splice(saes: list[dict[str, Any]], edits: list[Edit], stops: list[Condition], param: str) -> None:
+    """EngineError (404 for an SAE or latent the server lacks, else 400) unless every edit and stop condition fits
+    the SAEs as `Engine.saes()` lists them (the splice's own check, `check_edits`)."""
+    try:
+        check_edits({s["name"]: int(s["d_sae"]) for s in saes}, edits, stops,
+                    {s["name"]: int(s["d_in"]) for s in saes})
+    except SpliceError as e:
+        raise EngineError.from_splice(e, param) from e
+
+
+def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int, max_len: int) -> None:
+    """The one check of a generation request, on admission (every engine calls it; nothing checks a request
+    again per step): EngineError for an empty prompt, one over the context limit, ids outside the vocabulary,
+    an unknown mode, edits or stop conditions that do not fit the SAEs, or an unknown SAE to report."""
+    if not req.prompt_ids:
+        raise EngineError("invalid", "the prompt is empty", "prompt")
+    if len(req.prompt_ids) + req.sampling.max_tokens > max_len:
+        raise EngineError("context_length", f"This model's maximum context length is {max_len} tokens; the prompt "
+                          f"has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.", "max_tokens")
+    if any(not 0 <= t < vocab for t in req.prompt_ids):
+        raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
+    try:
+        check_mode(req.splice.mode)
+    except SpliceError as e:
+        raise EngineError("invalid", str(e), "sae.mode") from e
+    check_splice(saes, req.splice.edits, req.splice.stops, "sae")
+    names = [s["name"] for s in saes]
+    unknown = set(req.splice.saes or []) - set(names)
+    if unknown:
+        raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(names)}",
+                          "sae.features.saes")
+
+
+Latents = dict[str, tuple[list[int], list[float]]]  # sae id -> (indices, values): top-k, raw floats
+LogitPairs = tuple[list[tuple[int, float]], list[tuple[int, float]]]  # (promoted, suppressed) (token id, logit)
 
 
 @dataclass
@@ -143,9 +178,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def unload_adapter(self, name: str) -> None: ...
 
-    async def latent_logits(self, sae: str, index: int, k: int) -> Any:
-        """`protocol.LatentLogits` for latent `index` of SAE `sae` (what it writes to the logits), or None when this
-        engine cannot tell."""
+    async def latent_logits(self, sae: str, index: int, k: int) -> LogitPairs | None:
+        """What latent `index` of SAE `sae` writes to the logits: the k (token id, logit) pairs it promotes most
+        and the k it suppresses most; None when this engine cannot tell."""
         return None
 
     async def steering_vector(self, sae: str, positive: list[str], negative: list[str]) -> list[float]:

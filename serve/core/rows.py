@@ -1,28 +1,64 @@
-"""What both engines keep for one request in flight, and the rules they share: when a generation stops, what
-a token's event holds, and how latents go on the wire."""
+"""The row core: what both engines keep for one request in flight, and every rule about a generated row they
+share. An engine feeds a row three things and nothing else:
+
+- `take(token, logprob, top)`: a token it sampled;
+- `add_latents(sae, position, indices, values)` and `add_stop(position)`: what the splice read at a position
+  (its top-k latents; a `stop_when` condition that held there);
+- `read_through(position)`: every position up to this one has been through a forward, so its latents and stop
+  conditions are all in.
+
+and calls `flush()` after each, which emits what is ready, in order: the prompt's latents, then each token's
+event once its latents are in (the one-step lag: a token's latents are those at its own position, computed
+when it is fed back), truncating at a `stop_when` hit, and finally `Finished`. The row owns the finish reasons
+(EOS and stop strings "stop", `max_tokens` "length", a `stop_when` hit "stop"), the detokenizer, the adapter it
+holds, and how a row fails. `context_limit` is the context-length rule.
+"""
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Collection, Sequence
 
-from .engine import Finished, GenerationRequest, TokenEvent
+from saelora.adapters.splice import RowSpec
+
+from .engine import EngineError, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent, TokenFeaturesOut
 from .sampling import Detokenizer
+
+
+def context_limit(model_config: Any, asked: int | None, reserve: int = 0) -> int:
+    """Prompt + max_tokens a server admits: `asked` (default: the model's positions), within the model's positions
+    less `reserve` (tokens an engine asks for beyond max_tokens: the vLLM engine's one for the last latents)."""
+    cfg_len = getattr(model_config, "max_position_embeddings", None) or 2048
+    return min(asked or cfg_len, cfg_len - reserve)
 
 
 class RowState:
     """One request in flight. Engines subclass it with their own bookkeeping (KV cache, vLLM request id)."""
 
     def __init__(self, req: GenerationRequest, emit: Callable[[Any], None], tokenizer: Any, eos: Collection[int],
-                 sae_names: Sequence[str]) -> None:
+                 sae_names: Sequence[str], prompt_only: bool = False) -> None:
         self.req, self.emit, self.eos = req, emit, eos
         self.prompt_len = len(req.prompt_ids)
         self.generated = 0  # tokens sampled, EOS included
         self.detok = Detokenizer(tokenizer, req.sampling.stop)
-        self.report = list(req.splice.saes or sae_names)  # SAEs whose latents this request gets
+        sp = req.splice
+        self.report = list(sp.saes or sae_names)  # SAEs whose latents this request gets
+        self.spec = RowSpec(modes={n: sp.mode for n in sae_names}, edits=list(sp.edits), prompt_len=self.prompt_len,
+                            stops=list(sp.stops), top_k=sp.top_k)  # what the splice applies to this row
+        self.top_k = sp.top_k
+        self.waits = bool(sp.top_k or sp.stops)  # a token's event waits until its position has been read
+        self.prompt_due = bool(sp.top_k and (sp.include_prompt or prompt_only))  # prompt latents still to send
+        self.pending: collections.deque[TokenEvent] = collections.deque()  # sampled, waiting to be read
+        self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in self.report}
+        self.stop_hits: set[int] = set()  # generated positions where a stop_when condition held
+        self.read = -1  # every position up to this one has been through a forward
+        self.emitted_chars = 0  # text carried by the token events emitted so far
+        self.reason: str | None = None  # finished (stop | length): pending events are flushed first
         self.cancelled = False  # the client went away
         self.done = False
         self._registry: Any = None  # the adapter registry this row holds its adapter in, until `release`
 
+    # ---- adapter ----------------------------------------------------------------------------------------
     def hold(self, registry: Any) -> None:
         """Count this row against its adapter (so it cannot be unloaded under it). Called once the row exists."""
         registry.acquire(self.req.adapter)
@@ -39,30 +75,74 @@ class RowState:
         if registry is not None:
             registry.release(self.req.adapter)
 
-    def accept(self, tok: int, logprob: float | None = None,
-               top: list[tuple[int, float]] | None = None) -> tuple[TokenEvent | None, str | None]:
-        """Count a sampled token. Returns its event (None for an end-of-sequence token, which is not shown) and
-        the finish reason: "stop" (EOS or a stop string), "length" (max_tokens reached), or None to go on."""
+    def fail(self, error: Exception) -> None:
+        """End the row with an error event (the engine has released what it held for it)."""
+        self.end()
+        self.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+
+    # ---- what an engine feeds -----------------------------------------------------------------------------
+    def take(self, tok: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> None:
+        """A sampled token. Ignored once the row has a finish reason (a token asked for the last latents)."""
+        if self.reason is not None:
+            return
         self.generated += 1
         if tok in self.eos and not self.req.sampling.ignore_eos:
-            return None, "stop"
+            self.reason = "stop"  # an end-of-sequence token is not shown
+            return
         delta, hit_stop = self.detok.add(tok)
-        event = TokenEvent(tok, self.prompt_len + self.generated - 1, delta, logprob, top)
-        return event, "stop" if hit_stop else "length" if self.generated >= self.req.sampling.max_tokens else None
+        self.pending.append(TokenEvent(tok, self.prompt_len + self.generated - 1, delta, logprob, top))
+        if hit_stop or self.generated >= self.req.sampling.max_tokens:
+            self.reason = "stop" if hit_stop else "length"
 
-    def stop_at(self, n: int, shown_chars: int) -> None:
-        """End after the first `n` generated tokens, of which `shown_chars` characters of text went out (an engine
-        that samples ahead drops the tokens after them); `finished` then releases the rest of those n tokens."""
+    def add_latents(self, sae: str, position: int, indices: Sequence[int], values: Sequence[float]) -> None:
+        """The top-k latents SAE `sae` read at `position` (k at least this row's top_k)."""
+        if sae in self.latents:
+            self.latents[sae][position] = (list(indices[:self.top_k]), list(values[:self.top_k]))
+
+    def add_stop(self, position: int) -> None:
+        """A stop_when condition held at generated `position`."""
+        self.stop_hits.add(position)
+
+    def read_through(self, position: int) -> None:
+        self.read = max(self.read, position)
+
+    # ---- what the row emits -------------------------------------------------------------------------------
+    def flush(self, final: bool = False) -> bool:
+        """Emit what is ready; returns whether the row has finished (its `Finished` event sent). `final`: nothing
+        more will be computed for this row, so whatever is pending goes out as it is."""
+        if self.prompt_due:
+            if self.read < self.prompt_len - 1 and not final:
+                return False
+            self.emit(PromptFeatures([TokenFeaturesOut(p, self.req.prompt_ids[p], self._latents_at(p))
+                                      for p in range(self.prompt_len)]))
+            self.prompt_due = False
+        while self.pending:
+            ev = self.pending[0]
+            if self.waits and ev.position > self.read and not final:
+                break  # not read by a forward yet: its latents and stop conditions are not known
+            if self.top_k:
+                ev.features = self._latents_at(ev.position)
+            self.emit(self.pending.popleft())
+            self.emitted_chars += len(ev.text)
+            if ev.position in self.stop_hits:  # stop_when: this token set off a watched latent
+                self.stop_at(ev.position - self.prompt_len + 1)
+        if self.pending or (self.reason is None and not final):
+            return False
+        self.end()
+        self.emit(self.finished(self.reason or "length"))
+        return True
+
+    def stop_at(self, n: int) -> None:
+        """End with "stop" after the first `n` generated tokens (an engine that sampled ahead drops the rest)."""
         self.generated = n
-        self.detok.truncate(n, shown_chars)
+        self.detok.truncate(n, self.emitted_chars)
+        self.pending.clear()
+        self.reason = "stop"
 
     def finished(self, reason: str) -> Finished:
         """The final event: the reason, the text held back so far, and the token counts."""
         return Finished(reason, self.detok.finish(), self.prompt_len, self.generated)
 
-
-def wire_latents(indices: Sequence[int], values: Sequence[float], k: int) -> tuple[list[int], list[float]]:
-    """A token's top-k latents as they go on the wire: the first k, inactive (zero) ones dropped, values rounded
-    to 5 decimals."""
-    pairs = [(int(i), round(float(v), 5)) for i, v in zip(indices[:k], values[:k], strict=True) if v != 0]
-    return [i for i, _ in pairs], [v for _, v in pairs]
+    def _latents_at(self, pos: int) -> Latents:
+        """This row's reported latents at `pos` (an SAE whose latents never came is left out)."""
+        return {name: got for name in self.report if (got := self.latents[name].pop(pos, None)) is not None}

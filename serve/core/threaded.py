@@ -3,8 +3,9 @@
 Between steps the thread runs commands (adapter load/unload, encode-only work) and admits queued
 requests; then the engine advances every running request by one step. The event loop side streams each
 request's events from an asyncio queue that the thread fills (`_stream`), and awaits commands (`_call`).
-Request validation, SAE/adapter listings, adapter loading and unloading are shared too; an engine hands its
-collaborators (SAEs, adapter registry, tokenizer, context limit, adapter root) to `ThreadedEngine.__init__`.
+Request validation (`_check`: the one check of a request, on admission; nothing checks it again per step), the
+adapter registry, EOS ids, the context limit, SAE/adapter listings, adapter loading and unloading are shared too;
+the row core (rows.py) holds what a request in flight follows.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.splice import RowSpec, SpliceError, check_rows
 
-from .engine import Engine, EngineError, Event, Finished, GenerationRequest
+from .engine import Engine, EngineError, Event, Finished, GenerationRequest, LogitPairs, check_request
 from .registry import AdapterRegistry, safe_adapter_path
+from .rows import context_limit
 
 log = logging.getLogger(__name__)
 FAILING_STEPS, FAILING_WINDOW_S = 3, 60.0  # that many consecutive failed steps, the last this recent: not healthy
@@ -31,16 +33,21 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
-    lm: Any  # the LoadedModel (both engines keep one)
 
-    def __init__(self, max_batch: int, max_queue: int, saes: list[LoadedSAE], registry: AdapterRegistry,
-                 tokenizer: Any, max_len: int, adapter_root: str | None = None) -> None:
+    #: tokens an engine asks the model for beyond max_tokens (the vLLM engine: one, for the last token's latents)
+    reserve_tokens = 0
+
+    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int, max_queue: int,
+                 max_model_len: int | None = None, adapter_root: str | None = None) -> None:
+        self.lm, self.model_id = lm, lm.spec
         self.max_batch, self.max_queue = max_batch, max_queue
         self.adapter_root = adapter_root  # folder runtime adapter loads are confined to (None: no runtime loads)
         self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
         self.failed_steps, self.last_failure = 0, 0.0  # consecutive failed engine steps, and when the last was
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
-        self.registry, self.tokenizer, self._max_len = registry, tokenizer, max_len
+        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        self.tokenizer, self.eos = lm.tokenizer, stop_token_ids(lm)
+        self._max_len = context_limit(lm.model.config, max_model_len, self.reserve_tokens)
         self.incoming: queue.Queue[Any] = queue.Queue()
         self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
             queue.Queue()
@@ -93,36 +100,14 @@ class ThreadedEngine(Engine):
         return [e.describe() for e in self.registry.entries.values()]
 
     def _check(self, req: GenerationRequest) -> None:
-        """Raise EngineError (400) for a request that cannot run: empty, too long, bad ids, edits or SAE ids."""
-        if not req.prompt_ids:
-            raise EngineError("invalid", "the prompt is empty", "prompt")
-        if len(req.prompt_ids) + req.sampling.max_tokens > self._max_len:
-            raise EngineError("context_length", f"This model's maximum context length is {self._max_len} tokens; the "
-                              f"prompt has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.",
-                              "max_tokens")
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in req.prompt_ids):
-            raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
-        try:
-            check_rows(self.sae_map, [RowSpec(edits=req.splice.edits, stops=req.splice.stops)])
-        except SpliceError as e:
-            raise EngineError.from_splice(e, "sae.edits") from e
-        unknown = set(req.splice.saes or []) - set(self.sae_names)
-        if unknown:
-            raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(self.sae_names)}",
-                              "sae.features.saes")
+        check_request(req, self.saes(), len(self.tokenizer), self._max_len)
 
-    async def latent_logits(self, sae: str, index: int, k: int) -> Any:
+    async def latent_logits(self, sae: str, index: int, k: int) -> LogitPairs | None:
         """On the engine thread, like every torch op of a server (adapters/threads.py: a parallel op on another
         thread would start a second OpenMP team and slow every request after it)."""
         from saelora.adapters.logit_lens import latent_logits
-        from saelora.clients import protocol as P
 
-        promoted, suppressed = await self._call(lambda: latent_logits(self.lm.model, self.sae_map[sae], index, k))
-        tok = self.tokenizer
-        return P.LatentLogits(**{side: [P.TokenValue(token=tok.decode([i]), token_id=i, value=round(v, 5))
-                                        for i, v in pairs]
-                                 for side, pairs in (("promoted", promoted), ("suppressed", suppressed))})
+        return await self._call(lambda: latent_logits(self.lm.model, self.sae_map[sae], index, k))
 
     def _check_encode(self, prompt_ids: list[int], saes: list[str] | None) -> None:
         if len(prompt_ids) > self._max_len:

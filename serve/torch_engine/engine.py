@@ -18,26 +18,26 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Collection
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from saelora.adapters.activations import run_to_hook
 from saelora.adapters.bundle import lora_weights
 from saelora.adapters.hooks import unwrap
-from saelora.adapters.models import LoadedModel, stop_token_ids
+from saelora.adapters.models import LoadedModel
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import RowSpec
 from saelora.adapters.splice_hooks import Splice
 
 from . import kv
+from ..config import ServeConfig
 from .lora import ServedLoRA
 from ..core.packed import pack_linears, pack_sae_encoder
-from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
-                     TokenFeaturesOut)
-from ..core.registry import BASE, AdapterRegistry
-from ..core.rows import RowState, wire_latents
+from ..core.engine import EngineError, Event, GenerationRequest, TokenFeaturesOut
+from ..core.registry import BASE
+from ..core.rows import RowState
 from ..core.sampling import logprobs_of, sample
 from ..core.threaded import ThreadedEngine
 
@@ -46,18 +46,12 @@ log = logging.getLogger(__name__)
 
 class _Row(RowState):
     def __init__(self, req: GenerationRequest, emit: Callable[[Any], None], engine: "TorchEngine") -> None:
-        names = list(engine.splice.saes)
-        super().__init__(req, emit, engine.tokenizer, engine.eos, names)
+        super().__init__(req, emit, engine.tokenizer, engine.eos, engine.sae_names)
         self.ids = list(req.prompt_ids)  # every token fed, or to be fed next
         self.kv: kv.RowKV | None = None  # its own cache while outside the engine's batched one
         self.cached = 0  # tokens in its KV cache
-        self.pending: TokenEvent | None = None  # sampled, waiting for its latents
-        self.flush_reason: str | None = None  # finished; one more step for the last token's latents
         seed = req.sampling.seed
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.spec = RowSpec(modes={n: req.splice.mode for n in names}, edits=list(req.splice.edits),
-                            prompt_len=self.prompt_len, stops=list(req.splice.stops))
-        self.waits = bool(req.splice.top_k or req.splice.stops)  # a token waits one step for its latents
 
 
 def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
@@ -80,16 +74,16 @@ def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
 class TorchEngine(ThreadedEngine):
     steers_from_text = True  # the model is in this process (DiffMean vectors, auto-steer)
 
-    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, adapter_root: str | None = None, pack_weights: bool = True) -> None:
-        cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        super().__init__(max_batch, max_queue, saes, AdapterRegistry(lm.fingerprint, saes, lm.model), lm.tokenizer,
-                         min(max_model_len or cfg_len, cfg_len), adapter_root)
-        self.model, self.model_id, self.lm = lm.model, lm.spec, lm
+    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = ServeConfig.max_batch,
+                 max_queue: int = ServeConfig.max_queue, max_model_len: int | None = ServeConfig.max_model_len,
+                 adapter_root: str | None = ServeConfig.adapter_root,
+                 pack_weights: bool = ServeConfig.pack_weights) -> None:
+        """Settings and their defaults are `ServeConfig`'s (serve/config.py)."""
+        super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root)
+        self.model = lm.model
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
         # where a step that only reads latents can stop (None: no SAE, so no such step)
         self._deepest = max((s.hook for s in saes), key=lambda p: p.depth) if saes else None
-        self.eos = stop_token_ids(lm)
         eos = lm.tokenizer.eos_token_id
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (eos or 0)
         self.active: list[_Row] = []
@@ -233,11 +227,12 @@ class TorchEngine(ThreadedEngine):
         kvs = kv.split(out.past_key_values, [len(r.ids) for r in reps])
         for row, i in zip(rows, group, strict=True):
             row.kv, row.cached = kvs[i], len(row.ids)  # shared tensors: only ever read (stacking copies them)
-            if row.req.splice.include_prompt and row.req.splice.top_k:
-                k = row.req.splice.top_k
-                row.emit(PromptFeatures([TokenFeaturesOut(int(pos[i, j]), int(ids[i, j]),
-                                                          self._latents(caps, row.report, k, i, j))
-                                         for j in range(ids.shape[1]) if pos[i, j] >= 0]))
+            if row.prompt_due:
+                for j in range(ids.shape[1]):
+                    if pos[i, j] >= 0:
+                        self._feed_latents(row, caps, i, j, int(pos[i, j]))
+            row.read_through(row.prompt_len - 1)
+            row.flush()
             self._next_token(row, out.logits[i, -1])
 
     def _decode_step(self) -> None:
@@ -254,21 +249,17 @@ class TorchEngine(ThreadedEngine):
         mask = torch.tensor([[0] * (s_max - n) + [1] * (n + 1) for n in lengths])  # (B, S_max + 1)
         pos = torch.tensor([[n] for n in lengths])  # (B, 1)
         # every row only waits for its last token's latents
-        flushing = self._deepest is not None and all(r.flush_reason for r in rows)
+        flushing = self._deepest is not None and all(r.reason for r in rows)
         out, caps, stops = self._forward(rows, ids, mask, pos, cache, latents_only=flushing)
         self._batch = None if flushing else (list(rows), out.past_key_values)
-        for i, row in enumerate(rows):
+        for i, (row, fed) in enumerate(zip(rows, lengths, strict=True)):  # the token fed sits at position `fed`
             row.cached += 1
-            if row.pending is not None:
-                k = row.req.splice.top_k
-                row.pending.features = self._latents(caps, row.report, k, i, 0) if k else None
-                row.emit(row.pending)
-                row.pending = None
+            if row.top_k:
+                self._feed_latents(row, caps, i, 0, fed)
             if stops is not None and bool(stops[i, 0]):
-                self._finish(row, "stop")  # stop_when: the token just read set off a watched latent
-            elif row.flush_reason:
-                self._finish(row, row.flush_reason)
-            else:
+                row.add_stop(fed)  # stop_when: the token just read set off a watched latent
+            row.read_through(fed)
+            if not row.flush() and row.reason is None:
                 self._next_token(row, out.logits[i, -1])
         self.active = [r for r in self.active if not r.done]
 
@@ -310,35 +301,23 @@ class TorchEngine(ThreadedEngine):
             raise FloatingPointError("the model produced non-finite logits for this request")
         tok = sample(logits, s, row.gen)
         lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
-        event, reason = row.accept(tok, lp, top)
-        if event is None:
-            self._finish(row, "stop")
-            return
-        row.ids.append(tok)
-        if row.waits:
-            row.pending, row.flush_reason = event, reason
-        else:
-            row.emit(event)
-            if reason:
-                self._finish(row, reason)
+        row.take(tok, lp, top)
+        if not row.flush():
+            row.ids.append(tok)  # fed next step (a finished row's last token too, for its latents)
 
     @staticmethod
-    def _latents(caps: dict[str, list[Any]], report: Collection[str], k: int, i: int, j: int) -> Latents:
-        """Top-k latents of batch row i, column j, for the SAEs in `report`, as they go on the wire."""
-        return {name: wire_latents(per[-1].indices[i, j].tolist(), per[-1].values[i, j].tolist(), k)
-                for name, per in caps.items() if name in report and per}
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.end()
-        row.emit(row.finished(reason))
+    def _feed_latents(row: _Row, caps: dict[str, list[Any]], i: int, j: int, position: int) -> None:
+        """Give `row` the top-k latents of batch row i, column j (its token at `position`)."""
+        for name, per in caps.items():
+            if per:
+                row.add_latents(name, position, per[-1].indices[i, j].tolist(), per[-1].values[i, j].tolist())
 
     def _drop(self, row: _Row) -> None:
         row.end()
         self.active = [r for r in self.active if r is not row]
 
     def _fail(self, row: _Row, error: Exception) -> None:
-        row.end()
-        row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+        row.fail(error)
 
     def _encode(self, prompt_ids: list[int], top_k: int, report: set[str],
                 adapter: str | None) -> list[TokenFeaturesOut]:
@@ -351,5 +330,7 @@ class TorchEngine(ThreadedEngine):
                 self.splice.batch(rows=[row], positions=positions, top_k=top_k):
             run_to_hook(self.model, deepest, ids)
         caps = self.splice.pop_captures()
-        return [TokenFeaturesOut(j, prompt_ids[j], self._latents(caps, report, top_k, 0, j))
+        return [TokenFeaturesOut(j, prompt_ids[j], {name: (per[-1].indices[0, j, :top_k].tolist(),
+                                                            per[-1].values[0, j, :top_k].tolist())
+                                                     for name, per in caps.items() if name in report and per})
                 for j in range(len(prompt_ids))]

@@ -19,24 +19,21 @@ Semantics match the torch engine (the reference):
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from saelora.adapters.errors import ConfigError
-from saelora.adapters.models import LoadedModel, stop_token_ids
+from saelora.adapters.models import LoadedModel
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.edits import changes_stream
 from saelora.adapters.lora_targets import LLAMA_MODULES
 
-from ..core.engine import (EngineError, Event, GenerationRequest, Latents, PromptFeatures, TokenEvent,
-                      TokenFeaturesOut)
-from ..core.registry import AdapterRegistry
+from ..config import ServeConfig
+from ..core.engine import (EngineError, Event, GenerationRequest, PromptFeatures, TokenFeaturesOut)
 from ..core.rows import RowState
 from ..core.threaded import Emit, ThreadedEngine
 from . import ARCHITECTURES, register, spliced_architecture
@@ -46,21 +43,6 @@ log = logging.getLogger(__name__)
 # The modules saelora's trainer puts LoRA on (HF names in the llama/mistral/qwen/gemma families). vLLM wraps only
 # these: with no list it also wraps lm_head, and every base request then pays a LoRA pass over the vocabulary.
 LORA_TARGETS = LLAMA_MODULES  # vLLM builds LoRA layers for these on the llama-style families
-
-
-@dataclass
-class VllmOptions:
-    """vLLM engine settings (`saelora serve --engine vllm`)."""
-
-    max_batch: int = 8  # requests decoded together (vLLM max_num_seqs)
-    max_queue: int = 64  # waiting requests before 429
-    max_model_len: int | None = None  # prompt + max_tokens (default: the model's)
-    kv_cache_gb: float = 2.0  # KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE)
-    max_loras: int = 4  # adapters resident at once (0: LoRA off)
-    max_lora_rank: int = 64  # largest adapter rank accepted
-    prefix_caching: bool = True  # vLLM prefix caching, with the cache_salt policy of the module docstring
-    adapter_root: str | None = None  # folder runtime adapter loads are confined to
-    tensor_parallel_size: int = 1  # vLLM's; >1 runs the workers as processes (captures come back over RPC)
 
 
 def configure_cpu_env(kv_cache_gb: float, tensor_parallel_size: int = 1) -> None:
@@ -82,46 +64,26 @@ def configure_cpu_env(kv_cache_gb: float, tensor_parallel_size: int = 1) -> None
 class _Row(RowState):
     def __init__(self, rid: str, req: GenerationRequest, emit: Emit, engine: "VllmEngine",
                  prompt_only: bool = False) -> None:
-        super().__init__(req, emit, engine.tokenizer, engine.eos, engine.sae_names)
+        super().__init__(req, emit, engine.tokenizer, engine.eos, engine.sae_names, prompt_only)
         self.rid, self.prompt_only = rid, prompt_only
-        self.top_k = req.splice.top_k
-        self.waits = bool(self.top_k or req.splice.stops)  # a token's event waits until its latents are computed
         self.last_pos = self.prompt_len - 1  # position of the last token vLLM returned (the extra one included)
-        self.stop_hits: set[int] = set()  # generated positions where a stop_when condition held
-        self.emitted_chars = 0  # text carried by the token events emitted so far
-        self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in engine.sae_names}
-        self.pending: collections.deque[TokenEvent] = collections.deque()  # waiting for their latents
-        self.prompt_due = bool(self.top_k and (req.splice.include_prompt or prompt_only))
-        self.reason: str | None = None  # finished (stop | length); flushes pending events first
         self.in_vllm = False  # added to vLLM and not finished there
         self.cached_tokens = 0  # prompt tokens vLLM took from its prefix cache
 
-    def latents_at(self, pos: int) -> Latents | None:
-        """This row's reported latents at `pos` (top_k each), or None while any SAE's are missing."""
-        out = {}
-        for name in self.report:
-            got = self.latents[name].get(pos)
-            if got is None:
-                return None
-            out[name] = (got[0][:self.top_k], got[1][:self.top_k])
-        return out
-
 
 class VllmEngine(ThreadedEngine):
-    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], options: VllmOptions | None = None) -> None:
-        self.opts = options or VllmOptions()
+    reserve_tokens = 1  # with latents on, vLLM is asked for one token more than max_tokens
+
+    def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], config: ServeConfig | None = None) -> None:
+        self.opts = config or ServeConfig(engine="vllm")  # its vLLM settings and the shared ones
         arch = (getattr(lm.model.config, "architectures", None) or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise ConfigError(f"the vLLM engine supports {', '.join(ARCHITECTURES)}; {lm.spec} is {arch}")
         if self.opts.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.opts.tensor_parallel_size}")
-        cfg_len = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-        registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
-        super().__init__(self.opts.max_batch, self.opts.max_queue, saes, registry, lm.tokenizer,
-                         min(self.opts.max_model_len or cfg_len, cfg_len - 1),  # room for the extra token
+        super().__init__(lm, saes, self.opts.max_batch, self.opts.max_queue, self.opts.max_model_len,
                          self.opts.adapter_root)
-        self.lm, self.model_id, self.arch = lm, lm.spec, arch
-        self.eos = stop_token_ids(lm)
+        self.arch = arch
         self.rows: dict[str, _Row] = {}
         self.lora_ids: dict[str, int] = {}
         self.startup_adapters: list[tuple[str, Any]] = []
@@ -268,14 +230,11 @@ class VllmEngine(ThreadedEngine):
         from .tracker import encode_settings
 
         req, s = row.req, row.req.sampling
-        modes = {n: req.splice.mode for n in self.sae_names}
-        extra = 1 if row.waits and not row.prompt_only else 0  # the last token's latents need one more step
+        extra = self.reserve_tokens if row.waits and not row.prompt_only else 0  # the last token's latents
         params = SamplingParams(
             n=1, max_tokens=s.max_tokens + extra, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k and s.top_k > 0 else 0, seed=s.seed, logprobs=s.logprobs, ignore_eos=True,
-            detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args=encode_settings(row.rid, modes, req.splice.edits, row.prompt_len, row.top_k,
-                                       req.splice.stops))
+            detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=encode_settings(row.rid, row.spec))
         prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
         salt = self._cache_salt(row)
         if salt:
@@ -314,6 +273,7 @@ class VllmEngine(ThreadedEngine):
             for comp in out.outputs[:1]:
                 for j, tok in enumerate(comp.token_ids):
                     row.last_pos += 1
+                    row.read_through(row.last_pos - 1)  # every position before a returned token has been read
                     self._on_token(row, tok, comp.logprobs[j] if comp.logprobs else None)
             row.cached_tokens = max(row.cached_tokens, out.num_cached_tokens or 0)
             if out.finished:
@@ -330,58 +290,27 @@ class VllmEngine(ThreadedEngine):
             caps, stops = self.llm.collective_rpc("saelora_pop_captures")[0]
         for rid, hits in stops.items():
             if rid in self.rows:
-                self.rows[rid].stop_hits.update(hits)
+                for pos in hits:
+                    self.rows[rid].add_stop(pos)
         for rid, per_sae in caps.items():
             row = self.rows.get(rid)
             if row is not None:
                 for name, per_pos in per_sae.items():
-                    row.latents[name].update(per_pos)
+                    for pos, (indices, values) in per_pos.items():
+                        row.add_latents(name, pos, indices, values)
 
     def _on_token(self, row: _Row, tok: int, logprobs: Any) -> None:
-        if row.reason is not None:
-            return  # the extra token asked for the last token's latents
         if row.prompt_only:
-            row.generated += 1
-            row.reason = "length"
+            row.generated, row.reason = 1, "length"
             return
         s = row.req.sampling
         lp, top = _logprobs(tok, logprobs, s.logprobs) if s.logprobs is not None else (None, None)
-        event, row.reason = row.accept(tok, lp, top)
-        if event is not None:
-            row.pending.append(event)
+        row.take(tok, lp, top)
 
     def _release(self, row: _Row) -> None:
-        """Emit what is ready: prompt latents, then token events whose latents are in; finish when done."""
-        final = not row.in_vllm  # nothing more will be computed for this row
-        if row.prompt_due:
-            feats = [row.latents_at(p) for p in range(row.prompt_len)]
-            if any(f is None for f in feats) and not final:
-                return
-            row.emit(PromptFeatures([TokenFeaturesOut(p, row.req.prompt_ids[p], f or {})
-                                     for p, f in enumerate(feats)]))
-            row.prompt_due = False
-        while row.pending:
-            ev = row.pending[0]
-            if row.waits and ev.position >= row.last_pos and not final:
-                break  # the token has not been read by a forward yet: its latents are not computed
-            if row.top_k:
-                feats = row.latents_at(ev.position)
-                if feats is None and not final:
-                    break
-                ev.features = feats or {}
-            row.emit(row.pending.popleft())
-            row.emitted_chars += len(ev.text)
-            if ev.position in row.stop_hits:  # stop_when: this token set off a watched latent
-                row.stop_at(ev.position - row.prompt_len + 1, row.emitted_chars)
-                row.pending.clear()
-                row.reason = "stop"
-                final = True
-        if row.reason is None and not final:
-            return
-        if row.pending:
-            return
-        self._close(row)
-        row.emit(row.finished(row.reason or "length"))
+        """Emit what is ready (the row core); close the row in vLLM once it has finished."""
+        if row.flush(final=not row.in_vllm):  # final: nothing more will be computed for this row
+            self._close(row)
 
     def _close(self, row: _Row) -> None:
         if row.in_vllm:
@@ -393,7 +322,7 @@ class VllmEngine(ThreadedEngine):
 
     def _fail(self, row: _Row, error: Exception) -> None:
         self._close(row)
-        row.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+        row.fail(error)
 
     def _fail_running(self, error: Exception) -> None:
         for row in list(self.rows.values()):

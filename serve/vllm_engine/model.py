@@ -7,7 +7,7 @@ residual add fused into the next layer's norm, so the true residual stream is `h
     resid_post of layer L:  x = h + r  ->  x' = splice(x)  ->  return (x', 0)
     resid_pre of layer L:   x = h + r  ->  x' = splice(x)  ->  layer(x', residual=None)
 
-Only requests whose settings need it are touched (`tracker.SlotSpec`); when no request in the batch needs
+Only requests whose settings need it are touched (`RowSpec.needs`); when no request in the batch needs
 the SAE, the layer's output is returned as it is, so `off` and `error_term` without edits are exactly the
 base model. The splice itself is `saelora.adapters.splice.splice_sae` (the function the torch engine's hooks
 call), called once per request on that request's token range with its own rows/positions/top_k.
@@ -77,7 +77,7 @@ class SpliceRuntime:
         if not tracker.SLOTS:
             return None
         if qsl is None:
-            if any(spec.needed(name) for spec in tracker.SLOTS.values()):
+            if any(spec.row.needs(name, SERVE_MODE) for spec in tracker.SLOTS.values()):
                 # Never serve a request its edits or latents silently without them (e.g. FlashInfer metadata).
                 raise RuntimeError("this attention backend gives no query_start_loc: the SAE splice cannot place "
                                    "requests in the batch; use vLLM's default backend")
@@ -87,20 +87,20 @@ class SpliceRuntime:
         for slot in range(len(qsl) - 1):
             spec = tracker.SLOTS.get(slot)
             a, b = qsl[slot], qsl[slot + 1]
-            if spec is None or b <= a or not spec.needed(name):
+            if spec is None or b <= a or not spec.row.needs(name, SERVE_MODE):
                 continue
             if b - a == 1:
                 singles.append((a, spec))
                 continue
             y = self._rows(name, x[None, a:b], positions[None, a:b], [spec], (None, slice(a, b)))[0]  # (T, d)
-            if spec.changes_stream(name):
+            if spec.row.changes_stream(name, SERVE_MODE):
                 out = x.clone() if out is None else out
                 out[a:b] = y
         if singles:
             idx = torch.tensor([i for i, _ in singles], device=x.device)
             specs = [s for _, s in singles]
             y = self._rows(name, x[idx][:, None], positions[idx][:, None], specs, (idx, None))[:, 0]  # (S, d)
-            changed = torch.tensor([s.changes_stream(name) for s in specs], device=x.device)
+            changed = torch.tensor([s.row.changes_stream(name, SERVE_MODE) for s in specs], device=x.device)
             if bool(changed.any()):
                 out = x.clone() if out is None else out
                 out[idx[changed]] = y[changed]
@@ -112,11 +112,12 @@ class SpliceRuntime:
         idx indexes the flat batch's token ids into the same (R, T) shape."""
         ids = None if self.ids is None else self.ids[idx]
         res = splice_sae(self.saes[name], x, fit_positions(pos, x.shape[0], x.shape[1], x.device), ids,
-                         [s.row for s in specs], mode=SERVE_MODE, top_k=max(s.top_k for s in specs))
+                         [s.row for s in specs], mode=SERVE_MODE, top_k=max(s.row.top_k for s in specs))
         cap = res.capture
         for r, s in enumerate(specs):
-            if cap is not None and s.top_k:
-                tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :s.top_k], cap.values[r, :, :s.top_k])
+            k = s.row.top_k
+            if cap is not None and k:
+                tracker.record(s.rid, name, cap.positions[r], cap.indices[r, :, :k], cap.values[r, :, :k])
             if res.stops is not None and bool(res.stops[r].any()):
                 tracker.record_stops(s.rid, pos[r][res.stops[r]].tolist())
         return res.out

@@ -24,10 +24,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from saelora.adapters.edits import SERVE_MODE, Condition, Edit, changes_stream, edit_from_json
 from saelora.adapters.splice import RowSpec
-
-from ..core.rows import wire_latents
 
 KEY = "saelora"  # the extra_args key
 Latents = dict[str, tuple[list[int], list[float]]]
@@ -35,35 +32,21 @@ Latents = dict[str, tuple[list[int], list[float]]]
 
 @dataclass
 class SlotSpec:
-    """What one running request asked the splice for."""
+    """The request in one batch slot: saelora's request id (keys CAPTURES) and its checked row spec."""
 
-    rid: str  # saelora's request id (keys CAPTURES)
-    row: RowSpec  # modes per SAE, edits, prompt length
-    top_k: int  # latents per token to capture (0: none)
-
-    def changes_stream(self, sae: str) -> bool:
-        """Whether the splice alters this request's residual stream at `sae` (else only capture)."""
-        return changes_stream(self.row.modes.get(sae, SERVE_MODE), self.row.edits, sae)
-
-    def needed(self, sae: str) -> bool:
-        return self.top_k > 0 or self.changes_stream(sae) or any(c.sae == sae for c in self.row.stops)
+    rid: str
+    row: RowSpec
 
 
-def encode_settings(rid: str, modes: dict[str, str], edits: list[Edit], prompt_len: int,
-                    top_k: int, stops: list[Condition]) -> dict[str, Any]:
-    """The extra_args entry for one request (plain JSON types, so it also crosses process boundaries)."""
-    return {KEY: {"rid": rid, "modes": modes, "prompt_len": prompt_len, "top_k": top_k,
-                  "edits": [e.to_json() for e in edits], "stops": [c.to_json() for c in stops]}}
+def encode_settings(rid: str, row: RowSpec) -> dict[str, Any]:
+    """The extra_args entry for one request: its row spec, serialised once (plain JSON types, so it also crosses
+    process boundaries)."""
+    return {KEY: {"rid": rid, "row": row.to_json()}}
 
 
 def decode_settings(extra_args: dict[str, Any] | None) -> SlotSpec | None:
     data = (extra_args or {}).get(KEY)
-    if not data:
-        return None
-    edits = [edit_from_json(e) for e in data["edits"]]
-    row = RowSpec(modes=dict(data["modes"]), edits=edits, prompt_len=int(data["prompt_len"]),
-                  stops=[Condition.from_json(c) for c in data["stops"]])
-    return SlotSpec(rid=str(data["rid"]), row=row, top_k=int(data["top_k"]))
+    return SlotSpec(rid=str(data["rid"]), row=RowSpec.from_json(data["row"])) if data else None
 
 
 SLOTS: dict[int, SlotSpec] = {}  # batch slot -> settings of the request in it (worker side)
@@ -90,12 +73,12 @@ class SliceTracker(LogitsProcessor):
 
 
 def record(rid: str, sae: str, positions: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Store one request's captured latents: positions (T,), indices/values (T, k); inactive latents dropped."""
+    """Store one request's captured latents: positions (T,), indices/values (T, k)."""
     rows = zip(positions.tolist(), indices.tolist(), values.tolist(), strict=True)
     with _LOCK:
         per = CAPTURES.setdefault(rid, {}).setdefault(sae, {})
         for pos, idx, val in rows:
-            per[pos] = wire_latents(idx, val, len(idx))
+            per[pos] = (idx, val)
 
 
 def record_stops(rid: str, positions: list[int]) -> None:

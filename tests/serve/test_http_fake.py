@@ -275,8 +275,8 @@ def test_latent_json_is_built_off_the_event_loop(http, monkeypatch):
 
     from saelora.serve.api import handlers
 
-    threads, real = [], handlers._token_features
-    monkeypatch.setattr(handlers, "_token_features",
+    threads, real = [], handlers.token_features
+    monkeypatch.setattr(handlers, "token_features",
                         lambda t, tok: threads.append((t.position, threading.current_thread().name)) or real(t, tok))
     feats = {"sae": {"features": {"top_k": 2, "include_prompt": True}}}
     assert http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2, **feats}).status_code == 200

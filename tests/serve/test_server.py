@@ -94,6 +94,8 @@ def test_models_lists_adapters_with_parent(oa):
     models = {m.id: m for m in oa.models.list().data}
     assert models["tiny"].model_extra["saes"][0]["name"] == SAE
     assert models["a1"].model_extra["parent"] == "tiny"
+    # the context limit a client must stay within, from ServeConfig.max_model_len (default: the model's 256)
+    assert models["tiny"].model_extra["max_model_len"] == models["a1"].model_extra["max_model_len"] == 256
 
 
 # ---- splice semantics over HTTP -----------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def test_tp2_features_endpoint_equals_tp1(tp2, vllm_server):
 def test_tensor_parallel_size_below_one_is_refused(ws):
     from saelora.adapters.errors import ConfigError
     from saelora.adapters.models import load_model
-    from saelora.serve.vllm_engine.engine import VllmEngine, VllmOptions
+    from saelora.serve.config import ServeConfig
+    from saelora.serve.vllm_engine.engine import VllmEngine
 
     with pytest.raises(ConfigError, match="at least 1"):
-        VllmEngine(load_model(ws["model"], device="cpu", weights=False), [], VllmOptions(tensor_parallel_size=0))
+        VllmEngine(load_model(ws["model"], device="cpu", weights=False), [], ServeConfig(tensor_parallel_size=0))

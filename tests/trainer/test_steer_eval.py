@@ -78,7 +78,7 @@ def test_steer_eval_cli_reads_list_of_float_options_as_floats():
     """`--norm-grid` items are numbers (a list[float] field), comma-separated or repeated; list[str] stays text."""
     import argparse
 
-    from saelora.trainer.cli import add_dataclass_args, config_from_args
+    from saelora.adapters.options import add_dataclass_args, config_from_args
     from saelora.trainer.steer_eval import SteerEvalConfig
 
     p = argparse.ArgumentParser()

@@ -1,0 +1,90 @@
+"""Configuration dataclasses as command lines: a field's help lives in its metadata (`opt`), and one --option per
+field is generated from it (`add_dataclass_args`, `config_from_args`). The trainer's configs (`TrainConfig`, ...)
+and the server's (`ServeConfig`) are written this way, so a default and its help have one home each.
+
+Field metadata read here: `help`; `cli: False` (no option); `flag: True` (a bool given as a bare `--name`, for
+options that were always spelled that way, e.g. `--no-sae`); `aliases` (more flags, e.g. `-tp`); `split: False`
+(a repeatable option whose values are not comma-separated: paths). A `Literal`
+field's values become the option's choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, field
+from typing import Any, Callable
+
+
+def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,  # noqa: A002
+        **meta: Any) -> Any:
+    """A config field with its command-line help (and any other option metadata above) in its metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _kind(hint: Any) -> Any:
+    """bool, list, int, float or str: how a field of type `hint` is read from the command line (the first
+    non-None member of a union: `str | list[int]` is given as a string, `int | None` as an int)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return list
+    return hint if hint in (bool, int, float) else str
+
+
+def _item_kind(hint: Any) -> Any:
+    """int, float or str: how the items of a list field are read (`list[float]` items as floats)."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is list and args and args[0] in (int, float) else str
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, renames: dict[str, str] | None = None,
+                       prefix: str = "") -> None:
+    """One --option per field of dataclass `cls` (lists repeatable or comma-separated; bools as --x/--no-x). A field
+    that is itself a dataclass (`TrainConfig.lora`) contributes its own fields' options, unprefixed."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            add_dataclass_args(parser, hints[f.name], renames, prefix=f"{prefix}{f.name}.")
+            continue
+        flags = ["--" + (renames or {}).get(f.name, f.name).replace("_", "-"), *f.metadata.get("aliases", ())]
+        default = _default(f)
+        text = f"{f.metadata.get('help', '')} (default: {default})".strip().replace("%", "%%")  # argparse formats help
+        kind, dest = _kind(hints[f.name]), prefix + f.name
+        if kind is bool:
+            action = "store_true" if f.metadata.get("flag") else argparse.BooleanOptionalAction
+            parser.add_argument(*flags, dest=dest, action=action, default=default, help=text)
+        elif kind is list:
+            parser.add_argument(*flags, dest=dest, action="append", default=None, help=text + "; repeatable")
+        else:
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+            parser.add_argument(*flags, dest=dest, type=kind, default=default, choices=choices, help=text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
+    """The dataclass `cls` from parsed options (nested dataclass fields built from their own options)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = config_from_args(hints[f.name], args, prefix=f"{prefix}{f.name}.")
+            continue
+        v = getattr(args, prefix + f.name)
+        if isinstance(v, list):  # repeatable and/or comma-separated (unless `split: False`: paths)
+            item = _item_kind(hints[f.name])
+            v = [item(x) for y in v for x in (str(y).split(",") if f.metadata.get("split", True) else [y]) if x]
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)

@@ -1,0 +1,58 @@
+"""`ServeConfig`: every setting of `saelora serve`, with its help, in one place. It generates the command line
+(adapters/options.py: flag names as they always were), gives both engines their defaults, and reaches the
+server's `/v1/models` (the context limit it implies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from saelora.adapters.config import DEFAULT_MODEL
+from saelora.adapters.options import opt
+
+EngineName = Literal["torch", "vllm"]
+ENGINES: tuple[str, ...] = get_args(EngineName)
+
+
+@dataclass
+class ServeConfig:
+    """What `saelora serve` runs; the engines read their settings from it (and take its defaults)."""
+
+    model: str = opt(DEFAULT_MODEL, f"base model spec (the embedded {DEFAULT_MODEL}; also gemma3-270m)")
+    sae: list[str] = opt(factory=list, help="sae-lens folder to splice (default: the demo SAE from `make demo` "
+                         "when present)", split=False)
+    no_sae: bool = opt(False, "serve the plain model: no SAE, not even the demo's", flag=True)
+    policy: str | None = opt(None, "position-policy override for every SAE, e.g. keep_first=0,keep_ids= (default: "
+                             "each SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less position 0 stay "
+                             "original)")
+    adapter: list[str] = opt(factory=list, help="NAME=PATH of an adapter bundle to load at start",
+                             split=False)
+    adapter_root: str | None = opt(None, "folder from which adapters may be loaded at runtime "
+                                   "(POST /v1/load_lora_adapter); runtime loading is off without it")
+    host: str = opt("127.0.0.1", "bind address")
+    port: int = opt(8000, "port")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on every route but /health")
+    admin_api_key: str | None = opt(None, "key for adapter load/unload and steering-preset changes (with --api-key "
+                                    "alone they are refused)")
+    presets: str | None = opt(None, "folder of steering presets (one JSON file each, PUT /v1/steering/presets/NAME "
+                              "writes there; default: kept in memory only)")
+    served_model_name: str | None = opt(None, "model id clients use (default: the model spec)")
+    max_batch: int = opt(8, "rows decoded together (vLLM: max_num_seqs)")
+    max_queue: int = opt(64, "waiting requests before 429")
+    max_model_len: int | None = opt(None, "context window: prompt + max_tokens (default: the model's)")
+    shutdown_grace: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM; new requests get "
+                                "503 meanwhile")
+    device: str | None = opt(None, "cpu or cuda (default: cuda if available)")
+    engine: EngineName = opt("torch", "torch: the embedded transformers engine; vllm: vLLM with the SAE splice and "
+                             "native multi-LoRA (needs saelora[vllm]; llama/mistral/qwen2/qwen3/gemma/gemma2/gemma3)")
+    pack_weights: bool = opt(True, "torch engine on CPU: run linear layers (and TopK SAE encoders) on prepacked "
+                             "oneDNN copies (~2x faster per decode step, one more copy of the weights in memory); "
+                             "--no-pack-weights: F.linear / sae-lens on their own weights")
+    kv_cache_gb: float = opt(2.0, "vLLM engine: KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE)")
+    max_loras: int = opt(4, "vLLM engine: adapters resident at once; 0 turns LoRA off")
+    max_lora_rank: int = opt(64, "vLLM engine: largest adapter rank accepted")
+    tensor_parallel_size: int = opt(1, "vLLM engine: GPUs (or CPU core groups) the model is split over, as vLLM's "
+                                    "option; the splice runs on the replicated residual stream and latents come "
+                                    "back once (docs/scaling.md)", aliases=("-tp",))
+    prefix_caching: bool = opt(True, "vLLM engine: prefix caching, with a cache_salt policy that keeps latents and "
+                               "edits correct (docs/vllm.md); --no-prefix-caching turns it off")
