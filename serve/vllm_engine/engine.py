@@ -36,7 +36,7 @@ from ..config import ServeConfig
 from ..core.engine import (EngineError, Event, GenerationRequest, PromptFeatures, TokenFeaturesOut)
 from ..core.rows import RowState
 from ..core.threaded import Emit, ThreadedEngine
-from . import ARCHITECTURES, register, spliced_architecture
+from . import ARCHITECTURES, compat, spliced_architecture
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class VllmEngine(ThreadedEngine):
 
         from .tracker import SliceTracker
 
-        register()
+        compat.install()  # checks vLLM's internals first: refuses to start if they changed
         # The splice's captures live where the model runs: in this process only with an in-process engine core
         # and a single worker; otherwise they are drained over RPC (from rank 0: every rank holds the same).
         self._inproc = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and tp == 1

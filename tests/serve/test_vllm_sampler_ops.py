@@ -4,7 +4,7 @@ and asking for logprobs compiles nothing (the compiled op stalled the engine 4-1
 import torch
 import torch._dynamo.utils as dynamo_utils
 
-from saelora.serve.vllm_engine import register, sampler_ops
+from saelora.serve.vllm_engine import compat, sampler_ops
 
 
 def ranks_by_definition(logprobs: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
@@ -15,19 +15,18 @@ def ranks_by_definition(logprobs: torch.Tensor, token_ids: torch.Tensor) -> list
     return out
 
 
-def test_register_points_vllms_sampler_at_the_eager_op_once():
+def test_install_points_vllms_sampler_at_the_eager_op():
     from vllm.v1.sample import sampler
 
-    register()
-    register()  # re-entrant: the original compiled op is kept, not the eager one
+    compat.install()
+    compat.install()  # once per process
     assert sampler.batched_count_greater_than is sampler_ops.batched_count_greater_than
-    assert sampler_ops._ORIG["batched_count_greater_than"] is not sampler_ops.batched_count_greater_than
 
 
 def test_gather_logprobs_ranks_equal_the_definition_and_compile_nothing():
     from vllm.v1.sample.sampler import Sampler
 
-    register()
+    compat.install()
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 300, generator=g).round(decimals=1)  # rounded: ties occur and must count
     logprobs = logits.log_softmax(-1)
