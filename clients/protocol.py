@@ -6,7 +6,6 @@ steering vocabulary (saelora.adapters.edits) only: no torch, so `pip install sae
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -15,58 +14,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord, Unit, VectorOp, VectorUnit
 
-MAX_TOP_K = 64  # latents per token per SAE
-MAX_EDITS = 64
-MAX_N = 8
-MAX_LOGPROBS = 20
-MAX_SEED = 2**53 - 1  # exact in every JSON parser (doubles); torch and vLLM take up to 2**63 - 1
-MAX_POSITIONS = 4096  # entries of an edit's positions list
-MAX_POSITION = 1 << 20
-MAX_PROMPT_IDS = 1 << 16
-MAX_STOPS = 4
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # no dots: PEFT builds module names from it
-PRESET_NAME = ADAPTER_NAME  # a file name on the server: the same safe set
-MAX_STOP_WHEN = 16
-MAX_PRESETS = 256
-LOGIT_TOP = 10  # tokens a latent promotes / suppresses (GET /v1/saes/{sae}/features/{i})
-MAX_PATH = 1024
-MAX_VECTOR = 16384  # numbers in a steering vector (the residual width)
-MAX_VECTOR_EDITS = 8
+from .protocol_base import (ADAPTER_NAME, LOGIT_TOP, MAX_EDITS, MAX_LOGPROBS, MAX_N, MAX_PATH, MAX_POSITION,  # noqa: F401
+                            MAX_POSITIONS, MAX_PRESETS, MAX_PROMPT_IDS, MAX_SEED, MAX_STOP_WHEN, MAX_STOPS, MAX_TOP_K,
+                            MAX_VECTOR, MAX_VECTOR_EDITS, PRESET_NAME, JFloat, JInt, _finite, _json_bool,
+                            _json_number, _Strict, jint)
 
 SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
 EditOp = Op
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _json_number(v: Any) -> Any:
-    """Numbers as JSON Schema has them: 2.0 is an integer, but "2" and true are not numbers."""
-    if isinstance(v, (str, bytes, bool)):
-        raise ValueError("must be a JSON number")
-    return v
-
-
-def _json_bool(v: Any) -> Any:
-    if not isinstance(v, bool):
-        raise ValueError("must be a JSON boolean")
-    return v
-
-
-JInt = Annotated[int, BeforeValidator(_json_number)]
-JFloat = Annotated[float, BeforeValidator(_json_number)]
-
-
-def jint(**bounds: int) -> Any:
-    """A JSON integer with bounds (ge=, le=) that the schema shows as minimum / maximum, also inside a union."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_json_number)]
-
-
-def _finite(v: float | None) -> float | None:
-    if v is not None and not math.isfinite(v):
-        raise ValueError("must be a finite number (NaN and Inf are rejected)")
-    return v
 
 
 class SAECondition(_Strict):
@@ -390,95 +344,8 @@ class FeaturesResponse(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "saelora"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None  # prompt + max_tokens the server admits (as vLLM's /v1/models reports it)
-    saes: list[dict[str, Any]] | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class SAEInfo(BaseModel):
-    id: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    source: str
-    fingerprint: str
-    has_descriptions: bool = False
-    policy: dict[str, Any] | None = Field(default=None, description="positions left original (never spliced or "
-                                          "edited): keep_first, keep_token_ids, prepend_bos")
-
-
-class SAEList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[SAEInfo]
-
-
-class FeatureDescription(BaseModel):
-    sae: str
-    index: int
-    density: float | None = None
-    max: float | None = None
-    top: list[dict[str, Any]] = Field(default_factory=list)
-    described: bool = False
-    logits: LatentLogits | None = None
-
-
-class TokenValue(BaseModel):
-    token: str
-    token_id: int
-    value: float
-
-
-class LatentLogits(BaseModel):
-    """What the latent writes to the logits: its decoder direction through the final norm's gain and the
-    unembedding (the direct path only; the norm's division by the residual's RMS is left out, which scales
-    every value alike)."""
-
-    promoted: list[TokenValue]
-    suppressed: list[TokenValue]
-
-
-class LoadLoRARequest(_Strict):
-    lora_name: str = Field(..., pattern=ADAPTER_NAME, description="letters, digits, _ and -; at most 64")
-    lora_path: str = Field(..., min_length=1, max_length=MAX_PATH,
-                           description="bundle folder, relative to the server's --adapter-root when one is set")
-
-
-class UnloadLoRARequest(_Strict):
-    lora_name: str = Field(..., pattern=ADAPTER_NAME)
-
-
-class AdapterInfo(BaseModel):
-    name: str
-    path: str
-    rank: int
-    saes: list[str]
-    in_flight: int = 0
-    metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-class AdapterList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AdapterInfo]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+# the server's resources (models, SAEs, features, adapters) and the error envelope, re-exported so that
+# `protocol.X` names every model of the API
+from .protocol_resources import (AdapterInfo, AdapterList, ErrorBody, ErrorResponse,  # noqa: E402, F401
+                                 FeatureDescription, LatentLogits, LoadLoRARequest, ModelCard, ModelList, SAEInfo,
+                                 SAEList, TokenValue, UnloadLoRARequest)

@@ -1,11 +1,9 @@
 """Bounded load on both engines (tiny model): 64 concurrent streams against 8 slots and 8 waiting places.
 Invariants: every accepted stream ends with [DONE], every refused request is a 429 with Retry-After, no 5xx,
-and the running/waiting gauges return to 0. Drives bench/serve_load.py's `burst` (which records the figures)."""
+and the running/waiting gauges return to 0. The burst: tests/load_util.py (bench/serve_load.py uses it too)."""
 
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,8 +12,7 @@ from conftest import make_engine
 from saelora.serve.api.app import create_app
 from server_util import LiveServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from serve_load import burst, invariants_hold  # noqa: E402
+from load_util import burst, invariants_hold
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,73 @@
+"""The README's Python examples run as written (`slow`: the embedded model, its shipped SAE, a real server on
+127.0.0.1 with the torch engine). The only changes: the examples' `http://127.0.0.1:8000` becomes the test
+server's address, and the names an example leaves to the reader (`law_texts`, `other_texts`) are given below.
+An adapter bundle named `mine` sits under the server's adapter root, as the typed-client example assumes."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from server_util import LiveServer
+from tiny import make_bundle
+
+pytestmark = pytest.mark.slow
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+SERVED = [b for b in BLOCKS if "127.0.0.1:8000" in b]
+GIVEN = {  # what the steering example leaves to the reader: texts of a concept (law) and of others
+    "law_texts": ["The court ruled that the contract was void under the statute.",
+                  "The judge sentenced the defendant after the jury returned its verdict.",
+                  "Her lawyer filed an appeal against the ruling of the lower court.",
+                  "The law requires a warrant before the police may search a home.",
+                  "Parliament passed the act, and the supreme court upheld it.",
+                  "The attorney argued that the evidence was inadmissible at trial."],
+    "other_texts": ["The cat slept on the warm windowsill all afternoon.",
+                    "We baked bread and ate it with butter and honey.",
+                    "The river winds through green hills towards the sea.",
+                    "She painted the fence blue before the summer rain.",
+                    "The orchestra played a slow waltz in the park.",
+                    "Bright stars filled the sky above the quiet village."],
+}
+
+
+def test_the_readme_has_the_examples_this_test_runs():
+    assert len(BLOCKS) >= 4 and len(SERVED) == len(BLOCKS) - 1  # the core block, then the server examples
+
+
+def test_the_core_example_runs_and_prints_the_policy_it_shows():
+    code = BLOCKS[0]
+    assert "127.0.0.1" not in code
+    shown = re.search(r"print\(sae\.policy\.describe\(\)\)\s+# (.+)", code).group(1).strip()
+    out = io.StringIO()
+    ns: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md: the core in a few lines", "exec"), ns)  # noqa: S102 - the README's own code
+    assert out.getvalue().strip() == shown
+    assert ns["out"].shape[1] == ns["ids"]["input_ids"].shape[1] + 10
+    assert len(ns["latents"]) > 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae, shipped_sae
+    from saelora.serve.api.app import create_app
+    from saelora.serve.torch_engine import TorchEngine
+
+    sae_dir = str(shipped_sae("smollm2-135m"))
+    root = tmp_path_factory.mktemp("adapters")
+    make_bundle({"model": "smollm2-135m", "saes": [sae_dir]}, root / "mine", scale=0.01)
+    lm = load_model("smollm2-135m", device="cpu")
+    engine = TorchEngine(lm, [load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)], adapter_root=str(root))
+    with LiveServer(create_app(engine, served_name="smollm2-135m")) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("i", range(len(SERVED)))
+def test_each_server_example_runs_against_a_live_server(server, i):
+    code = SERVED[i].replace("http://127.0.0.1:8000", server.url)
+    exec(compile(code, f"README.md: server example {i + 1}", "exec"), dict(GIVEN))  # noqa: S102
