@@ -55,9 +55,10 @@ class Vector:
     @staticmethod
     def make(op: str, vector: str | Sequence[float], value: float = 1.0, unit: str = "raw", sae: str | None = None,
              positions: str | list[int] = "all", when: P.SAECondition | None = None) -> P.SAEVectorEdit:
-        source: dict[str, Any] = {"vector": vector} if isinstance(vector, str) else {"values": list(vector)}
-        return P.SAEVectorEdit(sae=sae, op=op, value=value, unit=unit, positions=positions,  # type: ignore[arg-type]
-                               when=when, **source)
+        kw: dict[str, Any] = dict(sae=sae, op=op, value=value, unit=unit, positions=positions, when=when)
+        if isinstance(vector, str):  # SAEVectorEdit is a union: build the member the arguments name
+            return P.SAEVectorByName(vector=vector, **kw)
+        return P.SAEVectorValues(values=list(vector), **kw)
 
     @staticmethod
     def add(vector: str | Sequence[float], value: float = 1.0, **kw: Any) -> P.SAEVectorEdit:

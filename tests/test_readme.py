@@ -1,7 +1,8 @@
 """The README's Python examples run as written (`slow`: the embedded model, its shipped SAE, a real server on
 127.0.0.1 with the torch engine). The only changes: the examples' `http://127.0.0.1:8000` becomes the test
 server's address, and the names an example leaves to the reader (`law_texts`, `other_texts`) are given below.
-An adapter bundle named `mine` sits under the server's adapter root, as the typed-client example assumes."""
+An adapter bundle named `mine` sits under the server's adapter root, as the typed-client example assumes, and the
+SAE has feature descriptions, as the demo's has."""
 
 import contextlib
 import io
@@ -53,12 +54,18 @@ def test_the_core_example_runs_and_prints_the_policy_it_shows():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    import shutil
+
     from saelora.adapters.models import load_model
     from saelora.adapters.saes import load_sae, shipped_sae
     from saelora.serve.api.app import create_app
     from saelora.serve.torch_engine import TorchEngine
+    from saelora.trainer.features import FeaturesConfig, run_features
 
-    sae_dir = str(shipped_sae("smollm2-135m"))
+    # the README's server is the demo's: the shipped SAE with its feature descriptions (which the `norm` and `max`
+    # units read), written by `saelora features` as `make demo` runs it, on fewer rows
+    sae_dir = str(shutil.copytree(shipped_sae("smollm2-135m"), tmp_path_factory.mktemp("sae") / "sae"))
+    run_features(FeaturesConfig(model="smollm2-135m", saes=[sae_dir], corpus=["wiki"], rows=32, top_n=4))
     root = tmp_path_factory.mktemp("adapters")
     make_bundle({"model": "smollm2-135m", "saes": [sae_dir]}, root / "mine", scale=0.01)
     lm = load_model("smollm2-135m", device="cpu")

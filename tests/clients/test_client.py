@@ -227,3 +227,14 @@ def test_lens_agreement_counts_promoted_tokens_frequent_in_set_a():
     assert lens_agreement([" Court", "court ", " sea"], a, b) == pytest.approx(2 / 3)  # case and spaces ignored
     assert lens_agreement([" judge"], a, b) == 0.0  # more frequent in B
     assert lens_agreement([], a, b) == 0.0
+
+
+def test_vector_builders_make_the_protocol_member_their_arguments_name():
+    """Regression: `Vector.add` called the `SAEVectorEdit` union itself and failed on every call (the README's
+    steering example, run by tests/test_readme.py, found it)."""
+    from saelora.clients import Vector
+
+    by_name, by_values = Vector.add("law", 0.4, unit="norm"), Vector.project([0.0, 1.0], 2.0)
+    assert isinstance(by_name, P.SAEVectorByName)
+    assert (by_name.vector, by_name.unit, by_name.op) == ("law", "norm", "add")
+    assert isinstance(by_values, P.SAEVectorValues) and (by_values.values, by_values.op) == ([0.0, 1.0], "project")
