@@ -100,7 +100,7 @@ class LoadedSAE:
 
 # SAEs shipped inside the package (cli/data/saes/<folder>, installed as saelora/data/saes/), per embedded model:
 # trained by the command in the folder's README.md, with their held-out quality in cfg.json's metadata.
-SHIPPED_SAES = {"smollm2-135m": "smollm2-135m-L12-topk"}
+SHIPPED_SAES = {"smollm2-135m": "smollm2-135m-L12-topk", "gemma3-270m": "gemma3-270m-L7-topk"}
 
 
 def shipped_sae(model: str) -> Path:

@@ -3,10 +3,12 @@
     saelora train-sae --hook blocks.12.hook_resid_post --d-sae 4608 --k 64 --epochs 3 --tokens 1000000 --corpus mix \\
         --out runs/sae-L12-k64
     python bench/ship_sae.py runs/sae-L12-k64            # -> cli/data/saes/smollm2-135m-L12-topk
+    python bench/ship_sae.py runs/gemma-sae --model gemma3-270m   # -> cli/data/saes/gemma3-270m-L7-topk
 
 The quality record (FVU, L0, dead latents over >= 100k held-out activations at the positions the policy
 splices) is measured again here on the fp16 weights as they are shipped, with sae-lens's own SAE class, and
-written into cfg.json's metadata (`fvu`, `dead_latents`, ...) and bench/results/shipped_sae.json.
+written into cfg.json's metadata (`fvu`, `dead_latents`, ...) and bench/results/shipped_sae.json (SmolLM2;
+other models: shipped_sae_<model>.json).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def main() -> int:
               "targets": {"fvu_max": 0.15, "fvu_max_per_genre": 0.22, "dead_fraction_max": 0.05,
                           "held_out_tokens_min": 100_000}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "shipped_sae.json").write_text(json.dumps(record, indent=2, default=str))
+    name = "shipped_sae.json" if args.model == "smollm2-135m" else f"shipped_sae_{args.model}.json"
+    (RESULTS / name).write_text(json.dumps(record, indent=2, default=str))
     log.info("shipped %s: FVU %.4f, L0 %.1f, dead %d/%d (%.1f%%) on %d held-out activations; policy: %s", dst,
              quality["fvu"], quality["l0"], quality["dead_latents"], quality["d_sae"],
              100 * quality["dead_fraction"], quality["tokens"], policy.describe())
