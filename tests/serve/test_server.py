@@ -90,12 +90,18 @@ def test_encode_only_features_match_generation_prompt_features(server):
     assert [t["token"] for t in enc["tokens"]] == ["the", "cat", "sat", "on"]
 
 
-def test_models_lists_adapters_with_parent(oa):
+def test_models_lists_adapters_with_parent(oa, server):
     models = {m.id: m for m in oa.models.list().data}
     assert models["tiny"].model_extra["saes"][0]["name"] == SAE
     assert models["a1"].model_extra["parent"] == "tiny"
-    # the context limit a client must stay within, from ServeConfig.max_model_len (default: the model's 256)
-    assert models["tiny"].model_extra["max_model_len"] == models["a1"].model_extra["max_model_len"] == 256
+    # the context limit a client must stay within: the model's 256 positions, less the one token the vLLM engine
+    # asks for beyond max_tokens; one token more is refused as context_length_exceeded
+    limit = models["tiny"].model_extra["max_model_len"]
+    assert models["a1"].model_extra["max_model_len"] == limit and limit in (255, 256)
+    n = _complete(server, "the cat", max_tokens=1)["usage"]["prompt_tokens"]
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": limit - n + 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 # ---- splice semantics over HTTP -----------------------------------------------------------------------------
