@@ -1,5 +1,5 @@
 """The row core: what both engines keep for one request in flight, and every rule about a generated row they
-share. An engine feeds a row three things and nothing else:
+share. An engine feeds a row four things and nothing else:
 
 - `take(token, logprob, top)`: a token it sampled;
 - `add_latents(sae, position, indices, values)` and `add_stop(position)`: what the splice read at a position

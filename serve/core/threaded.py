@@ -33,7 +33,6 @@ Emit = Callable[[Any], None]
 
 
 class ThreadedEngine(Engine):
-
     #: tokens an engine asks the model for beyond max_tokens (the vLLM engine: one, for the last token's latents)
     reserve_tokens = 0
 

@@ -3,12 +3,6 @@
 Every vLLM internal it relies on is listed in compat.py, which checks them and installs saelora's model classes
 and ops when the engine starts (never through a vLLM plugin entry point)."""
 
-from .compat import ARCHITECTURES
-
-
-def spliced_architecture(arch: str) -> str:
-    """The registered spliced class name for a base architecture, e.g. Saelora + LlamaForCausalLM."""
-    return "Saelora" + arch
-
+from .compat import ARCHITECTURES, spliced_architecture
 
 __all__ = ["ARCHITECTURES", "spliced_architecture"]

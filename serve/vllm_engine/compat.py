@@ -32,6 +32,13 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma3ForCausalLM": "gemma3",
 }
 
+
+
+def spliced_architecture(arch: str) -> str:
+    """The registered spliced class name for a base architecture, e.g. Saelora + LlamaForCausalLM."""
+    return "Saelora" + arch
+
+
 Platform = Literal["any", "cpu"]
 
 # (module, attribute path, platform it is patched on, why)
@@ -54,7 +61,7 @@ IMPORTED: list[tuple[str, str, str]] = [
     ("vllm.v1.sample.logits_processor.builtin", "process_dict_updates", "the same"),
     ("vllm.lora.request", "LoRARequest", "adapters (engine.py)"),
     ("vllm.v1.engine.llm_engine", "LLMEngine", "the engine (engine.py)"),
-    *[(f"vllm.model_executor.models.{mod}", arch, "the base class of Saelora" + arch)
+    *[(f"vllm.model_executor.models.{mod}", arch, "the base class of " + spliced_architecture(arch))
       for arch, mod in ARCHITECTURES.items()],
 ]
 
@@ -119,7 +126,7 @@ def install() -> None:
     from vllm import ModelRegistry
 
     for arch in ARCHITECTURES:
-        name = "Saelora" + arch
+        name = spliced_architecture(arch)
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"saelora.serve.vllm_engine.model:{name}")
     if on_cpu:
