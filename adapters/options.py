@@ -59,7 +59,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser | Any, cls: type, renames
             continue
         flags = ["--" + (renames or {}).get(f.name, f.name).replace("_", "-"), *f.metadata.get("aliases", ())]
         default = _default(f)
-        text = f"{f.metadata.get('help', '')} (default: {default})".strip().replace("%", "%%")  # argparse formats help
+        text = f.metadata.get("help", "")
+        if "(default:" not in text:  # a help that states its default in words keeps it, without "(default: None)"
+            text = f"{text} (default: {default})".strip()
+        text = text.replace("%", "%%")  # argparse formats help
         kind, dest = _kind(hints[f.name]), prefix + f.name
         if kind is bool:
             action = "store_true" if f.metadata.get("flag") else argparse.BooleanOptionalAction
