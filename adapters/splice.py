@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .edits import (Condition, Edit, LatentEdit, SpliceError, SpliceNotFoundError, VectorEdit, apply_op,
+from .edits import (Condition, Edit, LatentEdit, Mode, SpliceError, SpliceNotFoundError, VectorEdit, apply_op,
                     changes_stream, check_condition, check_edit, check_mode, edit_from_json, position_mask)
 from .saes import LoadedSAE
 
@@ -41,13 +41,20 @@ __all__ = ["Capture", "Condition", "Edit", "LatentEdit", "VectorEdit", "RowSpec"
 @dataclass
 class RowSpec:
     """What one batch row gets: per-SAE mode overrides, latent and vector edits, its prompt length (tokens), and
-    the conditions that end its generation (`stops`: reported per generated token, the stream is not touched)."""
+    the conditions that end its generation (`stops`: reported per generated token, the stream is not touched).
 
-    modes: dict[str, str] = field(default_factory=dict)
+    It is also the one request shape a serving engine receives (serve/core/engine.py `GenerationRequest.splice`):
+    the API builds it, `check_request` checks it once on admission (and fills `prompt_len`), and the vLLM engine
+    carries this same object into its worker (`to_json` once). The serving fields (`top_k`, `include_prompt`,
+    `report`) are ignored by the hooks and the trainer."""
+
+    modes: dict[str, Mode] = field(default_factory=dict)  # SAE -> mode; an SAE not named: the splice's default
     edits: list[Edit] = field(default_factory=list)
     prompt_len: int | None = None
     stops: list[Condition] = field(default_factory=list)
-    top_k: int = 0  # latents per token to capture for this row (0: none; a serving engine's, ignored by the hooks)
+    top_k: int = 0  # latents per token and SAE to capture for this row (0: none)
+    include_prompt: bool = False  # also the prompt's latents (one event before the first token)
+    report: list[str] | None = None  # SAEs whose latents the row returns (None: all)
 
     def changes_stream(self, sae: str, default_mode: str) -> bool:
         """Whether the splice alters this row's residual stream at `sae` (else it only reads latents there)."""
@@ -60,14 +67,16 @@ class RowSpec:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (the vLLM engine carries a row this way into its worker, across processes too)."""
         return {"modes": dict(self.modes), "edits": [e.to_json() for e in self.edits], "prompt_len": self.prompt_len,
-                "stops": [c.to_json() for c in self.stops], "top_k": self.top_k}
+                "stops": [c.to_json() for c in self.stops], "top_k": self.top_k,
+                "include_prompt": self.include_prompt, "report": self.report}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RowSpec":
-        n = data["prompt_len"]
+        n, report = data["prompt_len"], data["report"]
         return cls(modes=dict(data["modes"]), edits=[edit_from_json(e) for e in data["edits"]],
                    prompt_len=None if n is None else int(n), stops=[Condition.from_json(c) for c in data["stops"]],
-                   top_k=int(data["top_k"]))
+                   top_k=int(data["top_k"]), include_prompt=bool(data["include_prompt"]),
+                   report=None if report is None else [str(r) for r in report])
 
 
 @dataclass

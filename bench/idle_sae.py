@@ -31,10 +31,11 @@ log = logging.getLogger("bench.idle_sae")
 
 
 async def _run(engine, tokenizer) -> float:  # noqa: ANN001
-    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest
+    from saelora.adapters.splice import RowSpec
+    from saelora.serve.core.engine import GenerationRequest, Sampling
 
     async def one(p: str) -> None:
-        req = GenerationRequest(tokenizer(p)["input_ids"], Sampling(max_tokens=48, temperature=0.0), SpliceRequest())
+        req = GenerationRequest(tokenizer(p)["input_ids"], Sampling(max_tokens=48, temperature=0.0), RowSpec())
         async for _ in engine.generate(req):
             pass
     t0 = time.perf_counter()

@@ -32,7 +32,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 async def child(ops: str) -> dict:
-    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest
+    from saelora.adapters.splice import RowSpec
+    from saelora.serve.core.engine import GenerationRequest, Sampling
 
     _, engine = inprocess_engine(Path(tempfile.mkdtemp()))
     await engine.start()
@@ -47,7 +48,7 @@ async def child(ops: str) -> dict:
         async def one(logprobs: int | None) -> float:
             ids = engine.tokenizer.encode("The capital of France is")
             req = GenerationRequest(ids, Sampling(max_tokens=1, temperature=0.0, logprobs=logprobs),
-                                    SpliceRequest(mode="off"), None)
+                                    RowSpec(modes={n: "off" for n in engine.sae_names}), None)
             t = time.perf_counter()
             async for _ in engine.generate(req):
                 pass

@@ -61,11 +61,13 @@ def timers(engine) -> dict[str, float]:  # noqa: ANN001
 
 
 async def one_run(engine, tokenizer, adapter: str | None, tokens: int, acc: dict) -> dict:  # noqa: ANN001
-    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest
+    from saelora.adapters.splice import RowSpec
+    from saelora.serve.core.engine import GenerationRequest, Sampling
 
     async def stream(prompt: str) -> None:
+        off = RowSpec(modes={n: "off" for n in engine.sae_names})
         req = GenerationRequest(tokenizer.encode(prompt), Sampling(max_tokens=tokens, temperature=0.0,
-                                                                   ignore_eos=True), SpliceRequest(mode="off"), adapter)
+                                                                   ignore_eos=True), off, adapter)
         async for _ in engine.generate(req):
             pass
     for k in acc:

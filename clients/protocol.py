@@ -16,7 +16,7 @@ from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, Positio
 
 from .protocol_base import (ADAPTER_NAME, LOGIT_TOP, MAX_EDITS, MAX_LOGPROBS, MAX_N, MAX_PATH, MAX_POSITION,  # noqa: F401
                             MAX_POSITIONS, MAX_PRESETS, MAX_PROMPT_IDS, MAX_SEED, MAX_STOP_WHEN, MAX_STOPS, MAX_TOP_K,
-                            MAX_VECTOR, MAX_VECTOR_EDITS, PRESET_NAME, JFloat, JInt, _finite, _json_bool,
+                            MAX_VECTOR, MAX_VECTOR_EDITS, PRESET_NAME, JFloat, JInt, VectorValue, _finite, _json_bool,
                             _json_number, _Strict, jint)
 
 SpliceMode = Mode  # the steering vocabulary's home is saelora.adapters.edits (no torch)
@@ -75,9 +75,7 @@ class SAEVectorByName(_VectorEditBase):
 class SAEVectorValues(_VectorEditBase):
     """Steer along a direction given as numbers (d_in of them; an all-zero direction does nothing)."""
 
-    values: list[JFloat] = Field(..., min_length=1, max_length=MAX_VECTOR)
-
-    _check_values = field_validator("values")(classmethod(lambda cls, v: [_finite(x) for x in v]))
+    values: list[VectorValue] = Field(..., min_length=1, max_length=MAX_VECTOR)
 
 
 SAEVectorEdit = SAEVectorByName | SAEVectorValues

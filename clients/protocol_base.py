@@ -56,3 +56,7 @@ def _finite(v: float | None) -> float | None:
     if v is not None and not math.isfinite(v):
         raise ValueError("must be a finite number (NaN and Inf are rejected)")
     return v
+
+
+VECTOR_VALUE_MAX = 1e30  # |a steering vector's number|: its norm then stays far inside float32 (the splice's dtype)
+VectorValue = Annotated[float, Field(ge=-VECTOR_VALUE_MAX, le=VECTOR_VALUE_MAX), BeforeValidator(_json_number)]

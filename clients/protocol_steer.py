@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .protocol import MAX_VECTOR, PRESET_NAME, JFloat, PresetInfo, _Strict
+from .protocol import MAX_VECTOR, PRESET_NAME, JFloat, PresetInfo, VectorValue, _Strict
 
 MAX_TEXTS = 64  # texts per side of a DiffMean vector or an auto-steer call
 MAX_TEXT_CHARS = 4000
@@ -21,7 +21,7 @@ class VectorFromValues(_Strict):
     """PUT /v1/steering/vectors/{name} with numbers: a direction at SAE `sae`'s hook (d_in numbers)."""
 
     sae: str | None = Field(None, description="SAE id whose hook point the vector acts at (default: the only SAE)")
-    values: list[JFloat] = Field(..., min_length=1, max_length=MAX_VECTOR)
+    values: list[VectorValue] = Field(..., min_length=1, max_length=MAX_VECTOR)
 
 
 class VectorFromTexts(_Strict):

@@ -50,7 +50,7 @@ class FakeEngine(Engine):
         """Like the real engines, an async generator: its errors surface on the first iteration."""
         if self.full or (self.capacity is not None and self.running >= self.capacity):
             raise EngineError("queue_full", "the queue is full")
-        check_request(r, self.saes(), len(self.tokenizer), self._max_len)  # the engines' one admission check
+        r = check_request(r, self.saes(), len(self.tokenizer), self._max_len)  # the engines' one admission check
         self.requests.append(r)
         self.running += 1
         finished = False

@@ -14,10 +14,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from fastapi import Response
 from pydantic import BaseModel
 
+from saelora.adapters.splice import RowSpec
 from saelora.clients import protocol as P
 
 from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures, Sampling,
-                     SpliceRequest, TokenEvent, TokenFeaturesOut)
+                     TokenEvent, TokenFeaturesOut)
 from .errors import error_event
 from .steering import Steering
 from .wire import sae_latents, token_features
@@ -51,9 +52,10 @@ class Handlers:
             return model
         raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
 
-    def splice_request(self, sae: P.SAEOptions | None) -> SpliceRequest:
-        """The engine's splice settings (serve/api/steering.py: presets, units, vectors, checks)."""
-        return SpliceRequest() if sae is None else self.steering.splice_request(sae)
+    def splice_request(self, sae: P.SAEOptions | None) -> RowSpec:
+        """The engine's row spec (serve/api/steering.py: presets, units, vectors); none asked: the serving default
+        (every SAE in `error_term` without edits, i.e. the base model's stream)."""
+        return RowSpec() if sae is None else self.steering.splice_request(sae)
 
     def sampling(self, r: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
                  logprobs: int | None) -> Sampling:
@@ -75,7 +77,7 @@ class Handlers:
         out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)  # BatchEncoding in transformers 5
 
-    def _requests(self, ids: list[int], n: int, sampling: Sampling, splice: SpliceRequest,
+    def _requests(self, ids: list[int], n: int, sampling: Sampling, splice: RowSpec,
                   adapter: str | None, compare: bool = False) -> list[GenerationRequest]:
         """n choices (seeds seed, seed+1, ...); with `compare`, n unsteered ones follow (no edits, same seeds: a
         seed is drawn here when the request has none, so both halves sample alike)."""
@@ -208,7 +210,7 @@ class _Collected:
             self.finish = ev.finish_reason
             self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
 
-    def features(self, splice: SpliceRequest) -> P.ChoiceFeatures | None:
+    def features(self, splice: RowSpec) -> P.ChoiceFeatures | None:
         if not splice.top_k:
             return None
         gen = [P.TokenFeatures(token=self.tok.decode([t.token_id]), token_id=t.token_id, position=t.position,

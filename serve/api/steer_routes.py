@@ -34,7 +34,7 @@ text_router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  #
 
 
 def _info(name: str, v: PS.StoredVector) -> PS.VectorInfo:
-    return PS.VectorInfo(name=name, norm=round(math.sqrt(sum(x * x for x in v.values)), 6), **v.model_dump())
+    return PS.VectorInfo(name=name, norm=round(math.hypot(*v.values), 6), **v.model_dump())
 
 
 @router.get("/v1/steering/vectors", response_model=PS.VectorList)

@@ -24,11 +24,12 @@ from pydantic import BaseModel
 
 from saelora.adapters.config import descriptions_file
 from saelora.adapters.edits import Condition, Edit, LatentEdit, SpliceError, VectorEdit
+from saelora.adapters.splice import RowSpec
 from saelora.adapters.units import MissingScalesError, SteerScales, to_raw
 from saelora.clients import protocol as P
 from saelora.clients import protocol_steer as PS
 
-from ..core.engine import Engine, EngineError, SpliceRequest, check_splice
+from ..core.engine import Engine, EngineError, check_splice
 from . import errors
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class Steering:
             out.append(VectorEdit(name, values, v.op, value, _positions(v.positions), when))
         return out
 
-    def splice_request(self, sae: P.SAEOptions) -> SpliceRequest:
+    def splice_request(self, sae: P.SAEOptions) -> RowSpec:
         """The engine's splice settings: the preset's edits and vectors, then the request's own; its stop
         conditions; all checked against the loaded SAEs."""
         saes = self.engine.saes()
@@ -190,9 +191,9 @@ class Steering:
                                                                                    "preset.vectors") if preset else []
         edits += self.to_edits(sae.edits, ids, "sae.edits") + self.to_vectors(sae.vectors, ids, "sae.vectors")
         stops = to_conditions(sae.stop_when, ids, "sae.stop_when")  # checked with the request, on admission
-        f = sae.features or P.SAEFeatureOptions()
-        return SpliceRequest(mode=sae.mode_or(preset.mode if preset else None), top_k=f.top_k,
-                             include_prompt=f.include_prompt, saes=f.saes, edits=edits, stops=stops)
+        f, mode = sae.features or P.SAEFeatureOptions(), sae.mode_or(preset.mode if preset else None)
+        return RowSpec(modes={n: mode for n in ids}, edits=edits, stops=stops, top_k=f.top_k,
+                       include_prompt=f.include_prompt, report=f.saes)
 
     def check_preset(self, body: P.SteeringPreset) -> None:
         """EngineError unless `body`'s edits and vectors fit the loaded SAEs (units converted as a request would)."""

@@ -8,11 +8,11 @@ text delta, logprobs and latents), then `Finished`.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Literal, get_args
 
-from saelora.adapters.edits import SERVE_MODE, Condition, Edit, SpliceError, SpliceNotFoundError, check_mode
-from saelora.adapters.splice import check_edits
+from saelora.adapters.edits import Condition, Edit, SpliceError, SpliceNotFoundError, check_mode
+from saelora.adapters.splice import RowSpec, check_edits
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -51,20 +51,10 @@ class Sampling:
 
 
 @dataclass
-class SpliceRequest:
-    mode: str = SERVE_MODE  # replace | error_term | off, for every SAE
-    top_k: int = 0  # latents per token and SAE to return (0: none)
-    include_prompt: bool = False
-    saes: list[str] | None = None  # SAEs to report (None: all)
-    edits: list[Edit] = field(default_factory=list)  # latent and vector edits, raw values
-    stops: list[Condition] = field(default_factory=list)  # end with "stop" once one holds at a generated token
-
-
-@dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     sampling: Sampling
-    splice: SpliceRequest
+    splice: RowSpec = field(default_factory=RowSpec)  # modes, edits, stops, latents asked (the one request shape)
     adapter: str | None = None  # None: the base model
 
 
@@ -78,10 +68,11 @@ def check_splice(saes: list[dict[str, Any]], edits: list[Edit], stops: list[Cond
         raise EngineError.from_splice(e, param) from e
 
 
-def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int, max_len: int) -> None:
+def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int, max_len: int) -> GenerationRequest:
     """The one check of a generation request, on admission (every engine calls it; nothing checks a request
     again per step): EngineError for an empty prompt, one over the context limit, ids outside the vocabulary,
-    an unknown mode, edits or stop conditions that do not fit the SAEs, or an unknown SAE to report."""
+    an unknown mode or SAE, edits or stop conditions that do not fit the SAEs, or an unknown SAE to report.
+    Returns the checked request, its row spec's `prompt_len` filled (what engines receive)."""
     if not req.prompt_ids:
         raise EngineError("invalid", "the prompt is empty", "prompt")
     if len(req.prompt_ids) + req.sampling.max_tokens > max_len:
@@ -89,16 +80,20 @@ def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int
                           f"has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.", "max_tokens")
     if any(not 0 <= t < vocab for t in req.prompt_ids):
         raise EngineError("invalid", f"prompt token ids must be in [0, {vocab})", "prompt")
+    spec, names = req.splice, [s["name"] for s in saes]
+    for param, asked in (("sae.mode", spec.modes), ("sae.features.saes", spec.report or [])):
+        unknown = set(asked) - set(names)
+        if unknown:
+            raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(names)}", param)
     try:
-        check_mode(req.splice.mode)
+        for mode in spec.modes.values():
+            check_mode(mode)
     except SpliceError as e:
         raise EngineError("invalid", str(e), "sae.mode") from e
-    check_splice(saes, req.splice.edits, req.splice.stops, "sae")
-    names = [s["name"] for s in saes]
-    unknown = set(req.splice.saes or []) - set(names)
-    if unknown:
-        raise EngineError("not_found", f"unknown SAE ids {sorted(unknown)}; loaded: {sorted(names)}",
-                          "sae.features.saes")
+    if spec.top_k < 0:
+        raise EngineError("invalid", "top_k must be >= 0", "sae.features.top_k")
+    check_splice(saes, spec.edits, spec.stops, "sae")
+    return replace(req, splice=replace(spec, prompt_len=len(req.prompt_ids)))
 
 
 Latents = dict[str, tuple[list[int], list[float]]]  # sae id -> (indices, values): top-k, raw floats

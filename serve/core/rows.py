@@ -19,8 +19,6 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Collection, Sequence
 
-from saelora.adapters.splice import RowSpec
-
 from .engine import EngineError, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent, TokenFeaturesOut
 from .sampling import Detokenizer
 
@@ -41,10 +39,10 @@ class RowState:
         self.prompt_len = len(req.prompt_ids)
         self.generated = 0  # tokens sampled, EOS included
         self.detok = Detokenizer(tokenizer, req.sampling.stop)
-        sp = req.splice
-        self.report = list(sp.saes or sae_names)  # SAEs whose latents this request gets
-        self.spec = RowSpec(modes={n: sp.mode for n in sae_names}, edits=list(sp.edits), prompt_len=self.prompt_len,
-                            stops=list(sp.stops), top_k=sp.top_k)  # what the splice applies to this row
+        sp = self.spec = req.splice  # what the splice applies to this row, as checked on admission
+        if sp.prompt_len != self.prompt_len:
+            raise ValueError("a row needs a checked request (serve/core/engine.py check_request)")
+        self.report = list(sp.report or sae_names)  # SAEs whose latents this request gets
         self.top_k = sp.top_k
         self.waits = bool(sp.top_k or sp.stops)  # a token's event waits until its position has been read
         self.prompt_due = bool(sp.top_k and (sp.include_prompt or prompt_only))  # prompt latents still to send

@@ -98,8 +98,8 @@ class ThreadedEngine(Engine):
     def adapters(self) -> list[dict[str, Any]]:
         return [e.describe() for e in self.registry.entries.values()]
 
-    def _check(self, req: GenerationRequest) -> None:
-        check_request(req, self.saes(), len(self.tokenizer), self._max_len)
+    def _check(self, req: GenerationRequest) -> GenerationRequest:
+        return check_request(req, self.saes(), len(self.tokenizer), self._max_len)
 
     async def latent_logits(self, sae: str, index: int, k: int) -> LogitPairs | None:
         """On the engine thread, like every torch op of a server (adapters/threads.py: a parallel op on another

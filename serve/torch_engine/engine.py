@@ -65,7 +65,7 @@ def _prefill_groups(rows: list[_Row]) -> tuple[list[_Row], list[int]]:
         if key not in index:
             index[key] = len(reps)
             reps.append(r)
-        elif r.req.splice.top_k > reps[index[key]].req.splice.top_k:
+        elif r.spec.top_k > reps[index[key]].spec.top_k:
             reps[index[key]] = r
         group.append(index[key])
     return reps, group
@@ -104,7 +104,7 @@ class TorchEngine(ThreadedEngine):
                 "adapters": len(self.registry.entries)}
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        self._check(req)
+        req = self._check(req)
         self._check_queue()
         async for ev in self._stream(lambda emit: _Row(req, emit, self)):
             yield ev

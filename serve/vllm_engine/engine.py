@@ -29,7 +29,8 @@ from typing import Any, AsyncIterator
 from saelora.adapters.errors import ConfigError
 from saelora.adapters.models import LoadedModel
 from saelora.adapters.saes import LoadedSAE
-from saelora.adapters.edits import changes_stream
+from saelora.adapters.edits import SERVE_MODE
+from saelora.adapters.splice import RowSpec
 from saelora.adapters.lora_targets import LLAMA_MODULES
 
 from ..config import ServeConfig
@@ -104,7 +105,7 @@ class VllmEngine(ThreadedEngine):
         return f"saelora-{self._next_id}"
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        self._check(req)
+        req = self._check(req)
         self._check_queue()
         rid = self._new_rid()
         async for ev in self._stream(lambda emit: _Row(rid, req, emit, self)):
@@ -112,11 +113,12 @@ class VllmEngine(ThreadedEngine):
 
     async def encode(self, prompt_ids: list[int], top_k: int, saes: list[str] | None,
                      adapter: str | None) -> list[TokenFeaturesOut]:
-        from ..core.engine import Sampling, SpliceRequest
+        from ..core.engine import Sampling
 
         self._check_encode(prompt_ids, saes)
-        req = GenerationRequest(list(prompt_ids), Sampling(max_tokens=1, temperature=0.0),
-                                SpliceRequest(mode="off", top_k=top_k, include_prompt=True, saes=saes), adapter)
+        spec = RowSpec(modes={n: "off" for n in self.sae_names}, prompt_len=len(prompt_ids), top_k=top_k,
+                       include_prompt=True, report=saes)
+        req = GenerationRequest(list(prompt_ids), Sampling(max_tokens=1, temperature=0.0), spec, adapter)
         rid, tokens = self._new_rid(), []
         async for ev in self._stream(lambda emit: _Row(rid, req, emit, self, prompt_only=True)):
             if isinstance(ev, PromptFeatures):
@@ -249,13 +251,14 @@ class VllmEngine(ThreadedEngine):
 
     def _cache_salt(self, row: _Row) -> str | None:
         """None: may share the base model's prefix cache. See the module docstring for the policy."""
-        sp = row.req.splice
+        sp = row.spec
         if row.prompt_due:
             return "prompt-latents-" + row.rid  # every prompt position must be computed (and captured)
-        if not any(changes_stream(sp.mode, sp.edits, name) for name in self.sae_names):
+        modes = {name: sp.modes.get(name, SERVE_MODE) for name in self.sae_names}
+        if not any(sp.changes_stream(name, SERVE_MODE) for name in self.sae_names):
             return None  # the stream is the base model's
         by_len = any(e.positions in ("prompt", "generated") for e in sp.edits)
-        key = json.dumps([sp.mode, [e.to_json() for e in sp.edits], row.prompt_len if by_len else None],
+        key = json.dumps([modes, [e.to_json() for e in sp.edits], row.prompt_len if by_len else None],
                          sort_keys=True)
         return "splice-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 

@@ -128,7 +128,8 @@ def test_batched_cache_across_joins_and_leaves_equals_solo(ws):
     import asyncio
 
     from conftest import make_engine
-    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest, TokenEvent
+    from saelora.adapters.splice import RowSpec
+    from saelora.serve.core.engine import GenerationRequest, Sampling, TokenEvent
 
     engine = make_engine(ws, max_batch=4)
     tok = engine.tokenizer
@@ -146,7 +147,7 @@ def test_batched_cache_across_joins_and_leaves_equals_solo(ws):
     async def one(prompt: str, n: int, delay: float, seed: int | None = None) -> tuple[list[int], list]:
         await asyncio.sleep(delay)
         req = GenerationRequest(tok(prompt)["input_ids"], Sampling(max_tokens=n, temperature=0.0 if seed is None
-                                                                   else 1.0, seed=seed), SpliceRequest(top_k=3))
+                                                                   else 1.0, seed=seed), RowSpec(top_k=3))
         toks, feats = [], []
         async for ev in engine.generate(req):
             if isinstance(ev, TokenEvent):
@@ -284,7 +285,8 @@ def test_last_tokens_latents_need_no_full_forward(ws):
     import asyncio
 
     from conftest import make_engine
-    from saelora.serve.core.engine import GenerationRequest, Sampling, SpliceRequest, TokenEvent
+    from saelora.adapters.splice import RowSpec
+    from saelora.serve.core.engine import GenerationRequest, Sampling, TokenEvent
 
     engine = make_engine(ws, max_batch=4)
     heads = []
@@ -296,7 +298,7 @@ def test_last_tokens_latents_need_no_full_forward(ws):
         try:
             async def one(ids):
                 heads.clear()
-                req = GenerationRequest(ids, Sampling(max_tokens=5, temperature=0.0), SpliceRequest(top_k=3))
+                req = GenerationRequest(ids, Sampling(max_tokens=5, temperature=0.0), RowSpec(top_k=3))
                 evs = [ev async for ev in engine.generate(req) if isinstance(ev, TokenEvent)]
                 assert len(heads) == 5  # the prefill + 4 decode steps; no sixth forward for the last latents
                 return evs

@@ -3,8 +3,9 @@
 these invariants hold on both."""
 
 from saelora.adapters.edits import Condition
+from saelora.adapters.splice import RowSpec
 from saelora.serve.core.engine import (EngineError, Finished, GenerationRequest, PromptFeatures, Sampling,
-                                       SpliceRequest, TokenEvent)
+                                       TokenEvent)
 from saelora.serve.core.rows import RowState, context_limit
 from tiny import WORDS, tiny_tokenizer
 
@@ -15,8 +16,8 @@ EOS = {TOK.eos_token_id}
 def _row(top_k=0, stops=(), max_tokens=4, include_prompt=False, stop=(), prompt=(5, 6, 7)):
     events = []
     req = GenerationRequest(list(prompt), Sampling(max_tokens=max_tokens, stop=list(stop)),
-                            SpliceRequest(mode="error_term", top_k=top_k, include_prompt=include_prompt,
-                                          stops=list(stops)))
+                            RowSpec(modes={"s": "error_term"}, top_k=top_k, include_prompt=include_prompt,
+                                    stops=list(stops), prompt_len=len(prompt)))
     return RowState(req, events.append, TOK, EOS, ["s"]), events
 
 
@@ -103,3 +104,50 @@ def test_context_limit_is_the_models_positions_less_what_an_engine_reserves():
 
     assert context_limit(Cfg(), None) == 256 and context_limit(Cfg(), 100) == 100
     assert context_limit(Cfg(), None, reserve=1) == 255 and context_limit(Cfg(), 999, reserve=1) == 255
+
+
+SAES = [{"name": "s", "d_sae": 16, "d_in": 8}]
+
+
+def _checked(spec, prompt=(5, 6, 7), max_tokens=4):
+    from saelora.serve.core.engine import check_request
+
+    return check_request(GenerationRequest(list(prompt), Sampling(max_tokens=max_tokens), spec), SAES, 100, 64)
+
+
+def test_the_admission_check_returns_the_spec_an_engine_receives_and_a_row_takes_only_a_checked_one():
+    import pytest
+
+    req = GenerationRequest([5, 6, 7], Sampling(max_tokens=2), RowSpec(modes={"s": "off"}, top_k=2))
+    with pytest.raises(ValueError, match="checked request"):
+        RowState(req, [].append, TOK, EOS, ["s"])  # an engine cannot skip the admission check
+    checked = _checked(req.splice)
+    assert checked.splice.prompt_len == 3 and req.splice.prompt_len is None  # a new spec; the caller's untouched
+    assert RowState(checked, [].append, TOK, EOS, ["s"]).spec is checked.splice  # the same object, no new shape
+
+
+def test_the_admission_check_maps_each_bad_spec_to_its_kind_and_param():
+    import pytest
+
+    from saelora.adapters.edits import LatentEdit
+
+    bad = [(RowSpec(modes={"other": "off"}), "not_found", "sae.mode"),
+           (RowSpec(modes={"s": "sideways"}), "invalid", "sae.mode"),
+           (RowSpec(report=["other"]), "not_found", "sae.features.saes"),
+           (RowSpec(top_k=-1), "invalid", "sae.features.top_k"),
+           (RowSpec(edits=[LatentEdit("s", 99, "set", 1.0)]), "not_found", "sae")]
+    for spec, kind, param in bad:
+        with pytest.raises(EngineError) as e:
+            _checked(spec)
+        assert (e.value.kind, e.value.param) == (kind, param), spec
+    with pytest.raises(EngineError) as e:
+        _checked(RowSpec(), max_tokens=62)
+    assert e.value.kind == "context_length"
+
+
+def test_a_row_spec_crosses_a_process_boundary_unchanged():
+    from saelora.adapters.edits import LatentEdit
+
+    spec = RowSpec(modes={"s": "replace"}, edits=[LatentEdit("s", 3, "add", 2.0, when=Condition("s", 4, 0.5))],
+                   prompt_len=3, stops=[Condition("s", 1, 0.0)], top_k=2, include_prompt=True, report=["s"])
+    assert RowSpec.from_json(spec.to_json()) == spec

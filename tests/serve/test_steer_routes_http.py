@@ -3,6 +3,7 @@ tier): what reaches the engine, persistence, the admin key, and bad input to eve
 the OpenAI envelope. What the engines do with vectors is in test_steering.py (both engines, live)."""
 
 import json
+import math
 
 import pytest
 from fastapi.testclient import TestClient
@@ -99,6 +100,14 @@ def test_vector_route_validation_and_admin_key():
         _err(c.put("/v1/steering/vectors/x", json={"values": V8, "positive": ["a"], "negative": ["b"]}), 400)
         _err(c.put("/v1/steering/vectors/x", json={"values": V8, "sae": "nope"}), 404)
         _err(c.put("/v1/steering/vectors/a.b", json={"values": V8}), 400)
+        # every value finite and within 1e30, so the norm fits float32 (the splice's dtype): else 400, none stored
+        for bad in (["1e400"], ["8e224"], ["NaN"], ["2e30"]):  # JSON's 1e400 parses as Inf
+            body = '{"values": [%s]}' % ", ".join(bad + [repr(x) for x in V8[len(bad):]])
+            _err(c.put("/v1/steering/vectors/x", content=body, headers={"Content-Type": "application/json"}), 400)
+        assert c.get("/v1/steering/vectors").json()["data"] == []
+        big = [1e30] * 8
+        assert c.put("/v1/steering/vectors/big", json={"values": big}).json()["norm"] == round(math.hypot(*big), 6)
+        assert c.delete("/v1/steering/vectors/big").status_code == 200
         # the fake engine, like vLLM, has no model in the server process: its API takes numbers only
         _err(c.put("/v1/steering/vectors/x", json={"positive": ["a"], "negative": ["b"]}), 400)
         assert "positive" not in json.dumps(c.get("/openapi.json").json()["components"]["schemas"].get(

@@ -83,10 +83,10 @@ def test_preset_edits_come_first_and_mode_follows_the_preset(engine):
         assert c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 1,
                                                "sae": {"preset": "p", "edits": [inline]}}).status_code == 200
         req = engine.requests[-1].splice
-        assert [e.feature for e in req.edits] == [3, 4, 9] and req.mode == "replace"
+        assert [e.feature for e in req.edits] == [3, 4, 9] and req.modes == {"fake": "replace"}
         assert req.edits[1].when is not None and req.edits[1].when.sae == "fake"
         c.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 1, "sae": {"preset": "p", "mode": "off"}})
-        assert engine.requests[-1].splice.mode == "off"  # the request's own mode wins
+        assert engine.requests[-1].splice.modes == {"fake": "off"}  # the request's own mode wins
 
 
 def test_compare_runs_unsteered_twins_with_the_same_seeds(engine):
