@@ -26,7 +26,7 @@ from saelora.adapters.config import descriptions_file
 from saelora.clients import protocol as P
 
 from ..core.engine import Engine, EngineError
-from . import errors, steer_routes, steering
+from . import errors, names, steer_routes, steering
 from .handlers import Handlers
 from .metrics import Metrics
 from .steering import Steering
@@ -240,12 +240,17 @@ async def prometheus(s: ServerState = Depends(state)) -> Response:
 
 @router.get("/v1/models", response_model=P.ModelList)
 async def models(s: ServerState = Depends(state)) -> P.ModelList:
+    """The base model, each adapter, and the names that carry the splice (serve/api/names.py), as they are now."""
     limit = s.engine.max_model_len  # ServeConfig.max_model_len within the model's positions
-    cards = [P.ModelCard(id=s.served_name, root=s.served_name, max_model_len=limit,
-                         saes=[_public_sae(d) for d in s.engine.saes()])]
-    cards += [P.ModelCard(id=a["name"], root=a["path"], parent=s.served_name, max_model_len=limit,
-                          saes=[{"hook": h} for h in a["saes"]]) for a in s.engine.adapters()]
-    return P.ModelList(data=cards)
+    saes, adapters = s.engine.saes(), {a["name"]: a for a in s.engine.adapters()}
+    cards = {s.served_name: P.ModelCard(id=s.served_name, root=s.served_name, max_model_len=limit,
+                                        saes=[_public_sae(d) for d in saes])}
+    cards |= {n: P.ModelCard(id=n, root=a["path"], parent=s.served_name, max_model_len=limit,
+                             saes=[{"hook": h} for h in a["saes"]]) for n, a in adapters.items()}
+    derived = [P.ModelCard(id=n, root=cards[plain].root, parent=plain, max_model_len=limit, saes=cards[plain].saes)
+               for n, plain in names.listing(s.served_name, adapters, s.steering.presets.items, bool(saes))
+               if n != plain]
+    return P.ModelList(data=[*cards.values(), *derived])
 
 
 @router.post("/v1/completions", response_model=P.CompletionResponse,

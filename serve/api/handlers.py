@@ -20,6 +20,7 @@ from saelora.clients import protocol as P
 from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures, Sampling,
                      TokenEvent, TokenFeaturesOut)
 from .errors import error_event
+from .names import ModelName, resolve
 from .steering import Steering
 from .wire import sae_latents, token_features
 
@@ -45,12 +46,10 @@ class Handlers:
         return Response(await self._off_loop(lambda _: build().model_dump_json(), None), media_type=JSON)
 
     # ---- request conversion ---------------------------------------------------------------------------
-    def adapter_for(self, model: str | None) -> str | None:
-        if model is None or model == self.name:
-            return None
-        if any(a["name"] == model for a in self.engine.adapters()):
-            return model
-        raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
+    def model_name(self, model: str | None) -> ModelName:
+        """The request's `model`: the base, an adapter, or a name that carries the splice (serve/api/names.py)."""
+        return resolve(model, self.name, [a["name"] for a in self.engine.adapters()],
+                       self.steering.presets.items, bool(self.engine.saes()))
 
     def splice_request(self, sae: P.SAEOptions | None) -> RowSpec:
         """The engine's row spec (serve/api/steering.py: presets, units, vectors); none asked: the serving default
@@ -126,11 +125,12 @@ class Handlers:
 
     # ---- completions --------------------------------------------------------------------------------------
     async def _completion_inputs(self, r: P.CompletionRequest) -> list[GenerationRequest]:
-        adapter = self.adapter_for(r.model)
+        name = self.model_name(r.model)
+        sae = name.options(r.sae)
         p = r.prompt_text_or_ids()
         ids = await self._off_loop(self.tokenize, p) if isinstance(p, str) else list(p)  # off the event loop
-        return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(r.sae),
-                              adapter, compare=bool(r.sae and r.sae.compare))
+        return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(sae),
+                              name.adapter, compare=bool(sae and sae.compare))
 
     async def completion(self, r: P.CompletionRequest) -> Response | AsyncIterator[str]:
         reqs = await self._completion_inputs(r)
@@ -153,12 +153,13 @@ class Handlers:
         return choices
 
     async def chat(self, r: P.ChatCompletionRequest) -> Response | AsyncIterator[str]:
-        adapter = self.adapter_for(r.model)
+        name = self.model_name(r.model)
+        sae = name.options(r.sae)
         ids = await self._off_loop(self.chat_ids, r.messages)
         budget = r.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, max(1, self.engine.max_model_len - len(ids))))
         lp = (r.top_logprobs or 0) if r.logprobs else None
-        reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(r.sae), adapter,
-                              compare=bool(r.sae and r.sae.compare))
+        reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(sae), name.adapter,
+                              compare=bool(sae and sae.compare))
         if r.stream:
             return await self._stream(reqs, r.n, chat=True, model=r.model or self.name)
         choices = await self._collect(reqs)
@@ -179,12 +180,15 @@ class Handlers:
 
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> Response:
-        adapter = self.adapter_for(r.model)
+        name = self.model_name(r.model)
+        if name.spliced:
+            raise EngineError("invalid", f"/v1/features reads latents without a splice: name the model or adapter "
+                              f"(`{name.name}` carries one)", "model")
         ids = await self._off_loop(self.tokenize, r.input) if r.input is not None else \
             await self._off_loop(self.chat_ids, r.messages or [])
         if not self.engine.saes():
             raise EngineError("invalid", "this server has no SAE loaded", "saes")
-        toks = await self.engine.encode(ids, r.top_k, r.saes, adapter)
+        toks = await self.engine.encode(ids, r.top_k, r.saes, name.adapter)
         return await self._json(lambda: P.FeaturesResponse(
             model=r.model or self.name, tokens=[token_features(t, self.engine.tokenizer) for t in toks],
             usage=P.Usage(prompt_tokens=len(ids), completion_tokens=0, total_tokens=len(ids))))

@@ -39,6 +39,27 @@ def test_preset_by_name_equals_the_same_edits_inline(server):
         httpx.delete(server.url + "/v1/steering/presets/t-steer")
 
 
+def test_model_names_that_carry_the_splice_equal_the_explicit_sae_extension(server):
+    """Invariant (serve/api/names.py), on both engines: `<model>+sae` is `<model>` with `"mode": "replace"` (the
+    paper's spliced model) and `<model>+sae:<preset>` is `<model>` with `"preset"`: same text, logprobs, latents;
+    the response names the model as sent."""
+    assert httpx.put(server.url + "/v1/steering/presets/t-names", json={"edits": [STEER]}).status_code == 200
+    try:
+        listed = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+        assert {"tiny+sae", "a1+sae", "tiny+sae:t-names", "a1+sae:t-names"} <= set(listed)
+        for base in ("tiny", "a1"):
+            for suffix, sae in (("+sae", {"mode": "replace"}), ("+sae:t-names", {"preset": "t-names"})):
+                by_name = complete(server, model=base + suffix, logprobs=2)
+                explicit = complete(server, sae, model=base, logprobs=2)
+                assert by_name["choices"] == explicit["choices"] and by_name["model"] == base + suffix
+        spliced, plain = complete(server, model="tiny+sae", logprobs=2), complete(server, logprobs=2)
+        assert spliced["choices"][0]["logprobs"] != plain["choices"][0]["logprobs"]  # the splice does something
+    finally:
+        httpx.delete(server.url + "/v1/steering/presets/t-names")
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny+sae:t-names", "prompt": PROMPT})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"  # the preset is gone, so is the name
+
+
 def test_condition_never_holding_is_no_edit_and_always_holding_is_the_edit(server):
     plain, steered = complete(server), complete(server, {"edits": [STEER]})
     assert plain["choices"][0]["text"] != steered["choices"][0]["text"]
