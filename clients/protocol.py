@@ -155,16 +155,29 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     prompt: (Annotated[str, Field(min_length=1)]
              | Annotated[list[jint(ge=0)], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
-             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]) = Field(
-        ..., description="text, token ids, or a list of exactly one text (one request per prompt)")
-    max_tokens: jint(ge=1) | None = 16
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[list[jint(ge=0)], Field(min_length=1, max_length=MAX_PROMPT_IDS)]],
+                         Field(min_length=1, max_length=1)]) = Field(
+        ..., description="text, token ids, or a list of exactly one of either (one request per prompt)")
+    max_tokens: jint(ge=0) | None = Field(16, description="0: no completion, only the prompt scored (needs echo "
+                                                          "with logprobs, or prompt_logprobs)")
     logprobs: jint(ge=0, le=MAX_LOGPROBS) | None = None
-    echo: Annotated[Literal[False], BeforeValidator(_json_bool)] = Field(False, description="not supported")
+    echo: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        False, description="return the prompt before the completion; with logprobs, each prompt token's logprob "
+                           "too (null for the first), under the request's model, adapter and splice")
+    prompt_logprobs: jint(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="vLLM's extension: each prompt token's logprob, rank and the top k, in the choice's "
+                          "prompt_logprobs (null for the first token)")
 
     def prompt_text_or_ids(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
             return self.prompt[0]  # type: ignore[return-value]
         return self.prompt  # type: ignore[return-value]
+
+    def prompt_scores_k(self) -> int | None:
+        """The top-k the engine scores the prompt with (None: not scored): echo with logprobs, prompt_logprobs."""
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked) if asked else (0 if self.echo else None)
 
 
 class ChatMessage(BaseModel):
@@ -239,10 +252,21 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Over the echoed prompt (when `echo`) and the completion; the prompt's first token has null entries."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's `prompt_logprobs` entry: one token's logprob at a prompt position, its rank there (1: the most
+    likely), and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class Unsteered(BaseModel):
@@ -258,6 +282,9 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: Literal["stop", "length", "error"] | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="with prompt_logprobs: per prompt position, token id -> its logprob (the prompt's own "
+                          "token and the top k); null for the first")
     features: ChoiceFeatures | None = None
     unsteered: Unsteered | None = None
 

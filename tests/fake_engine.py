@@ -8,7 +8,7 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from saelora.serve.core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures,
-                                       TokenEvent, TokenFeaturesOut, check_request)
+                                       PromptLogprobs, TokenEvent, TokenFeaturesOut, check_request)
 from tiny import WORDS, tiny_tokenizer
 
 SAE_INFO = {"name": "fake", "hook": "blocks.0.hook_resid_post", "architecture": "standard", "d_in": 8, "d_sae": 16,
@@ -64,6 +64,9 @@ class FakeEngine(Engine):
 
     async def _events(self, r: GenerationRequest) -> AsyncIterator[Event]:
         n, vocab, top_k = len(r.prompt_ids), len(self.tokenizer), r.splice.top_k
+        k = r.sampling.prompt_logprobs
+        if k is not None:  # each prompt token scored -1, ranked first
+            yield PromptLogprobs([None] + [(-1.0, 1, [(t, -1.0)][:k]) for t in r.prompt_ids[1:]])
         if r.splice.include_prompt and top_k:
             yield PromptFeatures([TokenFeaturesOut(i, t, self._latents(t, top_k) or {})
                                   for i, t in enumerate(r.prompt_ids)])

@@ -17,10 +17,11 @@ from pydantic import BaseModel
 from saelora.adapters.splice import RowSpec
 from saelora.clients import protocol as P
 
-from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures, Sampling,
-                     TokenEvent, TokenFeaturesOut)
+from ..core.engine import (Engine, EngineError, Event, Finished, GenerationRequest, PromptFeatures, PromptLogprobs,
+                           Sampling, TokenEvent, TokenFeaturesOut, TokenScore)
 from .errors import error_event
 from .names import ModelName, resolve
+from .scores import Echo, completion_logprobs, prompt_logprobs
 from .steering import Steering
 from .wire import sae_latents, token_features
 
@@ -57,13 +58,14 @@ class Handlers:
         return RowSpec() if sae is None else self.steering.splice_request(sae)
 
     def sampling(self, r: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
-                 logprobs: int | None) -> Sampling:
+                 logprobs: int | None, prompt_logprobs: int | None = None) -> Sampling:
         try:
             stop = r.stop_list()
         except ValueError as e:
             raise EngineError("invalid", str(e), "stop") from e
         return Sampling(max_tokens=max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or -1,
-                        seed=r.seed, stop=stop, logprobs=logprobs, ignore_eos=r.ignore_eos)
+                        seed=r.seed, stop=stop, logprobs=logprobs, ignore_eos=r.ignore_eos,
+                        prompt_logprobs=prompt_logprobs)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenizer(text)["input_ids"]
@@ -124,23 +126,28 @@ class Handlers:
                 await g.aclose()
 
     # ---- completions --------------------------------------------------------------------------------------
-    async def _completion_inputs(self, r: P.CompletionRequest) -> list[GenerationRequest]:
+    async def _completion_inputs(self, r: P.CompletionRequest) -> tuple[list[GenerationRequest], Echo]:
         name = self.model_name(r.model)
         sae = name.options(r.sae)
         p = r.prompt_text_or_ids()
         ids = await self._off_loop(self.tokenize, p) if isinstance(p, str) else list(p)  # off the event loop
-        return self._requests(ids, r.n, self.sampling(r, r.max_tokens or 16, r.logprobs), self.splice_request(sae),
-                              name.adapter, compare=bool(sae and sae.compare))
+        sampling = self.sampling(r, 16 if r.max_tokens is None else r.max_tokens, r.logprobs, r.prompt_scores_k())
+        return (self._requests(ids, r.n, sampling, self.splice_request(sae), name.adapter,
+                               compare=bool(sae and sae.compare)), Echo.of(r, ids, self.engine.tokenizer))
 
     async def completion(self, r: P.CompletionRequest) -> Response | AsyncIterator[str]:
-        reqs = await self._completion_inputs(r)
+        reqs, echo = await self._completion_inputs(r)
         if r.stream:
-            return await self._stream(reqs, r.n, chat=False, model=r.model or self.name)
+            return await self._stream(reqs, r.n, chat=False, model=r.model or self.name, echo=echo)
         choices = await self._collect(reqs)
+        tok = self.engine.tokenizer
 
         def build() -> P.CompletionResponse:
-            out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish,
-                                      logprobs=c.completion_logprobs() if r.logprobs is not None else None,
+            out = [P.CompletionChoice(index=i, text=(echo.text or "") + c.text, finish_reason=c.finish,
+                                      logprobs=completion_logprobs(tok, c.tokens, echo, c.scores)
+                                      if r.logprobs is not None else None,
+                                      prompt_logprobs=prompt_logprobs(tok, echo.ids, c.scores)
+                                      if echo.prompt_logprobs and c.scores is not None else None,
                                       features=c.features(reqs[i].splice), unsteered=_unsteered(choices, reqs, r.n, i))
                    for i, c in enumerate(choices[:r.n])]
             return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
@@ -172,11 +179,12 @@ class Handlers:
             return P.ChatCompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
         return await self._json(build)
 
-    async def _stream(self, reqs: list[GenerationRequest], n: int, chat: bool, model: str) -> AsyncIterator[str]:
+    async def _stream(self, reqs: list[GenerationRequest], n: int, chat: bool, model: str,
+                      echo: Echo | None = None) -> AsyncIterator[str]:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
         merged = self._merged(reqs)
         first = await merged.__anext__()
-        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop)
+        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop, echo)
 
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> Response:
@@ -201,11 +209,14 @@ class _Collected:
         self.tok, self.text, self.finish = tokenizer, "", None
         self.tokens: list[TokenEvent] = []
         self.prompt: list[TokenFeaturesOut] | None = None
+        self.scores: list[TokenScore | None] | None = None  # the prompt's logprobs, when asked
         self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, ev: Event) -> None:
         if isinstance(ev, PromptFeatures):
             self.prompt = ev.tokens
+        elif isinstance(ev, PromptLogprobs):
+            self.scores = ev.scores
         elif isinstance(ev, TokenEvent):
             self.tokens.append(ev)
             self.text += ev.text
@@ -221,17 +232,6 @@ class _Collected:
                                features=sae_latents(t.features)) for t in self.tokens]
         prompt = [token_features(t, self.tok) for t in self.prompt] if self.prompt is not None else None
         return P.ChoiceFeatures(prompt=prompt, generated=gen)
-
-    def completion_logprobs(self) -> P.CompletionLogprobs:
-        lp, offset = P.CompletionLogprobs(), 0
-        for t in self.tokens:
-            s = self.tok.decode([t.token_id])
-            lp.tokens.append(s)
-            lp.token_logprobs.append(t.logprob if t.logprob is not None else 0.0)
-            lp.top_logprobs.append({self.tok.decode([i]): v for i, v in (t.top_logprobs or [])})
-            lp.text_offset.append(offset)
-            offset += len(s)
-        return lp
 
     def chat_logprobs(self) -> P.ChatLogprobs:
         return P.ChatLogprobs(content=[_chat_lp(t, self.tok) for t in self.tokens])
@@ -259,9 +259,19 @@ def _usage(reqs: list[GenerationRequest], choices: list[_Collected]) -> P.Usage:
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: str, model: str) -> dict[str, Any]:
-    """The SSE chunk of event `ev` of request i; requests n and up are the unsteered twins (`compare`) of
-    choices i - n, whose text, finish reason and latents go in the choice's `unsteered` object."""
+def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: str, model: str,
+           echo: Echo | None = None) -> dict[str, Any] | None:
+    """The SSE chunk of event `ev` of request i (None: the event shows nothing); requests n and up are the
+    unsteered twins (`compare`) of choices i - n, whose text, finish reason and latents go in the choice's
+    `unsteered` object."""
+    if isinstance(ev, PromptLogprobs):  # the echoed prompt: a choice's first chunk (twins echo nothing)
+        if i >= n or echo is None:
+            return None
+        return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [
+            P.CompletionChoice(index=i, text=echo.text or "", logprobs=completion_logprobs(tok, [], echo, ev.scores)
+                               if echo.logprobs else None,
+                               prompt_logprobs=prompt_logprobs(tok, echo.ids, ev.scores) if echo.prompt_logprobs
+                               else None).model_dump(exclude_none=True)]}
     text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
     finish = ev.finish_reason if isinstance(ev, Finished) else None
     feats = None
@@ -297,13 +307,15 @@ def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: s
                                            features=feats).model_dump(exclude_none=True)]}
 
 
-async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], n: int,
-               chat: bool, model: str, tok: Any, off_loop: Callable[..., Awaitable[Any]]) -> AsyncIterator[str]:
+async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], n: int, chat: bool, model: str,
+               tok: Any, off_loop: Callable[..., Awaitable[Any]], echo: Echo | None = None) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
-    async def line(i: int, ev: Event) -> str:  # a prompt's latents (the large event) are encoded off the loop
-        encode = lambda _: f"data: {json.dumps(_chunk(i, ev, n, chat, tok, created, cid, model))}\n\n"  # noqa: E731
-        return await off_loop(encode, None) if isinstance(ev, PromptFeatures) else encode(None)
+    async def line(i: int, ev: Event) -> str:  # the prompt's latents and scores (large events) encoded off the loop
+        def encode(_: Any) -> str:
+            chunk = _chunk(i, ev, n, chat, tok, created, cid, model, echo)
+            return "" if chunk is None else f"data: {json.dumps(chunk)}\n\n"
+        return await off_loop(encode, None) if isinstance(ev, (PromptFeatures, PromptLogprobs)) else encode(None)
 
     if chat:
         for i in range(n):

@@ -1,8 +1,8 @@
 """The engine interface the HTTP layer talks to. The embedded torch engine (`serve/torch_engine/`) implements it
 and is the reference; a vLLM engine implements the same interface.
 
-A generation streams events: `PromptFeatures` (when asked), one `TokenEvent` per generated token (with its
-text delta, logprobs and latents), then `Finished`.
+A generation streams events: `PromptLogprobs` and `PromptFeatures` (when asked), one `TokenEvent` per generated
+token (with its text delta, logprobs and latents), then `Finished`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class EngineError(Exception):
 
 @dataclass
 class Sampling:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: none (the row only scores its prompt: prompt_logprobs)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
@@ -48,6 +48,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob and the top k
     ignore_eos: bool = False  # an EOS token is then an ordinary token
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (after the first) and the top k
 
 
 @dataclass
@@ -75,6 +76,9 @@ def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int
     Returns the checked request, its row spec's `prompt_len` filled (what engines receive)."""
     if not req.prompt_ids:
         raise EngineError("invalid", "the prompt is empty", "prompt")
+    if req.sampling.max_tokens < 1 and req.sampling.prompt_logprobs is None:
+        raise EngineError("invalid", "max_tokens 0 only scores the prompt: ask for its logprobs (echo with "
+                          "logprobs, or prompt_logprobs)", "max_tokens")
     if len(req.prompt_ids) + req.sampling.max_tokens > max_len:
         raise EngineError("context_length", f"This model's maximum context length is {max_len} tokens; the prompt "
                           f"has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.", "max_tokens")
@@ -112,6 +116,17 @@ class PromptFeatures:
     tokens: list[TokenFeaturesOut]
 
 
+TokenScore = tuple[float, int, list[tuple[int, float]]]  # a token's logprob, its rank (1: the most likely), the top k
+
+
+@dataclass
+class PromptLogprobs:
+    """Each prompt token's logprob given the tokens before it, under the request's model, adapter and splice
+    (None for the first token, which nothing predicts), with the top k there. Sent before any token event."""
+
+    scores: list[TokenScore | None]
+
+
 @dataclass
 class TokenEvent:
     token_id: int
@@ -130,7 +145,7 @@ class Finished:
     completion_tokens: int
 
 
-Event = PromptFeatures | TokenEvent | Finished
+Event = PromptFeatures | PromptLogprobs | TokenEvent | Finished
 
 
 class Engine(abc.ABC):

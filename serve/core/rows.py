@@ -5,9 +5,11 @@ share. An engine feeds a row four things and nothing else:
 - `add_latents(sae, position, indices, values)` and `add_stop(position)`: what the splice read at a position
   (its top-k latents; a `stop_when` condition that held there);
 - `read_through(position)`: every position up to this one has been through a forward, so its latents and stop
-  conditions are all in.
+  conditions are all in;
+- `add_prompt_scores(start, scores)`: prompt tokens' logprobs, from prompt position `start` on (when asked).
 
-and calls `flush()` after each, which emits what is ready, in order: the prompt's latents, then each token's
+and calls `flush()` after each, which emits what is ready, in order: the prompt's logprobs and latents, then each
+token's
 event once its latents are in (the one-step lag: a token's latents are those at its own position, computed
 when it is fed back), truncating at a `stop_when` hit, and finally `Finished`. The row owns the finish reasons
 (EOS and stop strings "stop", `max_tokens` "length", a `stop_when` hit "stop"), the detokenizer, the adapter it
@@ -19,7 +21,8 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Collection, Sequence
 
-from .engine import EngineError, Finished, GenerationRequest, Latents, PromptFeatures, TokenEvent, TokenFeaturesOut
+from .engine import (EngineError, Finished, GenerationRequest, Latents, PromptFeatures, PromptLogprobs, TokenEvent,
+                     TokenFeaturesOut, TokenScore)
 from .sampling import Detokenizer
 
 
@@ -46,12 +49,17 @@ class RowState:
         self.top_k = sp.top_k
         self.waits = bool(sp.top_k or sp.stops)  # a token's event waits until its position has been read
         self.prompt_due = bool(sp.top_k and (sp.include_prompt or prompt_only))  # prompt latents still to send
+        asked = req.sampling.prompt_logprobs is not None
+        self.scores: list[TokenScore | None] | None = [None] * self.prompt_len if asked else None  # prompt logprobs
+        self.scores_in = 1  # prompt positions scored so far (nothing predicts the first)
         self.pending: collections.deque[TokenEvent] = collections.deque()  # sampled, waiting to be read
         self.latents: dict[str, dict[int, tuple[list[int], list[float]]]] = {n: {} for n in self.report}
         self.stop_hits: set[int] = set()  # generated positions where a stop_when condition held
         self.read = -1  # every position up to this one has been through a forward
         self.emitted_chars = 0  # text carried by the token events emitted so far
-        self.reason: str | None = None  # finished (stop | length): pending events are flushed first
+        # finished (stop | length): pending events are flushed first. max_tokens 0 only scores the prompt, so a
+        # token an engine samples anyway (vLLM samples at least one) is ignored
+        self.reason: str | None = "length" if req.sampling.max_tokens < 1 else None
         self.cancelled = False  # the client went away
         self.done = False
         self._registry: Any = None  # the adapter registry this row holds its adapter in, until `release`
@@ -104,10 +112,23 @@ class RowState:
     def read_through(self, position: int) -> None:
         self.read = max(self.read, position)
 
+    def add_prompt_scores(self, start: int, scores: Sequence[TokenScore | None]) -> None:
+        """Prompt positions start, start+1, ...: each token's logprob given the ones before it, and the top k."""
+        if self.scores is not None:
+            self.scores[start:start + len(scores)] = scores
+            self.scores_in = max(self.scores_in, start + len(scores))
+
     # ---- what the row emits -------------------------------------------------------------------------------
     def flush(self, final: bool = False) -> bool:
         """Emit what is ready; returns whether the row has finished (its `Finished` event sent). `final`: nothing
         more will be computed for this row, so whatever is pending goes out as it is."""
+        if self.done:
+            return True
+        if self.scores is not None:
+            if self.scores_in < self.prompt_len and not final:
+                return False
+            self.emit(PromptLogprobs(self.scores))
+            self.scores = None
         if self.prompt_due:
             if self.read < self.prompt_len - 1 and not final:
                 return False

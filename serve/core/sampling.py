@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .engine import Sampling
+from .engine import Sampling, TokenScore
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM): dividing by them overflows fp32
@@ -36,6 +36,19 @@ def logprobs_of(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[t
     top = lp.topk(k) if k > 0 else None
     pairs = [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)] if top is not None else []
     return float(lp[token]), pairs
+
+
+def prompt_scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenScore]:
+    """Each target's logprob under the logits before it, and the top k there: logits (n, V) at positions
+    0..n-1 of a row, targets (n,) the tokens at positions 1..n."""
+    lp = torch.log_softmax(logits.float(), -1)
+    got = lp.gather(1, targets[:, None])  # (n, 1)
+    ranks = ((lp > got).sum(1) + 1).tolist()
+    tops = [[]] * len(ranks)
+    if k > 0:
+        top = lp.topk(k, -1)
+        tops = [list(zip(i, t, strict=True)) for i, t in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+    return list(zip(got[:, 0].tolist(), ranks, tops, strict=True))
 
 
 class Detokenizer:

@@ -38,7 +38,7 @@ from ..core.packed import pack_linears, pack_sae_encoder
 from ..core.engine import EngineError, Event, GenerationRequest, TokenFeaturesOut
 from ..core.registry import BASE
 from ..core.rows import RowState
-from ..core.sampling import logprobs_of, sample
+from ..core.sampling import logprobs_of, prompt_scores, sample
 from ..core.threaded import ThreadedEngine
 
 log = logging.getLogger(__name__)
@@ -198,13 +198,14 @@ class TorchEngine(ThreadedEngine):
             self.active += [r for r in new if not r.done]
 
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
-                 latents_only: bool = False):
+                 latents_only: bool = False, all_logits: bool = False):
         """The batch's forward: (model output, captures, stops). `latents_only`: the rows need no logits, only
         their latents (finished rows' last tokens), so the layers after the deepest SAE do not run (output None;
-        the cache is left part-extended: these rows are done with it)."""
+        the cache is left part-extended: these rows are done with it). `all_logits`: every position's logits
+        (a row scores its prompt), else only the last column's."""
         kwargs: dict[str, Any] = dict(attention_mask=mask, position_ids=pos.clamp(min=0), past_key_values=cache,
                                       use_cache=True)
-        if self._keep_last and ids.shape[1] > 1:
+        if self._keep_last and ids.shape[1] > 1 and not all_logits:
             kwargs["logits_to_keep"] = 1  # rows are left-padded: the last column is every row's last token
         top_k = max(r.req.splice.top_k for r in rows)
         with torch.no_grad(), self.splice.batch(rows=[r.spec for r in rows], positions=pos, top_k=top_k), \
@@ -223,7 +224,9 @@ class TorchEngine(ThreadedEngine):
 
         reps, group = _prefill_groups(rows)
         ids, mask, pos = kv.left_pad([r.ids for r in reps], self.pad_id)  # (g, T) each
-        out, caps, _ = self._forward(reps, ids, mask, pos, DynamicCache())  # stops watch generated tokens only
+        scoring = any(r.scores is not None for r in rows)
+        # stops watch generated tokens only
+        out, caps, _ = self._forward(reps, ids, mask, pos, DynamicCache(), all_logits=scoring)
         kvs = kv.split(out.past_key_values, [len(r.ids) for r in reps])
         for row, i in zip(rows, group, strict=True):
             row.kv, row.cached = kvs[i], len(row.ids)  # shared tensors: only ever read (stacking copies them)
@@ -231,9 +234,13 @@ class TorchEngine(ThreadedEngine):
                 for j in range(ids.shape[1]):
                     if pos[i, j] >= 0:
                         self._feed_latents(row, caps, i, j, int(pos[i, j]))
+            if row.scores is not None:  # left-padded: the prompt is the last prompt_len columns
+                first = ids.shape[1] - row.prompt_len
+                row.add_prompt_scores(1, prompt_scores(out.logits[i, first:-1], ids[i, first + 1:],
+                                                       row.req.sampling.prompt_logprobs or 0))
             row.read_through(row.prompt_len - 1)
-            row.flush()
-            self._next_token(row, out.logits[i, -1])
+            if not row.flush():  # a row that only scores its prompt (max_tokens 0) has finished here
+                self._next_token(row, out.logits[i, -1])
 
     def _decode_step(self) -> None:
         for row in [r for r in self.active if r.cancelled]:

@@ -34,7 +34,7 @@ from saelora.adapters.splice import RowSpec
 from saelora.adapters.lora_targets import LLAMA_MODULES
 
 from ..config import ServeConfig
-from ..core.engine import (EngineError, Event, GenerationRequest, PromptFeatures, TokenFeaturesOut)
+from ..core.engine import EngineError, Event, GenerationRequest, PromptFeatures, TokenFeaturesOut, TokenScore
 from ..core.rows import RowState
 from ..core.threaded import Emit, ThreadedEngine
 from . import ARCHITECTURES, compat, spliced_architecture
@@ -70,6 +70,7 @@ class _Row(RowState):
         self.last_pos = self.prompt_len - 1  # position of the last token vLLM returned (the extra one included)
         self.in_vllm = False  # added to vLLM and not finished there
         self.cached_tokens = 0  # prompt tokens vLLM took from its prefix cache
+        self.scored = 0  # prompt positions whose logprobs vLLM has returned (the first one's None included)
 
 
 class VllmEngine(ThreadedEngine):
@@ -233,9 +234,10 @@ class VllmEngine(ThreadedEngine):
 
         req, s = row.req, row.req.sampling
         extra = self.reserve_tokens if row.waits and not row.prompt_only else 0  # the last token's latents
-        params = SamplingParams(
-            n=1, max_tokens=s.max_tokens + extra, temperature=s.temperature, top_p=s.top_p,
+        params = SamplingParams(  # vLLM samples at least one token: a max_tokens 0 row ignores it (the row core)
+            n=1, max_tokens=max(1, s.max_tokens) + extra, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k and s.top_k > 0 else 0, seed=s.seed, logprobs=s.logprobs, ignore_eos=True,
+            prompt_logprobs=s.prompt_logprobs,
             detokenize=False, output_kind=RequestOutputKind.DELTA, extra_args=encode_settings(row.rid, row.spec))
         prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
         salt = self._cache_salt(row)
@@ -273,6 +275,11 @@ class VllmEngine(ThreadedEngine):
             row = self.rows.get(out.request_id)
             if row is None:
                 continue
+            if out.prompt_logprobs:  # a delta: the positions scored since the last step (chunked prefill)
+                k = row.req.sampling.prompt_logprobs or 0
+                row.add_prompt_scores(row.scored, [_score(row.req.prompt_ids[row.scored + j], d, k)
+                                                   for j, d in enumerate(out.prompt_logprobs)])
+                row.scored += len(out.prompt_logprobs)
             for comp in out.outputs[:1]:
                 for j, tok in enumerate(comp.token_ids):
                     row.last_pos += 1
@@ -333,6 +340,16 @@ class VllmEngine(ThreadedEngine):
                 self._fail(row, error)
             except Exception:  # noqa: BLE001 - vLLM itself may be broken; the row is failed anyway
                 self.rows.pop(row.rid, None)
+
+
+def _score(tok: int, logprobs: dict[int, Any] | None, k: int) -> TokenScore | None:
+    """vLLM's {token: Logprob(logprob, rank)} at a prompt position (None at the first) -> the prompt token's
+    logprob and rank, and the top k by rank (vLLM adds the prompt token to its top k)."""
+    if logprobs is None:
+        return None
+    own = logprobs[tok]
+    ranked = sorted((v.rank, t, v.logprob) for t, v in logprobs.items() if v.rank is not None and v.rank <= k)
+    return float(own.logprob), int(own.rank), [(int(t), float(v)) for _, t, v in ranked[:k]]
 
 
 def _logprobs(tok: int, logprobs: dict[int, Any], k: int) -> tuple[float | None, list[tuple[int, float]]]:

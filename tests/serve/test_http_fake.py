@@ -290,3 +290,20 @@ def test_latent_json_is_built_off_the_event_loop(http, monkeypatch):
         assert r.status_code == 200 and [ln for ln in r.iter_lines() if ln][-1] == "data: [DONE]"
     prompt = [name for pos, name in threads if pos < 3]  # one generated token's latents stay on the loop: small
     assert len(prompt) == 3 and all(name.startswith("saelora-tok") for name in prompt), threads
+
+
+def test_echo_returns_the_prompt_and_its_scores_before_the_completion(http, engine):
+    r = http.post("/v1/completions", json={"prompt": "the cat", "echo": True, "max_tokens": 2}).json()["choices"][0]
+    assert r["text"].startswith("the cat") and r["text"] != "the cat" and r.get("logprobs") is None
+    assert engine.requests[-1].sampling.prompt_logprobs == 0  # echo alone: the prompt is passed through the engine
+    r = http.post("/v1/completions", json={"prompt": "the cat", "echo": True, "logprobs": 1, "max_tokens": 0})
+    c = r.json()["choices"][0]
+    assert c["text"] == "the cat" and c["logprobs"]["token_logprobs"] == [None, -1.0]
+    assert c["logprobs"]["top_logprobs"][0] is None and r.json()["usage"]["completion_tokens"] == 0
+    c = http.post("/v1/completions", json={"prompt": [[5, 6, 7]], "prompt_logprobs": 0, "max_tokens": 1}).json()
+    dec = engine.tokenizer.decode
+    assert c["choices"][0]["prompt_logprobs"] == [None, {"6": {"logprob": -1.0, "rank": 1, "decoded_token": dec([6])}},
+                                                  {"7": {"logprob": -1.0, "rank": 1, "decoded_token": dec([7])}}]
+    _envelope(http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 0}), 400)
+    schema = http.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert "prompt_logprobs" in schema and "echo" in schema

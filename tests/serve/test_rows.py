@@ -151,3 +151,49 @@ def test_a_row_spec_crosses_a_process_boundary_unchanged():
     spec = RowSpec(modes={"s": "replace"}, edits=[LatentEdit("s", 3, "add", 2.0, when=Condition("s", 4, 0.5))],
                    prompt_len=3, stops=[Condition("s", 1, 0.0)], top_k=2, include_prompt=True, report=["s"])
     assert RowSpec.from_json(spec.to_json()) == spec
+
+
+def test_prompt_scores_go_out_first_once_every_position_is_in_and_max_tokens_zero_samples_nothing():
+    from saelora.serve.core.engine import PromptLogprobs
+
+    events = []
+    req = GenerationRequest([5, 6, 7], Sampling(max_tokens=0, prompt_logprobs=1),
+                            RowSpec(modes={"s": "error_term"}, prompt_len=3))
+    row = RowState(req, events.append, TOK, EOS, ["s"])
+    row.add_prompt_scores(0, [None, (-1.0, 2, [(4, -0.5)])])  # a first chunk of a chunked prefill
+    assert not row.flush() and events == []  # position 2 is not scored yet
+    row.take(9)  # an engine that samples anyway (vLLM: at least one token): ignored
+    row.add_prompt_scores(2, [(-2.0, 1, [(7, -2.0)])])
+    assert row.flush() and [type(e) for e in events] == [PromptLogprobs, Finished]
+    assert events[0].scores == [None, (-1.0, 2, [(4, -0.5)]), (-2.0, 1, [(7, -2.0)])]
+    assert (events[1].finish_reason, events[1].completion_tokens) == ("length", 0)
+    assert row.flush() and len(events) == 2  # a finished row emits nothing more
+
+
+def test_max_tokens_zero_is_admitted_only_when_the_prompt_is_scored():
+    import pytest
+
+    from saelora.serve.core.engine import check_request
+
+    with pytest.raises(EngineError) as e:
+        check_request(GenerationRequest([5, 6], Sampling(max_tokens=0), RowSpec()), SAES, 100, 64)
+    assert (e.value.kind, e.value.param) == ("invalid", "max_tokens")
+    check_request(GenerationRequest([5, 6], Sampling(max_tokens=0, prompt_logprobs=0), RowSpec()), SAES, 100, 64)
+
+
+def test_prompt_scores_are_each_tokens_logprob_rank_and_top_k():
+    import torch
+
+    from saelora.serve.core.sampling import prompt_scores
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    got = prompt_scores(logits, torch.tensor([2, 0]), k=2)
+    lp = torch.log_softmax(logits, -1)
+    assert [g[1] for g in got] == [2, 1] and got[0][0] == pytest_approx(float(lp[0, 2]))
+    assert [t for t, _ in got[0][2]] == [1, 2] and prompt_scores(logits, torch.tensor([2, 0]), k=0)[1][2] == []
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, abs=1e-6)
