@@ -144,7 +144,8 @@ class Handlers:
 
         def build() -> P.CompletionResponse:
             out = [P.CompletionChoice(index=i, text=(echo.text or "") + c.text, finish_reason=c.finish,
-                                      logprobs=completion_logprobs(tok, c.tokens, echo, c.scores)
+                                      logprobs=completion_logprobs(tok, c.tokens + ([c.eos] if c.eos else []),
+                                                                   echo, c.scores)
                                       if r.logprobs is not None else None,
                                       prompt_logprobs=prompt_logprobs(tok, echo.ids, c.scores)
                                       if echo.prompt_logprobs and c.scores is not None else None,
@@ -210,6 +211,7 @@ class _Collected:
         self.tokens: list[TokenEvent] = []
         self.prompt: list[TokenFeaturesOut] | None = None
         self.scores: list[TokenScore | None] | None = None  # the prompt's logprobs, when asked
+        self.eos: TokenEvent | None = None  # the EOS token that ended the choice (listed in its logprobs)
         self.prompt_tokens = self.completion_tokens = 0
 
     def add(self, ev: Event) -> None:
@@ -223,6 +225,7 @@ class _Collected:
         elif isinstance(ev, Finished):
             self.text += ev.text
             self.finish = ev.finish_reason
+            self.eos = ev.eos
             self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
 
     def features(self, splice: RowSpec) -> P.ChoiceFeatures | None:
@@ -298,10 +301,9 @@ def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: s
         return P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump(
             exclude_none=True)
     lp = None
-    if isinstance(ev, TokenEvent) and ev.logprob is not None:
-        s = tok.decode([ev.token_id])
-        lp = P.CompletionLogprobs(tokens=[s], token_logprobs=[ev.logprob],
-                                  top_logprobs=[{tok.decode([j]): v for j, v in (ev.top_logprobs or [])}])
+    scored = ev.eos if isinstance(ev, Finished) else ev  # the EOS that ended the choice: listed, never shown
+    if isinstance(scored, TokenEvent) and scored.logprob is not None:
+        lp = completion_logprobs(tok, [scored], offset=None)
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=lp,
                                            features=feats).model_dump(exclude_none=True)]}

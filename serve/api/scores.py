@@ -35,8 +35,10 @@ class Echo:
 
 
 def completion_logprobs(tok: Any, tokens: Sequence[TokenEvent], echo: Echo | None = None,
-                        scores: Sequence[TokenScore | None] | None = None, offset: int = 0) -> P.CompletionLogprobs:
-    """The prompt's entries first when echoed (`scores`: its PromptLogprobs), then the generated tokens'."""
+                        scores: Sequence[TokenScore | None] | None = None, offset: int | None = 0
+                        ) -> P.CompletionLogprobs:
+    """The prompt's entries first when echoed (`scores`: its PromptLogprobs), then the generated tokens'.
+    `offset`: the first entry's text offset (None: none, a streamed chunk's, which does not know it)."""
     rows: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
     if echo is not None and echo.logprobs and scores is not None:
         rows += [(t, None, None) if s is None else (t, s[0], s[2]) for t, s in zip(echo.ids, scores, strict=True)]
@@ -47,8 +49,9 @@ def completion_logprobs(tok: Any, tokens: Sequence[TokenEvent], echo: Echo | Non
         out.tokens.append(s)
         out.token_logprobs.append(logprob)
         out.top_logprobs.append(None if top is None else {tok.decode([i]): v for i, v in top})
-        out.text_offset.append(offset)
-        offset += len(s)
+        if offset is not None:
+            out.text_offset.append(offset)
+            offset += len(s)
     return out
 
 

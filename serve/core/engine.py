@@ -143,6 +143,9 @@ class Finished:
     text: str  # remaining text released at the end
     prompt_tokens: int
     completion_tokens: int
+    # the end-of-sequence token that ended the row: no text and no event of its own, but a completion's logprobs
+    # list it last, as OpenAI's and vLLM's do (lm-eval reads a loglikelihood up to that last token)
+    eos: TokenEvent | None = None
 
 
 Event = PromptFeatures | PromptLogprobs | TokenEvent | Finished

@@ -60,6 +60,7 @@ class RowState:
         # finished (stop | length): pending events are flushed first. max_tokens 0 only scores the prompt, so a
         # token an engine samples anyway (vLLM samples at least one) is ignored
         self.reason: str | None = "length" if req.sampling.max_tokens < 1 else None
+        self.eos_token: TokenEvent | None = None  # the EOS token that ended the row, if one did
         self.cancelled = False  # the client went away
         self.done = False
         self._registry: Any = None  # the adapter registry this row holds its adapter in, until `release`
@@ -93,7 +94,8 @@ class RowState:
             return
         self.generated += 1
         if tok in self.eos and not self.req.sampling.ignore_eos:
-            self.reason = "stop"  # an end-of-sequence token is not shown
+            self.reason = "stop"  # an end-of-sequence token is not shown, only listed in logprobs
+            self.eos_token = TokenEvent(tok, self.prompt_len + self.generated - 1, "", logprob, top)
             return
         delta, hit_stop = self.detok.add(tok)
         self.pending.append(TokenEvent(tok, self.prompt_len + self.generated - 1, delta, logprob, top))
@@ -156,11 +158,12 @@ class RowState:
         self.generated = n
         self.detok.truncate(n, self.emitted_chars)
         self.pending.clear()
+        self.eos_token = None  # sampled after the cut
         self.reason = "stop"
 
     def finished(self, reason: str) -> Finished:
         """The final event: the reason, the text held back so far, and the token counts."""
-        return Finished(reason, self.detok.finish(), self.prompt_len, self.generated)
+        return Finished(reason, self.detok.finish(), self.prompt_len, self.generated, self.eos_token)
 
     def _latents_at(self, pos: int) -> Latents:
         """This row's reported latents at `pos` (an SAE whose latents never came is left out)."""

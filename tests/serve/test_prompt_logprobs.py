@@ -9,12 +9,12 @@ import json
 
 import httpx
 import pytest
-import torch
+
+from direct import STEER, Direct
 
 pytestmark = pytest.mark.integration
 IDS = [5, 9, 14, 3, 22, 7, 11, 30]  # a prompt as token ids: no tokenizer between the two sides
 TOL = 2e-3
-STEER = {"feature": 3, "op": "set", "value": 250.0}
 
 
 def _post(server, **body):
@@ -26,35 +26,8 @@ def _post(server, **body):
 @pytest.fixture(scope="module")
 def direct(ws):
     """Reference next-token logprobs of IDS from a direct forward pass, by model name."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from saelora.adapters.edits import LatentEdit
-    from saelora.adapters.models import load_model
-    from saelora.adapters.saes import load_sae
-    from saelora.adapters.splice import RowSpec
-    from saelora.adapters.splice_hooks import Splice
-
-    def lp(model, rows=None, sp=None):
-        x = torch.tensor([IDS])
-        with torch.no_grad():
-            if sp is None:
-                logits = model(input_ids=x).logits[0]
-            else:
-                with sp.batch(rows=rows):
-                    logits = model(input_ids=x).logits[0]
-        out = torch.log_softmax(logits.float(), -1)[:-1].gather(1, x[0, 1:, None])[:, 0]
-        return [None, *out.tolist()]
-
-    base = AutoModelForCausalLM.from_pretrained(ws["model"], dtype=torch.float32).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws["model"], dtype=torch.float32),
-                                        ws["a1"]).eval()
-    lm = load_model(ws["model"], device="cpu")
-    sae = load_sae(lm.model, ws["saes"][0], tokenizer=lm.tokenizer)
-    sp = Splice(lm.model, [sae], mode="replace").install()
-    steer = [RowSpec(modes={sae.name: "error_term"}, edits=[LatentEdit(sae.name, 3, "set", 250.0)])]
-    return {"tiny": lp(base), "a1": lp(adapted), "tiny+sae": lp(lm.model, [RowSpec()], sp),
-            "tiny+sae:t-echo": lp(lm.model, steer, sp)}
+    ref = Direct(ws)
+    return {name: ref.logprobs(name, IDS) for name in ("tiny", "a1", "tiny+sae", "tiny+sae:t-echo")}
 
 
 def _close(got, want):

@@ -197,3 +197,12 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, abs=1e-6)
+
+
+def test_an_eos_that_ends_a_row_is_not_shown_but_finished_lists_it_for_logprobs():
+    row, ev = _row(max_tokens=4)
+    row.take(9, -0.5, [(9, -0.5)])
+    row.take(TOK.eos_token_id, -0.1, [(TOK.eos_token_id, -0.1)])
+    assert row.flush() and [type(e) for e in ev] == [TokenEvent, Finished]
+    assert ev[-1].eos.token_id == TOK.eos_token_id and ev[-1].eos.logprob == -0.1 and ev[-1].eos.text == ""
+    assert (ev[-1].finish_reason, ev[-1].completion_tokens) == ("stop", 2)
