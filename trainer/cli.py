@@ -1,5 +1,5 @@
 """Subcommands of `saelora` that train and evaluate: train, train-e2e, train-sae, eval, features, steer-eval,
-corpus-fetch.
+corpus-fetch, export.
 
 Options are generated from the config dataclasses (adapters/options.py); each option's help is its field's metadata
 (`opt(...)`).
@@ -102,6 +102,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportConfig, export_merged
+
+    print(export_merged(ExportConfig(merge=args.merge, out=args.out, model=args.model)))
+    return 0
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
+    from .export import ExportConfig
+
+    text = "merge an adapter bundle into its base model: a plain HF checkpoint (the SAE splice is not in it)"
+    p = sub.add_parser("export", help=text, description=text)
+    help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ExportConfig)}
+    p.add_argument("--merge", required=True, metavar="ADAPTER", help=help_of["merge"])
+    p.add_argument("out", metavar="OUT", help=help_of["out"])
+    p.add_argument("--model", help=help_of["model"])
+    p.set_defaults(func=_cmd_export)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the trainer's subcommands to the `saelora` parser."""
     from .config import TrainConfig
@@ -125,4 +144,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=text, description=text)
         add_dataclass_args(p, cls, renames={"saes": "sae"})
         p.set_defaults(func=func)
+    _register_export(sub)
 
