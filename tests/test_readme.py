@@ -78,3 +78,50 @@ def server(tmp_path_factory):
 def test_each_server_example_runs_against_a_live_server(server, i):
     code = SERVED[i].replace("http://127.0.0.1:8000", server.url)
     exec(compile(code, f"README.md: server example {i + 1}", "exec"), dict(GIVEN))  # noqa: S102
+
+
+DOCS = [Path(__file__).resolve().parents[1] / f for f in ("README.md", "docs/api.md")]
+
+
+def curl_commands(text: str) -> list[str]:
+    """Every `curl` command of a markdown text's bash blocks, in order: from `curl` to the first newline outside
+    single quotes (a JSON body may span lines), comments outside quotes dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for start in (m.start() for m in re.finditer(r"(?m)^curl ", block)):
+            cmd, quoted, comment = [], False, False
+            for ch in block[start:]:
+                if ch == "\n" and not quoted:
+                    break
+                if ch == "'" and not comment:
+                    quoted = not quoted
+                elif ch == "#" and not quoted and (not cmd or cmd[-1].isspace()):
+                    comment = True
+                if not comment:
+                    cmd.append(ch)
+            out.append("".join(cmd).strip())
+    return out
+
+
+def test_the_docs_have_the_curl_examples_this_test_runs():
+    found = {p.name: curl_commands(p.read_text()) for p in DOCS}
+    assert len(found["README.md"]) >= 1 and len(found["api.md"]) >= 5
+    assert all("localhost:8000" in c for cs in found.values() for c in cs)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_each_curl_example_answers_2xx_against_a_live_server(server, doc):
+    """Run as written, in the document's order (the adapter is loaded before it is unloaded); only the
+    address changes. `--fail-with-body`: an error answer fails the command."""
+    import json
+    import subprocess
+
+    import httpx
+
+    httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "mine"})  # as a fresh server: the
+    host = server.url.removeprefix("http://")  # README's client example leaves `mine` loaded, docs/api.md loads it
+    for cmd in curl_commands(doc.read_text()):
+        cmd = cmd.replace("localhost:8000", host).replace("curl -s ", "curl -s --fail-with-body ", 1)
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+        assert "error" not in json.loads(r.stdout), (cmd, r.stdout[:500])
