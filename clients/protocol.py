@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from saelora.adapters.edits import MAX_EDIT_VALUE, SERVE_MODE, Mode, Op, PositionWord, Unit, VectorOp, VectorUnit
 
+from .compact import CompactFeatures  # noqa: F401  (re-exported: a ChoiceFeatures field)
 from .protocol_base import (ADAPTER_NAME, LOGIT_TOP, MAX_EDITS, MAX_LOGPROBS, MAX_N, MAX_PATH, MAX_POSITION,  # noqa: F401
                             MAX_POSITIONS, MAX_PRESETS, MAX_PROMPT_IDS, MAX_SEED, MAX_STOP_WHEN, MAX_STOPS, MAX_TOP_K,
                             MAX_VECTOR, MAX_VECTOR_EDITS, PRESET_NAME, JFloat, JInt, VectorValue, _finite, _json_bool,
@@ -85,6 +86,9 @@ class SAEFeatureOptions(_Strict):
     top_k: JInt = Field(0, ge=0, le=MAX_TOP_K, description="latents returned per token and SAE (0: none)")
     include_prompt: StrictBool = Field(False, description="also return the prompt tokens' latents")
     saes: list[str] | None = Field(None, description="SAE ids to report (default: all)")
+    format: Literal["full", "compact"] = Field("full", description="full: one object per token and SAE; compact: "
+                                               "parallel base64 arrays per choice, float16 values "
+                                               "(saelora.clients.compact)")
 
 
 class SAEOptions(_Strict):
@@ -243,6 +247,14 @@ class TokenFeatures(BaseModel):
 class ChoiceFeatures(BaseModel):
     prompt: list[TokenFeatures] | None = None
     generated: list[TokenFeatures] = Field(default_factory=list)
+    compact: CompactFeatures | None = None  # with "format": "compact" (then prompt and generated are empty)
+
+    def tokens(self) -> tuple[list[TokenFeatures] | None, list[TokenFeatures]]:
+        """(prompt, generated) latents in the full form's objects, whichever form the server sent."""
+        if self.compact is None:
+            return self.prompt, self.generated
+        prompt, generated = self.compact.decode()
+        return (prompt or None), generated
 
 
 class Usage(BaseModel):

@@ -21,9 +21,9 @@ from ..core.engine import (Engine, EngineError, Event, Finished, GenerationReque
                            Sampling, TokenEvent, TokenFeaturesOut, TokenScore)
 from .errors import error_event
 from .names import ModelName, resolve
-from .scores import Echo, completion_logprobs, prompt_logprobs
+from .scores import Reply, completion_logprobs, prompt_logprobs
 from .steering import Steering
-from .wire import sae_latents, token_features
+from .wire import choice_features, token_features
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 JSON = "application/json"
@@ -126,36 +126,36 @@ class Handlers:
                 await g.aclose()
 
     # ---- completions --------------------------------------------------------------------------------------
-    async def _completion_inputs(self, r: P.CompletionRequest) -> tuple[list[GenerationRequest], Echo]:
+    async def _completion_inputs(self, r: P.CompletionRequest) -> tuple[list[GenerationRequest], Reply]:
         name = self.model_name(r.model)
         sae = name.options(r.sae)
         p = r.prompt_text_or_ids()
         ids = await self._off_loop(self.tokenize, p) if isinstance(p, str) else list(p)  # off the event loop
         sampling = self.sampling(r, 16 if r.max_tokens is None else r.max_tokens, r.logprobs, r.prompt_scores_k())
         return (self._requests(ids, r.n, sampling, self.splice_request(sae), name.adapter,
-                               compare=bool(sae and sae.compare)), Echo.of(r, ids, self.engine.tokenizer))
+                               compare=bool(sae and sae.compare)), Reply.of(r, ids, self.engine.tokenizer, sae))
 
     async def completion(self, r: P.CompletionRequest) -> Response | AsyncIterator[str]:
-        reqs, echo = await self._completion_inputs(r)
+        reqs, reply = await self._completion_inputs(r)
         if r.stream:
-            return await self._stream(reqs, r.n, chat=False, model=r.model or self.name, echo=echo)
-        choices = await self._collect(reqs)
+            return await self._stream(reqs, r.n, chat=False, model=r.model or self.name, reply=reply)
+        choices = await self._collect(reqs, reply)
         tok = self.engine.tokenizer
 
         def build() -> P.CompletionResponse:
-            out = [P.CompletionChoice(index=i, text=(echo.text or "") + c.text, finish_reason=c.finish,
+            out = [P.CompletionChoice(index=i, text=(reply.text or "") + c.text, finish_reason=c.finish,
                                       logprobs=completion_logprobs(tok, c.tokens + ([c.eos] if c.eos else []),
-                                                                   echo, c.scores)
+                                                                   reply, c.scores)
                                       if r.logprobs is not None else None,
-                                      prompt_logprobs=prompt_logprobs(tok, echo.ids, c.scores)
-                                      if echo.prompt_logprobs and c.scores is not None else None,
+                                      prompt_logprobs=prompt_logprobs(tok, reply.ids, c.scores)
+                                      if reply.prompt_logprobs and c.scores is not None else None,
                                       features=c.features(reqs[i].splice), unsteered=_unsteered(choices, reqs, r.n, i))
                    for i, c in enumerate(choices[:r.n])]
             return P.CompletionResponse(model=r.model or self.name, choices=out, usage=_usage(reqs, choices))
         return await self._json(build)
 
-    async def _collect(self, reqs: list[GenerationRequest]) -> list[_Collected]:
-        choices = [_Collected(self.engine.tokenizer) for _ in reqs]
+    async def _collect(self, reqs: list[GenerationRequest], reply: Reply) -> list[_Collected]:
+        choices = [_Collected(self.engine.tokenizer, reply.compact) for _ in reqs]
         async for i, ev in self._merged(reqs):
             choices[i].add(ev)
         return choices
@@ -168,9 +168,10 @@ class Handlers:
         lp = (r.top_logprobs or 0) if r.logprobs else None
         reqs = self._requests(ids, r.n, self.sampling(r, budget, lp), self.splice_request(sae), name.adapter,
                               compare=bool(sae and sae.compare))
+        reply = Reply.of(r, ids, self.engine.tokenizer, sae)
         if r.stream:
-            return await self._stream(reqs, r.n, chat=True, model=r.model or self.name)
-        choices = await self._collect(reqs)
+            return await self._stream(reqs, r.n, chat=True, model=r.model or self.name, reply=reply)
+        choices = await self._collect(reqs, reply)
 
         def build() -> P.ChatCompletionResponse:
             out = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish,
@@ -181,11 +182,11 @@ class Handlers:
         return await self._json(build)
 
     async def _stream(self, reqs: list[GenerationRequest], n: int, chat: bool, model: str,
-                      echo: Echo | None = None) -> AsyncIterator[str]:
+                      reply: Reply | None = None) -> AsyncIterator[str]:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
         merged = self._merged(reqs)
         first = await merged.__anext__()
-        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop, echo)
+        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop, reply)
 
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> Response:
@@ -206,8 +207,8 @@ class Handlers:
 class _Collected:
     """One choice's events gathered for a non-streaming response."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok, self.text, self.finish = tokenizer, "", None
+    def __init__(self, tokenizer: Any, compact: bool = False) -> None:
+        self.tok, self.text, self.finish, self.compact = tokenizer, "", None, compact
         self.tokens: list[TokenEvent] = []
         self.prompt: list[TokenFeaturesOut] | None = None
         self.scores: list[TokenScore | None] | None = None  # the prompt's logprobs, when asked
@@ -231,10 +232,8 @@ class _Collected:
     def features(self, splice: RowSpec) -> P.ChoiceFeatures | None:
         if not splice.top_k:
             return None
-        gen = [P.TokenFeatures(token=self.tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
-                               features=sae_latents(t.features)) for t in self.tokens]
-        prompt = [token_features(t, self.tok) for t in self.prompt] if self.prompt is not None else None
-        return P.ChoiceFeatures(prompt=prompt, generated=gen)
+        gen = [TokenFeaturesOut(t.position, t.token_id, t.features or {}) for t in self.tokens]
+        return choice_features(self.prompt, gen, self.tok, self.compact)
 
     def chat_logprobs(self) -> P.ChatLogprobs:
         return P.ChatLogprobs(content=[_chat_lp(t, self.tok) for t in self.tokens])
@@ -263,26 +262,25 @@ def _usage(reqs: list[GenerationRequest], choices: list[_Collected]) -> P.Usage:
 
 
 def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: str, model: str,
-           echo: Echo | None = None) -> dict[str, Any] | None:
+           reply: Reply | None = None) -> dict[str, Any] | None:
     """The SSE chunk of event `ev` of request i (None: the event shows nothing); requests n and up are the
     unsteered twins (`compare`) of choices i - n, whose text, finish reason and latents go in the choice's
     `unsteered` object."""
     if isinstance(ev, PromptLogprobs):  # the echoed prompt: a choice's first chunk (twins echo nothing)
-        if i >= n or echo is None:
+        if i >= n or reply is None:
             return None
         return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [
-            P.CompletionChoice(index=i, text=echo.text or "", logprobs=completion_logprobs(tok, [], echo, ev.scores)
-                               if echo.logprobs else None,
-                               prompt_logprobs=prompt_logprobs(tok, echo.ids, ev.scores) if echo.prompt_logprobs
+            P.CompletionChoice(index=i, text=reply.text or "", logprobs=completion_logprobs(tok, [], reply, ev.scores)
+                               if reply.logprobs else None,
+                               prompt_logprobs=prompt_logprobs(tok, reply.ids, ev.scores) if reply.prompt_logprobs
                                else None).model_dump(exclude_none=True)]}
     text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
     finish = ev.finish_reason if isinstance(ev, Finished) else None
-    feats = None
+    feats, compact = None, reply is not None and reply.compact
     if isinstance(ev, PromptFeatures):
-        feats = P.ChoiceFeatures(prompt=[token_features(t, tok) for t in ev.tokens])
+        feats = choice_features(ev.tokens, [], tok, compact)
     elif isinstance(ev, TokenEvent) and ev.features is not None:
-        feats = P.ChoiceFeatures(generated=[token_features(TokenFeaturesOut(ev.position, ev.token_id, ev.features),
-                                                                            tok)])
+        feats = choice_features(None, [TokenFeaturesOut(ev.position, ev.token_id, ev.features)], tok, compact)
     if i >= n:
         twin = P.Unsteered(text=text, finish_reason=finish, features=feats)
         choice: P.ChatChunkChoice | P.CompletionChoice = (
@@ -310,12 +308,12 @@ def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: s
 
 
 async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], n: int, chat: bool, model: str,
-               tok: Any, off_loop: Callable[..., Awaitable[Any]], echo: Echo | None = None) -> AsyncIterator[str]:
+               tok: Any, off_loop: Callable[..., Awaitable[Any]], reply: Reply | None = None) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
     async def line(i: int, ev: Event) -> str:  # the prompt's latents and scores (large events) encoded off the loop
         def encode(_: Any) -> str:
-            chunk = _chunk(i, ev, n, chat, tok, created, cid, model, echo)
+            chunk = _chunk(i, ev, n, chat, tok, created, cid, model, reply)
             return "" if chunk is None else f"data: {json.dumps(chunk)}\n\n"
         return await off_loop(encode, None) if isinstance(ev, (PromptFeatures, PromptLogprobs)) else encode(None)
 

@@ -3,7 +3,7 @@
 
 A request's prompt scores come from the engine as one `PromptLogprobs` event (serve/core/engine.py) before any
 token: each prompt token's logprob under the request's model, adapter and splice (None for the first token).
-`Echo` is what the request asked to see of them; these functions turn them and the generated tokens into the
+`Reply` is what the request asked to see of them; these functions turn them and the generated tokens into the
 OpenAI legacy-completions shapes (`text_offset` counts characters of the token strings, prompt first).
 """
 
@@ -18,23 +18,29 @@ from ..core.engine import TokenEvent, TokenScore
 
 
 @dataclass(frozen=True)
-class Echo:
-    """What a completion request shows of its prompt: its text before the completion (`text`, None: no echo),
-    its tokens' logprobs in `logprobs` (with echo and logprobs), vLLM's `prompt_logprobs`."""
+class Reply:
+    """What a request asked to see in its reply beyond the completion: its prompt's text before the completion
+    (`text`, None: no echo), the prompt tokens' logprobs in `logprobs` (echo with logprobs), vLLM's
+    `prompt_logprobs`, and the latents' form (`compact`: saelora.clients.compact)."""
 
     ids: list[int]
     text: str | None = None
     logprobs: bool = False
     prompt_logprobs: bool = False
+    compact: bool = False
 
     @classmethod
-    def of(cls, r: P.CompletionRequest, ids: list[int], tok: Any) -> "Echo":
+    def of(cls, r: P.CompletionRequest | P.ChatCompletionRequest, ids: list[int], tok: Any,
+           sae: P.SAEOptions | None) -> "Reply":
+        compact = bool(sae and sae.features and sae.features.format == "compact")
+        if not isinstance(r, P.CompletionRequest):
+            return cls(ids, compact=compact)
         p = r.prompt_text_or_ids()
         text = (p if isinstance(p, str) else tok.decode(ids)) if r.echo else None
-        return cls(ids, text, r.echo and r.logprobs is not None, r.prompt_logprobs is not None)
+        return cls(ids, text, r.echo and r.logprobs is not None, r.prompt_logprobs is not None, compact)
 
 
-def completion_logprobs(tok: Any, tokens: Sequence[TokenEvent], echo: Echo | None = None,
+def completion_logprobs(tok: Any, tokens: Sequence[TokenEvent], echo: Reply | None = None,
                         scores: Sequence[TokenScore | None] | None = None, offset: int | None = 0
                         ) -> P.CompletionLogprobs:
     """The prompt's entries first when echoed (`scores`: its PromptLogprobs), then the generated tokens'.

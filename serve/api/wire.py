@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from saelora.clients import protocol as P
+from saelora.clients.compact import encode as encode_compact
 
 from ..core.engine import Latents, LogitPairs, TokenFeaturesOut
 
@@ -26,6 +27,19 @@ def sae_latents(lat: Latents | None) -> list[P.SAELatents]:
 def token_features(t: TokenFeaturesOut, tok: Any) -> P.TokenFeatures:
     return P.TokenFeatures(token=tok.decode([t.token_id]), token_id=t.token_id, position=t.position,
                            features=sae_latents(t.features))
+
+
+def choice_features(prompt: Sequence[TokenFeaturesOut] | None, generated: Sequence[TokenFeaturesOut], tok: Any,
+                    compact: bool = False) -> P.ChoiceFeatures:
+    """A choice's latents (or a streamed chunk's) in the form the request asked for: one object per token and
+    SAE, or the compact arrays (saelora.clients.compact: float16 values, k slots per token)."""
+    if not compact:
+        return P.ChoiceFeatures(prompt=None if prompt is None else [token_features(t, tok) for t in prompt],
+                                generated=[token_features(t, tok) for t in generated])
+    tokens = [*(prompt or []), *generated]
+    k = max((len(idx) for t in tokens for idx, _ in (t.features or {}).values()), default=0)
+    rows = [(tok.decode([t.token_id]), t.token_id, t.position, t.features or {}) for t in tokens]
+    return P.ChoiceFeatures(compact=encode_compact(rows, k, prompt_count=len(prompt or [])))
 
 
 def wire_logits(pairs: LogitPairs | None, tok: Any) -> P.LatentLogits | None:

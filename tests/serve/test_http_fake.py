@@ -307,3 +307,23 @@ def test_echo_returns_the_prompt_and_its_scores_before_the_completion(http, engi
     _envelope(http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 0}), 400)
     schema = http.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "prompt_logprobs" in schema and "echo" in schema
+
+
+def test_compact_latents_decode_to_the_full_forms_objects(http):
+    from saelora.clients import protocol as P
+
+    body = {"prompt": "the cat", "max_tokens": 3, "sae": {"features": {"top_k": 2, "include_prompt": True}}}
+    full = P.ChoiceFeatures(**http.post("/v1/completions", json=body).json()["choices"][0]["features"])
+    body["sae"]["features"]["format"] = "compact"
+    raw = http.post("/v1/completions", json=body).json()["choices"][0]["features"]
+    assert raw["generated"] == [] and raw["compact"]["prompt_count"] == 2
+    assert P.ChoiceFeatures(**raw).tokens() == full.tokens()
+    chunks = []  # streamed: each chunk's compact arrays decode to that chunk's tokens
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                f = json.loads(line[6:])["choices"][0].get("features")
+                if f:
+                    chunks.append(P.ChoiceFeatures(**f).tokens())
+    assert [t for p, _ in chunks for t in (p or [])] == full.prompt
+    assert [t for _, g in chunks for t in g] == full.generated

@@ -389,3 +389,21 @@ def test_failure_mid_stream_sends_error_event_then_done():
     assert json.loads(lines[1][6:])["error"]["message"] == "generation failed: boom"
     assert lines[2] == "data: [DONE]\n\n"
     assert Finished  # imported for the type of a normal ending
+
+
+def test_compact_latents_equal_the_full_form_within_float16(server):
+    """Both engines: the compact form (float16 values, fixed k) decodes to the full form's tokens, indices and
+    values (within float16's precision); prompt latents included."""
+    from saelora.clients import protocol as P
+
+    feats = {"top_k": 6, "include_prompt": True}
+    full = _complete(server, "the cat sat on", sae={"features": feats})["choices"][0]["features"]
+    compact = _complete(server, "the cat sat on", sae={"features": {**feats, "format": "compact"}})
+    got_p, got_g = P.ChoiceFeatures(**compact["choices"][0]["features"]).tokens()
+    want = P.ChoiceFeatures(**full)
+    for got, exp in ((got_p, want.prompt), (got_g, want.generated)):
+        assert [(t.position, t.token_id, t.token) for t in got] == [(t.position, t.token_id, t.token) for t in exp]
+        for g, w in zip(got, exp, strict=True):
+            for gf, wf in zip(g.features, w.features, strict=True):
+                assert gf.sae == wf.sae and gf.indices == wf.indices
+                assert gf.values == pytest.approx(wf.values, rel=1e-3, abs=1e-3)
