@@ -163,8 +163,8 @@ class CompletionRequest(_SamplingRequest):
              | Annotated[list[Annotated[list[jint(ge=0)], Field(min_length=1, max_length=MAX_PROMPT_IDS)]],
                          Field(min_length=1, max_length=1)]) = Field(
         ..., description="text, token ids, or a list of exactly one of either (one request per prompt)")
-    max_tokens: jint(ge=0) | None = Field(16, description="0: no completion, only the prompt scored (needs echo "
-                                                          "with logprobs, or prompt_logprobs)")
+    max_tokens: jint(ge=0) | None = Field(16, description="0: an empty completion (with echo and logprobs, or "
+                                                          "prompt_logprobs: the prompt scored)")
     logprobs: jint(ge=0, le=MAX_LOGPROBS) | None = None
     echo: Annotated[bool, BeforeValidator(_json_bool)] = Field(
         False, description="return the prompt before the completion; with logprobs, each prompt token's logprob "

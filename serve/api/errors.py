@@ -65,8 +65,11 @@ def openapi_without_422(app: FastAPI, vocab_size: int) -> dict[str, Any]:
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         for alt in schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {}).get("anyOf", []):
-            if alt.get("type") == "array" and alt.get("items", {}).get("type") == "integer":
-                alt["items"]["maximum"] = vocab_size - 1
+            items = alt.get("items", {}) if alt.get("type") == "array" else {}
+            if items.get("type") == "array":  # a one-element list of token-id lists (lm-eval's batch shape)
+                items = items.get("items", {})
+            if items.get("type") == "integer":
+                items["maximum"] = vocab_size - 1
         app.openapi_schema = doc
     return app.openapi_schema
 

@@ -40,7 +40,7 @@ class EngineError(Exception):
 
 @dataclass
 class Sampling:
-    max_tokens: int = 16  # 0: none (the row only scores its prompt: prompt_logprobs)
+    max_tokens: int = 16  # 0: none (an empty completion; with prompt_logprobs, the prompt scored)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
@@ -76,9 +76,6 @@ def check_request(req: GenerationRequest, saes: list[dict[str, Any]], vocab: int
     Returns the checked request, its row spec's `prompt_len` filled (what engines receive)."""
     if not req.prompt_ids:
         raise EngineError("invalid", "the prompt is empty", "prompt")
-    if req.sampling.max_tokens < 1 and req.sampling.prompt_logprobs is None:
-        raise EngineError("invalid", "max_tokens 0 only scores the prompt: ask for its logprobs (echo with "
-                          "logprobs, or prompt_logprobs)", "max_tokens")
     if len(req.prompt_ids) + req.sampling.max_tokens > max_len:
         raise EngineError("context_length", f"This model's maximum context length is {max_len} tokens; the prompt "
                           f"has {len(req.prompt_ids)} and max_tokens is {req.sampling.max_tokens}.", "max_tokens")

@@ -130,7 +130,11 @@ def test_openapi_bounds_token_ids_by_this_servers_vocabulary(http, engine):
     (ids,) = [a for a in doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
               if a.get("type") == "array" and a["items"].get("type") == "integer"]
     assert ids["items"]["maximum"] == len(engine.tokenizer) - 1
+    (batch,) = [a for a in doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+                if a.get("type") == "array" and a["items"].get("type") == "array"]  # [[ids]]: lm-eval's batch
+    assert batch["items"]["items"]["maximum"] == len(engine.tokenizer) - 1
     _envelope(http.post("/v1/completions", json={"prompt": [len(engine.tokenizer)]}), 400)
+    _envelope(http.post("/v1/completions", json={"prompt": [[len(engine.tokenizer)]]}), 400)
 
 
 def test_context_overflow_carries_openai_code(http):
@@ -273,11 +277,15 @@ def test_latent_json_is_built_off_the_event_loop(http, monkeypatch):
     thread, not the event loop: non-streaming completions and chats, /v1/features, and a stream's prompt latents."""
     import threading
 
-    from saelora.serve.api import handlers
+    from saelora.serve.api import handlers, wire
 
-    threads, real = [], handlers.token_features
-    monkeypatch.setattr(handlers, "token_features",
-                        lambda t, tok: threads.append((t.position, threading.current_thread().name)) or real(t, tok))
+    threads, real = [], wire.token_features
+
+    def spy(t, tok):
+        threads.append((t.position, threading.current_thread().name))
+        return real(t, tok)
+    for module in (handlers, wire):  # /v1/features builds them in handlers, completions through wire.choice_features
+        monkeypatch.setattr(module, "token_features", spy)
     feats = {"sae": {"features": {"top_k": 2, "include_prompt": True}}}
     assert http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 2, **feats}).status_code == 200
     assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "the cat"}],
@@ -304,7 +312,8 @@ def test_echo_returns_the_prompt_and_its_scores_before_the_completion(http, engi
     dec = engine.tokenizer.decode
     assert c["choices"][0]["prompt_logprobs"] == [None, {"6": {"logprob": -1.0, "rank": 1, "decoded_token": dec([6])}},
                                                   {"7": {"logprob": -1.0, "rank": 1, "decoded_token": dec([7])}}]
-    _envelope(http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 0}), 400)
+    empty = http.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 0}).json()
+    assert empty["choices"][0]["text"] == "" and empty["usage"]["completion_tokens"] == 0
     schema = http.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "prompt_logprobs" in schema and "echo" in schema
 

@@ -83,6 +83,6 @@ def test_a_streamed_echo_sends_the_prompt_first_and_concatenates_to_the_response
     assert chunks[0]["logprobs"]["tokens"] == whole["logprobs"]["tokens"][:len(IDS)]
 
 
-def test_max_tokens_zero_needs_the_prompt_scored(server):
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": IDS, "max_tokens": 0})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+def test_max_tokens_zero_without_echo_is_an_empty_completion(server):
+    c = _post(server, model="tiny", prompt=IDS, max_tokens=0)
+    assert (c["text"], c["finish_reason"]) == ("", "length")

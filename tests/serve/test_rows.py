@@ -170,15 +170,13 @@ def test_prompt_scores_go_out_first_once_every_position_is_in_and_max_tokens_zer
     assert row.flush() and len(events) == 2  # a finished row emits nothing more
 
 
-def test_max_tokens_zero_is_admitted_only_when_the_prompt_is_scored():
-    import pytest
-
+def test_max_tokens_zero_without_scores_is_an_empty_completion():
     from saelora.serve.core.engine import check_request
 
-    with pytest.raises(EngineError) as e:
-        check_request(GenerationRequest([5, 6], Sampling(max_tokens=0), RowSpec()), SAES, 100, 64)
-    assert (e.value.kind, e.value.param) == ("invalid", "max_tokens")
-    check_request(GenerationRequest([5, 6], Sampling(max_tokens=0, prompt_logprobs=0), RowSpec()), SAES, 100, 64)
+    req = check_request(GenerationRequest([5, 6], Sampling(max_tokens=0), RowSpec()), SAES, 100, 64)
+    events = []
+    row = RowState(req, events.append, TOK, EOS, ["s"])
+    assert row.flush() and [type(e) for e in events] == [Finished] and events[0].completion_tokens == 0
 
 
 def test_prompt_scores_are_each_tokens_logprob_rank_and_top_k():
