@@ -79,3 +79,22 @@ def vllm_server(ws, tmp_path_factory):
 def server(request):
     """Every HTTP test runs against both engines: same API, fields and errors."""
     return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture
+def engine():
+    """The HTTP tier's scripted engine (tests/fake_engine.py); a test module may define its own."""
+    from fake_engine import FakeEngine
+
+    return FakeEngine()
+
+
+@pytest.fixture
+def http(engine):
+    """The real app over `engine`, in process (FastAPI's TestClient)."""
+    from fastapi.testclient import TestClient
+
+    from saelora.serve.api.app import create_app
+
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        yield c

@@ -10,17 +10,6 @@ from fake_engine import FakeEngine
 from saelora.serve.api.app import create_app
 
 
-@pytest.fixture
-def engine():
-    return FakeEngine()
-
-
-@pytest.fixture
-def http(engine):
-    with TestClient(create_app(engine, served_name="fake")) as c:
-        yield c
-
-
 def _envelope(r, status, code=None):
     """Invariant: every error is the OpenAI envelope {"error": {message, type, param, code}} with a 4xx/5xx."""
     assert r.status_code == status, r.text

@@ -1,27 +1,14 @@
 """Model names that carry the splice (serve/api/names.py), over the fake engine: a request by a derived name
 reaches the engine as exactly the request with the `sae` extension it stands for; the listing follows adapters
-and presets as they come and go; names that resolve to nothing are 404s in the envelope."""
+and presets as they come and go; names that resolve to nothing are 404s in the envelope. (`engine`, `http`:
+tests/conftest.py.)"""
 
 import pytest
-from fastapi.testclient import TestClient
 
-from fake_engine import FakeEngine
-from saelora.serve.api.app import create_app
 from saelora.serve.api.names import listing, resolve
 from test_http_fake import _envelope
 
 PRESET = {"mode": "error_term", "edits": [{"feature": 3, "op": "set", "value": 5.0}]}
-
-
-@pytest.fixture
-def engine():
-    return FakeEngine()
-
-
-@pytest.fixture
-def http(engine):
-    with TestClient(create_app(engine, served_name="fake")) as c:
-        yield c
 
 
 def _ids(c):

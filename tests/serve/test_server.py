@@ -245,7 +245,7 @@ _err = error_body
 
 @pytest.mark.parametrize("body,param", [
     ({"model": "tiny"}, "prompt"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "tiny", "prompt": "x", "n": 99}, "n"),
     ({"model": "tiny", "prompt": "x", "sae": {"mode": "swap"}}, "sae.mode"),
