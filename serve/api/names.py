@@ -24,7 +24,6 @@ from ..core.engine import EngineError
 
 SPLICE = "+sae"  # the suffix that splices the SAEs in; ":<preset>" after it names a steering preset
 _DERIVED = re.compile(r"^(?P<model>.+?)\+sae(?::(?P<preset>[^:]*))?$")
-_PRESET = re.compile(P.PRESET_NAME)
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def resolve(model: str | None, served: str, adapters: Iterable[str], presets: It
     m = _DERIVED.match(model)
     if m is not None and has_sae and (m["model"] == served or m["model"] in names):
         preset = m["preset"]
-        if preset is None or (_PRESET.match(preset) and preset in set(presets)):
+        if preset is None or preset in set(presets):  # a stored preset's name is already a safe one
             return ModelName(model, None if m["model"] == served else m["model"], True, preset)
     raise EngineError("not_found", f"The model `{model}` does not exist.", "model")
 

@@ -228,6 +228,7 @@ class TorchEngine(ThreadedEngine):
         # stops watch generated tokens only
         out, caps, _ = self._forward(reps, ids, mask, pos, DynamicCache(), all_logits=scoring)
         kvs = kv.split(out.past_key_values, [len(r.ids) for r in reps])
+        scored: dict[tuple[int, int], list] = {}  # (group, top k) -> the prompt's scores
         for row, i in zip(rows, group, strict=True):
             row.kv, row.cached = kvs[i], len(row.ids)  # shared tensors: only ever read (stacking copies them)
             if row.prompt_due:
@@ -235,9 +236,10 @@ class TorchEngine(ThreadedEngine):
                     if pos[i, j] >= 0:
                         self._feed_latents(row, caps, i, j, int(pos[i, j]))
             if row.scores is not None:  # left-padded: the prompt is the last prompt_len columns
-                first = ids.shape[1] - row.prompt_len
-                row.add_prompt_scores(1, prompt_scores(out.logits[i, first:-1], ids[i, first + 1:],
-                                                       row.req.sampling.prompt_logprobs or 0))
+                k, first = row.req.sampling.prompt_logprobs or 0, ids.shape[1] - row.prompt_len
+                if (i, k) not in scored:  # a group's rows (n choices) share one prefill: score it once
+                    scored[i, k] = prompt_scores(out.logits[i, first:-1], ids[i, first + 1:], k)
+                row.add_prompt_scores(1, scored[i, k])
             row.read_through(row.prompt_len - 1)
             if not row.flush():  # a row that only scores its prompt (max_tokens 0) has finished here
                 self._next_token(row, out.logits[i, -1])

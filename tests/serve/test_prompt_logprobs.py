@@ -86,3 +86,12 @@ def test_a_streamed_echo_sends_the_prompt_first_and_concatenates_to_the_response
 def test_max_tokens_zero_without_echo_is_an_empty_completion(server):
     c = _post(server, model="tiny", prompt=IDS, max_tokens=0)
     assert (c["text"], c["finish_reason"]) == ("", "length")
+
+
+def test_n_choices_of_one_prompt_carry_the_same_prompt_scores(server, direct):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": IDS, "echo": True, "logprobs": 1,
+                                                         "max_tokens": 2, "n": 2, "temperature": 1.0, "seed": 3},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        _close(c["logprobs"]["token_logprobs"][:len(IDS)], direct["tiny"])
