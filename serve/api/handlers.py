@@ -186,7 +186,7 @@ class Handlers:
         """SSE lines. The first event is awaited before returning, so bad input still gets a 4xx status."""
         merged = self._merged(reqs)
         first = await merged.__anext__()
-        return _sse(first, merged, n, chat, model, self.engine.tokenizer, self._off_loop, reply)
+        return _sse(first, merged, _Stream(n, chat, model, self.engine.tokenizer, reply), self._off_loop)
 
     # ---- encode only ----------------------------------------------------------------------------------------
     async def features(self, r: P.FeaturesRequest) -> Response:
@@ -261,67 +261,73 @@ def _usage(reqs: list[GenerationRequest], choices: list[_Collected]) -> P.Usage:
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _chunk(i: int, ev: Event, n: int, chat: bool, tok: Any, created: int, cid: str, model: str,
-           reply: Reply | None = None) -> dict[str, Any] | None:
-    """The SSE chunk of event `ev` of request i (None: the event shows nothing); requests n and up are the
-    unsteered twins (`compare`) of choices i - n, whose text, finish reason and latents go in the choice's
-    `unsteered` object."""
-    if isinstance(ev, PromptLogprobs):  # the echoed prompt: a choice's first chunk (twins echo nothing)
-        if i >= n or reply is None:
-            return None
-        return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [
-            P.CompletionChoice(index=i, text=reply.text or "", logprobs=completion_logprobs(tok, [], reply, ev.scores)
-                               if reply.logprobs else None,
-                               prompt_logprobs=prompt_logprobs(tok, reply.ids, ev.scores) if reply.prompt_logprobs
-                               else None).model_dump(exclude_none=True)]}
-    text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
-    finish = ev.finish_reason if isinstance(ev, Finished) else None
-    feats, compact = None, reply is not None and reply.compact
-    if isinstance(ev, PromptFeatures):
-        feats = choice_features(ev.tokens, [], tok, compact)
-    elif isinstance(ev, TokenEvent) and ev.features is not None:
-        feats = choice_features(None, [TokenFeaturesOut(ev.position, ev.token_id, ev.features)], tok, compact)
-    if i >= n:
-        twin = P.Unsteered(text=text, finish_reason=finish, features=feats)
-        choice: P.ChatChunkChoice | P.CompletionChoice = (
-            P.ChatChunkChoice(index=i - n, delta=P.ChatDelta(content=""), unsteered=twin) if chat
-            else P.CompletionChoice(index=i - n, text="", unsteered=twin))
-        if chat:
-            return P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump(
-                exclude_none=True)
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """One streamed reply's constants: n choices (requests n and up are the unsteered twins, `compare`), the
+    route (chat or completions), and what the request asked to see (`reply`)."""
+
+    n: int
+    chat: bool
+    model: str
+    tok: Any
+    reply: Reply | None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    cid: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+    def envelope(self, choice: BaseModel) -> dict[str, Any]:
+        """A chunk around one choice: the one place the chunk's envelope is written."""
+        if self.chat:
+            return P.ChatCompletionChunk(id=f"chatcmpl-{self.cid}", created=self.created, model=self.model,
+                                         choices=[choice]).model_dump(exclude_none=True)
+        return {"id": f"cmpl-{self.cid}", "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [choice.model_dump(exclude_none=True)]}
-    if chat:
-        lp = P.ChatLogprobs(content=[_chat_lp(ev, tok)]) if isinstance(ev, TokenEvent) and ev.logprob is not None \
-            else None
-        choice = P.ChatChunkChoice(index=i, delta=P.ChatDelta(content=text), finish_reason=finish, logprobs=lp,
-                                   features=feats)
-        return P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump(
-            exclude_none=True)
-    lp = None
-    scored = ev.eos if isinstance(ev, Finished) else ev  # the EOS that ended the choice: listed, never shown
-    if isinstance(scored, TokenEvent) and scored.logprob is not None:
-        lp = completion_logprobs(tok, [scored], offset=None)
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=lp,
-                                           features=feats).model_dump(exclude_none=True)]}
+
+    def chunk(self, i: int, ev: Event) -> dict[str, Any] | None:
+        """The SSE chunk of event `ev` of request i (None: the event shows nothing); a twin's text, finish reason
+        and latents go in the `unsteered` object of choice i - n."""
+        reply, tok = self.reply, self.tok
+        if isinstance(ev, PromptLogprobs):  # the echoed prompt: a choice's first chunk (twins echo nothing)
+            if i >= self.n or reply is None:
+                return None
+            return self.envelope(P.CompletionChoice(
+                index=i, text=reply.text or "",
+                logprobs=completion_logprobs(tok, [], reply, ev.scores) if reply.logprobs else None,
+                prompt_logprobs=prompt_logprobs(tok, reply.ids, ev.scores) if reply.prompt_logprobs else None))
+        text = ev.text if isinstance(ev, (TokenEvent, Finished)) else ""
+        finish = ev.finish_reason if isinstance(ev, Finished) else None
+        feats, compact = None, reply is not None and reply.compact
+        if isinstance(ev, PromptFeatures):
+            feats = choice_features(ev.tokens, [], tok, compact)
+        elif isinstance(ev, TokenEvent) and ev.features is not None:
+            feats = choice_features(None, [TokenFeaturesOut(ev.position, ev.token_id, ev.features)], tok, compact)
+        if i >= self.n:
+            twin = P.Unsteered(text=text, finish_reason=finish, features=feats)
+            return self.envelope(P.ChatChunkChoice(index=i - self.n, delta=P.ChatDelta(content=""), unsteered=twin)
+                                 if self.chat else P.CompletionChoice(index=i - self.n, text="", unsteered=twin))
+        if self.chat:
+            lp = P.ChatLogprobs(content=[_chat_lp(ev, tok)]) \
+                if isinstance(ev, TokenEvent) and ev.logprob is not None else None
+            return self.envelope(P.ChatChunkChoice(index=i, delta=P.ChatDelta(content=text), finish_reason=finish,
+                                                   logprobs=lp, features=feats))
+        scored = ev.eos if isinstance(ev, Finished) else ev  # the EOS that ended the choice: listed, never shown
+        lp = completion_logprobs(tok, [scored], offset=None) \
+            if isinstance(scored, TokenEvent) and scored.logprob is not None else None
+        return self.envelope(P.CompletionChoice(index=i, text=text, finish_reason=finish, logprobs=lp,
+                                                features=feats))
 
 
-async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], n: int, chat: bool, model: str,
-               tok: Any, off_loop: Callable[..., Awaitable[Any]], reply: Reply | None = None) -> AsyncIterator[str]:
-    created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
+async def _sse(first: tuple[int, Event], rest: AsyncIterator[tuple[int, Event]], stream: _Stream,
+               off_loop: Callable[..., Awaitable[Any]]) -> AsyncIterator[str]:
     async def line(i: int, ev: Event) -> str:  # the prompt's latents and scores (large events) encoded off the loop
         def encode(_: Any) -> str:
-            chunk = _chunk(i, ev, n, chat, tok, created, cid, model, reply)
+            chunk = stream.chunk(i, ev)
             return "" if chunk is None else f"data: {json.dumps(chunk)}\n\n"
         return await off_loop(encode, None) if isinstance(ev, (PromptFeatures, PromptLogprobs)) else encode(None)
 
-    if chat:
-        for i in range(n):
-            head = P.ChatCompletionChunk(id=cid, created=created, model=model, choices=[
-                P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
-            yield f"data: {json.dumps(head.model_dump(exclude_none=True))}\n\n"
+    if stream.chat:
+        for i in range(stream.n):
+            head = stream.envelope(P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content="")))
+            yield f"data: {json.dumps(head)}\n\n"
     try:
         yield await line(*first)
         async for i, ev in rest:
