@@ -54,5 +54,8 @@ class ServeConfig:
     tensor_parallel_size: int = opt(1, "vLLM engine: GPUs (or CPU core groups) the model is split over, as vLLM's "
                                     "option; the splice runs on the replicated residual stream and latents come "
                                     "back once (docs/scaling.md)", aliases=("-tp",))
+    enforce_eager: bool = opt(False, "vLLM engine: run the model eagerly, as vLLM's flag (no torch.compile, no CUDA "
+                              "graphs); by default vLLM compiles around the splice op (on CPU, not while LoRA is on: "
+                              "vLLM's own rule)")
     prefix_caching: bool = opt(True, "vLLM engine: prefix caching, with a cache_salt policy that keeps latents and "
                                "edits correct (docs/vllm.md); --no-prefix-caching turns it off")

@@ -38,6 +38,7 @@ from ..core.engine import EngineError, Event, GenerationRequest, PromptFeatures,
 from ..core.rows import RowState
 from ..core.threaded import Emit, ThreadedEngine
 from . import ARCHITECTURES, compat, spliced_architecture
+from .splice_op import SPLITTING_OPS
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class VllmEngine(ThreadedEngine):
         lora = self.opts.max_loras > 0
         args = EngineArgs(
             model=self.lm.path, tokenizer=self.lm.path, dtype=str(self.lm.model.dtype).removeprefix("torch."),
-            enforce_eager=True, max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
+            enforce_eager=self.opts.enforce_eager, compilation_config=self._compilation(),
+            max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
             disable_log_stats=True,
             enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm", tensor_parallel_size=tp,
             hf_overrides={"architectures": [spliced_architecture(self.arch)], "saelora_saes": saes},
@@ -182,9 +184,9 @@ class VllmEngine(ThreadedEngine):
         self.llm = LLMEngine.from_engine_args(args)
         for name, bundle in self.startup_adapters:
             self._add_lora(name, bundle, register=False)
-        log.info("vLLM engine ready: %s (%s) with %d SAE(s), in-process=%s, eager mode (the splice is per-request "
-                 "Python; CUDA graphs would replay a frozen batch layout: docs/vllm.md)", self.lm.spec, self.arch,
-                 len(saes), self._inproc)
+        mode = self.llm.vllm_config.compilation_config.mode
+        log.info("vLLM engine ready: %s (%s) with %d SAE(s), in-process=%s, compilation %s", self.lm.spec, self.arch,
+                 len(saes), self._inproc, getattr(mode, "name", mode))
 
     def _teardown(self) -> None:
         # With VLLM_ENABLE_V1_MULTIPROCESSING=1 the engine core is a child process; it is stopped here, not left
@@ -192,6 +194,15 @@ class VllmEngine(ThreadedEngine):
         core = getattr(getattr(self, "llm", None), "engine_core", None)
         if core is not None:
             core.shutdown(timeout=5)
+
+    def _compilation(self) -> dict[str, Any]:
+        """On GPUs the splice op splits vLLM's piecewise graphs, as attention does (splice_op.py); on CPU vLLM
+        compiles the whole model in one trace, the op an opaque call inside it, and ignores splitting ops."""
+        if self.opts.enforce_eager or self._on_cpu():
+            return {}  # vLLM's defaults
+        from vllm.config import CompilationConfig
+
+        return {"splitting_ops": [*CompilationConfig._attention_ops, *SPLITTING_OPS]}
 
     def _on_cpu(self) -> bool:
         return str(self.lm.info.get("device") or self.lm.model.device).startswith("cpu")

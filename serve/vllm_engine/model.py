@@ -16,8 +16,11 @@ Each SAE's position policy (adapters/policy.py) needs the token ids of the flat 
 backbone's forward to hand `input_ids` to the runtime before the layers run.
 
 The SAEs come from the model config: the engine passes `hf_overrides={"architectures": ["Saelora..."],
-"saelora_saes": [{"name", "path", "layer", "kind", "policy", "center", "folded_scale"}, ...]}`. Layer
-wrappers are plain Python, so the engine runs vLLM with `enforce_eager=True` (see docs/vllm.md on CUDA graphs).
+"saelora_saes": [{"name", "path", "layer", "kind", "policy", "center", "folded_scale"}, ...]}`.
+
+The wrapped layer calls the splice through one opaque op (`splice_op.py`) on every forward, so vLLM compiles the
+model around it (its default on CPU; piecewise CUDA graphs on GPU, the op a splitting op like attention): the
+per-request Python below runs inside the op, at run time, with the batch's real layout.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from saelora.adapters.saes import LoadedSAE, read_sae
 from saelora.adapters.edits import SERVE_MODE
 from saelora.adapters.splice import fit_positions, splice_sae
 
-from . import ARCHITECTURES, spliced_architecture, tracker
+from . import ARCHITECTURES, spliced_architecture, splice_op, tracker
 from ..core.packed import pack_sae_encoder
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class SpliceRuntime:
 
     def __init__(self, saes: list[LoadedSAE]) -> None:
         self.saes = {s.name: s for s in saes}
+        self.sae_names = [s.name for s in saes]  # the op's `sae` argument indexes this
+        self.handle = splice_op.register_runtime(self)
         self.ids: torch.Tensor | None = None  # (N,) token ids of the current forward (None: prompt embeddings)
 
     def __call__(self, name: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -118,22 +123,21 @@ class SpliceRuntime:
 
 
 def _wrap_layer(layer: torch.nn.Module, runtime: SpliceRuntime, name: str, kind: str) -> None:
-    inner = layer.forward
+    """Splice at this layer through the op, unconditionally: nothing here depends on the batch, so a compiler
+    traces it once (the op decides per batch, at run time)."""
+    inner, handle, sae = layer.forward, runtime.handle, runtime.sae_names.index(name)
 
     def forward_post(positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                      *args: Any, **kwargs: Any) -> Any:
         h, r = inner(positions, hidden_states, residual, *args, **kwargs)
         x = h if r is None else h + r  # (N, d): the residual stream after this layer
-        y = runtime(name, x, positions)
-        return (h, r) if y is None else (y, torch.zeros_like(y))
+        y = torch.ops.saelora.splice(x, positions, handle, sae)
+        return y, torch.zeros_like(y)
 
     def forward_pre(positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                     *args: Any, **kwargs: Any) -> Any:
         x = hidden_states if residual is None else hidden_states + residual  # (N, d): this layer's input
-        y = runtime(name, x, positions)
-        if y is None:
-            return inner(positions, hidden_states, residual, *args, **kwargs)
-        return inner(positions, y, None, *args, **kwargs)
+        return inner(positions, torch.ops.saelora.splice(x, positions, handle, sae), None, *args, **kwargs)
 
     layer.forward = forward_post if kind == "post" else forward_pre
 
@@ -153,17 +157,6 @@ def _load_saes(vllm_config: Any) -> list[LoadedSAE]:
     return saes
 
 
-def _hand_ids_to(backbone: torch.nn.Module, runtime: SpliceRuntime) -> None:
-    """Wrap the backbone's forward so the runtime sees each forward's flat input_ids (for the policy)."""
-    inner = backbone.forward
-
-    def forward(input_ids: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        runtime.ids = input_ids
-        return inner(input_ids, *args, **kwargs)
-
-    backbone.forward = forward
-
-
 class _SpliceMixin:
     """Loads the SAEs named in the config and wraps the decoder layers at their hooks."""
 
@@ -171,12 +164,17 @@ class _SpliceMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         saes = _load_saes(vllm_config)
         self.saelora = SpliceRuntime(saes)  # a plain object: not a submodule, invisible to weights and LoRA
-        _hand_ids_to(self.model, self.saelora)  # type: ignore[attr-defined]
         layers = self.model.layers  # type: ignore[attr-defined]
         for s in saes:
             _wrap_layer(layers[s.hook.layer], self.saelora, s.name, s.hook.kind)
         log.info("spliced %d SAE(s) into %s: %s", len(saes), type(self).__name__,
                  ", ".join(f"{s.name}@{s.hook.name}" for s in saes))
+
+    def forward(self, input_ids: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        """Hands the runtime each forward's flat input_ids (for the position policy). This forward is outside
+        the compiled backbone, so it runs on every step (inside it, a trace-once compile would freeze it)."""
+        self.saelora.ids = input_ids
+        return super().forward(input_ids, *args, **kwargs)  # type: ignore[misc]
 
 
 def _spliced_class(arch: str) -> type:

@@ -95,6 +95,50 @@ def test_mixed_batch_equals_solo_and_torch(torch_server, vllm_server):
         assert b["text"] == complete(torch_server, p, m, sae)["text"]
 
 
+@pytest.fixture(scope="module")
+def vllm_compiled_server(ws, tmp_path_factory):
+    """The vLLM engine with LoRA off (`--max-loras 0`), so vLLM compiles the model around the splice op: on CPU vLLM
+    runs eagerly whenever LoRA is on (its own rule), so the other vLLM server tests the eager path."""
+    from saelora.launch import ServeProcess
+
+    log = tmp_path_factory.mktemp("vllm-compiled") / "server.log"
+    args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--max-loras", "0",
+            "--served-model-name", "tiny", "--kv-cache-gb", "1"]
+    with ServeProcess(args, log_path=str(log), timeout=300) as srv:
+        srv.log_text = lambda: log.read_text()
+        yield srv
+
+
+COND = {"feature": 5, "above": 0.5}
+COMPILED_CASES = [*(s for m, s in CASES.values() if m == "tiny"),
+                  {"edits": [{"feature": 3, "op": "set", "value": 250.0, "when": COND}]},
+                  {"stop_when": [COND]}]
+
+
+def test_compiled_engine_matches_torch_engine_one_by_one_and_batched(torch_server, vllm_compiled_server):
+    """Texts, latents, edits, conditions and stop_when through the compiled model: each request alone and all of
+    them in one batch equal the torch engine's."""
+    assert "compilation DYNAMO_TRACE_ONCE" in vllm_compiled_server.log_text()  # the compiled path is the one tested
+    bodies = [(PROMPTS[i % 4] if i != 2 else LONG, s) for i, s in enumerate(COMPILED_CASES)]
+    want = [complete(torch_server, p, "tiny", s, include_prompt=True) for p, s in bodies]
+    for (p, s), w in zip(bodies, want, strict=True):
+        got = complete(vllm_compiled_server, p, "tiny", s, include_prompt=True)
+        assert (got["text"], got["finish_reason"]) == (w["text"], w["finish_reason"]), s
+        assert_latents_close(got["features"]["prompt"], w["features"]["prompt"])
+        assert_latents_close(got["features"]["generated"], w["features"]["generated"])
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(vllm_compiled_server.url + "/v1/completions", json={
+                "model": "tiny", "prompt": p, "max_tokens": 10, "temperature": 0,
+                "sae": dict(s or {}, features={"top_k": 4})}) for p, s in bodies])
+    for r, w in zip(asyncio.run(together()), want, strict=True):
+        b = r.json()["choices"][0]
+        assert b["text"] == w["text"]
+        assert_latents_close(b["features"]["generated"], w["features"]["generated"])
+    assert len({w["text"] for w in want}) >= 4  # the cases do differ
+
+
 def test_logprobs_match_torch_engine(torch_server, vllm_server):
     want = complete(torch_server, PROMPTS[0], top_k=0, logprobs=3)["logprobs"]
     got = complete(vllm_server, PROMPTS[0], top_k=0, logprobs=3)["logprobs"]
