@@ -43,7 +43,8 @@ def _demo_sae(sae: Path, args: argparse.Namespace) -> None:
 
 # The demo adapter's recipe per embedded model, each from a measurement (2 x 128-token steps, cosine, warm-up 10):
 # SmolLM2: chosen on 12k validation tokens of the mixture around the SAE trained on it (bench/results/
-# adapter_recipe_pilot.json): all layers at 5e-4 closed 34.2% [29.1, 40.1], at 1e-3 33.9%, at 2e-3 31.8%; layers
+# adapter_recipe_pilot.json): all layers at 5e-4 closed 34.2% [29.1, 40.1], at 2.5e-4 32.1%, at 1e-3 33.9%, at 2e-3
+# 31.8% (flat; the choice inside the grid); layers
 # after at 2e-3, the choice on Wikipedia with the Wikipedia-only SAE (train_gap), 28.3%, at 4e-3 16.1%;
 # Gemma 3: one pilot run (bench/results/gemma3_lora_pilot.json: 32.0% on validation, 30.5% on 8,128 test
 # tokens, one seed); SmolLM2's recipe closed only 17.7% there.
