@@ -109,10 +109,10 @@ async def _load(url: str, streams: int, tokens: int, model: str, sae: dict | Non
     return n / dt
 
 
-def measure_pair(vllm_url: str, saelora_url: str, arms: dict[str, dict | None], model: str, tokens: int,
+def measure_pair(refs: dict[str, str], saelora_url: str, arms: dict[str, dict | None], model: str, tokens: int,
                  reps: int) -> dict[str, dict[int, list[float]]]:
-    """tok/s per server arm and stream count, interleaved; 'vllm' is unmodified vLLM."""
-    runs = {"vllm": (vllm_url, None), **{a: (saelora_url, sae) for a, sae in arms.items()}}
+    """tok/s per server arm and stream count, interleaved; `refs` are the unmodified vLLM servers."""
+    runs = {**{r: (url, None) for r, url in refs.items()}, **{a: (saelora_url, sae) for a, sae in arms.items()}}
     for url, sae in runs.values():  # warm-up (compiles, first-request paths), not counted
         asyncio.run(_load(url, 8, tokens, model, sae))
     out: dict[str, dict[int, list[float]]] = {a: {s: [] for s in STREAMS} for a in runs}
@@ -126,31 +126,37 @@ def measure_pair(vllm_url: str, saelora_url: str, arms: dict[str, dict | None], 
     return out
 
 
-def ratios(raw: dict[str, dict[int, list[float]]]) -> dict[str, dict[str, dict]]:
-    """saelora arm / vLLM, per repetition, per stream count: median and [min, max]."""
+def ratios(raw: dict[str, dict[int, list[float]]], ref: str) -> dict[str, dict[str, dict]]:
+    """saelora arm / reference `ref`, per repetition, per stream count: median and [min, max]."""
     res = {}
     for arm, by_s in raw.items():
-        if arm == "vllm":
+        if arm.startswith("vllm"):
             continue
         res[arm] = {}
         for s, vals in by_s.items():
-            per = [a / b for a, b in zip(vals, raw["vllm"][s], strict=True)]
+            per = [a / b for a, b in zip(vals, raw[ref][s], strict=True)]
             res[arm][str(s)] = {"ratio": round(statistics.median(per), 3), "range": [round(min(per), 3),
                                                                                   round(max(per), 3)],
                                 "tok_s": round(statistics.median(vals), 1),
-                                "vllm_tok_s": round(statistics.median(raw["vllm"][s]), 1)}
+                                "vllm_tok_s": round(statistics.median(raw[ref][s]), 1)}
     return res
 
 
 def run_pair(name: str, args: argparse.Namespace, logs: Path) -> dict:
-    """Both servers of one pair up, measured, down."""
+    """The servers of one pair up, measured, down: unmodified vLLM as a user runs it (`vllm`: the API server and
+    its engine core in two processes) and in one process as saelora runs it (`vllm_inproc`: the same engine
+    layout, so the ratio to it isolates what saelora adds), and saelora."""
     adapter = args.adapter if name == "lora" else None
     arms = {"demo_lora": None} if adapter else ARMS
     t0 = time.perf_counter()
+    inproc = dict(CPU_ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     with process(vllm_cmd(args.model, adapter), CPU_ENV, 8791, logs / f"vllm_{name}.log") as v_url, \
+            process(vllm_cmd(args.model, adapter), inproc, 8793, logs / f"vllm_inproc_{name}.log") as i_url, \
             process(saelora_cmd(args.sae, adapter), {}, 8792, logs / f"saelora_{name}.log") as s_url:
-        raw = measure_pair(v_url, s_url, arms, "demo" if adapter else "base", args.tokens, args.reps)
-    return {"raw": raw, "ratios": ratios(raw), "seconds": round(time.perf_counter() - t0, 1)}
+        raw = measure_pair({"vllm": v_url, "vllm_inproc": i_url}, s_url, arms, "demo" if adapter else "base",
+                           args.tokens, args.reps)
+    return {"raw": raw, "ratios": ratios(raw, "vllm"), "ratios_inproc": ratios(raw, "vllm_inproc"),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def report(res: dict) -> list[str]:
@@ -158,16 +164,21 @@ def report(res: dict) -> list[str]:
     lines = ["# saelora's vLLM engine vs unmodified vLLM (SmolLM2-135M, float32, 2 CPU cores)", "",
              f"{st['tokens']} greedy tokens per stream with `ignore_eos`; {st['reps']} interleaved repetitions after "
              "a warm-up; ratio = saelora tok/s / vLLM tok/s per repetition, median [range]. Same cores, KV cache "
-             "and batch size for both. Rerun: `python bench/vs_vllm.py`.", "",
-             "| pair | saelora arm | streams | saelora tok/s | vLLM tok/s | ratio | target (8 streams) |",
-             "|---|---|---|---|---|---|---|"]
+             "and batch size for all. `vLLM`: `python -m vllm.entrypoints.openai.api_server` as a user runs it (API "
+             "server and engine core in two processes); `vLLM in-process`: the same with "
+             "`VLLM_ENABLE_V1_MULTIPROCESSING=0`, saelora's layout, so that ratio is what saelora itself costs. "
+             "Rerun: `python bench/vs_vllm.py`.", "",
+             "| pair | saelora arm | streams | saelora tok/s | vLLM tok/s | ratio | vLLM in-process tok/s | ratio | "
+             "target (8 streams, vs vLLM) |", "|---|---|---|---|---|---|---|---|---|"]
     for pair, r in res["pairs"].items():
         for arm, by_s in r["ratios"].items():
             for s, v in by_s.items():
+                w = r["ratios_inproc"][arm][s]
                 tgt = f">= {TARGETS[arm]}" + (" met" if v["ratio"] >= TARGETS[arm] else " **missed**") \
                     if s == "8" else ""
                 lines.append(f"| {pair} | {arm} | {s} | {v['tok_s']} | {v['vllm_tok_s']} | {v['ratio']} "
-                             f"[{v['range'][0]}, {v['range'][1]}] | {tgt} |")
+                             f"[{v['range'][0]}, {v['range'][1]}] | {w['vllm_tok_s']} | {w['ratio']} "
+                             f"[{w['range'][0]}, {w['range'][1]}] | {tgt} |")
     return lines
 
 
@@ -189,7 +200,7 @@ def main() -> int:
     res = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "pairs": {}}
     for pair in args.pairs.split(","):
         res["pairs"][pair] = run_pair(pair, args, args.logs)
-        log.info("%s: %s", pair, res["pairs"][pair]["ratios"])
+        log.info("%s: %s", pair, {a: v["8"]["ratio"] for a, v in res["pairs"][pair]["ratios"].items()})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vs_vllm.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = report(res)
