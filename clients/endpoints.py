@@ -16,7 +16,7 @@ from saelora.adapters.search import DEFAULT_RANKING, MAX_DENSITY, LatentTally, r
 
 from . import protocol as P
 from . import protocol_steer as PS
-from .errors import from_response
+from .errors import from_response, status_of
 
 
 def _identity(x: Any) -> Any:
@@ -162,7 +162,7 @@ def sse_data(line: str) -> Any:
         return DONE
     data = json.loads(line[6:])
     if "error" in data:
-        raise from_response(data["error"].get("code") or 500, data)
+        raise from_response(status_of(data["error"]), data)
     return data
 
 

@@ -59,6 +59,12 @@ BY_STATUS = {400: InvalidRequestError, 401: AuthenticationError, 403: Permission
              500: InternalServerError}
 
 
+def status_of(err: dict) -> int:
+    """The HTTP status an error event stands for (a stream's errors come after its 200): from the error's type."""
+    by_type = {cls: status for status, cls in BY_STATUS.items() if status != 413}
+    return by_type.get(BY_TYPE.get(err.get("type", ""), InternalServerError), 500)
+
+
 def from_response(status: int, body: Any) -> SaeloraAPIError:
     err = body.get("error", {}) if isinstance(body, dict) else {}
     cls = BY_TYPE.get(err.get("type", ""), BY_STATUS.get(status, SaeloraAPIError))

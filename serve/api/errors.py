@@ -4,6 +4,7 @@ from exceptions to statuses lives here and nowhere else."""
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from saelora.adapters.errors import SaeloraError
 from saelora.clients.protocol import ErrorResponse
 
 from ..core.engine import EngineError
@@ -30,13 +32,17 @@ KINDS: dict[str, tuple[int, str]] = {
     "internal": (500, "internal_server_error"),
     "not_ready": (503, "service_unavailable_error"),
 }
-CODES: dict[str, str] = {"context_length": "context_length_exceeded"}  # OpenAI's string codes; else the status
+# EngineError.kind -> the envelope's `code`: a string everywhere, OpenAI's own where it has one
+CODES: dict[str, str] = {"invalid": "invalid_request", "context_length": "context_length_exceeded",
+                         "unauthorized": "invalid_api_key", "forbidden": "forbidden", "not_found": "not_found",
+                         "conflict": "conflict", "too_large": "request_too_large", "queue_full": "rate_limit_exceeded",
+                         "internal": "internal_error", "not_ready": "service_unavailable"}
 RETRY_AFTER_S = 1
 
 
 def envelope(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": KINDS.get(kind, (status, kind))[1], "param": param,
-                      "code": CODES.get(kind, status)}}
+                      "code": CODES.get(kind, kind)}}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -78,14 +84,21 @@ def error_response(e: EngineError) -> JSONResponse:
     return envelope(KINDS.get(e.kind, (500, ""))[0], e.kind, e.message, e.param)
 
 
-def error_event(e: BaseException) -> dict:
+def internal(exc: BaseException, where: str) -> tuple[str, str]:
+    """An unexpected error: logged with a fresh request id; (id, the message the client gets: never its text)."""
+    rid = uuid.uuid4().hex[:16]
+    log.error("internal error %s on %s", rid, where, exc_info=exc)
+    return rid, f"internal error (request id {rid}; the server log has the details)"
+
+
+def error_event(e: BaseException, where: str = "a stream") -> dict:
     """The SSE payload for an error in the middle of a stream."""
     if isinstance(e, EngineError):
-        status, kind = KINDS.get(e.kind, (500, "internal"))[0], e.kind
+        kind = e.kind
         return {"error": {"message": e.message, "type": KINDS.get(kind, (500, kind))[1], "param": e.param,
-                          "code": CODES.get(kind, status)}}
-    return {"error": {"message": f"{type(e).__name__}: {e}", "type": "internal_server_error", "param": None,
-                      "code": 500}}
+                          "code": CODES.get(kind, kind)}}
+    _, message = internal(e, where)
+    return {"error": {"message": message, "type": "internal_server_error", "param": None, "code": CODES["internal"]}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -135,11 +148,15 @@ def install(app: FastAPI) -> None:
             response.headers["Allow"] = ", ".join(_methods_at(request))
         return response
 
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+    @app.exception_handler(SaeloraError)
+    async def _bad_input(request: Request, exc: SaeloraError) -> JSONResponse:
+        # saelora's typed error for bad input or an unusable artifact named by the request; any other exception
+        # (a ValueError included) is a bug: a 500 that never carries its text
         return envelope(400, "invalid", str(exc))
 
     @app.exception_handler(Exception)
     async def _other(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return envelope(500, "internal", f"internal error: {type(exc).__name__}")
+        rid, message = internal(exc, request.url.path)
+        response = envelope(500, "internal", message)
+        response.headers["X-Request-Id"] = rid
+        return response

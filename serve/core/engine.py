@@ -38,6 +38,11 @@ class EngineError(Exception):
         return cls("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e), param)
 
 
+class RowFailure(Exception):
+    """A known reason one row fails (e.g. non-finite logits): its message is safe to show the client. Any other
+    exception that ends a row is a bug, reported with a request id only (`RowState.fail`)."""
+
+
 @dataclass
 class Sampling:
     max_tokens: int = 16  # 0: none (an empty completion; with prompt_logprobs, the prompt scored)

@@ -19,11 +19,15 @@ holds, and how a row fails. `context_limit` is the context-length rule.
 from __future__ import annotations
 
 import collections
+import logging
+import uuid
 from typing import Any, Callable, Collection, Sequence
 
-from .engine import (EngineError, Finished, GenerationRequest, Latents, PromptFeatures, PromptLogprobs, TokenEvent,
-                     TokenFeaturesOut, TokenScore)
+from .engine import (EngineError, Finished, GenerationRequest, Latents, PromptFeatures, PromptLogprobs, RowFailure,
+                     TokenEvent, TokenFeaturesOut, TokenScore)
 from .sampling import Detokenizer
+
+log = logging.getLogger(__name__)
 
 
 def context_limit(model_config: Any, asked: int | None, reserve: int = 0) -> int:
@@ -85,7 +89,15 @@ class RowState:
     def fail(self, error: Exception) -> None:
         """End the row with an error event (the engine has released what it held for it)."""
         self.end()
-        self.emit(EngineError("internal", f"generation failed: {type(error).__name__}: {error}"))
+        if isinstance(error, EngineError):  # already what the client should see (e.g. 503: the engine stopped)
+            self.emit(error)
+            return
+        if isinstance(error, RowFailure):
+            self.emit(EngineError("internal", f"generation failed: {error}"))
+            return
+        rid = uuid.uuid4().hex[:16]
+        log.error("row failed, request id %s", rid, exc_info=error)
+        self.emit(EngineError("internal", f"generation failed (request id {rid}; the server log has the details)"))
 
     # ---- what an engine feeds -----------------------------------------------------------------------------
     def take(self, tok: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None) -> None:

@@ -35,7 +35,7 @@ from . import kv
 from ..config import ServeConfig
 from .lora import ServedLoRA
 from ..core.packed import pack_linears, pack_sae_encoder
-from ..core.engine import EngineError, Event, GenerationRequest, TokenFeaturesOut
+from ..core.engine import EngineError, Event, GenerationRequest, RowFailure, TokenFeaturesOut
 from ..core.registry import BASE
 from ..core.rows import RowState
 from ..core.sampling import logprobs_of, prompt_scores, sample
@@ -105,7 +105,6 @@ class TorchEngine(ThreadedEngine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         req = self._check(req)
-        self._check_queue()
         async for ev in self._stream(lambda emit: _Row(req, emit, self)):
             yield ev
 
@@ -301,13 +300,12 @@ class TorchEngine(ThreadedEngine):
         try:
             self._sample_into(row, logits)
         except Exception as e:  # noqa: BLE001 - isolated to the row
-            log.warning("row failed: %s: %s", type(e).__name__, e)
             self._fail(row, e)
 
     def _sample_into(self, row: _Row, logits: torch.Tensor) -> None:
         s = row.req.sampling
         if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("the model produced non-finite logits for this request")
+            raise RowFailure("the model produced non-finite logits for this request")
         tok = sample(logits, s, row.gen)
         lp, top = logprobs_of(logits, tok, s.logprobs) if s.logprobs is not None else (None, None)
         row.take(tok, lp, top)

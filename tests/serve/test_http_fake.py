@@ -167,8 +167,24 @@ def test_error_mid_stream_ends_the_stream_with_an_error_event():
     with TestClient(create_app(engine, served_name="fake")) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": "the", "max_tokens": 5, "stream": True}) as r:
             events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
-        assert r.status_code == 200 and events[-1]["error"]["code"] == 500
+        assert r.status_code == 200 and events[-1]["error"]["code"] == "internal_error"
+        assert "request id" in events[-1]["error"]["message"]
+        assert "a step failed" not in json.dumps(events)  # logged, never sent
         assert engine.running == 0
+
+
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_never_its_text(caplog):
+    """Invariant: only typed request errors are 4xx; a bug (here a ValueError carrying a server path) is a 500
+    whose message and header carry a request id that the log also has, and never the error's text."""
+    class Buggy(FakeEngine):
+        async def encode(self, *args, **kwargs):
+            raise ValueError("/srv/secret/path is broken")
+
+    with TestClient(create_app(Buggy(), served_name="fake"), raise_server_exceptions=False) as c:
+        r = c.post("/v1/features", json={"model": "fake", "input": "the cat", "top_k": 1})
+    err = _envelope(r, 500, "internal_error")
+    assert "secret" not in r.text and r.headers["X-Request-Id"] in err["message"]
+    assert r.headers["X-Request-Id"] in caplog.text and "secret" in caplog.text
 
 
 def test_chunked_body_over_the_limit_is_a_413(engine):
@@ -214,7 +230,11 @@ def test_admin_key_guards_adapter_management(engine):
         _envelope(c.post("/v1/load_lora_adapter", json=load, headers=user), 401)
         assert c.post("/v1/load_lora_adapter", json=load, headers=admin).status_code == 200
         assert c.get("/v1/adapters", headers=user).json()["data"][0]["name"] == "a"
-        _envelope(c.get("/v1/adapters", headers=admin), 401)  # the admin key is not an inference key
+        assert c.get("/v1/adapters", headers=admin).status_code == 200  # the admin key works on every route
+        for header in ("bearer adm", "BEARER k", "  Bearer   k "):  # the scheme is case-insensitive (RFC 7235)
+            assert c.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+        for header in ("Basic k", "k", "Bearer", "Bearer k2", "Bearerk"):
+            _envelope(c.get("/v1/models", headers={"Authorization": header}), 401, "invalid_api_key")
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=admin).status_code == 200
 
 
