@@ -28,9 +28,12 @@ def serve(cfg: ServeConfig) -> int:
     from saelora.adapters.threads import one_thread
 
     from .api.app import create_app
+    from .keys import is_loopback, resolve
 
     if cfg.no_sae and cfg.sae:
         raise SystemExit("--no-sae and --sae exclude each other")
+    keys = resolve(cfg.host, cfg.api_key, cfg.api_key_file, cfg.admin_api_key, cfg.admin_api_key_file,
+                   cfg.allow_unauthenticated)  # before anything loads: a refusal costs nothing
     saes_specs, adapters = list(cfg.sae or []), list(cfg.adapter or [])
     demo = demo_dir(cfg.model)
     if not saes_specs and not cfg.no_sae and (demo / "sae" / "cfg.json").is_file():
@@ -49,10 +52,9 @@ def serve(cfg: ServeConfig) -> int:
             if not sep or not name or not path:
                 raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
             engine.load_adapter_now(name, path)
-    loopback = cfg.host in ("127.0.0.1", "localhost", "::1")
-    app = create_app(engine, served_name=cfg.served_model_name or lm.spec, api_key=cfg.api_key,
-                     admin_api_key=cfg.admin_api_key, presets_dir=cfg.presets,
-                     allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None)
+    app = create_app(engine, served_name=cfg.served_model_name or lm.spec, api_key=keys.api_key,
+                     admin_api_key=keys.admin_api_key, presets_dir=cfg.presets,
+                     allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if is_loopback(cfg.host) else None)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, cfg.engine,
              len(saes), len(adapters), cfg.host, cfg.port)
     _draining_server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",

@@ -31,9 +31,15 @@ class ServeConfig:
                                    "(POST /v1/load_lora_adapter); runtime loading is off without it")
     host: str = opt("127.0.0.1", "bind address")
     port: int = opt(8000, "port")
-    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on every route but /health")
-    admin_api_key: str | None = opt(None, "key for adapter load/unload and steering-preset changes (with --api-key "
-                                    "alone they are refused)")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on every route but /health (also "
+                              "$SAELORA_API_KEY or --api-key-file: a flag shows in `ps`, the others do not)")
+    api_key_file: str | None = opt(None, "read the API key from this file (its first line)")
+    admin_api_key: str | None = opt(None, "key for adapter load/unload and steering-preset changes, also accepted "
+                                    "wherever the API key is (also $SAELORA_ADMIN_API_KEY or --admin-api-key-file; "
+                                    "with an API key alone they are refused)")
+    admin_api_key_file: str | None = opt(None, "read the admin API key from this file (its first line)")
+    allow_unauthenticated: bool = opt(False, "serve a non-loopback --host without an API key (refused otherwise)",
+                                      flag=True)
     presets: str | None = opt(None, "folder of steering presets (one JSON file each, PUT /v1/steering/presets/NAME "
                               "writes there; default: kept in memory only)")
     served_model_name: str | None = opt(None, "model id clients use (default: the model spec)")

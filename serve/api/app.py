@@ -180,7 +180,8 @@ def _host_refusal(s: ServerState, host: str) -> Response | None:
 
 def _auth_refusal(s: ServerState, path: str, method: str, authorization: str) -> Response | None:
     """The 401/403 answer for this path, method and Authorization header, or None when the request may go on."""
-    given = authorization.removeprefix("Bearer ").strip().encode()
+    scheme, _, token = authorization.strip().partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""  # the scheme is case-insensitive
     admin = path in ADMIN_PATHS or (path.startswith(ADMIN_PREFIXES) and method in ADMIN_METHODS)
     if admin and (s.admin_api_key or s.api_key):
         if not s.admin_api_key:
@@ -190,7 +191,8 @@ def _auth_refusal(s: ServerState, path: str, method: str, authorization: str) ->
             return errors.envelope(401, "unauthorized", "adapter and steering-preset management need the admin "
                                                         "API key")
         return None
-    if s.api_key and path not in OPEN_PATHS and not hmac.compare_digest(given, s.api_key.encode()):
+    if s.api_key and path not in OPEN_PATHS and not hmac.compare_digest(given, s.api_key.encode()) and not (
+            s.admin_api_key and hmac.compare_digest(given, s.admin_api_key.encode())):  # the admin key works too
         return errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
     return None
 
