@@ -140,18 +140,24 @@ METADATA_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "auto_
 
 
 def _check_features(cfg: dict[str, Any], problems: list[str]) -> None:
+    """Keys only, never their values: a message must not read back the content of a file it was pointed at."""
     for key, value in sorted(cfg.items()):
         if key not in LORA_KEYS | METADATA_KEYS and value not in (None, False, {}, [], ""):
-            problems.append(f"adapter_config.json: {key}={value!r} is not supported; saelora serves plain LoRA "
-                            f"(allowed settings: {', '.join(sorted(LORA_KEYS))})")
+            problems.append(f"adapter_config.json: {_key(key)} is set, which is not supported; saelora serves plain "
+                            f"LoRA (allowed settings: {', '.join(sorted(LORA_KEYS))})")
     if cfg.get("bias", "none") != "none":
-        problems.append(f"adapter_config.json: bias={cfg.get('bias')!r} is not supported (only 'none')")
+        problems.append("adapter_config.json: bias is not 'none', which is not supported")
+
+
+def _key(key: str) -> str:
+    """A config key for a message: bounded, and only when it is a plain identifier."""
+    return repr(key) if key.isidentifier() and len(key) <= 64 else "a key"
 
 
 def _check_lora(cfg: dict[str, Any], manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None,
                 problems: list[str]) -> None:
     if cfg.get("peft_type") != "LORA":
-        problems.append(f"adapter_config.json: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+        problems.append("adapter_config.json: peft_type is not 'LORA'")
     _check_features(cfg, problems)
     lora = manifest.get("lora", {})
     r, targets = cfg.get("r"), sorted(cfg.get("target_modules") or [])
@@ -221,6 +227,22 @@ def _check_compat(manifest: dict[str, Any], model_fingerprint: Mapping[str, Any]
                                 f"{s.policy.describe()}")
 
 
+MAX_BYTES = {ADAPTER_CONFIG: 1 << 20, MANIFEST: 1 << 20, ADAPTER_WEIGHTS: 4 << 30}  # per file: 1 MiB JSON, 4 GiB
+
+
+def _check_files(path: Path) -> list[str]:
+    """A bundle's files are regular files inside it (a symbolic link could point anywhere on the server) and
+    within their size caps."""
+    problems = []
+    for name, cap in MAX_BYTES.items():
+        f = path / name
+        if f.is_symlink():
+            problems.append(f"{name} is a symbolic link; a bundle's files must be regular files inside it")
+        elif f.is_file() and f.stat().st_size > cap:
+            problems.append(f"{name} is over {cap} bytes")
+    return problems
+
+
 def validate_bundle(path: str | Path, model_fingerprint: Mapping[str, Any] | None = None,
                     saes: Sequence[LoadedSAE] | None = None, model: torch.nn.Module | None = None) -> list[str]:
     """Every problem with the bundle at `path` (empty list: usable). Optional checks against a model/SAEs."""
@@ -229,13 +251,15 @@ def validate_bundle(path: str | Path, model_fingerprint: Mapping[str, Any] | Non
         return [f"{path} is not a directory"]
     problems = [f"{p.name}: pickle weights are never loaded; save the adapter as safetensors"
                 for p in sorted(path.iterdir()) if p.suffix in _PICKLE_SUFFIXES]
+    unsafe = _check_files(path)
+    if unsafe:  # never read a linked or oversized file
+        return problems + unsafe
     cfg = _read_json(path / ADAPTER_CONFIG, problems)
     shapes = _read_weights(path / ADAPTER_WEIGHTS, problems)
     manifest = _read_json(path / MANIFEST, problems)
     if manifest is not None:
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            problems.append(f"{MANIFEST}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
-                            f"is not {FORMAT!r} v{FORMAT_VERSION}")
+            problems.append(f"{MANIFEST}: its format is not {FORMAT!r} v{FORMAT_VERSION}")
         _check_compat(manifest, model_fingerprint, saes, problems)
     if cfg is not None:
         _check_lora(cfg, manifest or {}, shapes, problems)

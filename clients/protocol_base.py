@@ -23,6 +23,7 @@ MAX_STOP_WHEN = 16
 MAX_PRESETS = 256
 LOGIT_TOP = 10  # tokens a latent promotes / suppresses (GET /v1/saes/{sae}/features/{i})
 MAX_PATH = 1024
+PATH_COMPONENTS = r"^[^/]{0,255}(/[^/]{0,255})*$"  # each component within NAME_MAX (255)
 MAX_VECTOR = 16384  # numbers in a steering vector (the residual width)
 MAX_VECTOR_EDITS = 8
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .protocol_base import ADAPTER_NAME, MAX_PATH, _Strict
+from .protocol_base import ADAPTER_NAME, MAX_PATH, PATH_COMPONENTS, _Strict
 
 
 class ModelCard(BaseModel):
@@ -72,8 +72,9 @@ class LatentLogits(BaseModel):
 
 class LoadLoRARequest(_Strict):
     lora_name: str = Field(..., pattern=ADAPTER_NAME, description="letters, digits, _ and -; at most 64")
-    lora_path: str = Field(..., min_length=1, max_length=MAX_PATH,
-                           description="bundle folder, relative to the server's --adapter-root when one is set")
+    lora_path: str = Field(..., min_length=1, max_length=MAX_PATH, pattern=PATH_COMPONENTS,
+                           description="bundle folder, relative to the server's --adapter-root when one is set; "
+                                       "each component at most 255 characters (the file system's name limit)")
 
 
 class UnloadLoRARequest(_Strict):

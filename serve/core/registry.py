@@ -74,8 +74,9 @@ class AdapterRegistry:
         self.check_new(name)
         try:
             found = path.is_dir()
-        except OSError as e:  # e.g. a name too long for the file system
-            raise EngineError("invalid", f"lora_path cannot be read: {e.strerror}", "lora_path") from e
+        except OSError as e:  # e.g. a name too long for the file system: no bundle can be there
+            raise EngineError("not_found", f"no adapter bundle at {path.name[:64]!r} ({e.strerror})",
+                              "lora_path") from e
         if not found:
             raise EngineError("not_found", f"no adapter bundle at {path.name!r}", "lora_path")
         problems = validate_bundle(path, self.fingerprint, self.saes, self.model)  # the original's (pickle, ...)

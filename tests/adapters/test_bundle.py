@@ -133,12 +133,12 @@ FEATURES = {"dora": {"use_dora": True}, "replication": {"layer_replication": [[0
     ("config_rank", "has rank 4, adapter_config.json says r=2"),
     ("lone_a", "has no lora_B beside it"),
     ("pair_ranks", ".lora_B.weight has 2"),
-    ("dora", "use_dora=True is not supported"),
-    ("replication", "layer_replication=[[0, 2]] is not supported"),
-    ("modules_to_save", "modules_to_save=['lm_head'] is not supported"),
-    ("lora_bias", "lora_bias=True is not supported"),
-    ("bias", "bias='all' is not supported"),
-    ("unknown", "some_future_feature="),
+    ("dora", "'use_dora' is set, which is not supported"),
+    ("replication", "'layer_replication' is set"),
+    ("modules_to_save", "'modules_to_save' is set"),
+    ("lora_bias", "'lora_bias' is set"),
+    ("bias", "bias is not 'none'"),
+    ("unknown", "'some_future_feature' is set"),
 ])
 def test_each_broken_bundle_has_its_own_message(trained, how, message):
     base, fp, sae, peft, path = trained
@@ -198,3 +198,35 @@ def test_save_overwrites_atomically(trained):
     save_bundle(path, peft, m)
     assert load_bundle(path).manifest.metrics == {"kl": 0.1}
     assert [p.name for p in path.parent.iterdir() if ".tmp" in p.name] == []
+
+
+def test_messages_name_config_keys_never_their_values(trained):
+    """Invariant: a bundle's error never reads back a value from its files (an adapter path is the client's
+    choice, and its JSON could be any file the server can read)."""
+    base, fp, sae, peft, path = trained
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(secret_setting="s3cr3t-value", peft_type="s3cr3t-type", bias="s3cr3t-bias")
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((path / "saelora.json").read_text())
+    manifest["format"] = "s3cr3t-format"
+    (path / "saelora.json").write_text(json.dumps(manifest))
+    problems = validate_bundle(path)
+    assert len(problems) >= 4 and not any("s3cr3t" in p for p in problems), problems
+
+
+def test_a_symlinked_file_in_a_bundle_is_refused_unread(trained, tmp_path):
+    base, fp, sae, peft, path = trained
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"peft_type": "s3cr3t"}))
+    (path / "adapter_config.json").unlink()
+    (path / "adapter_config.json").symlink_to(outside)
+    problems = validate_bundle(path)
+    assert problems == ["adapter_config.json is a symbolic link; a bundle's files must be regular files inside it"]
+
+
+def test_an_oversized_bundle_file_is_refused_unread(trained, monkeypatch):
+    from saelora.adapters import bundle
+
+    base, fp, sae, peft, path = trained
+    monkeypatch.setitem(bundle.MAX_BYTES, "saelora.json", 64)
+    assert validate_bundle(path) == ["saelora.json is over 64 bytes"]
