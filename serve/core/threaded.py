@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from saelora.adapters.models import LoadedModel, stop_token_ids
 from saelora.adapters.saes import LoadedSAE
@@ -27,6 +28,7 @@ from .registry import AdapterRegistry, safe_adapter_path
 from .rows import context_limit
 
 log = logging.getLogger(__name__)
+COMMAND_SLACK = 8  # engine commands beyond the admitted ones: adapter loads and unloads
 FAILING_STEPS, FAILING_WINDOW_S = 3, 60.0  # that many consecutive failed steps, the last this recent: not healthy
 
 Emit = Callable[[Any], None]
@@ -47,9 +49,11 @@ class ThreadedEngine(Engine):
         self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
         self.tokenizer, self.eos = lm.tokenizer, stop_token_ids(lm)
         self._max_len = context_limit(lm.model.config, max_model_len, self.reserve_tokens)
-        self.incoming: queue.Queue[Any] = queue.Queue()
+        self.incoming: queue.Queue[Any] = queue.Queue()  # bounded by admission (`_admitted`)
+        # model work is bounded by admission too; the slack is for adapter loads/unloads (admin only)
         self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
-            queue.Queue()
+            queue.Queue(maxsize=max_batch + max_queue + COMMAND_SLACK)
+        self.dead: str | None = None  # why the engine thread stopped serving (then every request gets 503)
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.running = False
@@ -122,13 +126,13 @@ class ThreadedEngine(Engine):
         instead of sharing two cores with a decode step, and two loads can never race each other."""
         real = safe_adapter_path(self.adapter_root, path)
         self.registry.check_new(name)  # answered at once; validation checks it again on the engine thread
-        await self._call(lambda: self._load(name, real))
+        await self._call(lambda: self._load(name, real), work=False)
         return self.registry.entries[name].describe()
 
     async def unload_adapter(self, name: str) -> None:
         entry = self.registry.remove(name)  # 404 / 409 (in use) before anything changes
         try:
-            await self._call(lambda: self._detach(name))
+            await self._call(lambda: self._detach(name), work=False)
         except BaseException:
             self.registry.entries[name] = entry
             raise
@@ -158,38 +162,55 @@ class ThreadedEngine(Engine):
     def ready(self) -> bool:
         """Up and serving: the engine thread is alive, and its last FAILING_STEPS steps did not all fail within
         the last FAILING_WINDOW_S seconds (/health answers 503 otherwise, so an orchestrator can restart it)."""
-        alive = self.running and self.thread is not None and self.thread.is_alive()
+        alive = self.running and self.dead is None and self.thread is not None and self.thread.is_alive()
         failing = self.failed_steps >= FAILING_STEPS and time.monotonic() - self.last_failure < FAILING_WINDOW_S
         return alive and not failing
 
     # ---- event loop side ------------------------------------------------------------------------------
-    def _check_queue(self) -> None:
-        # One rule for both engines: max_batch rows run, max_queue more wait (in our queue or vLLM's), then 429.
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """One rule for both engines and every route that runs the model: max_batch rows run, max_queue more wait
+        (in our queue or vLLM's), then 429; a dead engine thread answers 503."""
+        if self.dead is not None:
+            raise EngineError("not_ready", self.dead)
         if self.in_flight >= self.max_batch + self.max_queue:
             raise EngineError("queue_full", "the server is at capacity; retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _stream(self, make_row: Callable[[Emit], Any]) -> AsyncIterator[Event]:
         """Queue the row `make_row(emit)` builds and yield its events until `Finished` (or an error)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # may raise: nothing held yet
-        row.hold(self.registry)
-        self.incoming.put(row)
-        self.in_flight += 1
-        self.wake.set()
-        try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if isinstance(ev, Finished):
-                    return
-        finally:
-            self.in_flight -= 1
-            row.cancelled = True  # no-op when finished; otherwise the engine drops the row
+        with self._admitted():
+            row = make_row(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # may raise: nothing held
+            row.hold(self.registry)
+            self.incoming.put(row)
+            self.wake.set()
+            try:
+                while True:
+                    ev = await events.get()
+                    if isinstance(ev, BaseException):
+                        raise ev
+                    yield ev
+                    if isinstance(ev, Finished):
+                        return
+            finally:
+                row.cancelled = True  # no-op when finished; otherwise the engine drops the row
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps and return its result."""
+    async def _call(self, fn: Callable[[], Any], work: bool = True) -> Any:
+        """Run `fn` on the engine thread between steps and return its result. `work` (model work: encode, steering
+        vectors, auto-steer) counts against admission like a request; adapter loads and unloads do not."""
+        if not work:
+            return await self._command(fn)
+        with self._admitted():
+            return await self._command(fn)
+
+    async def _command(self, fn: Callable[[], Any]) -> Any:
+        if self.dead is not None:
+            raise EngineError("not_ready", self.dead)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -198,7 +219,10 @@ class ThreadedEngine(Engine):
                 if not fut.done():
                     fut.set_exception(error) if error else fut.set_result(result)
             loop.call_soon_threadsafe(settle)
-        self.commands.put((fn, done))
+        try:
+            self.commands.put_nowait((fn, done))
+        except queue.Full:
+            raise EngineError("queue_full", "the server is at capacity; retry shortly") from None
         self.wake.set()
         return await fut
 
@@ -214,8 +238,25 @@ class ThreadedEngine(Engine):
         started(None)
         try:
             self._loop()
+        except BaseException as e:  # noqa: BLE001 - outside a step (admission, commands): nothing serves now
+            log.critical("the engine thread stopped", exc_info=e)
+            self._abandon("the engine stopped serving (the server log says why); restart the server")
         finally:
             self._teardown()
+
+    def _abandon(self, why: str) -> None:
+        """Engine thread, dying: every request and command waiting on it gets a 503, and so does every new one."""
+        self.dead = why
+        error = EngineError("not_ready", why)
+        self._fail_running(error)
+        while (row := self._next_incoming()) is not None:
+            row.fail(error)
+        while True:
+            try:
+                _, done = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            done(None, error)
 
     def _loop(self) -> None:
         while self.running:

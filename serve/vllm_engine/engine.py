@@ -108,7 +108,6 @@ class VllmEngine(ThreadedEngine):
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         req = self._check(req)
-        self._check_queue()
         rid = self._new_rid()
         async for ev in self._stream(lambda emit: _Row(rid, req, emit, self)):
             yield ev
