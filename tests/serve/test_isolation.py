@@ -46,7 +46,8 @@ def test_a_failing_row_ends_alone_and_the_victim_stream_completes(ws, poisoned):
         attacker = httpx.post(srv.url + "/v1/completions", json={"model": "a1", "prompt": "the dog", "max_tokens": 8,
                                                                   "seed": POISON_SEED}, timeout=60)
         t.join(60)
-        assert attacker.status_code == 500 and "injected" in attacker.json()["error"]["message"]
+        msg = attacker.json()["error"]["message"]
+        assert attacker.status_code == 500 and "request id" in msg and "injected" not in msg  # logged, never sent
         assert victim["lines"][-1] == "data: [DONE]"
         assert not any('"error"' in ln for ln in victim["lines"])
         # bookkeeping: both rows released adapter a1 exactly once
@@ -68,3 +69,46 @@ def test_health_turns_503_while_every_step_fails(ws, monkeypatch):
             r = httpx.post(srv.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 4}, timeout=60)
             assert r.status_code == 500
         assert httpx.get(srv.url + "/health").status_code == 503
+
+
+def test_an_engine_thread_that_dies_answers_every_waiting_and_new_request_503(ws, monkeypatch):
+    """Invariant: no request waits forever. The thread dies outside a step (here: admitting a row); the request
+    it was admitting gets 503, so does every later one, and /health says so."""
+    engine = make_engine(ws, max_batch=2)
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        def broken_admit():
+            raise RuntimeError("injected admission failure")
+
+        monkeypatch.setattr(engine, "_admit", broken_admit)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 503 and "restart" in r.json()["error"]["message"], r.text
+        assert "injected" not in r.text
+        again = httpx.post(srv.url + "/v1/features", json={"input": "the cat", "top_k": 2}, timeout=60)
+        assert again.status_code == 503 and again.headers["Retry-After"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+
+
+def test_the_features_route_counts_against_admission(ws):
+    """Invariant: every route that runs the model is admitted like a completion: with one slot and no queue,
+    a features request beside a running stream gets 429, and once the stream ends it is served."""
+    engine = make_engine(ws, max_batch=1, max_queue=0)
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        started, lines = threading.Event(), []
+
+        def stream():
+            body = {"prompt": "the cat sat on", "max_tokens": 200, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                for ln in r.iter_lines():
+                    started.set()
+                    lines.append(ln)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        busy = httpx.post(srv.url + "/v1/features", json={"input": "the cat", "top_k": 2}, timeout=60)
+        t.join(60)
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded", busy.text
+        assert [ln for ln in lines if ln.startswith("data: ")][-1] == "data: [DONE]"
+        assert httpx.post(srv.url + "/v1/features", json={"input": "the cat", "top_k": 2},
+                          timeout=60).status_code == 200
