@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, from TORCH_INDEX (above): the bare PyPI spec would pull GBs of CUDA wheels.
 ifeq ($(TORCH_INDEX),auto)
-	$(BIN)/python -m pip install -q --no-index torch==2.13.0 2>/dev/null \
-		|| $(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX)
+	if $(BIN)/python -m pip download -q --no-deps --no-index torch==2.13.0 -d $(VENV)/.torch-probe 2>/dev/null; \
+	then $(BIN)/python -m pip install -q torch==2.13.0; \
+	else $(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX); fi
+	rm -rf $(VENV)/.torch-probe
 else ifeq ($(TORCH_INDEX),pypi)
 	$(BIN)/python -m pip install -q torch==2.13.0
 else

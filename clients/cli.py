@@ -4,6 +4,7 @@ SAE latents, with steering commands. Uses only the client (no torch)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import httpx
@@ -26,6 +27,7 @@ HELP = """commands:
   /clear                          forget the conversation
   /adapter <name|base>            talk to an adapter (see /models)
   /features on|off                show the top latents of each token
+  /temp <t>                       sampling temperature (0: greedy)
   /models                         list the base model and adapters
   /help, /quit"""
 
@@ -33,8 +35,10 @@ HELP = """commands:
 class ChatSession:
     """State and commands of one chat; `out` receives everything shown."""
 
-    def __init__(self, client: SaeloraClient, out: TextIO, top_k: int = 3, max_tokens: int = 64) -> None:
+    def __init__(self, client: SaeloraClient, out: TextIO, top_k: int = 3, max_tokens: int = 64,
+                 temperature: float = 0.0) -> None:
         self.c, self.out, self.top_k, self.max_tokens = client, out, top_k, max_tokens
+        self.temperature = temperature
         self.base = client.default_model()
         self.model = self.base
         self.messages: list[dict[str, str]] = []
@@ -57,6 +61,8 @@ class ChatSession:
         elif cmd == "/clear":
             self.messages.clear()
             self.say("[conversation cleared]")
+        elif cmd == "/temp" and len(args) == 1:
+            self._temp(args[0])
         elif cmd == "/features" and args in (["on"], ["off"]):
             self.show = args == ["on"]
             self.say(f"[features {args[0]}]")
@@ -140,6 +146,17 @@ class ChatSession:
         except SaeloraAPIError as e:
             self.say(f"[error {e.status}: {e.message}]")
 
+    def _temp(self, value: str) -> None:
+        try:
+            t = float(value)
+        except ValueError:
+            t = -1.0
+        if not 0.0 <= t <= 2.0:
+            self.say("[usage: /temp <t>, 0 <= t <= 2; 0 is greedy]")
+            return
+        self.temperature = t
+        self.say(f"[temperature {t:g}]")
+
     def ask(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         sae: dict[str, Any] = {"features": {"top_k": self.top_k},
@@ -148,7 +165,7 @@ class ChatSession:
         reply, shown, twin = "", [], ""
         try:
             for chunk in self.c.stream_chat(self.messages, model=self.model, max_tokens=self.max_tokens,
-                                            temperature=0.0, sae=sae):
+                                            temperature=self.temperature, sae=sae):
                 for ch in chunk.choices:
                     if ch.unsteered is not None:
                         twin += ch.unsteered.text
@@ -162,6 +179,10 @@ class ChatSession:
         except SaeloraAPIError as e:
             self.messages.pop()
             self.say(f"[error {e.status}: {e.message}]")
+            return
+        except httpx.HTTPError as e:  # the connection dropped mid-stream: the turn is dropped, the chat goes on
+            self.messages.pop()
+            self.say(f"\n[the stream broke ({type(e).__name__}); that reply is dropped: ask again]")
             return
         if self.show:
             self.say(" ".join(shown))
@@ -188,17 +209,22 @@ def run_chat(session: ChatSession, stdin: TextIO) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("/"):
-            if not session.command(line):
-                return 0
-        else:
-            session.ask(line)
+        try:
+            if line.startswith("/"):
+                if not session.command(line):
+                    return 0
+            else:
+                session.ask(line)
+        except httpx.HTTPError as e:  # the server went away or dropped the connection: say so, keep the chat
+            session.say(f"[the server did not answer ({type(e).__name__}); try again]")
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    with SaeloraClient(args.url, api_key=args.api_key, model=args.model) as client:
+    key = args.api_key or os.environ.get("SAELORA_ADMIN_API_KEY") or os.environ.get("SAELORA_API_KEY") or None
+    with SaeloraClient(args.url, api_key=key, model=args.model) as client:
         try:
-            session = ChatSession(client, sys.stdout, top_k=args.top_k, max_tokens=args.max_tokens)
+            session = ChatSession(client, sys.stdout, top_k=args.top_k, max_tokens=args.max_tokens,
+                                  temperature=args.temperature)
         except (SaeloraAPIError, httpx.HTTPError, OSError) as e:
             print(f"saelora chat: cannot reach a server at {args.url}: {e}", file=sys.stderr)
             return 2
@@ -209,7 +235,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("chat", help="interactive chat showing each token's top SAE latents, with /steer",
                        description="Chat with a saelora server; see /help inside.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default http://127.0.0.1:8000)")
-    p.add_argument("--api-key", help="API key, if the server needs one")
+    p.add_argument("--api-key", help="API key, if the server needs one (default: $SAELORA_ADMIN_API_KEY, which "
+                   "also allows /save and /autosteer, else $SAELORA_API_KEY)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy; "
+                   "/temp changes it)")
     p.add_argument("--model", help="model or adapter to talk to (default: the server's base model)")
     p.add_argument("--top-k", type=int, default=3, help="latents shown per token (default 3)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default 64)")

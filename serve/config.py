@@ -29,6 +29,7 @@ class ServeConfig:
                              split=False)
     adapter_root: str | None = opt(None, "folder from which adapters may be loaded at runtime "
                                    "(POST /v1/load_lora_adapter); runtime loading is off without it")
+    max_adapters: int = opt(32, "adapters loaded at once; a load beyond it gets 409 (unload one first)")
     host: str = opt("127.0.0.1", "bind address")
     port: int = opt(8000, "port")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on every route but /health (also "

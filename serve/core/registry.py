@@ -3,13 +3,16 @@
 Runtime loads are confined to `--adapter-root`: the path is resolved (symlinks followed) and must stay
 inside the root's real path; safetensors only (the bundle validator refuses pickle). A bundle is fully
 validated against the base model's and SAEs' fingerprints, then copied to a private content-addressed folder
-($SAELORA_CACHE/served-adapters/<sha256>) and validated again there; both engines load only that copy. Unloading
-an adapter that requests are using fails with 409 (conflict) instead of waiting.
+($SAELORA_CACHE/served-adapters/<pid>/<sha256>) and validated again there; both engines load only that copy,
+which unloading deletes. Unloading an adapter that requests are using fails with 409 (conflict) instead of
+waiting; loading more than --max-adapters fails with 409 too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +27,29 @@ from saelora.adapters.saes import LoadedSAE
 from .engine import EngineError
 
 BASE = "__base__"
+log = logging.getLogger(__name__)
+
+
+def copies_dir() -> Path:
+    """This process's folder of private adapter copies, `served-adapters/<pid>`. Copies are per process, so one
+    server can delete what it no longer serves without pulling a file from under another (vLLM rereads an
+    adapter's folder when it brings it back into a slot). Folders of processes that no longer run are removed."""
+    root = cache_dir() / "served-adapters"
+    root.mkdir(parents=True, exist_ok=True)
+    for d in root.iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid() and not _alive(int(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def safe_adapter_path(root: str | None, requested: str) -> Path:
@@ -57,10 +83,13 @@ class AdapterEntry:
 
 
 class AdapterRegistry:
-    def __init__(self, fingerprint: dict[str, Any], saes: Sequence[LoadedSAE], model: torch.nn.Module) -> None:
+    def __init__(self, fingerprint: dict[str, Any], saes: Sequence[LoadedSAE], model: torch.nn.Module,
+                 max_adapters: int = 32) -> None:
         self.fingerprint, self.saes, self.model = fingerprint, list(saes), model
+        self.max_adapters = max_adapters
         self.entries: dict[str, AdapterEntry] = {}
         self.lock = threading.Lock()
+        self.copies = copies_dir()
 
     def check_new(self, name: str) -> None:
         """`name` may be given to a new adapter: not `__base__`, not loaded. Checked when a load is asked for,
@@ -69,6 +98,9 @@ class AdapterRegistry:
             raise EngineError("invalid", f"{BASE!r} is reserved for the base model", "lora_name")
         if name in self.entries:
             raise EngineError("conflict", f"an adapter named {name!r} is already loaded", "lora_name")
+        if len(self.entries) >= self.max_adapters:
+            raise EngineError("conflict", f"{len(self.entries)} adapters are loaded, this server's --max-adapters; "
+                              "unload one first", "lora_name")
 
     def validate(self, name: str, path: Path) -> Bundle:
         self.check_new(name)
@@ -83,7 +115,7 @@ class AdapterRegistry:
         try:
             if problems:
                 raise BundleError(path, problems)
-            copy = private_copy(path, cache_dir() / "served-adapters")  # content-addressed: what is served
+            copy = private_copy(path, self.copies)  # content-addressed: what is served
             bundle = load_bundle(copy, self.fingerprint, self.saes, self.model)
         except BundleError as e:
             raise EngineError("invalid", "invalid adapter bundle: " + "; ".join(e.problems), "lora_path") from e
@@ -118,3 +150,14 @@ class AdapterRegistry:
                 raise EngineError("conflict", f"adapter {name!r} is in use by {entry.in_flight} request(s); "
                                   "retry when they finish", "lora_name")
             return self.entries.pop(name)
+
+    def discard(self, entry: AdapterEntry) -> None:
+        """After an unload: delete its private copy unless another loaded name serves the same bytes."""
+        with self.lock:
+            shared = any(e.bundle.path == entry.bundle.path for e in self.entries.values())
+        if not shared and entry.bundle.path.parent == self.copies:
+            shutil.rmtree(entry.bundle.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """At shutdown: this process's copies go (nothing serves them any more)."""
+        shutil.rmtree(self.copies, ignore_errors=True)

@@ -39,14 +39,14 @@ class ThreadedEngine(Engine):
     reserve_tokens = 0
 
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int, max_queue: int,
-                 max_model_len: int | None = None, adapter_root: str | None = None) -> None:
+                 max_model_len: int | None = None, adapter_root: str | None = None, max_adapters: int = 32) -> None:
         self.lm, self.model_id = lm, lm.spec
         self.max_batch, self.max_queue = max_batch, max_queue
         self.adapter_root = adapter_root  # folder runtime adapter loads are confined to (None: no runtime loads)
         self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
         self.failed_steps, self.last_failure = 0, 0.0  # consecutive failed engine steps, and when the last was
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
-        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model)
+        self.registry = AdapterRegistry(lm.fingerprint, saes, lm.model, max_adapters)
         self.tokenizer, self.eos = lm.tokenizer, stop_token_ids(lm)
         self._max_len = context_limit(lm.model.config, max_model_len, self.reserve_tokens)
         self.incoming: queue.Queue[Any] = queue.Queue()  # bounded by admission (`_admitted`)
@@ -136,6 +136,7 @@ class ThreadedEngine(Engine):
         except BaseException:
             self.registry.entries[name] = entry
             raise
+        self.registry.discard(entry)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -157,6 +158,7 @@ class ThreadedEngine(Engine):
         self.wake.set()
         if self.thread:
             await asyncio.to_thread(self.thread.join, 10)
+        self.registry.close()
 
     @property
     def ready(self) -> bool:

@@ -77,9 +77,9 @@ class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = ServeConfig.max_batch,
                  max_queue: int = ServeConfig.max_queue, max_model_len: int | None = ServeConfig.max_model_len,
                  adapter_root: str | None = ServeConfig.adapter_root,
-                 pack_weights: bool = ServeConfig.pack_weights) -> None:
+                 pack_weights: bool = ServeConfig.pack_weights, max_adapters: int = ServeConfig.max_adapters) -> None:
         """Settings and their defaults are `ServeConfig`'s (serve/config.py)."""
-        super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root)
+        super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root, max_adapters)
         self.model = lm.model
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
         # where a step that only reads latents can stop (None: no SAE, so no such step)

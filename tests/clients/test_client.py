@@ -238,3 +238,35 @@ def test_vector_builders_make_the_protocol_member_their_arguments_name():
     assert isinstance(by_name, P.SAEVectorByName)
     assert (by_name.vector, by_name.unit, by_name.op) == ("law", "norm", "add")
     assert isinstance(by_values, P.SAEVectorValues) and (by_values.values, by_values.op) == ([0.0, 1.0], "project")
+
+
+def test_chat_survives_a_dropped_stream_and_sets_its_temperature():
+    """The server drops the connection in the middle of a streamed reply: the chat says so, forgets that turn
+    and goes on; /temp sets the sampling temperature within [0, 2]."""
+    from io import StringIO
+
+    from fake_engine import FakeEngine
+    from saelora.clients import SaeloraClient
+    from saelora.clients.cli import ChatSession
+    from saelora.serve.api.app import create_app
+
+    inner = create_app(FakeEngine(), served_name="fake")
+
+    async def dropping(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": b'data: {"id": "x", "cho', "more_body": True})
+            raise RuntimeError("the connection drops here")
+        await inner(scope, receive, send)
+
+    with LiveServer(dropping) as srv, SaeloraClient(srv.url) as client:
+        out = StringIO()
+        chat = ChatSession(client, out, temperature=0.3)
+        assert chat.temperature == 0.3
+        chat.command("/temp 0.7")
+        chat.command("/temp 9")
+        assert chat.temperature == 0.7 and "[temperature 0.7]" in out.getvalue() and "[usage: /temp" in out.getvalue()
+        chat.ask("hello")
+        assert "[the stream broke" in out.getvalue() and chat.messages == []
+        assert chat.command("/models") is True  # still talking to the server

@@ -81,3 +81,30 @@ def test_vllm_evicts_and_reloads_more_adapters_than_slots(ws, tmp_path):
         first = [_greedy(srv, f"ev{i}") for i in range(3)]
         again = [_greedy(srv, f"ev{i}") for i in reversed(range(3))][::-1]
         assert first == again and len(set(first)) == 3, first
+
+
+def _copies_of(ws, folder: Path) -> list[Path]:
+    """The private copies of the bundle at `folder`, in any server process's copies folder (content-addressed)."""
+    import hashlib
+
+    from saelora.adapters.bundle import BUNDLE_FILES
+    from saelora.adapters.config import cache_dir
+
+    digest = hashlib.sha256()
+    for name in BUNDLE_FILES:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return list((cache_dir() / "served-adapters").glob(f"*/{digest.hexdigest()[:32]}"))
+
+
+def test_unloading_deletes_the_private_copy(server, ws):
+    """Invariant: copies do not pile up on disk: an unloaded adapter's private copy is gone."""
+    root = Path(ws["root"])
+    tag = server.url.rsplit(":", 1)[-1]
+    make_bundle(ws, root / f"gc-{tag}", seed=int(tag) % 1000 + 30)  # bytes of its own: a copy of its own
+    _load(server, "gc", f"gc-{tag}")
+    try:
+        assert len(_copies_of(ws, root / f"gc-{tag}")) == 1
+        assert _greedy(server, "gc")
+    finally:
+        _unload(server, "gc")
+    assert _copies_of(ws, root / f"gc-{tag}") == []

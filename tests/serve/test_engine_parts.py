@@ -353,3 +353,26 @@ def test_a_bundle_peft_cannot_read_is_invalid_and_attaches_nothing(ws, change):
     assert err.value.kind == "invalid" and err.value.param == "lora_path", err.value
     assert "cannot be read" in str(err.value)  # past saelora's validation, refused when read with PEFT's rules
     assert not engine.registry.entries and not engine.lora.layers
+
+
+def test_the_registry_bounds_loaded_adapters_and_prunes_dead_servers_copies(tmp_path, monkeypatch):
+    """A load beyond --max-adapters is a 409 before anything is read; a copies folder whose server process no
+    longer runs is removed when the next registry starts, the running ones' are kept."""
+    import os
+
+    import torch
+
+    from saelora.serve.core.engine import EngineError
+    from saelora.serve.core.registry import AdapterRegistry
+
+    monkeypatch.setenv("SAELORA_CACHE", str(tmp_path))
+    copies = tmp_path / "served-adapters"
+    (copies / "999999999").mkdir(parents=True)  # no such process
+    (copies / str(os.getppid())).mkdir()  # a running process: kept
+    reg = AdapterRegistry({}, [], torch.nn.Linear(1, 1), max_adapters=1)
+    assert not (copies / "999999999").exists() and (copies / str(os.getppid())).exists()
+    assert reg.copies == copies / str(os.getpid())
+    reg.entries["a"] = object()
+    with pytest.raises(EngineError) as err:
+        reg.check_new("b")
+    assert err.value.kind == "conflict" and "--max-adapters" in err.value.message
