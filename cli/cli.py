@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from saelora import __version__
+from saelora.adapters.errors import SaeloraError
 from saelora.adapters import config
 
 # Modules that add subcommands; one missing (e.g. a client-only install without torch) is skipped.
@@ -100,16 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; a subcommand's `--config FILE` supplies defaults that its flags override."""
+    from saelora.adapters.options import read_config_file
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = args.subparser
+        sub.set_defaults(**read_config_file(args.config, sub))
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse(argv)
+    except SaeloraError as e:
+        print(f"saelora: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from saelora.adapters.errors import SaeloraError
-
     try:
         return int(args.func(args) or 0)
     except SaeloraError as e:

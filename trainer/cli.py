@@ -143,6 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, cls, func, text in specs:
         p = sub.add_parser(name, help=text, description=text)
         add_dataclass_args(p, cls, renames={"saes": "sae"})
-        p.set_defaults(func=func)
+        p.add_argument("--config", help="YAML or JSON file of these options (field or flag names; `lora:` may nest "
+                       "the LoRA ones); flags given here override it")
+        p.set_defaults(func=func, subparser=p)
     _register_export(sub)
 

@@ -12,6 +12,8 @@ from saelora.adapters.errors import ConfigError
 from saelora.adapters.lora_targets import TARGET_NAMES
 from saelora.adapters.options import opt
 
+from .tracking import ReportTo, check as check_report_to
+
 
 @dataclass
 class LoraSettings:
@@ -19,12 +21,13 @@ class LoraSettings:
     layers); nested in `TrainConfig.lora`, and what trainer/lora.py builds a `peft.LoraConfig` from."""
 
     rank: int = opt(64, "LoRA rank r")
-    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r", aliases=("--lora-alpha",))
     dropout: float = opt(0.0, "LoRA dropout (0, the default, keeps runs bit-for-bit reproducible; the base model "
                               "always runs in eval mode, so the teacher never sees dropout)")
     rslora: bool = opt(False, "scale alpha/sqrt(r) instead of alpha/r")
     targets: list[str] = opt(factory=lambda: list(TARGET_NAMES),
-                             help="short names (mapped per architecture) or literal module-name suffixes")
+                             help="short names (mapped per architecture) or literal module-name suffixes",
+                             aliases=("--target-modules",))
     layers: str | list[int] = opt("all", '"all" | "after" (layers after the first SAE) | comma list "12,13,14"')
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "passed through to peft.LoraConfig",
                                                                   "cli": False})
@@ -44,15 +47,16 @@ class TrainConfig:
     corpus: list[str] = opt(factory=lambda: [DEFAULT_CORPUS], help="corpus sources (see adapters/corpus.py)")
     val_fraction: float = opt(0.05, "documents held out for evals during training (hash band above the test band)")
     test_fraction: float = opt(0.0, "documents held out for a final test (never used in training or its evals)")
-    out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config")
+    out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config",
+                   aliases=("--output-dir",))
     lora: LoraSettings = opt(factory=lambda: LoraSettings(), help="LoRA settings (the --rank ... --layers options)")
     # optimisation (the paper: AdamW, constant lr, grad-norm clip 1.0)
-    lr: float = opt(5e-5, "AdamW learning rate")
+    lr: float = opt(5e-5, "AdamW learning rate", aliases=("--learning-rate",))
     schedule: str = opt("constant", "constant | cosine | linear (decay to 0 at the end of the budget)")
     warmup_steps: int = opt(0, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: decoupled decay would pull the small "
                                    "adapter back towards the base model, which KL already does)")
-    clip: float = opt(1.0, "max grad norm")
+    clip: float = opt(1.0, "max grad norm", aliases=("--max-grad-norm",))
     # objective
     kl_reduction: str = opt("mean", "mean: per token; sum: over positions, then mean over rows (the paper's "
                                     "batch-1 x 1024-position sum: gradients T times larger, so clip bites more)")
@@ -62,7 +66,8 @@ class TrainConfig:
                                    " SAE's recorded policy, else the paper's: BOS/EOS and a BOS-less sink kept)")
     # budget and batching (a step = batch_size x grad_accum rows of seq_len tokens)
     max_steps: int | None = opt(None, "optimizer steps")
-    max_tokens: int | None = opt(None, "training tokens (rounded up to whole steps)")
+    max_tokens: int | None = opt(None, "training tokens (rounded up to whole steps)", name="train_tokens",
+                                 deprecated=("--max-tokens",))
     max_minutes: float | None = opt(None, "training wall-clock budget (eval time excluded)")
     batch_size: int = opt(4, "rows per micro-batch and process (data parallel: the global batch is "
                            "batch_size x processes)")
@@ -76,6 +81,8 @@ class TrainConfig:
     checkpoint_interval: int = opt(100, "steps between checkpoints (also written on Ctrl-C and at the end)")
     resume: bool = opt(False, "continue from out/checkpoint")
     device: str | None = opt(None, "default: cuda if available, else cpu")
+    report_to: ReportTo = opt("none", "experiment tracking, as the HF Trainer's option: tensorboard writes "
+                              "out/tensorboard, trackio out/trackio; the scalars are metrics.jsonl's")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,3 +112,4 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_rows"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        check_report_to(self.report_to)

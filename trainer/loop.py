@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .distributed import DataParallel
 from .evaluate import evaluate
 from .objective import ObjectiveWeights, objective
+from .tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint/state.pt"
@@ -84,6 +85,17 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+class _Metrics:
+    """metrics.jsonl (rank 0), and the same rows to the experiment tracker (`--report-to`)."""
+
+    def __init__(self, path: Path, tracker: Tracker) -> None:
+        self.path, self.tracker = path, tracker
+
+    def append(self, row: dict[str, Any]) -> None:
+        _append(self.path, row)
+        self.tracker.log(row)
+
+
 def _save_checkpoint(out: Path, tr: Trainee, opt: torch.optim.Optimizer, sched: Any, st: LoopState,
                      dp: DataParallel, interrupted: bool = False) -> None:
     """Rank 0 writes (the weights and optimizer state are the same on every rank); every rank's RNG is kept,
@@ -127,7 +139,7 @@ def _load_checkpoint(out: Path, tr: Trainee, opt: torch.optim.Optimizer, sched: 
     return st
 
 
-def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metrics: Path,
+def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metrics: _Metrics,
           dp: DataParallel) -> dict[str, Any]:
     """Evaluate on every rank's share of `val`, the sums reduced: the same result as one process on all of it."""
     tr.model.eval()
@@ -139,7 +151,7 @@ def _eval(tr: Trainee, val: torch.Tensor, cfg: TrainConfig, st: LoopState, metri
     res.update(step=st.step, tokens_seen=st.tokens, train_s=round(st.train_s, 2))  # res["tokens"]: eval tokens
     st.evals.append(res)
     if dp.is_main:
-        _append(metrics, {"step": st.step, "eval": res})
+        metrics.append({"step": st.step, "eval": res})
     log.info("eval step %d: ce base %.4f spliced %.4f adapted %s kl %s", st.step, res["ce_base"], res["ce_spliced"],
              f"{res.get('ce_adapted', float('nan')):.4f}", f"{res.get('kl_adapted', res['kl_spliced']):.4f}")
     return res
@@ -186,14 +198,15 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, dp.world))
     weights = ObjectiveWeights(cfg.kl_reduction, cfg.ce_weight, cfg.mse_weight)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-    metrics, total = out / "metrics.jsonl", cfg.total_steps(dp.world)
+    total = cfg.total_steps(dp.world)
+    metrics = _Metrics(out / "metrics.jsonl", make_tracker(cfg.report_to, out, cfg.to_json(), dp.is_main))
     if dp.world > 1:
         torch.manual_seed(cfg.seed + dp.rank)  # weights were initialised alike; dropout masks now differ per rank
     if cfg.resume and (out / CHECKPOINT).is_file():
         st = _load_checkpoint(out, tr, opt, sched, dp)
     else:
         if dp.is_main:
-            metrics.unlink(missing_ok=True)
+            metrics.path.unlink(missing_ok=True)
         st = LoopState()
         _eval(tr, val, cfg, st, metrics, dp)
     last_eval_s = st.evals[-1]["train_s"] if st.evals else 0.0
@@ -209,8 +222,8 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
             dt = time.perf_counter() - t0
             st.train_s += dt if dp.world == 1 else float(dp.mean(torch.tensor([dt], dtype=torch.float64)))
             if dp.is_main:
-                _append(metrics, {"step": st.step, "tokens": st.tokens, "train_s": round(st.train_s, 3),
-                                  "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **parts})
+                metrics.append({"step": st.step, "tokens": st.tokens, "train_s": round(st.train_s, 3),
+                                "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, **parts})
             bar.update(1)
             bar.set_postfix(kl=f"{parts['kl']:.4f}")
             if _eval_due(cfg, st, last_eval_s):
@@ -222,9 +235,10 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
         _save_checkpoint(out, tr, opt, sched, st, dp, interrupted=True)
         log.warning("interrupted at step %d; checkpoint saved: rerun with --resume to continue", st.step)
         raise
+        if not st.evals or st.evals[-1]["step"] != st.step:
+            _eval(tr, val, cfg, st, metrics, dp)
     finally:
         bar.close()
-    if not st.evals or st.evals[-1]["step"] != st.step:
-        _eval(tr, val, cfg, st, metrics, dp)
+        metrics.tracker.close()
     _save_checkpoint(out, tr, opt, sched, st, dp)
     return st
