@@ -50,3 +50,15 @@ def top_logits(model: torch.nn.Module, sae: LoadedSAE, k: int = 10, indices: lis
             out.append(([(int(i), float(v)) for v, i in zip(top.values[r], top.indices[r], strict=True)],
                         [(int(i), -float(v)) for v, i in zip(low.values[r], low.indices[r], strict=True)]))
     return out
+
+
+@torch.no_grad()
+def similar_latents(sae: LoadedSAE, index: int, n: int = 10) -> TokenValues:
+    """The n latents whose decoder directions are closest to latent `index`'s by cosine (itself left out):
+    [(latent, cosine)], closest first. What a "find similar" button on a feature page shows."""
+    w = sae.sae.W_dec.detach().float()
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = w @ w[index]
+    cos[index] = -2.0  # never itself
+    top = cos.topk(min(n, len(cos) - 1))
+    return [(int(i), round(float(v), 6)) for v, i in zip(top.values, top.indices, strict=True)]

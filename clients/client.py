@@ -165,6 +165,10 @@ class SaeloraClient(_Base):
         """Latents whose feature descriptions (top contexts, promoted tokens) match the query words."""
         return self.run(E.search(sae, q, n))
 
+    def similar(self, sae: str, index: int, n: int = 10) -> PS.SimilarResponse:
+        """The latents closest to `index` by decoder cosine."""
+        return self.run(E.similar(sae, index, n))
+
     def auto_steer(self, name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
                    prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5,
                    sae: str | None = None) -> PS.AutoSteerResponse:
@@ -290,6 +294,9 @@ class AsyncSaeloraClient(_Base):
 
     async def search(self, sae: str, q: str, n: int = 10) -> PS.SearchResponse:
         return await self.run(E.search(sae, q, n))
+
+    async def similar(self, sae: str, index: int, n: int = 10) -> PS.SimilarResponse:
+        return await self.run(E.similar(sae, index, n))
 
     async def auto_steer(self, name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
                          prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5,

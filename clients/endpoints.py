@@ -118,6 +118,11 @@ def search(sae: str, q: str, n: int = 10) -> Call:
     return Call("GET", f"/v1/saes/{sae}/search?q={quote(q)}&n={n}", parse=PS.SearchResponse.model_validate)
 
 
+def similar(sae: str, index: int, n: int) -> Call:
+    return Call("GET", f"/v1/saes/{sae}/features/{index}/similar?n={n}",
+                parse=PS.SimilarResponse.model_validate)
+
+
 def auto_steer(name: str, positive: Sequence[str], negative: Sequence[str] | None = None,
                prompts: Sequence[str] | None = None, max_fluency_gap: float = 0.5, sae: str | None = None) -> Call:
     given = {"negative": negative, "prompts": prompts}

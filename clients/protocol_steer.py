@@ -69,6 +69,18 @@ class SearchResponse(BaseModel):
     data: list[SearchHit]
 
 
+class SimilarLatent(BaseModel):
+    index: int
+    cosine: float = Field(description="cosine of the two latents' decoder directions")
+
+
+class SimilarResponse(BaseModel):
+    object: Literal["list"] = "list"
+    sae: str
+    index: int
+    data: list[SimilarLatent]
+
+
 class AutoSteerRequest(_Strict):
     """POST /v1/steering/auto: search, a strength sweep and a judge, from example texts; the winner is stored as
     preset `name`. Offered by engines that run the model in the server process (the torch engine)."""

@@ -29,7 +29,7 @@ from ..core.engine import Engine, EngineError
 from . import errors, names, steer_routes, steering
 from .handlers import Handlers
 from .metrics import Metrics
-from .steering import Steering
+from .steering import Steering, latent_of
 from .wire import wire_logits
 
 log = logging.getLogger(__name__)
@@ -285,11 +285,7 @@ async def saes(s: ServerState = Depends(state)) -> P.SAEList:
             responses=errors.documented(404))
 async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
                   s: ServerState = Depends(state)) -> P.FeatureDescription:
-    sae = next((d for d in s.engine.saes() if d["name"] == sae_id), None)
-    if sae is None:
-        raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae_id")
-    if not 0 <= index < sae["d_sae"]:
-        raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
+    latent_of(s.engine, sae_id, index)
     data = s.steering.descriptions(sae_id)
     logits = wire_logits(await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP), s.engine.tokenizer)
     if data is None:

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path as FastAPIPath, Query
 
 from saelora.adapters.autosteer import default_negatives
 from saelora.adapters.edits import LatentEdit, VectorEdit
@@ -26,7 +26,7 @@ from saelora.clients import protocol_steer as PS
 
 from ..core.engine import EngineError
 from . import errors
-from .steering import NamePath, Steering, _sae_name, steering_of
+from .steering import NamePath, Steering, _sae_name, latent_of, steering_of
 
 router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # every engine
 values_router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # engines without `steers_from_text`
@@ -129,6 +129,16 @@ async def search(sae_id: str, q: str = Query(..., min_length=1, max_length=200, 
     if not _words(q):
         raise EngineError("invalid", "the query has no letters or digits to search for", "q")
     return PS.SearchResponse(sae=sae_id, query=q, data=search_features(data, q, n))
+
+
+@router.get("/v1/saes/{sae_id}/features/{index}/similar", response_model=PS.SimilarResponse,
+            responses=errors.documented(404))
+async def similar(sae_id: str, index: int = FastAPIPath(..., ge=0), n: int = Query(10, ge=1, le=PS.MAX_SEARCH),
+                  st: Steering = Depends(steering_of)) -> PS.SimilarResponse:
+    """The latents closest to this one by decoder direction (cosine): what a feature page's "find similar" shows."""
+    latent_of(st.engine, sae_id, index)
+    pairs = await st.engine.similar_latents(sae_id, index, n)
+    return PS.SimilarResponse(sae=sae_id, index=index, data=[PS.SimilarLatent(index=i, cosine=c) for i, c in pairs])
 
 
 def _wire(edits: list[Any]) -> P.SteeringPreset:

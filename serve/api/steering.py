@@ -91,6 +91,16 @@ def _sae_name(given: str | None, default: str | None, ids: list[str], param: str
     return ids[0]
 
 
+def latent_of(engine: Engine, sae_id: str, index: int) -> dict[str, Any]:
+    """SAE `sae_id`'s description (engine.saes()) after checking it has latent `index`: 404s otherwise."""
+    sae = next((d for d in engine.saes() if d["name"] == sae_id), None)
+    if sae is None:
+        raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae_id")
+    if not 0 <= index < sae["d_sae"]:
+        raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
+    return sae
+
+
 def _positions(p: str | list[int]) -> str | tuple[int, ...]:
     return tuple(p) if isinstance(p, list) else p
 

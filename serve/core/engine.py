@@ -198,6 +198,10 @@ class Engine(abc.ABC):
         and the k it suppresses most; None when this engine cannot tell."""
         return None
 
+    async def similar_latents(self, sae: str, index: int, n: int) -> list[tuple[int, float]]:
+        """The n latents of SAE `sae` closest to latent `index` by decoder cosine (adapters/logit_lens.py)."""
+        raise EngineError("invalid", "this engine does not hold its SAEs' decoders", "index")
+
     async def steering_vector(self, sae: str, positive: list[str], negative: list[str]) -> list[float]:
         """DiffMean at SAE `sae`'s hook: mean residual of `positive` minus that of `negative` (adapters/steering.py).
         Needs the model's weights in this process: the torch engine has them, the vLLM engine does not."""

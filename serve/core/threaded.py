@@ -112,6 +112,11 @@ class ThreadedEngine(Engine):
 
         return await self._call(lambda: latent_logits(self.lm.model, self.sae_map[sae], index, k))
 
+    async def similar_latents(self, sae: str, index: int, n: int) -> list[tuple[int, float]]:
+        from saelora.adapters.logit_lens import similar_latents
+
+        return await self._call(lambda: similar_latents(self.sae_map[sae], index, n))
+
     def _check_encode(self, prompt_ids: list[int], saes: list[str] | None) -> None:
         if len(prompt_ids) > self._max_len:
             raise EngineError("context_length", f"the input has {len(prompt_ids)} tokens; the limit is {self._max_len}",
