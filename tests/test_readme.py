@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server_util import LiveServer
-from tiny import make_bundle
+from server_util import LiveServer, embedded_app
 
 pytestmark = pytest.mark.slow
 
@@ -54,23 +53,7 @@ def test_the_core_example_runs_and_prints_the_policy_it_shows():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import shutil
-
-    from saelora.adapters.models import load_model
-    from saelora.adapters.saes import load_sae, shipped_sae
-    from saelora.serve.api.app import create_app
-    from saelora.serve.torch_engine import TorchEngine
-    from saelora.trainer.features import FeaturesConfig, run_features
-
-    # the README's server is the demo's: the shipped SAE with its feature descriptions (which the `norm` and `max`
-    # units read), written by `saelora features` as `make demo` runs it, on fewer rows
-    sae_dir = str(shutil.copytree(shipped_sae("smollm2-135m"), tmp_path_factory.mktemp("sae") / "sae"))
-    run_features(FeaturesConfig(model="smollm2-135m", saes=[sae_dir], corpus=["wiki"], rows=32, top_n=4))
-    root = tmp_path_factory.mktemp("adapters")
-    make_bundle({"model": "smollm2-135m", "saes": [sae_dir]}, root / "mine", scale=0.01)
-    lm = load_model("smollm2-135m", device="cpu")
-    engine = TorchEngine(lm, [load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)], adapter_root=str(root))
-    with LiveServer(create_app(engine, served_name="smollm2-135m")) as srv:
+    with LiveServer(embedded_app(tmp_path_factory)) as srv:
         yield srv
 
 

@@ -20,13 +20,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from saelora import __version__
 from saelora.adapters.config import descriptions_file
 from saelora.clients import protocol as P
 
 from ..core.engine import Engine, EngineError
-from . import errors, names, steer_routes, steering
+from . import errors, names, steer_routes, steering, ui
 from .handlers import Handlers
 from .metrics import Metrics
 from .steering import Steering, latent_of
@@ -35,6 +36,7 @@ from .wire import wire_logits
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 1024 * 1024
 OPEN_PATHS = {"/health"}
+OPEN_PREFIXES = ("/ui",)  # the web page's own files: it holds no data, and asks for the key to call the API
 ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}  # change what every client is served
 ADMIN_PREFIXES = ("/v1/steering/presets/", "/v1/steering/vectors/", "/v1/steering/auto")  # ... with these methods
 ADMIN_METHODS = {"PUT", "DELETE", "POST", "PATCH"}
@@ -73,7 +75,7 @@ def ready(s: ServerState = Depends(state)) -> ServerState:
 
 def create_app(engine: Engine, served_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
                admin_api_key: str | None = None, allowed_hosts: list[str] | None = None,
-               presets_dir: str | None = None) -> FastAPI:
+               presets_dir: str | None = None, allow_origins: list[str] | None = None) -> FastAPI:
     """The server over `engine`. With `api_key`, every route but /health needs it. Adapter load/unload need
     `admin_api_key` when one is set; with only `api_key` set they are refused (403): the inference key alone
     cannot change what other clients are served. With neither (a local server), everything is open.
@@ -96,8 +98,12 @@ def create_app(engine: Engine, served_name: str, api_key: str | None = None, max
                                     handlers, steer)
     errors.install(app)
     app.add_middleware(BodyLimit, max_body=max_body)
-    app.add_middleware(Guard)  # outermost
+    app.add_middleware(Guard)
+    if allow_origins:  # outside the Guard: a browser's preflight carries no key (docs/deployment.md)
+        app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.include_router(router)
+    app.include_router(ui.router)
     app.include_router(steering.router)
     for r in steer_routes.routers(engine.steers_from_text):
         app.include_router(r)
@@ -178,6 +184,10 @@ def _host_refusal(s: ServerState, host: str) -> Response | None:
     return errors.envelope(400, "invalid", f"Host {name!r} is not served here (allowed: {s.allowed_hosts})")
 
 
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or any(path == p or path.startswith(p + "/") for p in OPEN_PREFIXES)
+
+
 def _auth_refusal(s: ServerState, path: str, method: str, authorization: str) -> Response | None:
     """The 401/403 answer for this path, method and Authorization header, or None when the request may go on."""
     scheme, _, token = authorization.strip().partition(" ")
@@ -191,7 +201,7 @@ def _auth_refusal(s: ServerState, path: str, method: str, authorization: str) ->
             return errors.envelope(401, "unauthorized", "adapter and steering-preset management need the admin "
                                                         "API key")
         return None
-    if s.api_key and path not in OPEN_PATHS and not hmac.compare_digest(given, s.api_key.encode()) and not (
+    if s.api_key and not _open(path) and not hmac.compare_digest(given, s.api_key.encode()) and not (
             s.admin_api_key and hmac.compare_digest(given, s.admin_api_key.encode())):  # the admin key works too
         return errors.envelope(401, "unauthorized", "invalid or missing API key (Authorization: Bearer)")
     return None
