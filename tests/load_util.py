@@ -1,5 +1,6 @@
-"""Bounded load: a burst of concurrent streaming completions and the invariants about its outcome (every
-accepted stream ends with [DONE], every refused one is a 429 with Retry-After, nothing is a 5xx). Used by
+"""Bounded load: a burst of concurrent clients (streaming completions; mixed with `/v1/features` and long prompts)
+and the invariants about its outcome (every accepted request completes, every stream with [DONE], every refused
+one is a 429 with Retry-After, nothing is a 5xx). Used by
 tests/serve/test_load.py and bench/serve_load.py (which records the figures)."""
 
 from __future__ import annotations
@@ -24,16 +25,38 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any
             "errors": sum('"error"' in ln for ln in lines), "seconds": time.perf_counter() - t0}
 
 
-async def burst(url: str, streams: int, max_tokens: int = 16, model: str | None = None) -> dict[str, Any]:
-    """Open `streams` streaming completions at once; returns the counts the invariants are about."""
-    body: dict[str, Any] = {"prompt": "The capital of France is", "max_tokens": max_tokens, "temperature": 0,
-                            "stream": True}
-    if model:
-        body["model"] = model
+async def _one_json(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    r = await client.post(path, json=body)
+    return {"status": r.status_code, "retry_after": r.headers.get("retry-after"), "done": r.status_code == 200,
+            "errors": 0, "seconds": time.perf_counter() - t0}
+
+
+LONG_PROMPT = "The cat sat on the mat and looked at the rain over the quiet town. " * 8  # ~130 tokens
+
+
+def _client_call(client: httpx.AsyncClient, i: int, max_tokens: int, model: str | None, mix: bool) -> Any:
+    """Client i's request: a streamed completion; with `mix`, every third one `/v1/features` on a long text and
+    every third a plain completion of a long prompt."""
+    named = {"model": model} if model else {}
+    kind = i % 3 if mix else 0
+    if kind == 1:
+        return _one_json(client, "/v1/features", {**named, "input": LONG_PROMPT, "top_k": 4})
+    if kind == 2:
+        return _one_json(client, "/v1/completions", {**named, "prompt": LONG_PROMPT, "max_tokens": max_tokens,
+                                                     "temperature": 0})
+    return _one(client, {**named, "prompt": "The capital of France is", "max_tokens": max_tokens,
+                         "temperature": 0, "stream": True})
+
+
+async def burst(url: str, streams: int, max_tokens: int = 16, model: str | None = None,
+                mix: bool = False) -> dict[str, Any]:
+    """`streams` clients at once (streamed completions; with `mix`, also features and long prompts); returns the
+    counts the invariants are about."""
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        out = await asyncio.gather(*[_one(client, body) for _ in range(streams)])
+        out = await asyncio.gather(*[_client_call(client, i, max_tokens, model, mix) for i in range(streams)])
         wall = time.perf_counter() - t0
     accepted = [o for o in out if o["status"] == 200]
     return {"streams": streams, "accepted": len(accepted), "done": sum(o["done"] for o in accepted),

@@ -345,3 +345,17 @@ def test_compact_latents_decode_to_the_full_forms_objects(http):
                     chunks.append(P.ChoiceFeatures(**f).tokens())
     assert [t for p, _ in chunks for t in (p or [])] == full.prompt
     assert [t for _, g in chunks for t in g] == full.generated
+
+
+def test_the_web_page_is_open_its_data_is_not_and_the_host_rule_holds(engine):
+    """/ui's files hold no data and load without the key (the page asks for it); every API call it makes needs
+    the key; a Host outside the allowed names gets 400 on /ui as on the API; only shipped assets are served."""
+    app = create_app(engine, served_name="fake", api_key="k", allowed_hosts=["testserver"])
+    with TestClient(app) as c:
+        page = c.get("/ui/features/s0/3")
+        assert page.status_code == 200 and '<base href="/ui/">' in page.text and "assets/app.js" in page.text
+        assert c.get("/ui/assets/views.js").headers["content-type"].startswith("text/javascript")
+        _envelope(c.get("/ui/assets/secrets.txt"), 404)
+        _envelope(c.get("/v1/saes"), 401)
+        _envelope(c.get("/ui/", headers={"host": "attacker.example"}), 400)
+        _envelope(c.get("/uix"), 401)  # a prefix match is a path segment, not a string prefix
