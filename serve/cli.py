@@ -88,7 +88,8 @@ def _make_engine(cfg: ServeConfig, lm: Any, saes: list[Any]) -> Any:
     from .torch_engine import TorchEngine
 
     return TorchEngine(lm, saes, max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_model_len=cfg.max_model_len,
-                       adapter_root=cfg.adapter_root, pack_weights=cfg.pack_weights, max_adapters=cfg.max_adapters)
+                       adapter_root=cfg.adapter_root, pack_weights=cfg.pack_weights, max_adapters=cfg.max_adapters,
+                       max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

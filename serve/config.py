@@ -49,6 +49,10 @@ class ServeConfig:
     served_model_name: str | None = opt(None, "model id clients use (default: the model spec)")
     max_batch: int = opt(8, "rows decoded together (vLLM: max_num_seqs)")
     max_queue: int = opt(64, "waiting requests before 429")
+    max_num_batched_tokens: int = opt(2048, "prompt tokens prefilled in one step, vLLM's option (its API server's "
+                                      "CPU default), on both engines: vLLM chunks a longer prompt; the torch engine "
+                                      "queues new rows past it (padded tokens count) and prefills a longer prompt "
+                                      "alone")
     max_model_len: int | None = opt(None, "context window: prompt + max_tokens (default: the model's)")
     shutdown_grace: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM; new requests get "
                                 "503 meanwhile")

@@ -54,6 +54,7 @@ class ThreadedEngine(Engine):
         self.commands: queue.Queue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
             queue.Queue(maxsize=max_batch + max_queue + COMMAND_SLACK)
         self.dead: str | None = None  # why the engine thread stopped serving (then every request gets 503)
+        self._held: Any | None = None  # a row taken from `incoming` and put back (it did not fit this step)
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.running = False
@@ -287,13 +288,19 @@ class ThreadedEngine(Engine):
     def _next_incoming(self) -> Any | None:
         """The next queued row that is still wanted (cancelled ones release their adapter), or None."""
         while True:
-            try:
-                row = self.incoming.get_nowait()
-            except queue.Empty:
-                return None
+            row, self._held = self._held, None
+            if row is None:
+                try:
+                    row = self.incoming.get_nowait()
+                except queue.Empty:
+                    return None
             if not row.cancelled:
                 return row
             row.release()
+
+    def _put_back(self, row: Any) -> None:
+        """Engine thread: `row` (from `_next_incoming`) waits for the next step, first in line."""
+        self._held = row
 
     def _run_commands(self) -> None:
         while True:

@@ -77,9 +77,11 @@ class TorchEngine(ThreadedEngine):
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int = ServeConfig.max_batch,
                  max_queue: int = ServeConfig.max_queue, max_model_len: int | None = ServeConfig.max_model_len,
                  adapter_root: str | None = ServeConfig.adapter_root,
-                 pack_weights: bool = ServeConfig.pack_weights, max_adapters: int = ServeConfig.max_adapters) -> None:
+                 pack_weights: bool = ServeConfig.pack_weights, max_adapters: int = ServeConfig.max_adapters,
+                 max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens) -> None:
         """Settings and their defaults are `ServeConfig`'s (serve/config.py)."""
         super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root, max_adapters)
+        self.max_prefill_tokens = max_num_batched_tokens
         self.model = lm.model
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()
         # where a step that only reads latents can stop (None: no SAE, so no such step)
@@ -180,10 +182,14 @@ class TorchEngine(ThreadedEngine):
         self.active, self._batch = [], None
 
     def _admit(self) -> None:
-        new = []
+        new: list[_Row] = []
         while len(self.active) + len(new) < self.max_batch:
             row = self._next_incoming()
             if row is None:
+                break
+            padded = (len(new) + 1) * max(len(r.ids) for r in [*new, row])  # left-padded: what the step computes
+            if new and padded > self.max_prefill_tokens:
+                self._put_back(row)  # the next step's first row
                 break
             new.append(row)
         if new:

@@ -172,6 +172,7 @@ class VllmEngine(ThreadedEngine):
             model=self.lm.path, tokenizer=self.lm.path, dtype=str(self.lm.model.dtype).removeprefix("torch."),
             enforce_eager=self.opts.enforce_eager, compilation_config=self._compilation(),
             max_model_len=self._max_len + 1, max_num_seqs=self.opts.max_batch, seed=0,
+            max_num_batched_tokens=self.opts.max_num_batched_tokens,
             disable_log_stats=True,
             enable_prefix_caching=self.opts.prefix_caching, generation_config="vllm", tensor_parallel_size=tp,
             hf_overrides={"architectures": [spliced_architecture(self.arch)], "saelora_saes": saes},

@@ -112,3 +112,43 @@ def test_the_features_route_counts_against_admission(ws):
         assert [ln for ln in lines if ln.startswith("data: ")][-1] == "data: [DONE]"
         assert httpx.post(srv.url + "/v1/features", json={"input": "the cat", "top_k": 2},
                           timeout=60).status_code == 200
+
+
+def test_the_torch_engine_prefills_within_the_token_budget(ws, monkeypatch):
+    """--max-num-batched-tokens: new rows wait for a later step rather than be prefilled past the budget (left
+    padding counts); a prompt longer than the budget is prefilled alone; every request still completes."""
+    engine = make_engine(ws, max_batch=8, max_num_batched_tokens=24)
+    steps = []
+    real = engine._prefill
+
+    def spy(rows):
+        steps.append((len(rows), max(len(r.ids) for r in rows)))
+        return real(rows)
+
+    prompts = ["the cat sat on the mat", "a dog ran", "sun rises east and sets west", "river flows",
+               " ".join(["word"] * 40)]  # the last one is over the budget on its own
+    admit, gate = engine._admit, threading.Event()
+
+    def admit_when_all_queued():  # every request waits in the queue before the first admission: one choice
+        if not gate.is_set() and engine.incoming.qsize() < len(prompts):
+            return
+        gate.set()
+        admit()
+
+    monkeypatch.setattr(engine, "_prefill", spy)
+    monkeypatch.setattr(engine, "_admit", admit_when_all_queued)
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        def complete(p):
+            return httpx.post(srv.url + "/v1/completions", json={"prompt": p, "max_tokens": 3, "temperature": 0},
+                              timeout=60)
+
+        threads = [threading.Thread(target=lambda p=p: results.append(complete(p))) for p in prompts]
+        results: list = []
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert [r.status_code for r in results] == [200] * len(prompts)
+    assert all(n * longest <= 24 or n == 1 for n, longest in steps), steps
+    assert any(n == 1 and longest > 24 for n, longest in steps), steps  # the long prompt, alone
+    assert any(n > 1 for n, _ in steps), steps  # short ones do share a step
