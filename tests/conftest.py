@@ -98,3 +98,13 @@ def http(engine):
 
     with TestClient(create_app(engine, served_name="fake")) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory):
+    """The demo's server on the embedded model (server_util.embedded_app), one per session: the README's examples
+    and the web interface's browser tests share it (its set-up writes feature descriptions: half a minute)."""
+    from server_util import LiveServer, embedded_app
+
+    with LiveServer(embedded_app(tmp_path_factory)) as srv:
+        yield srv

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from server_util import LiveServer, embedded_app
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +51,8 @@ def test_the_core_example_runs_and_prints_the_policy_it_shows():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(embedded_app(tmp_path_factory)) as srv:
-        yield srv
+def server(embedded_server):
+    return embedded_server
 
 
 @pytest.mark.parametrize("i", range(len(SERVED)))

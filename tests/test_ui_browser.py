@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from server_util import LiveServer, embedded_app
+from server_util import LiveServer
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no headless browser here: install Debian's "
@@ -30,9 +30,8 @@ def chrome(width: int = 1280, height: int = 800):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(embedded_app(tmp_path_factory)) as srv:
-        yield srv
+def server(embedded_server):
+    return embedded_server
 
 
 @pytest.fixture(scope="module")

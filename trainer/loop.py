@@ -231,12 +231,12 @@ def train_loop(tr: Trainee, train: torch.Tensor, val: torch.Tensor, cfg: TrainCo
                 last_eval_s = st.train_s
             if cfg.checkpoint_interval and st.step % cfg.checkpoint_interval == 0:
                 _save_checkpoint(out, tr, opt, sched, st, dp)
+        if not st.evals or st.evals[-1]["step"] != st.step:  # the final eval, also logged to the tracker
+            _eval(tr, val, cfg, st, metrics, dp)
     except KeyboardInterrupt:
         _save_checkpoint(out, tr, opt, sched, st, dp, interrupted=True)
         log.warning("interrupted at step %d; checkpoint saved: rerun with --resume to continue", st.step)
         raise
-        if not st.evals or st.evals[-1]["step"] != st.step:
-            _eval(tr, val, cfg, st, metrics, dp)
     finally:
         bar.close()
         metrics.tracker.close()

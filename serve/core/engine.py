@@ -200,7 +200,8 @@ class Engine(abc.ABC):
 
     async def similar_latents(self, sae: str, index: int, n: int) -> list[tuple[int, float]]:
         """The n latents of SAE `sae` closest to latent `index` by decoder cosine (adapters/logit_lens.py)."""
-        raise EngineError("invalid", "this engine does not hold its SAEs' decoders", "index")
+        raise EngineError("not_found", "this server cannot compare latents: its engine does not hold the SAEs' "
+                          "decoders", "index")
 
     async def steering_vector(self, sae: str, positive: list[str], negative: list[str]) -> list[float]:
         """DiffMean at SAE `sae`'s hook: mean residual of `positive` minus that of `negative` (adapters/steering.py).

@@ -370,7 +370,7 @@ def test_not_ready_is_503(ws):
 
 def test_failure_mid_stream_sends_error_event_then_done():
     from saelora.serve.core.engine import EngineError, Finished, TokenEvent
-    from saelora.serve.api.handlers import _sse
+    from saelora.serve.api.handlers import _sse, _Stream
     from tiny import tiny_tokenizer
 
     async def events():
@@ -382,8 +382,8 @@ def test_failure_mid_stream_sends_error_event_then_done():
         first = await gen.__anext__()
         async def inline(fn, arg):
             return fn(arg)
-        return [ln async for ln in _sse(first, gen, 1, chat=False, model="m", tok=tiny_tokenizer(["cat"]),
-                                        off_loop=inline)]
+        stream = _Stream(n=1, chat=False, model="m", tok=tiny_tokenizer(["cat"]), reply=None)
+        return [ln async for ln in _sse(first, gen, stream, off_loop=inline)]
     lines = asyncio.run(collect())
     assert json.loads(lines[0][6:])["choices"][0]["text"] == "cat"
     assert json.loads(lines[1][6:])["error"]["message"] == "generation failed: boom"
