@@ -62,15 +62,17 @@ def feature_loads(url: str, driver, latents: list[int], sae: str) -> dict:  # no
 
 
 def screenshots(url: str, sae: str, index: int) -> list[str]:
+    """The four views at 1280x800 and the generate view at 420x800; `index` is the latent shown and steered."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     driver, names = chrome(), []
     try:
         driver.get(url + "/ui/")
         wait(driver, lambda d: by(d, "#gen-run"))
-        by(driver, "#gen-latent")[0].send_keys(str(index))
         by(driver, "#gen-run")[0].click()
         wait(driver, lambda d: len(by(d, "#gen-out .tok.gen")) >= 20)
         by(driver, "#gen-out .tok.gen")[3].click()
+        top = wait(driver, lambda d: by(d, "#gen-side table.latents a"))[0].text.lstrip("#")
+        by(driver, "#gen-latent")[0].send_keys(top)  # colour by that token's strongest latent
         for name, go, ready in [("generate", None, "#gen-side table"),
                                 ("feature", f"/ui/features/{sae}/{index}", "#feat-contexts tr"),
                                 ("steer", f"/ui/steer?sae={sae}&feature={index}", "#st-edits"),
