@@ -384,5 +384,5 @@ class FeaturesResponse(BaseModel):
 # the server's resources (models, SAEs, features, adapters) and the error envelope, re-exported so that
 # `protocol.X` names every model of the API
 from .protocol_resources import (AdapterInfo, AdapterList, ErrorBody, ErrorResponse,  # noqa: E402, F401
-                                 FeatureDescription, LatentLogits, LoadLoRARequest, ModelCard, ModelList, SAEInfo,
-                                 SAEList, TokenValue, UnloadLoRARequest)
+                                 FeatureDescription, FeatureHistogram, LatentLogits, LoadLoRARequest, ModelCard,
+                                 ModelList, SAEInfo, SAEList, TokenValue, UnloadLoRARequest)

@@ -45,6 +45,13 @@ class SAEList(BaseModel):
     data: list[SAEInfo]
 
 
+class FeatureHistogram(BaseModel):
+    """A latent's non-zero activations over the described corpus: counts[i] in [edges[i], edges[i + 1])."""
+
+    edges: list[float] = Field(description="len(counts) + 1 bin edges, ascending (the last bin is open above)")
+    counts: list[int]
+
+
 class FeatureDescription(BaseModel):
     sae: str
     index: int
@@ -53,6 +60,7 @@ class FeatureDescription(BaseModel):
     top: list[dict[str, Any]] = Field(default_factory=list)
     described: bool = False
     logits: LatentLogits | None = None
+    histogram: FeatureHistogram | None = Field(None, description="absent for descriptions written before it existed")
 
 
 class TokenValue(BaseModel):

@@ -87,7 +87,8 @@ def test_a_feature_page_shows_contexts_histogram_and_similar_latents(server, bro
     browser.get(f"{server.url}/ui/features/{sae}/{index}")
     wait(browser, lambda d: by(d, "#feat-contexts tr"))
     assert "density" in by(browser, "#feat-stats")[0].text
-    assert by(browser, "svg.hist rect")  # the histogram's bars
+    headings = [e.text for e in by(browser, "h3")]
+    assert "Activation histogram" in headings and by(browser, "svg.hist rect")  # the latent's own, not top contexts
     assert by(browser, "#feat-promoted .logit")
     by(browser, "#feat-find-similar")[0].click()
     assert len(wait(browser, lambda d: by(d, "#feat-similar a"))) == 10

@@ -48,8 +48,14 @@ class FeaturesConfig:
     device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
+# Activation histogram bins, the same for every latent: bin j holds HIST_EDGES[j-1] <= value < HIST_EDGES[j] (bin 0:
+# above 0 and below the first edge; the last: from the last edge up), half-octave steps from 1/16 to 4096.
+HIST_EDGES = [2.0 ** (k / 2) for k in range(-8, 25)]
+
+
 class TopContexts:
-    """Running top-n (value, row, position) per latent over batches of latents (B, T, S)."""
+    """Running top-n (value, row, position) per latent over batches of latents (B, T, S), with each latent's
+    density, max and a histogram of its non-zero activations (HIST_EDGES)."""
 
     def __init__(self, d_sae: int, top_n: int) -> None:
         self.values = torch.full((top_n, d_sae), -float("inf"))
@@ -57,12 +63,26 @@ class TopContexts:
         self.active = torch.zeros(d_sae, dtype=torch.long)
         self.max = torch.zeros(d_sae)
         self.tokens = 0
+        self.edges = torch.tensor(HIST_EDGES)
+        self.hist = torch.zeros(d_sae * (len(HIST_EDGES) + 1), dtype=torch.long)  # (S, bins), flat
+
+    def histogram(self, j: int) -> dict[str, Any]:
+        """Latent j's histogram, trimmed to its non-empty range: counts of bins lo, lo + 1, ..."""
+        counts = self.hist.view(-1, len(HIST_EDGES) + 1)[j]
+        nz = counts.nonzero()
+        if not len(nz):
+            return {"lo": 0, "counts": []}
+        lo, hi = int(nz[0]), int(nz[-1])
+        return {"lo": lo, "counts": counts[lo:hi + 1].tolist()}
 
     def update(self, z: torch.Tensor, row_offset: int, counted: int | None = None) -> None:
         """z (B, T, S) latents (zero where not counted); counted: tokens that count (default B * T)."""
         b, t, s = z.shape
         flat = z.reshape(b * t, s).float().cpu()  # (N, S)
         self.active += (flat > 0).sum(0)
+        rows, cols = (flat > 0).nonzero(as_tuple=True)
+        bins = torch.bucketize(flat[rows, cols], self.edges, right=True)
+        self.hist.scatter_add_(0, cols * (len(HIST_EDGES) + 1) + bins, torch.ones_like(bins))
         self.max = torch.maximum(self.max, flat.max(0).values)
         self.tokens += b * t if counted is None else counted
         k = min(self.values.shape[0], b * t)
@@ -106,10 +126,10 @@ def describe_features(model: torch.nn.Module, tokenizer: Any, sae: LoadedSAE, ro
         logits = {side: [{"token": tokenizer.decode([i]), "token_id": i, "value": round(v, 4)} for i, v in pairs]
                   for side, pairs in zip(("promoted", "suppressed"), writes[j], strict=True)}
         features.append({"index": j, "density": float(acc.active[j]) / acc.tokens, "max": float(acc.max[j]),
-                         "dec_norm": round(dec_norms[j], 6), "top": top, "logits": logits})
+                         "dec_norm": round(dec_norms[j], 6), "top": top, "logits": logits, "hist": acc.histogram(j)})
     dead = [f["index"] for f in features if not f["top"]]
     # resid_norm and dec_norm are the scales of calibrated steering units (adapters/units.py)
-    return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead,
+    return {"sae": sae.describe(), "tokens": acc.tokens, "dead": dead, "hist_edges": HIST_EDGES,
             "resid_norm": float(torch.cat(norms).median()) if norms else 0.0, "features": features}
 
 

@@ -291,6 +291,16 @@ async def saes(s: ServerState = Depends(state)) -> P.SAEList:
                            for d in s.engine.saes()])
 
 
+def histogram(data: dict[str, Any], f: dict[str, Any]) -> P.FeatureHistogram | None:
+    """A latent's stored histogram (trimmed: bins lo, lo + 1, ... of the file's edges) with its own edges."""
+    h, edges = f.get("hist"), data.get("hist_edges")
+    if not h or not edges or not h["counts"]:
+        return None
+    full = [0.0, *edges, f["max"] if f["max"] > edges[-1] else edges[-1] * 2 ** 0.5]  # bin 0 from 0, last to max
+    lo, n = h["lo"], len(h["counts"])
+    return P.FeatureHistogram(edges=full[lo:lo + n + 1], counts=h["counts"])
+
+
 @router.get("/v1/saes/{sae_id}/features/{index}", response_model=P.FeatureDescription,
             responses=errors.documented(404))
 async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
@@ -302,7 +312,7 @@ async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
         return P.FeatureDescription(sae=sae_id, index=index, logits=logits)
     f = data["features"][index]
     return P.FeatureDescription(sae=sae_id, index=index, density=f["density"], max=f["max"], top=f["top"],
-                                described=True, logits=logits)
+                                described=True, logits=logits, histogram=histogram(data, f))
 
 
 @router.get("/v1/adapters", response_model=P.AdapterList)

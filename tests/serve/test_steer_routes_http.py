@@ -180,3 +180,20 @@ def test_auto_steer_stores_the_engines_winner_as_a_preset():
         assert _complete(c, {"preset": "auto1"}).status_code == 200
         assert engine.requests[-1].splice.edits == [LatentEdit("fake", 3, "add", 1.5),
                                                      VectorEdit("fake", tuple(V8), "add", 0.25, (1, 2))]
+
+
+def test_a_feature_carries_its_histogram_with_its_own_edges(tmp_path):
+    """The stored histogram (bins lo.. of the file's edges) reaches the client with edges of its own: one more
+    than its counts, from the file's edges (bin 0 from 0, the open last bin up to the latent's max)."""
+    engine = DescribedEngine(tmp_path / "sae")
+    path = tmp_path / "sae" / "features" / "features.json"
+    data = json.loads(path.read_text())
+    data["hist_edges"] = [1.0, 2.0, 4.0]
+    data["features"][2]["hist"] = {"lo": 1, "counts": [5, 0, 2]}  # [1, 2), [2, 4), [4, max]
+    data["features"][3]["hist"] = {"lo": 0, "counts": []}  # never active
+    path.write_text(json.dumps(data))
+    with TestClient(create_app(engine, served_name="fake")) as c:
+        h = c.get("/v1/saes/fake/features/2").json()["histogram"]
+        assert h == {"edges": [1.0, 2.0, 4.0, 30.0], "counts": [5, 0, 2]}  # feature 2's max is 30
+        assert c.get("/v1/saes/fake/features/3").json()["histogram"] is None
+        assert c.get("/v1/saes/fake/features/4").json()["histogram"] is None  # written before histograms

@@ -162,3 +162,27 @@ def test_cli_bad_input_is_a_clear_error(tmp_path):
     r = _cli("train", "--sae", str(tmp_path / "missing"), "--max-steps", "1")
     assert r.returncode != 0 and "not a sae-lens folder" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_each_latents_histogram_counts_its_active_tokens_in_its_bins():
+    """Invariant: a latent's histogram holds every one of its non-zero activations once, in the bin its value
+    falls in (HIST_EDGES: [E[j-1], E[j])), and nothing else."""
+    import torch
+
+    from saelora.trainer.features import HIST_EDGES, TopContexts
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(3, 7, 5, generator=g) * 40
+    z[z < 15] = 0  # sparse, as latents are
+    z[0, 0, 1] = HIST_EDGES[3]  # on an edge: the bin that starts there
+    acc = TopContexts(5, top_n=2)
+    acc.update(z[:2], 0)
+    acc.update(z[2:], 2)
+    for j in range(5):
+        vals = z[..., j][z[..., j] > 0]
+        h = acc.histogram(j)
+        assert sum(h["counts"]) == len(vals) == int(acc.active[j])
+        want = torch.bincount(torch.bucketize(vals, torch.tensor(HIST_EDGES), right=True),
+                              minlength=len(HIST_EDGES) + 1).tolist()
+        assert want[h["lo"]:h["lo"] + len(h["counts"])] == h["counts"] and sum(want) == sum(h["counts"])
+    assert acc.histogram(1)["counts"][3 - acc.histogram(1)["lo"] + 1] >= 1  # E[3] counts in bin 4: [E[3], E[4])

@@ -110,15 +110,13 @@ Views.features = async (root, args) => {
     hits);
 };
 
-function histogram(values, bins = 12) {
-  const W = 320, H = 90;
+// Bars of `counts`, labelled with the range [lo, hi].
+function bars(counts, lo, hi) {
+  const W = 320, H = 90, bins = counts.length;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H + 14}`);
   svg.setAttribute("class", "hist");
-  if (!values.length) return svg;
-  const lo = Math.min(...values), hi = Math.max(...values), width = (hi - lo) / bins || 1;
-  const counts = Array(bins).fill(0);
-  for (const v of values) counts[Math.min(bins - 1, Math.floor((v - lo) / width))]++;
+  if (!bins) return svg;
   const top = Math.max(...counts);
   counts.forEach((c, i) => {
     const r = document.createElementNS(svg.namespaceURI, "rect");
@@ -134,6 +132,21 @@ function histogram(values, bins = 12) {
     svg.append(t);
   }
   return svg;
+}
+
+// The latent's activation histogram over the described corpus (log-spaced bins), else one of its top contexts'
+// activations (descriptions written before histograms were kept), each titled for what it is.
+function histogram(f) {
+  if (f.histogram) {
+    const e = f.histogram.edges, n = f.histogram.counts.reduce((a, b) => a + b, 0);
+    return [h("h3", {}, "Activation histogram"), bars(f.histogram.counts, e[0], e[e.length - 1]),
+            h("p", { class: "muted" }, `${n} active tokens; bins double every two, ${fmt(e[0])} to ${fmt(e[e.length - 1])}`)];
+  }
+  const values = f.top.map((c) => c.value), bins = 12;
+  const lo = Math.min(...values), hi = Math.max(...values), width = (hi - lo) / bins || 1;
+  const counts = Array(bins).fill(0);
+  for (const v of values) counts[Math.min(bins - 1, Math.floor((v - lo) / width))]++;
+  return [h("h3", {}, "Activations of its top contexts"), bars(values.length ? counts : [], lo, hi)];
 }
 
 async function featurePage(root, sae, index) {
@@ -157,7 +170,7 @@ async function featurePage(root, sae, index) {
       h("a", { href: "#", "data-go": "features" }, "search")),
     h("div", { class: "split" },
       h("div", {}, h("h3", {}, "Top contexts"), h("table", { id: "feat-contexts" }, contexts)),
-      h("div", {}, h("h3", {}, "Activations of its top contexts"), histogram(f.top.map((c) => c.value)),
+      h("div", {}, histogram(f),
         h("h3", {}, "Promotes"), h("p", { id: "feat-promoted" }, logits("promoted")),
         h("h3", {}, "Suppresses"), h("p", {}, logits("suppressed")), similar)));
   root.dataset.loadMs = Math.round(performance.now() - t0);
