@@ -2,9 +2,10 @@
 
 from .client import AsyncSaeloraClient, Edit, SaeloraClient, Vector
 from .errors import (AuthenticationError, ConflictError, ContextLengthError, InternalServerError, InvalidRequestError,
-                     NotFoundError, PermissionDeniedError, RateLimitError, SaeloraAPIError, ServiceUnavailableError)
+                     NotFoundError, PermissionDeniedError, RateLimitError, RequestTimeoutError, SaeloraAPIError,
+                     ServiceUnavailableError)
 
 __all__ = ["SaeloraClient", "AsyncSaeloraClient", "Edit", "Vector", "SaeloraAPIError", "InvalidRequestError",
            "ContextLengthError",
            "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError", "RateLimitError",
-           "ServiceUnavailableError", "InternalServerError"]
+           "ServiceUnavailableError", "InternalServerError", "RequestTimeoutError"]

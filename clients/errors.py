@@ -46,6 +46,10 @@ class ServiceUnavailableError(SaeloraAPIError):
     """503: the model is not loaded yet (retried with backoff)."""
 
 
+class RequestTimeoutError(SaeloraAPIError):
+    """504: the request ran past the server's --request-timeout (its row was dropped)."""
+
+
 class InternalServerError(SaeloraAPIError):
     """500: a bug on the server."""
 
@@ -53,10 +57,11 @@ class InternalServerError(SaeloraAPIError):
 BY_TYPE = {"invalid_request_error": InvalidRequestError, "authentication_error": AuthenticationError,
            "permission_error": PermissionDeniedError,
            "not_found_error": NotFoundError, "conflict_error": ConflictError, "rate_limit_error": RateLimitError,
-           "service_unavailable_error": ServiceUnavailableError, "internal_server_error": InternalServerError}
+           "service_unavailable_error": ServiceUnavailableError, "internal_server_error": InternalServerError,
+           "timeout_error": RequestTimeoutError}
 BY_STATUS = {400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
              409: ConflictError, 413: InvalidRequestError, 429: RateLimitError, 503: ServiceUnavailableError,
-             500: InternalServerError}
+             500: InternalServerError, 504: RequestTimeoutError}
 
 
 def status_of(err: dict) -> int:

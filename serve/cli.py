@@ -89,7 +89,7 @@ def _make_engine(cfg: ServeConfig, lm: Any, saes: list[Any]) -> Any:
 
     return TorchEngine(lm, saes, max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_model_len=cfg.max_model_len,
                        adapter_root=cfg.adapter_root, pack_weights=cfg.pack_weights, max_adapters=cfg.max_adapters,
-                       max_num_batched_tokens=cfg.max_num_batched_tokens)
+                       max_num_batched_tokens=cfg.max_num_batched_tokens, request_timeout=cfg.request_timeout)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

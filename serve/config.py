@@ -49,6 +49,8 @@ class ServeConfig:
     served_model_name: str | None = opt(None, "model id clients use (default: the model spec)")
     max_batch: int = opt(8, "rows decoded together (vLLM: max_num_seqs)")
     max_queue: int = opt(64, "waiting requests before 429")
+    request_timeout: float | None = opt(None, "seconds a generation may run from admission to its last token; past "
+                                        "it the request gets 504 (streamed: an error event) and its row is dropped")
     max_num_batched_tokens: int = opt(2048, "prompt tokens prefilled in one step, vLLM's option (its API server's "
                                       "CPU default), on both engines: vLLM chunks a longer prompt; the torch engine "
                                       "queues new rows past it (padded tokens count) and prefills a longer prompt "

@@ -266,13 +266,13 @@ async def models(s: ServerState = Depends(state)) -> P.ModelList:
 
 
 @router.post("/v1/completions", response_model=P.CompletionResponse,
-             responses={**errors.documented(404), **_STREAM_OR_JSON})
+             responses={**errors.documented(404, 504), **_STREAM_OR_JSON})
 async def completions(body: P.CompletionRequest, request: Request, s: ServerState = Depends(ready)) -> Any:
     return _respond(await _unless_disconnected(request, s.handlers.completion(body)))
 
 
 @router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
-             responses={**errors.documented(404), **_STREAM_OR_JSON})
+             responses={**errors.documented(404, 504), **_STREAM_OR_JSON})
 async def chat(body: P.ChatCompletionRequest, request: Request, s: ServerState = Depends(ready)) -> Any:
     return _respond(await _unless_disconnected(request, s.handlers.chat(body)))
 

@@ -31,12 +31,14 @@ KINDS: dict[str, tuple[int, str]] = {
     "queue_full": (429, "rate_limit_error"),
     "internal": (500, "internal_server_error"),
     "not_ready": (503, "service_unavailable_error"),
+    "timeout": (504, "timeout_error"),
 }
 # EngineError.kind -> the envelope's `code`: a string everywhere, OpenAI's own where it has one
 CODES: dict[str, str] = {"invalid": "invalid_request", "context_length": "context_length_exceeded",
                          "unauthorized": "invalid_api_key", "forbidden": "forbidden", "not_found": "not_found",
                          "conflict": "conflict", "too_large": "request_too_large", "queue_full": "rate_limit_exceeded",
-                         "internal": "internal_error", "not_ready": "service_unavailable"}
+                         "internal": "internal_error", "not_ready": "service_unavailable",
+                         "timeout": "request_timeout"}
 RETRY_AFTER_S = 1
 
 

@@ -19,7 +19,7 @@ from saelora.adapters.splice import RowSpec, check_edits
 # code "context_length_exceeded": the one 400 a schema-valid request can get), unauthorized 401, forbidden 403,
 # not_found 404, conflict 409, too_large 413, queue_full 429, internal 500, not_ready 503.
 ErrorKind = Literal["invalid", "context_length", "unauthorized", "forbidden", "not_found", "conflict", "too_large",
-                    "queue_full", "internal", "not_ready"]
+                    "queue_full", "internal", "not_ready", "timeout"]
 ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
 
 

@@ -39,10 +39,12 @@ class ThreadedEngine(Engine):
     reserve_tokens = 0
 
     def __init__(self, lm: LoadedModel, saes: list[LoadedSAE], max_batch: int, max_queue: int,
-                 max_model_len: int | None = None, adapter_root: str | None = None, max_adapters: int = 32) -> None:
+                 max_model_len: int | None = None, adapter_root: str | None = None, max_adapters: int = 32,
+                 request_timeout: float | None = None) -> None:
         self.lm, self.model_id = lm, lm.spec
         self.max_batch, self.max_queue = max_batch, max_queue
         self.adapter_root = adapter_root  # folder runtime adapter loads are confined to (None: no runtime loads)
+        self.request_timeout = request_timeout  # seconds from admission to a generation's last event (None: none)
         self.in_flight = 0  # requests accepted and not yet finished (running or waiting), event-loop side
         self.failed_steps, self.last_failure = 0, 0.0  # consecutive failed engine steps, and when the last was
         self.sae_list, self.sae_map = saes, {s.name: s for s in saes}
@@ -197,9 +199,10 @@ class ThreadedEngine(Engine):
             row.hold(self.registry)
             self.incoming.put(row)
             self.wake.set()
+            deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
             try:
                 while True:
-                    ev = await events.get()
+                    ev = await self._next_event(events, deadline)
                     if isinstance(ev, BaseException):
                         raise ev
                     yield ev
@@ -207,6 +210,15 @@ class ThreadedEngine(Engine):
                         return
             finally:
                 row.cancelled = True  # no-op when finished; otherwise the engine drops the row
+
+    async def _next_event(self, events: asyncio.Queue, deadline: float | None) -> Any:
+        if deadline is None:
+            return await events.get()
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:  # the caller's finally drops the row
+            raise EngineError("timeout", f"the request ran past this server's --request-timeout "
+                              f"({self.request_timeout:g} s)") from None
 
     async def _call(self, fn: Callable[[], Any], work: bool = True) -> Any:
         """Run `fn` on the engine thread between steps and return its result. `work` (model work: encode, steering

@@ -78,9 +78,10 @@ class TorchEngine(ThreadedEngine):
                  max_queue: int = ServeConfig.max_queue, max_model_len: int | None = ServeConfig.max_model_len,
                  adapter_root: str | None = ServeConfig.adapter_root,
                  pack_weights: bool = ServeConfig.pack_weights, max_adapters: int = ServeConfig.max_adapters,
-                 max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens) -> None:
+                 max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens,
+                 request_timeout: float | None = ServeConfig.request_timeout) -> None:
         """Settings and their defaults are `ServeConfig`'s (serve/config.py)."""
-        super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root, max_adapters)
+        super().__init__(lm, saes, max_batch, max_queue, max_model_len, adapter_root, max_adapters, request_timeout)
         self.max_prefill_tokens = max_num_batched_tokens
         self.model = lm.model
         self.splice = Splice(lm.model, saes, mode=SERVE_MODE).install()

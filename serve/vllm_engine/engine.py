@@ -85,7 +85,7 @@ class VllmEngine(ThreadedEngine):
         if self.opts.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.opts.tensor_parallel_size}")
         super().__init__(lm, saes, self.opts.max_batch, self.opts.max_queue, self.opts.max_model_len,
-                         self.opts.adapter_root, self.opts.max_adapters)
+                         self.opts.adapter_root, self.opts.max_adapters, self.opts.request_timeout)
         self.arch = arch
         self.rows: dict[str, _Row] = {}
         self.lora_ids: dict[str, int] = {}

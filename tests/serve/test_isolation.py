@@ -3,6 +3,7 @@ tiny model). The failure is injected into sampling for one request (by its seed)
 a sampling error would surface."""
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -152,3 +153,25 @@ def test_the_torch_engine_prefills_within_the_token_budget(ws, monkeypatch):
     assert all(n * longest <= 24 or n == 1 for n, longest in steps), steps
     assert any(n == 1 and longest > 24 for n, longest in steps), steps  # the long prompt, alone
     assert any(n > 1 for n, _ in steps), steps  # short ones do share a step
+
+
+def test_a_request_past_the_timeout_gets_504_and_its_row_is_dropped(ws, monkeypatch):
+    """--request-timeout: a generation still running at the deadline ends with 504 (streamed: an error event with
+    that code, then [DONE]); its row leaves the batch, so the server serves the next request at once."""
+    engine = make_engine(ws, max_batch=2, request_timeout=1.0)
+    step = engine._decode_step
+
+    def slow_step(*args, **kwargs):  # 50 ms a token: 200 tokens take 10 s, two take 0.1 s
+        time.sleep(0.05)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_decode_step", slow_step)
+    body = {"prompt": "the cat", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    with LiveServer(create_app(engine, served_name="tiny")) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        with httpx.stream("POST", srv.url + "/v1/completions", json=dict(body, stream=True), timeout=60) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert '"request_timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200 and engine.in_flight == 0
