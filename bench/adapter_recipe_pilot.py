@@ -15,6 +15,7 @@ merge into bench/results/adapter_recipe_pilot.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -27,22 +28,24 @@ OUT = RESULTS / "adapter_recipe_pilot.json"
 log = logging.getLogger("bench.adapter_recipe_pilot")
 
 
-def one(model: str, sae: Path, layers: str, lr: float, steps: int, rows: int) -> dict:
+def one(model: str, sae: Path, layers: str, lr: float, steps: int, rows: int, seed: int = 0) -> dict:
     from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import cache_dir
     from saelora.demo import adapter_config
     from saelora.trainer.run_eval import EvalConfig, run_eval
     from saelora.trainer.train import train_lora
 
-    out = cache_dir() / "runs" / f"recipe-pilot-{model}-{layers}-{lr:g}-{steps}"
+    out = cache_dir() / "runs" / f"recipe-pilot-{model}-{layers}-{lr:g}-{steps}{f'-s{seed}' if seed else ''}"
     t0 = time.perf_counter()
     if not has_manifest(out / "adapter"):
-        train_lora(adapter_config(model, sae, out, {"layers": layers, "lr": lr, "steps": steps}, eval_rows=8))
+        cfg = adapter_config(model, sae, out, {"layers": layers, "lr": lr, "steps": steps}, eval_rows=8)
+        train_lora(dataclasses.replace(cfg, seed=seed))
     train_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         (r,) = run_eval(EvalConfig(model=model, adapter=str(out / "adapter"), rows=rows,
                                    out=str(Path(tmp) / "eval.json"))).values()
-    return {"layers": layers, "lr": lr, "steps": steps, "train_seconds": round(train_s, 1), "val_rows": rows,
+    return {"layers": layers, "lr": lr, "steps": steps, "seed": seed, "train_seconds": round(train_s, 1),
+            "val_rows": rows,
             "tokens": r["tokens"], "ce_base": r["ce_base"], "ce_spliced": r["ce_spliced"],
             "ce_adapted": r["ce_adapted"], "gap_closed": r["gap_closed"], "gap_closed_ci": r["gap_closed_ci"],
             "kl_spliced": r["kl_spliced"], "kl_adapted": r["kl_adapted"], "kl_adapter_only": r["kl_adapter_only"]}
@@ -60,23 +63,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", nargs="+", required=True, help="LAYERS:LR settings, e.g. after:0.002 all:0.001")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rows", type=int, default=96, help="validation rows of 128 tokens of the mixture")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (LoRA init, data order); the evaluation "
+                   "rows stay the same")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     sae = args.sae or demo_dir(args.model) / "sae"
     results = json.loads(OUT.read_text()) if OUT.is_file() else []
     for setting in args.grid:
         layers, lr = setting.split(":")
-        r = {"model": args.model, **one(args.model, sae, layers, float(lr), args.steps, args.rows)}
+        r = {"model": args.model, **one(args.model, sae, layers, float(lr), args.steps, args.rows, args.seed)}
         log.info("%s", json.dumps(r))
-        key = (r["model"], r["layers"], r["lr"], r["steps"])
-        results = [x for x in results if (x["model"], x["layers"], x["lr"], x["steps"]) != key] + [r]
+        key = _key(r)
+        results = [x for x in results if _key(x) != key] + [r]
         OUT.write_text(json.dumps(results, indent=1))
-    for r in sorted(results, key=lambda x: (x["model"], x["layers"], x["lr"])):
-        print(f"{r['model']} {r['layers']:5s} lr {r['lr']:g} ({r['steps']} steps, {r['train_seconds']:.0f} s): gap "
+    for r in sorted(results, key=_key):
+        print(f"{r['model']} {r['layers']:5s} lr {r['lr']:g} seed {r.get('seed', 0)} ({r['steps']} steps, "
+              f"{r['train_seconds']:.0f} s): gap "
               f"closed {100 * r['gap_closed']:.1f}% [{100 * r['gap_closed_ci'][0]:.1f}, "
               f"{100 * r['gap_closed_ci'][1]:.1f}] on {r['tokens']} validation tokens; drift KL "
               f"{r['kl_adapter_only']:.3f}")
     return 0
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["layers"], r["lr"], r["steps"], r.get("seed", 0)
 
 
 if __name__ == "__main__":
