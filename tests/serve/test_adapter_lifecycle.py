@@ -104,7 +104,7 @@ def test_unloading_deletes_the_private_copy(server, ws):
     _load(server, "gc", f"gc-{tag}")
     try:
         assert len(_copies_of(ws, root / f"gc-{tag}")) == 1
-        assert _greedy(server, "gc")
+        _greedy(server, "gc")  # served (from the copy); its text may be empty: a random adapter may end at once
     finally:
         _unload(server, "gc")
     assert _copies_of(ws, root / f"gc-{tag}") == []
