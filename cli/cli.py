@@ -101,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """The command line; a subcommand's `--config FILE` supplies defaults that its flags override."""
     from saelora.adapters.options import read_config_file
 
-    parser = build_parser()
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         sub = args.subparser
@@ -117,7 +117,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parse(argv)
+        args = parse(argv, parser)
     except SaeloraError as e:
         print(f"saelora: error: {e}", file=sys.stderr)
         return 2

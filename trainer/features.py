@@ -51,6 +51,7 @@ class FeaturesConfig:
 # Activation histogram bins, the same for every latent: bin j holds HIST_EDGES[j-1] <= value < HIST_EDGES[j] (bin 0:
 # above 0 and below the first edge; the last: from the last edge up), half-octave steps from 1/16 to 4096.
 HIST_EDGES = [2.0 ** (k / 2) for k in range(-8, 25)]
+HIST_BINS = len(HIST_EDGES) + 1
 
 
 class TopContexts:
@@ -64,11 +65,11 @@ class TopContexts:
         self.max = torch.zeros(d_sae)
         self.tokens = 0
         self.edges = torch.tensor(HIST_EDGES)
-        self.hist = torch.zeros(d_sae * (len(HIST_EDGES) + 1), dtype=torch.long)  # (S, bins), flat
+        self.hist = torch.zeros(d_sae * HIST_BINS, dtype=torch.long)  # (S, bins), flat
 
     def histogram(self, j: int) -> dict[str, Any]:
         """Latent j's histogram, trimmed to its non-empty range: counts of bins lo, lo + 1, ..."""
-        counts = self.hist.view(-1, len(HIST_EDGES) + 1)[j]
+        counts = self.hist.view(-1, HIST_BINS)[j]
         nz = counts.nonzero()
         if not len(nz):
             return {"lo": 0, "counts": []}
@@ -82,7 +83,7 @@ class TopContexts:
         self.active += (flat > 0).sum(0)
         rows, cols = (flat > 0).nonzero(as_tuple=True)
         bins = torch.bucketize(flat[rows, cols], self.edges, right=True)
-        self.hist.scatter_add_(0, cols * (len(HIST_EDGES) + 1) + bins, torch.ones_like(bins))
+        self.hist.scatter_add_(0, cols * HIST_BINS + bins, torch.ones_like(bins))
         self.max = torch.maximum(self.max, flat.max(0).values)
         self.tokens += b * t if counted is None else counted
         k = min(self.values.shape[0], b * t)

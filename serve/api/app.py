@@ -30,7 +30,7 @@ from ..core.engine import Engine, EngineError
 from . import errors, names, steer_routes, steering, ui
 from .handlers import Handlers
 from .metrics import Metrics
-from .steering import Steering, latent_of
+from .steering import Steering
 from .wire import wire_logits
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def histogram(data: dict[str, Any], f: dict[str, Any]) -> P.FeatureHistogram | N
             responses=errors.documented(404))
 async def feature(sae_id: str, index: int = FastAPIPath(..., ge=0),
                   s: ServerState = Depends(state)) -> P.FeatureDescription:
-    latent_of(s.engine, sae_id, index)
+    s.steering.latent(sae_id, index)
     data = s.steering.descriptions(sae_id)
     logits = wire_logits(await s.engine.latent_logits(sae_id, index, P.LOGIT_TOP), s.engine.tokenizer)
     if data is None:

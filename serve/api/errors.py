@@ -3,8 +3,6 @@ from exceptions to statuses lives here and nowhere else."""
 
 from __future__ import annotations
 
-import logging
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,9 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from saelora.adapters.errors import SaeloraError
 from saelora.clients.protocol import ErrorResponse
 
-from ..core.engine import EngineError
+from ..core.engine import EngineError, report_bug
 
-log = logging.getLogger(__name__)
 
 # EngineError.kind -> (HTTP status, OpenAI error type); a test checks it covers ERROR_KINDS exactly.
 KINDS: dict[str, tuple[int, str]] = {
@@ -87,9 +84,8 @@ def error_response(e: EngineError) -> JSONResponse:
 
 
 def internal(exc: BaseException, where: str) -> tuple[str, str]:
-    """An unexpected error: logged with a fresh request id; (id, the message the client gets: never its text)."""
-    rid = uuid.uuid4().hex[:16]
-    log.error("internal error %s on %s", rid, where, exc_info=exc)
+    """An unexpected error: logged under a fresh request id (`report_bug`); (id, the message the client gets)."""
+    rid = report_bug(exc, where)
     return rid, f"internal error (request id {rid}; the server log has the details)"
 
 

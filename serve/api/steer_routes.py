@@ -26,7 +26,7 @@ from saelora.clients import protocol_steer as PS
 
 from ..core.engine import EngineError
 from . import errors
-from .steering import NamePath, Steering, _sae_name, latent_of, steering_of
+from .steering import NamePath, Steering, _sae_name, steering_of
 
 router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # every engine
 values_router = APIRouter(responses=errors.documented(400, 401, 413, 429, 503))  # engines without `steers_from_text`
@@ -136,7 +136,7 @@ async def search(sae_id: str, q: str = Query(..., min_length=1, max_length=200, 
 async def similar(sae_id: str, index: int = FastAPIPath(..., ge=0), n: int = Query(10, ge=1, le=PS.MAX_SEARCH),
                   st: Steering = Depends(steering_of)) -> PS.SimilarResponse:
     """The latents closest to this one by decoder direction (cosine): what a feature page's "find similar" shows."""
-    latent_of(st.engine, sae_id, index)
+    st.latent(sae_id, index)
     pairs = await st.engine.similar_latents(sae_id, index, n)
     return PS.SimilarResponse(sae=sae_id, index=index, data=[PS.SimilarLatent(index=i, cosine=c) for i, c in pairs])
 

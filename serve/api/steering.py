@@ -91,16 +91,6 @@ def _sae_name(given: str | None, default: str | None, ids: list[str], param: str
     return ids[0]
 
 
-def latent_of(engine: Engine, sae_id: str, index: int) -> dict[str, Any]:
-    """SAE `sae_id`'s description (engine.saes()) after checking it has latent `index`: 404s otherwise."""
-    sae = next((d for d in engine.saes() if d["name"] == sae_id), None)
-    if sae is None:
-        raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae_id")
-    if not 0 <= index < sae["d_sae"]:
-        raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})", "index")
-    return sae
-
-
 def _positions(p: str | list[int]) -> str | tuple[int, ...]:
     return tuple(p) if isinstance(p, list) else p
 
@@ -118,11 +108,19 @@ class Steering:
         self._descriptions: dict[str, dict[str, Any] | None] = {}
         self._scales: dict[str, SteerScales | None] = {}
 
-    def sae(self, sae_id: str) -> dict[str, Any]:
+    def sae(self, sae_id: str, param: str = "sae") -> dict[str, Any]:
         found = next((d for d in self.engine.saes() if d["name"] == sae_id), None)
         if found is None:
-            raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", "sae")
+            raise EngineError("not_found", f"no SAE {sae_id!r}; see GET /v1/saes", param)
         return found
+
+    def latent(self, sae_id: str, index: int) -> dict[str, Any]:
+        """A URL's SAE (`sae_id`) after checking it has latent `index`: 404s otherwise."""
+        sae = self.sae(sae_id, param="sae_id")
+        if not 0 <= index < sae["d_sae"]:
+            raise EngineError("not_found", f"no feature {index}: SAE {sae_id!r} has indices [0, {sae['d_sae']})",
+                              "index")
+        return sae
 
     def descriptions(self, sae_id: str) -> dict[str, Any] | None:
         """`saelora features`' features.json of an SAE, or None when it has none."""

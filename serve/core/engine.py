@@ -8,11 +8,15 @@ token (with its text delta, logprobs and latents), then `Finished`.
 from __future__ import annotations
 
 import abc
+import logging
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Literal, get_args
 
 from saelora.adapters.edits import Condition, Edit, SpliceError, SpliceNotFoundError, check_mode
 from saelora.adapters.splice import RowSpec, check_edits
+
+log = logging.getLogger(__name__)
 
 
 # What went wrong, as the HTTP layer maps it (serve/api/errors.py): invalid 400, context_length 400 (with OpenAI's
@@ -36,6 +40,14 @@ class EngineError(Exception):
     def from_splice(cls, e: Exception, param: str) -> "EngineError":
         """A splice check's error (adapters/edits.py): 404 for an SAE or latent the server lacks, else 400."""
         return cls("not_found" if isinstance(e, SpliceNotFoundError) else "invalid", str(e), param)
+
+
+def report_bug(exc: BaseException, where: str) -> str:
+    """An unexpected exception (a bug): logged with its traceback under a fresh request id, which is returned for
+    the client's message. The exception's own text never leaves the server."""
+    rid = uuid.uuid4().hex[:16]
+    log.error("internal error %s in %s", rid, where, exc_info=exc)
+    return rid
 
 
 class RowFailure(Exception):

@@ -10,7 +10,6 @@ waiting; loading more than --max-adapters fails with 409 too.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import threading
@@ -27,7 +26,6 @@ from saelora.adapters.saes import LoadedSAE
 from .engine import EngineError
 
 BASE = "__base__"
-log = logging.getLogger(__name__)
 
 
 def copies_dir() -> Path:

@@ -19,15 +19,11 @@ holds, and how a row fails. `context_limit` is the context-length rule.
 from __future__ import annotations
 
 import collections
-import logging
-import uuid
 from typing import Any, Callable, Collection, Sequence
 
 from .engine import (EngineError, Finished, GenerationRequest, Latents, PromptFeatures, PromptLogprobs, RowFailure,
-                     TokenEvent, TokenFeaturesOut, TokenScore)
+                     TokenEvent, TokenFeaturesOut, TokenScore, report_bug)
 from .sampling import Detokenizer
-
-log = logging.getLogger(__name__)
 
 
 def context_limit(model_config: Any, asked: int | None, reserve: int = 0) -> int:
@@ -95,8 +91,7 @@ class RowState:
         if isinstance(error, RowFailure):
             self.emit(EngineError("internal", f"generation failed: {error}"))
             return
-        rid = uuid.uuid4().hex[:16]
-        log.error("row failed, request id %s", rid, exc_info=error)
+        rid = report_bug(error, "a row")
         self.emit(EngineError("internal", f"generation failed (request id {rid}; the server log has the details)"))
 
     # ---- what an engine feeds -----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ the SAE, the layer's output is returned as it is, so `off` and `error_term` with
 base model. The splice itself is `saelora.adapters.splice.splice_sae` (the function the torch engine's hooks
 call), called once per request on that request's token range with its own rows/positions/top_k.
 
-Each SAE's position policy (adapters/policy.py) needs the token ids of the flat batch: the mixin wraps the
-backbone's forward to hand `input_ids` to the runtime before the layers run.
+Each SAE's position policy (adapters/policy.py) needs the token ids of the flat batch: the mixin's own forward
+(outside the compiled backbone) hands `input_ids` to the runtime before the layers run.
 
 The SAEs come from the model config: the engine passes `hf_overrides={"architectures": ["Saelora..."],
 "saelora_saes": [{"name", "path", "layer", "kind", "policy", "center", "folded_scale"}, ...]}`.
