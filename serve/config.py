@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from saelora.adapters.config import DEFAULT_MODEL
+from saelora.adapters.errors import ConfigError
 from saelora.adapters.options import opt
 
 EngineName = Literal["torch", "vllm"]
@@ -75,3 +76,13 @@ class ServeConfig:
                               "vLLM's own rule)")
     prefix_caching: bool = opt(True, "vLLM engine: prefix caching, with a cache_salt policy that keeps latents and "
                                "edits correct (docs/vllm.md); --no-prefix-caching turns it off")
+
+    def __post_init__(self) -> None:
+        """The bounds of the work options (a bad value is a clear error at start, never a server that refuses
+        everything)."""
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ConfigError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_adapters < 0:
+            raise ConfigError(f"--max-adapters must be >= 0, got {self.max_adapters}")

@@ -47,3 +47,13 @@ def test_the_torch_engine_defaults_are_the_configs():
     params = inspect.signature(TorchEngine.__init__).parameters
     shared = [n for n in params if n in {f.name for f in dataclasses.fields(ServeConfig)}]
     assert shared and all(params[n].default == getattr(ServeConfig(), n) for n in shared)
+
+
+@pytest.mark.parametrize("field,value", [("request_timeout", 0.0), ("request_timeout", -1.0),
+                                         ("max_num_batched_tokens", 0), ("max_adapters", -1)])
+def test_work_bounds_out_of_range_are_a_clear_error(field, value):
+    from saelora.adapters.errors import ConfigError
+    from saelora.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=field.replace("_", "-")):
+        ServeConfig(**{field: value})
