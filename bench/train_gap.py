@@ -1,22 +1,25 @@
-"""Study: how much of a frozen SAE's CE gap LoRA closes, and how fast, against the paper's baselines.
+"""Study (v2 protocol): how much of a frozen SAE's CE gap LoRA closes, against the baselines a reviewer asks for.
 
-Setting (a scaled-down replica of Chen, Engels, Tegmark 2025; docs/training.md says what differs):
-- the embedded model and its shipped TopK SAE (or --sae), spliced under the SAE's position policy;
-- the corpus split by document hash into train, validation (learning-rate choice) and test (reported
-  numbers, >= --eval-tokens tokens); the SAE was trained with a larger held-out band, so it saw neither;
-- arms, each at an equal budget of optimizer steps (equal tokens; cosine decay to 0): LoRA on all layers
-  (`lora_all`), LoRA on the layers after the SAE (`lora_after`), and KL fine-tuning of the SAE itself
-  (`sae_kl`, Karvonen 2025);
-- a learning-rate sweep per arm with seed 0 on the validation split, the chosen rate rerun with seed 1;
-  reported: test CE of both seeds, their mean and spread;
-- the paper's own comparison (`from_scratch`): an SAE trained from scratch end to end with KL against a
-  TopK SAE trained from scratch with MSE followed by LoRA, counting total wall time (SAE + LoRA).
-  speedup = e2e's time to its final validation CE / TopK+LoRA's time to the same CE.
+Protocol (issue 27; docs/training.md says what differs from the paper):
+- the embedded model and its shipped TopK SAE (or --sae), spliced under the SAE's position policy; corpus `mix`;
+- documents go to bands by a hash of their text: dev [0, 0.07) (the earlier studies' test rows, read before: not
+  used here), validation [0.07, 0.10) (every choice), test [0.10, 0.12) (the reserve band: no run trains on it,
+  read once, after every choice is frozen), train [0.12, 1) (the shipped SAE's training band too);
+- arms, each at an equal budget of optimizer steps (equal tokens, cosine decay to 0): LoRA on all layers
+  (`lora_all`), LoRA on the layers after the SAE (`lora_after`), the SAE fine-tuned with KL (`sae_kl`, Karvonen
+  2025) and with KL + MSE (`sae_kl_mse`; the MSE weight makes both terms equal on validation rows at the start);
+- per arm a log-spaced learning-rate grid with seed 0, extended by a point while the best is at an edge; the
+  lowest validation CE is chosen; the chosen rate is rerun with seeds 1 and 2;
+- the test band: gap closed per seed and for the seed mean, with 95% bootstrap intervals over test rows, under
+  saelora's position policy and SAELens's convention; drift (the adapter alone against the base: CE and KL);
+- `--stages scratch` adds the paper's from-scratch time comparison (still the v1 protocol: bench/train_gap_scratch.py).
 
-    python bench/train_gap.py            # the full study, about 1.5-2 h on 2 idle CPU cores (run it in the background)
+    python bench/train_gap.py                      # grid, seeds, test: ~1.7 h on 2 idle CPU cores
     python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
 
-Writes <out>/train_gap.{json,md,png} (train_gap_quick.* with --quick).
+Every run is recorded as it finishes in <out>/train_gap_runs.json (also the pilots); the choices are written to
+<out>/train_gap_choices.json before the test band is read. Writes <out>/train_gap.{json,md,png}
+(train_gap_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -30,58 +33,106 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
+from train_gap_bands import CONVENTIONS, Band, Variant, gap_summary, seed_mean  # noqa: E402
 from train_gap_report import plot, write_md  # noqa: E402
 
 log = logging.getLogger("bench.train_gap")
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("lora_all", "lora_after", "sae_kl")
+ARMS = ("lora_all", "lora_after", "sae_kl", "sae_kl_mse")
+SAE_ARMS = ("sae_kl", "sae_kl_mse", "e2e_scratch")
+STAGES = ("grid", "seeds", "test", "scratch")
 
 
-def train_config(args: argparse.Namespace, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int) -> Any:
-    from saelora.trainer.config import LoraSettings, TrainConfig
+class Study:
+    """The model, the bands and the settings every run shares."""
 
-    layers = "after" if arm in ("lora_after", "scratch_lora") else "all"
-    return TrainConfig(model=args.model, saes=[sae], corpus=list(args.corpus), out=str(out),
-                       lora=LoraSettings(rank=args.rank, layers=layers), lr=lr, seed=seed, max_steps=steps,
-                       schedule=args.schedule,
-                       warmup_steps=min(args.warmup_steps, steps // 4), eval_interval=max(1, steps // args.evals),
-                       eval_rows=args.val_rows, batch_size=args.batch_size, seq_len=args.seq_len,
-                       val_fraction=args.val_fraction, test_fraction=args.test_fraction, checkpoint_interval=0)
+    def __init__(self, args: argparse.Namespace) -> None:
+        from saelora.adapters.corpus import CorpusConfig, load_corpus
+        from saelora.adapters.models import load_model
+        from saelora.adapters.policy import corpus_bos
+        from saelora.adapters.saes import load_sae
 
+        self.args = args
+        self.lm = load_model(args.model)
+        self.lm.model.requires_grad_(False)
+        policy = load_sae(self.lm.model, args.sae, tokenizer=self.lm.tokenizer).policy
+        self.corpus = load_corpus(self.lm.tokenizer, CorpusConfig(
+            tuple(args.corpus), args.seq_len, val_fraction=args.val_fraction, test_fraction=args.dev_fraction,
+            reserve_fraction=args.test_fraction, prepend_bos=corpus_bos([policy])))
+        self.val = Band(self.lm, args.sae, self.corpus.val[:args.val_rows])
+        self.val_spliced = self.val.per_row(Variant(sae=args.sae))
+        self.mse_weight = args.mse_weight or self._equal_mse_weight()
+        self.records: list[dict[str, Any]] = []
 
-def run(args: argparse.Namespace, arm: str, lr: float, seed: int, work: Path, sae: str,
-        steps: int | None = None) -> dict[str, Any]:
-    """Train one arm for `steps` (default --run-steps); returns its record: config, validation curve
-    (training seconds, CE), final validation CE, output paths."""
-    from saelora.trainer.e2e import train_e2e
-    from saelora.trainer.evaluate import gap_closed
-    from saelora.trainer.train import train_lora
+    def _equal_mse_weight(self) -> float:
+        """The weight that makes the MSE term equal to the KL on 8 validation rows at the start (SAE as shipped)."""
+        import torch
 
-    steps = steps or args.run_steps
-    out = work / f"{arm}-lr{lr:g}-s{seed}"
-    cfg = train_config(args, arm, lr, seed, out, sae, steps)
-    artifact = out / ("saes" if arm in ("sae_kl", "e2e_scratch") else "adapter")
-    if args.reuse_runs and _finished(out, cfg):
-        log.info("%s lr %g seed %d: reusing the finished run in %s", arm, lr, seed, out)
-    else:
-        log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
-        artifact, _ = (train_e2e if arm in ("sae_kl", "e2e_scratch") else train_lora)(cfg)
-    key = "ce_spliced" if arm in ("sae_kl", "e2e_scratch") else "ce_adapted"
-    evals = [json.loads(ln)["eval"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
-    curve = [(e["train_s"], e[key]) for e in evals]
-    ref = evals[0]["ce_spliced"]  # the SAE as given, before any training (sae_kl trains the SAE itself)
-    gaps = [(e["train_s"], gap_closed(e["ce_base"], ref, e[key])) for e in evals]
-    return {"arm": arm, "lr": lr, "seed": seed, "dir": str(out), "artifact": str(artifact), "val_curve": curve,
-            "val_gap_curve": gaps,
-            "val_ce": curve[-1][1], "val_kl": evals[-1].get("kl_adapted", evals[-1]["kl_spliced"]),
-            "steps": sum(1 for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in ln)}
+        from saelora.adapters.saes import load_sae
+        from saelora.trainer.objective import kl_per_token, plain_logits, spliced_logits
+
+        ids, sae = self.val.rows[:8], load_sae(self.lm.model, self.args.sae, tokenizer=self.lm.tokenizer)
+        with torch.no_grad():
+            sp, stats = spliced_logits(self.lm.model, [sae], ids, adapter=False)
+            kl = float(kl_per_token(plain_logits(self.lm.model, ids), sp).mean())
+        mse = sum(float(st.sse) / (float(st.n) * st.d) for per in stats.values() for st in per) / max(
+            1, sum(len(per) for per in stats.values()))
+        log.info("KL %.4f, per-element MSE %.4f at the start: mse_weight %.3g", kl, mse, kl / mse)
+        return kl / mse
+
+    def config(self, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int, evals: int) -> Any:
+        from saelora.trainer.config import LoraSettings, TrainConfig
+
+        a = self.args
+        return TrainConfig(model=a.model, saes=[sae], corpus=list(a.corpus), out=str(out),
+                           lora=LoraSettings(rank=a.rank, layers="after" if arm in ("lora_after", "scratch_lora")
+                                             else "all"),
+                           lr=lr, seed=seed, max_steps=steps, schedule="cosine",
+                           warmup_steps=min(a.warmup_steps, steps // 4),
+                           eval_interval=max(1, steps // evals) if evals else 0, eval_rows=a.train_eval_rows,
+                           batch_size=a.batch_size, seq_len=a.seq_len, val_fraction=a.val_fraction,
+                           test_fraction=a.dev_fraction, reserve_fraction=a.test_fraction, checkpoint_interval=0,
+                           mse_weight=self.mse_weight if arm == "sae_kl_mse" else 0.0)
+
+    def run(self, arm: str, lr: float, seed: int, work: Path, sae: str | None = None, steps: int | None = None,
+            evals: int = 0) -> dict[str, Any]:
+        """Train one run (or reuse a finished one with the same config) and evaluate it on the validation band."""
+        from saelora.trainer.e2e import train_e2e
+        from saelora.trainer.evaluate import gap_closed
+        from saelora.trainer.train import train_lora
+
+        sae, steps = sae or self.args.sae, steps or self.args.run_steps
+        out = work / f"{arm}-lr{lr:g}-s{seed}-n{steps}"
+        cfg = self.config(arm, lr, seed, out, sae, steps, evals)
+        if _finished(out, cfg):
+            log.info("%s lr %g seed %d: reusing the finished run in %s", arm, lr, seed, out)
+        else:
+            log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
+            (train_e2e if arm in SAE_ARMS else train_lora)(cfg)
+        artifact = _sae_folder(out) if arm in SAE_ARMS else str(out / "adapter")
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        evs = [r["eval"] for r in rows if "eval" in r]
+        key = "ce_spliced" if arm in SAE_ARMS else "ce_adapted"
+        ce = statistics.fmean(self.val.per_row(self.variant(arm, artifact, sae)))
+        base, spliced = statistics.fmean(self.val.base), statistics.fmean(self.val_spliced)
+        rec = {"arm": arm, "lr": lr, "seed": seed, "steps": steps, "dir": str(out), "artifact": artifact,
+               "train_s": round(evs[-1]["train_s"], 1), "tokens": steps * self.args.batch_size * self.args.seq_len,
+               "train_curve": [(e["train_s"], e[key]) for e in evs], "val_ce": ce,
+               "val_gap_closed": gap_closed(base, spliced, ce) if arm in ARMS else None}
+        self.records.append(rec)
+        _merge_record(self.args, rec)
+        return rec
+
+    def variant(self, arm: str, artifact: str, sae: str | None = None, convention: str = "saelora") -> Variant:
+        if arm in SAE_ARMS:
+            return Variant(sae=artifact, convention=convention)
+        return Variant(sae=sae or self.args.sae, adapter=artifact, layers_after=arm in ("lora_after", "scratch_lora"),
+                       convention=convention)
 
 
 def _finished(out: Path, cfg: Any) -> bool:
-    """Whether `out` holds a run with exactly this config that reached its last step (for --reuse-runs)."""
+    """Whether `out` holds a run with exactly this config that reached its last step."""
     try:
         same = json.loads((out / "config.json").read_text()) == cfg.to_json()
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,152 +141,103 @@ def _finished(out: Path, cfg: Any) -> bool:
     return same and any(r.get("step") == cfg.max_steps and "eval" in r for r in rows)
 
 
-class TestSet:
-    """The test rows with the residual at the SAE's hook cached once, so each arm costs one partial forward."""
-
-    def __init__(self, args: argparse.Namespace, sae_path: str) -> None:
-        from saelora.adapters.activations import run_to_hook
-        from saelora.adapters.corpus import CorpusConfig, load_corpus
-        from saelora.adapters.models import load_model
-        from saelora.adapters.saes import load_sae
-
-        self.args = args
-        self.lm = load_model(args.model)
-        self.lm.model.requires_grad_(False)
-        sae = load_sae(self.lm.model, sae_path, tokenizer=self.lm.tokenizer)
-        corpus = load_corpus(self.lm.tokenizer, CorpusConfig(tuple(args.corpus), args.seq_len,
-                                                             val_fraction=args.val_fraction,
-                                                             test_fraction=args.test_fraction,
-                                                             prepend_bos=sae.policy.prepend_bos))
-        n = -(-args.eval_tokens // args.seq_len)
-        if len(corpus.test) < n:
-            log.warning("test split has %d rows, fewer than the %d asked for", len(corpus.test), n)
-        self.rows = corpus.test[:n]
-        self.point = sae.hook
-        with torch.no_grad():
-            self.prefix = torch.cat([run_to_hook(self.lm.model, sae.hook, self.rows[i:i + 8])
-                                     for i in range(0, len(self.rows), 8)])
-        self.corpus_info = corpus.info
-
-    def ce(self, sae_path: str | None, adapter: str | None = None, layers_after: bool = True) -> float:
-        """Mean next-token CE on the test rows: base (no SAE), SAE spliced, or SAE spliced + adapter."""
-        from saelora.adapters.bundle import attach_bundle, detach_adapter, load_bundle
-        from saelora.adapters.saes import load_sae
-        from saelora.trainer.objective import ce_per_token, plain_logits, spliced_logits
-
-        model, saes = self.lm.model, []
-        if sae_path:
-            saes = [load_sae(model, sae_path, tokenizer=self.lm.tokenizer)]
-        if adapter:
-            model = attach_bundle(model, load_bundle(adapter, self.lm.fingerprint, saes, self.lm.model), "adapter")
-        shared = adapter is None or layers_after  # no adapted layer before the hook: reuse the cached prefix
-        total, count = 0.0, 0
-        try:
-            for i in range(0, len(self.rows), 8):
-                ids, x = self.rows[i:i + 8], (self.prefix[i:i + 8] if shared else None)
-                point = self.point if shared else None
-                with torch.no_grad():
-                    logits = spliced_logits(model, saes, ids, point, x, adapter=True)[0] if saes else \
-                        plain_logits(model, ids, point, x)
-                ce = ce_per_token(logits, ids)
-                total, count = total + float(ce.sum()), count + ce.numel()
-        finally:
-            if adapter:
-                detach_adapter(model, "adapter")  # the next call starts from the plain base model again
-        return total / count
-
-
-def sweep(args: argparse.Namespace, sae: str, work: Path) -> dict[str, list[dict[str, Any]]]:
-    """Per arm: the learning-rate grid with seed 0 (chosen on validation CE), then the chosen rate with seed 1."""
-    grids = {"lora_all": args.lora_lrs, "lora_after": args.lora_lrs, "sae_kl": args.sae_lrs}
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for arm in ARMS:
-        runs[arm] = [run(args, arm, lr, 0, work, sae) for lr in grids[arm]]
-        best = min(runs[arm], key=lambda r: r["val_ce"])
-        best["chosen"] = True
-        runs[arm].append(dict(run(args, arm, best["lr"], 1, work, sae), chosen=True))
-    return runs
-
-
-def scratch_sae(args: argparse.Namespace, work: Path, steps: bool) -> tuple[str, float]:
-    """A TopK SAE from scratch: trained with MSE (steps=True) or only initialised (steps=False, for e2e).
-    Returns (folder, wall seconds, activation collection included)."""
-    from saelora.trainer.train_sae import SAETrainConfig, train_sae
-
-    sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
-    cfg = SAETrainConfig(model=args.model, hook=sae_cfg["metadata"]["hook_name"], d_sae=sae_cfg["d_sae"],
-                         k=sae_cfg.get("k", 32), corpus=list(args.corpus),
-                         tokens=args.scratch_sae_tokens if steps else args.scratch_val_tokens, epochs=int(steps),
-                         val_tokens=args.scratch_val_tokens, seq_len=args.sae_seq_len,
-                         out=str(work / ("scratch_topk" if steps else "scratch_init")), seed=0,
-                         cache_activations=not steps)  # TopK's time includes collecting its activations
-    t0 = time.perf_counter()
-    folder, _ = train_sae(cfg)
-    return str(folder), time.perf_counter() - t0
-
-
-def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """First time (s) a (time, CE) curve reaches `target`, linearly interpolated between evals."""
-    if curve and curve[0][1] <= target:
-        return curve[0][0]
-    for (t0, c0), (t1, c1) in zip(curve, curve[1:], strict=False):
-        if c1 <= target:
-            return t1 if c0 == c1 else t0 + (t1 - t0) * (c0 - target) / (c0 - c1)
-    return None
-
-
-def from_scratch(args: argparse.Namespace, work: Path, test: TestSet) -> dict[str, Any]:
-    """The paper's comparison: e2e SAE from scratch (KL) vs TopK SAE from scratch (MSE) + LoRA, total wall time."""
-    topk, topk_s = scratch_sae(args, work, steps=True)
-    init, _ = scratch_sae(args, work, steps=False)
-    lora = run(args, "scratch_lora", args.scratch_lora_lr, 0, work / "scratch", topk)
-    e2e = run(args, "e2e_scratch", args.scratch_e2e_lr, 0, work / "scratch", init, steps=args.e2e_steps)
-    lora_curve = [(topk_s + t, c) for t, c in lora["val_curve"]]
-    e2e_final_t, e2e_final = e2e["val_curve"][-1]
-    e2e_t = time_to_reach(e2e["val_curve"], e2e_final)
-    reach = time_to_reach(lora_curve, e2e_final)
-    return {"topk_sae": topk, "topk_sae_seconds": round(topk_s, 1), "e2e_steps": args.e2e_steps,
-            "lora": lora, "e2e": e2e, "topk_lora_val_curve": lora_curve,
-            "e2e_final_val_ce": e2e_final, "e2e_seconds_to_final": e2e_t,
-            "topk_lora_seconds_to_e2e_final": reach,
-            "speedup": None if reach is None else round(e2e_t / reach, 2),
-            "test_ce": {"topk_spliced": test.ce(topk), "topk_lora": test.ce(topk, lora["artifact"]),
-                        "e2e": test.ce(_e2e_folder(e2e))}}
-
-
-def _e2e_folder(rec: dict[str, Any]) -> str:
+def _sae_folder(out: Path) -> str:
     """The fine-tuned SAE folder an e2e run wrote (out/saes/<name>)."""
-    folders = sorted(p for p in Path(rec["artifact"]).iterdir() if (p / "cfg.json").is_file())
-    return str(folders[0])
+    return str(next(p for p in sorted((out / "saes").iterdir()) if (p / "cfg.json").is_file()))
 
 
-def summarise(args: argparse.Namespace, test: TestSet, runs: dict[str, list[dict[str, Any]]],
-              scratch: dict[str, Any] | None) -> dict[str, Any]:
-    base, spliced = test.ce(None), test.ce(args.sae)
-    arms = {}
-    for arm, recs in runs.items():
-        for r in recs:
-            if r.get("chosen"):
-                r["test_ce"] = test.ce(_e2e_folder(r)) if arm == "sae_kl" else \
-                    test.ce(args.sae, r["artifact"], layers_after=arm == "lora_after")
-                r["gap_closed"] = (spliced - r["test_ce"]) / (spliced - base)
-        chosen = [r for r in recs if r.get("chosen")]
-        gaps = [r["gap_closed"] for r in chosen]
-        arms[arm] = {"lr": chosen[0]["lr"], "gap_closed_mean": statistics.mean(gaps),
-                     "gap_closed_seeds": gaps, "gap_closed_spread": max(gaps) - min(gaps),
-                     "test_ce_seeds": [r["test_ce"] for r in chosen], "runs": recs}
+def _merge_record(args: argparse.Namespace, rec: dict[str, Any]) -> None:
+    """Append a finished run to <out>/<stem>_runs.json (the record of every run, pilots included)."""
+    path = Path(args.out) / f"{args.stem}_runs.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    key = (rec["arm"], rec["lr"], rec["seed"], rec["steps"])
+    kept = [r for r in old if (r["arm"], r["lr"], r["seed"], r["steps"]) != key]
+    path.write_text(json.dumps(kept + [{k: v for k, v in rec.items() if k not in ("dir", "artifact")}], indent=1))
+
+
+def sweep_arm(study: Study, arm: str, grid: list[float], work: Path) -> list[dict[str, Any]]:
+    """The grid with seed 0, extended one point beyond an edge while the best sits there (--max-extend)."""
+    lrs = sorted(grid)
+    recs = {lr: study.run(arm, lr, 0, work) for lr in lrs}
+    for _ in range(study.args.max_extend):
+        best = min(recs.values(), key=lambda r: r["val_ce"])["lr"]
+        if best == lrs[0]:
+            new = lrs[0] ** 2 / lrs[1]
+        elif best == lrs[-1]:
+            new = lrs[-1] ** 2 / lrs[-2]
+        else:
+            break
+        log.info("%s: the best rate %g is at the grid's edge: adding %g", arm, best, new)
+        lrs = sorted(lrs + [new])
+        recs[new] = study.run(arm, new, 0, work)
+    return [recs[lr] for lr in lrs]
+
+
+def grids(args: argparse.Namespace) -> dict[str, list[float]]:
+    return {"lora_all": args.lora_all_lrs, "lora_after": args.lora_after_lrs, "sae_kl": args.sae_lrs,
+            "sae_kl_mse": args.sae_lrs}
+
+
+def choose(study: Study, work: Path) -> dict[str, Any]:
+    """Stages grid and seeds: per arm, the sweep, the chosen rate and its runs with every seed."""
+    out = {}
+    for arm in ARMS:
+        sweep = sweep_arm(study, arm, grids(study.args)[arm], work)
+        best = min(sweep, key=lambda r: r["val_ce"])
+        edge = best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"])
+        out[arm] = {"grid": sweep, "lr": best["lr"], "at_edge": edge, "chosen": [best]}
+    if "seeds" in study.args.stages:
+        for arm in ARMS:
+            out[arm]["chosen"] += [study.run(arm, out[arm]["lr"], s, work) for s in range(1, study.args.seeds)]
+    return out
+
+
+def test_stage(study: Study, arms: dict[str, Any]) -> dict[str, Any]:
+    """Freeze the choices, then read the test band once: gap closed per seed and seed mean, both conventions."""
+    args = study.args
+    frozen = {arm: {"lr": a["lr"], "seeds": [r["seed"] for r in a["chosen"]]} for arm, a in arms.items()}
+    (Path(args.out) / f"{args.stem}_choices.json").write_text(json.dumps(
+        {"frozen_at": time.strftime("%Y-%m-%d %H:%M:%S"), "choices": frozen}, indent=1))
+    band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
+    spliced = {c: band.per_row(Variant(sae=args.sae, convention=c)) for c in CONVENTIONS}
+    res: dict[str, Any] = {"rows": len(band.rows), "tokens": band.tokens, "ce_base": statistics.fmean(band.base),
+                           "ce_spliced": {c: statistics.fmean(v) for c, v in spliced.items()}, "arms": {}}
+    for arm, a in arms.items():
+        per = {c: [band.per_row(study.variant(arm, r["artifact"], convention=c)) for r in a["chosen"]]
+               for c in CONVENTIONS}
+        res["arms"][arm] = {
+            "lr": a["lr"], "seeds": frozen[arm]["seeds"],
+            **{c: {"per_seed": [gap_summary(band.base, spliced[c], ad) for ad in per[c]],
+                   "mean": gap_summary(band.base, spliced[c], seed_mean(per[c]))} for c in CONVENTIONS},
+            "drift": [_drift(band, arm, r["artifact"], args.drift_rows) for r in a["chosen"]]
+            if arm not in SAE_ARMS else None}
+    return res
+
+
+def _drift(band: Band, arm: str, adapter: str, rows: int) -> dict[str, float]:
+    ce, kl = band.drift(adapter, arm == "lora_after", rows)
+    return {"rows": len(ce), "ce_adapter_only": statistics.fmean(ce),
+            "ce_base": statistics.fmean(band.base[:len(ce)]), "kl_adapter_only": kl}
+
+
+def summary(study: Study, arms: dict[str, Any], test: dict[str, Any] | None,
+            scratch: dict[str, Any] | None) -> dict[str, Any]:
+    args = study.args
     sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
     meta = sae_cfg["metadata"]
-    return {"settings": {**vars(args), "eval_tokens": int(test.rows.numel()), "test_rows": len(test.rows)},
+    return {"protocol": "v2", "settings": {k: v for k, v in vars(args).items()},
             "sae": {"folder": args.sae, "hook": meta["hook_name"], "d_sae": sae_cfg["d_sae"], "k": sae_cfg.get("k"),
-                    **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "train_seconds",
-                                                "saelora_policy")}},
-            "corpus": test.corpus_info, "ce_base": base, "ce_spliced": spliced, "gap": spliced - base,
-            "arms": arms, "from_scratch": scratch,
+                    **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "saelora_policy")}},
+            "corpus": study.corpus.info, "mse_weight": study.mse_weight,
+            "validation": {"rows": len(study.val.rows), "tokens": study.val.tokens,
+                           "ce_base": statistics.fmean(study.val.base),
+                           "ce_spliced": statistics.fmean(study.val_spliced)},
+            "arms": {arm: {k: v for k, v in a.items()} for arm, a in arms.items()},
+            "test": test, "from_scratch": scratch,
             "targets": {"gap_closed_min": 0.30, "gap_closed_aim": 0.55, "speedup_min": 2}}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from saelora.adapters.config import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,36 +245,43 @@ def parse_args() -> argparse.Namespace:
     a("--quick", action="store_true", help="tiny budgets for CI (pair with a tiny --model/--sae/--corpus)")
     a("--model", default=DEFAULT_MODEL, help="model spec")
     a("--sae", default=None, help="SAE folder (default: the shipped SAE of the embedded model)")
-    a("--corpus", action="append", default=None, help="corpus sources (default: wiki)")
-    a("--run-steps", type=int, default=200, help="optimizer steps per run (equal tokens for every arm)")
-    a("--schedule", default="cosine", help="learning-rate schedule of every run (decays to 0 at its last step)")
-    a("--warmup-steps", type=int, default=10, help="linear warm-up steps")
-    a("--evals", type=int, default=2, help="validation evals per run after the one at step 0")
-    a("--val-rows", type=int, default=24, help="validation rows per eval (for the learning-rate choice and curves)")
-    a("--eval-tokens", type=int, default=64_000, help="test tokens for the reported numbers")
-    a("--lora-lrs", type=float, nargs="+", default=[1e-3, 2e-3], help="LoRA learning-rate grid")
-    a("--sae-lrs", type=float, nargs="+", default=[3e-5, 1e-4], help="SAE KL fine-tune learning-rate grid")
+    a("--corpus", action="append", default=None, help="corpus sources (default: mix)")
+    a("--stages", nargs="+", default=["grid", "seeds", "test"], choices=STAGES, help="what to run")
+    a("--run-steps", type=int, default=100, help="optimizer steps per run (equal tokens for every arm)")
+    a("--warmup-steps", type=int, default=5, help="linear warm-up steps, then cosine decay to 0")
+    a("--lora-all-lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3], help="lora_all grid")
+    a("--lora-after-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3], help="lora_after grid")
+    a("--sae-lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4, 4e-4], help="grid of both SAE arms")
+    a("--max-extend", type=int, default=2, help="grid points added while the best rate sits at an edge")
+    a("--seeds", type=int, default=3, help="seeds of the chosen rate (0 is the grid's run)")
+    a("--mse-weight", type=float, default=0.0, help="sae_kl_mse's MSE weight (0: KL and MSE equal at the start)")
     a("--rank", type=int, default=64, help="LoRA rank (the paper's 64)")
     a("--batch-size", type=int, default=2, help="rows per step")
     a("--seq-len", type=int, default=128, help="tokens per row (the SAE's training context)")
-    a("--val-fraction", type=float, default=0.03, help="validation band of documents")
-    a("--test-fraction", type=float, default=0.07, help="test band of documents (below the validation band)")
-    a("--no-scratch", action="store_true", help="skip the from-scratch comparison")
+    a("--dev-fraction", type=float, default=0.07, help="the dev band, below validation (not read by the study)")
+    a("--val-fraction", type=float, default=0.03, help="the validation band (every choice)")
+    a("--test-fraction", type=float, default=0.02, help="the test band, above validation (read once)")
+    a("--val-rows", type=int, default=48, help="validation rows for the choices")
+    a("--test-rows", type=int, default=192, help="test rows")
+    a("--drift-rows", type=int, default=64, help="test rows for the drift KL (the adapter alone vs the base)")
+    a("--train-eval-rows", type=int, default=2, help="rows of the trainer's own evals (its curves)")
+    a("--evals", type=int, default=4, help="evals per from-scratch run after the one at step 0")
     a("--scratch-sae-tokens", type=int, default=100_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
     a("--scratch-val-tokens", type=int, default=20_000, help="held-out tokens for its quality record")
     a("--sae-seq-len", type=int, default=128, help="context of SAE training forwards")
     a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
     a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
     a("--e2e-steps", type=int, default=300, help="training steps of the e2e-from-scratch SAE")
-    a("--reuse-runs", action="store_true", help="reuse runs already finished with the same config (after a crash)")
     a("--out", default=str(RESULTS), help="results folder")
-    args = p.parse_args()
-    args.corpus = args.corpus or ["wiki"]
+    args = p.parse_args(argv)
+    args.corpus = args.corpus or ["mix"]
     if args.quick:
-        args.run_steps, args.evals, args.val_rows, args.eval_tokens = 3, 1, 2, 256
-        args.lora_lrs, args.sae_lrs, args.seq_len, args.sae_seq_len = [1e-3, 3e-3], [1e-3], 32, 32
+        args.run_steps, args.val_rows, args.test_rows, args.drift_rows, args.seq_len = 3, 2, 2, 2, 32
+        args.lora_all_lrs = args.lora_after_lrs = args.sae_lrs = [1e-3, 3e-3]
+        args.max_extend, args.seeds, args.sae_seq_len, args.rank, args.evals = 1, 2, 32, 4, 1
         args.scratch_sae_tokens, args.scratch_val_tokens, args.e2e_steps = 4_000, 500, 4
-        args.val_fraction, args.test_fraction, args.rank = 0.1, 0.2, 4
+        args.dev_fraction, args.val_fraction, args.test_fraction = 0.1, 0.1, 0.2
+    args.stem = "train_gap_quick" if args.quick else "train_gap"
     if args.sae is None:
         from saelora.adapters.saes import shipped_sae
 
@@ -280,25 +289,31 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from saelora.adapters.config import cache_dir
 
-    args = parse_args()
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "train_gap_quick" if args.quick else "train_gap"
-    work = cache_dir() / "bench" / stem
-    t0 = time.perf_counter()
-    test = TestSet(args, args.sae)
-    runs = sweep(args, args.sae, work)
-    scratch = None if args.no_scratch else from_scratch(args, work, test)
-    res = summarise(args, test, runs, scratch)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    work, t0 = cache_dir() / "bench" / args.stem, time.perf_counter()
+    study = Study(args)
+    arms = choose(study, work)
+    test = test_stage(study, arms) if "test" in args.stages else None
+    scratch = None
+    if "scratch" in args.stages:
+        from train_gap_scratch import from_scratch
+
+        band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
+        scratch = from_scratch(args, work, lambda *a, **k: study.run(*a, **k, evals=args.evals),
+                               lambda sae, adapter=None: statistics.fmean(band.per_row(
+                                   Variant(sae=sae, adapter=adapter))))
+    res = summary(study, arms, test, scratch)
     res["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
-    write_md(res, out / f"{stem}.md")
-    plot(res, out / f"{stem}.png")
-    log.info("results in %s", out / f"{stem}.md")
+    stem = Path(args.out) / args.stem
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    write_md(res, stem.with_suffix(".md"))
+    plot(res, stem.with_suffix(".png"))
+    log.info("results in %s", stem.with_suffix(".md"))
     return 0
 
 

@@ -1,5 +1,5 @@
 """The train_gap study's report: a markdown page that says what was measured and how it differs from the paper,
-and a PNG of the validation gap closed against training time, and of the from-scratch comparison."""
+and a PNG of the learning-rate grids (validation) beside the test band's gap closed per arm."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ DIFFERENCES = """\
 What differs from the paper (Chen, Engels, Tegmark 2025):
 - Model: SmolLM2-135M-Instruct (30 layers, d_model 576) on 2 CPU cores; the paper uses Gemma-2-2B,
   Llama-3.2-1B and Llama-3.1-8B on GPUs.
-- SAE: one TopK SAE at layer 12 trained here on ~0.9M Wikipedia tokens (3 epochs); the paper adapts
-  pretrained or self-trained SAEs trained on hundreds of millions of tokens.
-- Tokens: each run trains for minutes (tens of thousands of tokens); the paper trains LoRA on ~15M+ tokens.
-- Data: Wikipedia lead sections (embedded corpus), rows of 128 tokens without BOS; SmolLM2 adds no BOS,
-  so position 0 (the attention sink) and the BOS/EOS ids are left original under the policy.
-- The e2e-from-scratch arm optimises KL only (no downstream MSE terms) at the budget stated.
+- SAE: the shipped TopK SAE (layer 12, 4,608 latents, k 64) trained here on ~1M tokens of the embedded mixture
+  (Wikipedia leads, technical prose, narrative text); the paper adapts SAEs trained on hundreds of millions of
+  tokens of RedPajama.
+- Tokens: each run trains on tens of thousands of tokens (minutes); the paper trains LoRA on ~15M+ tokens.
+- Rows of 128 tokens without BOS; SmolLM2 adds no BOS, so under saelora's policy position 0 (the attention
+  sink), the BOS/EOS ids and massive activations stay original; the SAELens column splices the sink too.
+- The SAE KL + MSE arm weighs the terms equal at the start; the paper's e2e baselines differ in detail.
 """
 
 
@@ -23,67 +24,101 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{x:.1%}"
 
 
-def _arm_rows(res: dict[str, Any]) -> list[str]:
-    rows = ["| arm | lr (chosen on validation) | test CE, seed 0 / 1 | gap closed, seed 0 / 1 | mean | spread |",
-            "|---|---|---|---|---|---|"]
-    for arm, a in res["arms"].items():
-        ce = " / ".join(f"{c:.4f}" for c in a["test_ce_seeds"])
-        gaps = " / ".join(_pct(g) for g in a["gap_closed_seeds"])
-        rows.append(f"| {arm} | {a['lr']:g} | {ce} | {gaps} | {_pct(a['gap_closed_mean'])} | "
-                    f"{a['gap_closed_spread'] * 100:.1f} pts |")
+def _ci(s: dict[str, Any]) -> str:
+    lo, hi = s["gap_closed_ci"]
+    return f"{_pct(s['gap_closed'])} [{lo:.1%}, {hi:.1%}]"
+
+
+def _test_rows(t: dict[str, Any]) -> list[str]:
+    rows = ["| arm | lr | gap closed, seed mean [95% CI over rows] | per seed | spread | SAELens convention, "
+            "seed mean | drift: CE adapter alone - base, KL |", "|---|---|---|---|---|---|---|"]
+    for arm, a in t["arms"].items():
+        mine, sl = a["saelora"], a["saelens"]
+        seeds = [s["gap_closed"] for s in mine["per_seed"]]
+        drift = "" if not a["drift"] else ", ".join(
+            f"{d['ce_adapter_only'] - d['ce_base']:+.4f} / {d['kl_adapter_only']:.4f}" for d in a["drift"])
+        rows.append(f"| {arm} | {a['lr']:g} | **{_ci(mine['mean'])}** | {' / '.join(_pct(g) for g in seeds)} | "
+                    f"{(max(seeds) - min(seeds)) * 100:.1f} pts | {_ci(sl['mean'])} | {drift or 'model unchanged'} |")
     return rows
 
 
-def _sweep_rows(res: dict[str, Any]) -> list[str]:
-    rows = ["| arm | lr | seed | steps | train min | validation CE | validation KL | validation gap closed |",
-            "|---|---|---|---|---|---|---|---|"]
+def _grid_rows(res: dict[str, Any]) -> list[str]:
+    rows = ["| arm | lr | seed | train min | tokens | validation CE | validation gap closed |",
+            "|---|---|---|---|---|---|---|"]
     for arm, a in res["arms"].items():
-        for r in a["runs"]:
-            rows.append(f"| {arm} | {r['lr']:g} | {r['seed']} | {r['steps']} | {r['val_curve'][-1][0] / 60:.1f} | "
-                        f"{r['val_ce']:.4f} | {r['val_kl']:.4f} | {_pct(r['val_gap_curve'][-1][1])} |")
+        seen = set()
+        for r in a["grid"] + a["chosen"]:
+            if (r["lr"], r["seed"]) in seen:
+                continue
+            seen.add((r["lr"], r["seed"]))
+            mark = " (chosen)" if r["lr"] == a["lr"] else ""
+            rows.append(f"| {arm} | {r['lr']:g}{mark} | {r['seed']} | {r['train_s'] / 60:.1f} | {r['tokens']} | "
+                        f"{r['val_ce']:.4f} | {_pct(r['val_gap_closed'])} |")
     return rows
 
 
 def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
     if not s:
-        return ["(from-scratch comparison skipped)"]
+        return ["Not run in this pass (`--stages scratch`); the v1 figure and its caveats are in "
+                "`bench/results/history/train_gap_v1.md`."]
     reach = s["topk_lora_seconds_to_e2e_final"]
     return [
+        f"Protocol: {s['protocol']}.", "",
         f"- TopK SAE from scratch (MSE): {s['topk_sae_seconds'] / 60:.1f} min including activation collection; "
-        f"then LoRA (layers after) for {s['lora']['val_curve'][-1][0] / 60:.1f} min.",
-        f"- e2e SAE from scratch (KL): {s['e2e_steps']} steps; final validation CE "
-        f"{s['e2e_final_val_ce']:.4f}, reached at {s['e2e_seconds_to_final'] / 60:.1f} min.",
+        f"then LoRA (layers after) for {s['lora']['train_s'] / 60:.1f} min.",
+        f"- e2e SAE from scratch (KL): {s['e2e_steps']} steps; final validation CE {s['e2e_final_val_ce']:.4f}.",
         f"- TopK + LoRA reach that CE at {'never' if reach is None else f'{reach / 60:.1f} min'} "
-        f"(total wall time, SAE training included): **speed-up {s['speedup']}**.",
+        f"(total wall time, SAE training included): speed-up {s['speedup']}.",
         f"- Test CE: e2e {s['test_ce']['e2e']:.4f}, TopK spliced {s['test_ce']['topk_spliced']:.4f}, "
         f"TopK + LoRA {s['test_ce']['topk_lora']:.4f}.",
     ]
 
 
 def write_md(res: dict[str, Any], path: Path) -> None:
-    st, sae = res["settings"], res["sae"]
+    st, sae, v, t = res["settings"], res["sae"], res["validation"], res["test"]
     fvu = "unrecorded" if sae.get("fvu") is None else f"{sae['fvu']:.3f}"
+    edges = [arm for arm, a in res["arms"].items() if a["at_edge"]]
     lines = [
-        "# train_gap: LoRA around a frozen SAE, measured on a held-out test split", "",
-        f"Rerun: `python bench/train_gap.py` ({res['wall_minutes']} min here). SAE `{sae['folder']}` at "
-        f"`{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU {fvu}, dead latents "
-        f"{sae['dead_latents']}; spliced positions: every position except those its policy keeps "
-        f"({sae['saelora_policy']}).", "",
-        f"Test split: {st['eval_tokens']} tokens ({st['test_rows']} rows of {st['seq_len']}), documents never seen "
-        f"by the SAE or any run. Budget per run: {st['run_steps']} steps of batch {st['batch_size']} x {st['seq_len']} "
-        f"tokens ({st['run_steps'] * st['batch_size'] * st['seq_len']} training tokens), {st['warmup_steps']} warm-up "
-        f"steps then {st['schedule']} decay; LoRA rank {st['rank']}. Validation: {st['val_rows']} rows of the "
-        f"validation split, seeds shuffle which rows.", "",
-        f"CE base {res['ce_base']:.4f}, SAE spliced {res['ce_spliced']:.4f}: gap {res['gap']:.4f} nats.", "",
-        *_arm_rows(res), "", "Every run (learning-rate choice on the validation split):", "", *_sweep_rows(res), "",
-        "## The paper's comparison: from scratch, total wall time", "", *_scratch_rows(res["from_scratch"]), "",
-        DIFFERENCES, "![validation CE vs training time](" + path.with_suffix(".png").name + ")"]
+        "# train_gap (v2 protocol): LoRA around a frozen SAE, against SAE fine-tuning", "",
+        f"Rerun: `python bench/train_gap.py` ({res['wall_minutes']} min here; every run as it finished: "
+        f"`{st['stem']}_runs.json`; the choices, frozen before the test band was read: `{st['stem']}_choices.json`). "
+        f"SAE `{Path(sae['folder']).name}` at `{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU "
+        f"{fvu}; policy {sae['saelora_policy']}. Corpus {st['corpus']}.", "",
+        f"Budget per run: {st['run_steps']} steps of {st['batch_size']} x {st['seq_len']} tokens, "
+        f"{st['warmup_steps']} warm-up steps then cosine decay; LoRA rank {st['rank']}; SAE KL + MSE weight "
+        f"{res['mse_weight']:.3g}. Choices on {v['rows']} validation rows ({v['tokens']} tokens; base CE "
+        f"{v['ce_base']:.4f}, spliced {v['ce_spliced']:.4f}). Grids with seed 0, the chosen rate with "
+        f"{st['seeds']} seeds. Chosen rate at a grid edge: {', '.join(edges) or 'none'}.", ""]
+    if t:
+        cs = t["ce_spliced"]
+        lines += [f"## The test band, read once ({t['rows']} rows, {t['tokens']} tokens; documents no run trained "
+                  "on and no choice saw)", "",
+                  f"CE base {t['ce_base']:.4f}; spliced {cs['saelora']:.4f} under saelora's policy (gap "
+                  f"{cs['saelora'] - t['ce_base']:.4f} nats), {cs['saelens']:.4f} under SAELens's convention (gap "
+                  f"{cs['saelens'] - t['ce_base']:.4f}).", "", *_test_rows(t), ""]
+    lines += ["## Every run (validation)", "", *_grid_rows(res), "",
+              "## The paper's comparison: from scratch, total wall time", "", *_scratch_rows(res["from_scratch"]), "",
+              DIFFERENCES, "![learning-rate grids and test gap closed](" + path.with_suffix(".png").name + ")"]
     path.write_text("\n".join(lines) + "\n")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the page and the plot from a results JSON: `python bench/train_gap_report.py RESULTS.json`."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path)
+    path = p.parse_args(argv).results
+    res = json.loads(path.read_text())
+    write_md(res, path.with_suffix(".md"))
+    plot(res, path.with_suffix(".png"))
+    return 0
+
+
 def plot(res: dict[str, Any], png: Path) -> None:
-    """Left: validation gap closed of every chosen run against training time. Right: the from-scratch comparison,
-    validation CE against total wall time (SAE training included)."""
+    """Left: validation gap closed against the learning rate, per arm (the grids). Right: the test band's gap
+    closed per arm, seed mean with its interval and each seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,23 +126,25 @@ def plot(res: dict[str, Any], png: Path) -> None:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
     for arm, a in res["arms"].items():
-        for r in a["runs"]:
-            if r.get("chosen"):
-                ax.plot([t / 60 for t, _ in r["val_gap_curve"]], [100 * g for _, g in r["val_gap_curve"]], "o-",
-                        ms=3, label=f"{arm} lr {r['lr']:g} seed {r['seed']}")
-    ax.axhline(30, color="k", ls=":", label="target 30%")
-    ax.set(xlabel="training wall time (min, 2 CPU cores)", ylabel="gap closed on validation (%)",
-           title="CE gap closed (validation rows)")
-    ax.legend(fontsize=7)
-    s = res.get("from_scratch")
-    if s:
-        bx.plot([t / 60 for t, _ in s["topk_lora_val_curve"]], [c for _, c in s["topk_lora_val_curve"]], "s--",
-                ms=3, label="TopK from scratch + LoRA (incl. SAE time)")
-        bx.plot([t / 60 for t, _ in s["e2e"]["val_curve"]], [c for _, c in s["e2e"]["val_curve"]], "^--", ms=3,
-                label="e2e SAE from scratch (KL)")
-        bx.set(xlabel="total wall time (min, 2 CPU cores)", ylabel="validation CE (nats/token)",
-               title="the paper's comparison, from scratch")
-        bx.legend(fontsize=7)
+        ax.plot([r["lr"] for r in a["grid"]], [100 * r["val_gap_closed"] for r in a["grid"]], "o-", ms=4, label=arm)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="gap closed on validation (%)",
+           title="learning-rate grids (seed 0)")
+    ax.legend(fontsize=8)
+    t = res["test"]
+    if t:
+        for i, a in enumerate(t["arms"].values()):
+            m, seeds = a["saelora"]["mean"], [100 * s["gap_closed"] for s in a["saelora"]["per_seed"]]
+            g, (lo, hi) = 100 * m["gap_closed"], m["gap_closed_ci"]
+            bx.errorbar([i], [g], yerr=[[g - 100 * lo], [100 * hi - g]], fmt="s", capsize=4, color="C0")
+            bx.plot([i] * len(seeds), seeds, "x", color="C1")
+        bx.set_xticks(range(len(t["arms"])), list(t["arms"]))
+        bx.axhline(30, color="k", ls=":", label="target 30%")
+        bx.set(ylabel="gap closed on the test band (%)", title="test band: seed mean, 95% CI over rows; x: seeds")
+        bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

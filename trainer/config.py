@@ -47,6 +47,8 @@ class TrainConfig:
     corpus: list[str] = opt(factory=lambda: [DEFAULT_CORPUS], help="corpus sources (see adapters/corpus.py)")
     val_fraction: float = opt(0.05, "documents held out for evals during training (hash band above the test band)")
     test_fraction: float = opt(0.0, "documents held out for a final test (never used in training or its evals)")
+    reserve_fraction: float = opt(0.0, "documents just above the validation band kept out of training and its evals "
+                                       "(a fresh test band a study reads once)")
     out: str = opt("runs/lora", "output folder: bundle in out/adapter, metrics, curves, checkpoint, config",
                    aliases=("--output-dir",))
     lora: LoraSettings = opt(factory=lambda: LoraSettings(), help="LoRA settings (the --rank ... --layers options)")

@@ -53,6 +53,7 @@ def prepare(cfg: TrainConfig) -> Setup:
         log.info("SAE %s spliced at %s", s.name, s.policy.describe())
     corpus = load_corpus(lm.tokenizer, CorpusConfig(sources=tuple(cfg.corpus), seq_len=cfg.seq_len, seed=cfg.seed,
                                                     val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                                    reserve_fraction=cfg.reserve_fraction,
                                                     prepend_bos=corpus_bos([s.policy for s in saes])))
     if -(-min(len(corpus.val), cfg.eval_rows) // cfg.batch_size) < dp.world:
         raise ConfigError(f"{min(len(corpus.val), cfg.eval_rows)} validation rows make fewer eval batches of "

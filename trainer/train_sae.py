@@ -8,6 +8,7 @@ Read top to bottom:
 3. sae-lens's trainer runs `epochs` passes over them in a fresh shuffled order each: activation norm
    scaling (`expected_average_only_in`, folded into the weights when saving), encoder initialised from the
    decoder, b_dec initialised at the activation mean, AuxK loss on latents dead for `dead_window` steps;
+   every `log_every` steps its step scalars go to out/metrics.jsonl (and to the `report_to` tracker);
 4. held-out FVU / L0 / dead latents are measured on >= `val_tokens` activations of held-out documents, and
    written with the policy and the resolved config into the sae-lens cfg metadata.
 """
@@ -36,6 +37,8 @@ from saelora.adapters.models import load_model
 from saelora.adapters.policy import POLICY_KEY, PositionPolicy, apply_override, default_policy
 
 from .config import opt
+from .tracking import ReportTo, Tracker, make_tracker
+from .tracking import check as check_report_to
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("topk", "relu", "jumprelu", "batchtopk")
@@ -70,6 +73,10 @@ class SAETrainConfig:
     cache_activations: bool = opt(True, "reuse (and write) the on-disk activation cache; off: always collect, so the "
                                         "training time includes the model forwards")
     ce_rows: int = opt(32, "held-out rows over which the CE cost of splicing the trained SAE is measured (0: skip)")
+    log_every: int = opt(50, "steps between rows of out/metrics.jsonl (sae-lens's step scalars: losses, L0, "
+                             "explained variance, dead latents, lr)")
+    report_to: ReportTo = opt("none", "experiment tracking, as the HF Trainer's option: tensorboard writes "
+                              "out/tensorboard, trackio out/trackio; the scalars are metrics.jsonl's")
     device: str | None = opt(None, "default: cuda if available, else cpu")
 
 
@@ -101,15 +108,50 @@ def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, 
     raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
 
 
+class StepRecorder:
+    """Every `every` steps, sae-lens's own step scalars (its wandb dict, keys without their prefix) appended to
+    `out`/metrics.jsonl and handed to the tracker: the same numbers in both."""
+
+    def __init__(self, out: Path, every: int, tracker: Tracker) -> None:
+        self.path, self.every, self.tracker = out / "metrics.jsonl", every, tracker
+        out.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def __call__(self, trainer: Any, output: Any) -> None:
+        step = trainer.n_training_steps + 1  # this step is done; sae-lens advances the count after it
+        if step % self.every:
+            return
+        scalars = trainer.build_train_step_log_dict(output=output, n_training_samples=trainer.n_training_samples)
+        row = {"step": step, **{k.rsplit("/", 1)[-1]: float(v) for k, v in scalars.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.tracker.log(row)
+
+
+def _recording_trainer(tcfg: Any, sae: Any, activations: Iterator[torch.Tensor], record: StepRecorder | None) -> Any:
+    """sae-lens's trainer, calling `record(trainer, output)` after each step (its public `step` seam)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    class RecordingTrainer(SAETrainer):
+        def step(self, batch: torch.Tensor) -> Any:
+            output = super().step(batch)
+            if record is not None:
+                record(self, output)
+            return output
+
+    return RecordingTrainer(tcfg, sae, activations)
+
+
 def fit_sae(activations: Iterator[torch.Tensor], d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any],
-            total: int | None = None, stats: tuple[torch.Tensor, float] | None = None) -> Any:
+            total: int | None = None, stats: tuple[torch.Tensor, float] | None = None,
+            record: StepRecorder | None = None) -> Any:
     """Train on an iterator of (batch_tokens, d_in) activation batches; returns the trained training-SAE.
 
     total: training samples (default cfg.tokens); stats: (mean activation, mean norm) of the data, which set
     the norm scaling factor sqrt(d_in) / mean norm and initialise b_dec at the scaled mean (else sae-lens
-    estimates the factor on 20 batches and b_dec starts at 0)."""
+    estimates the factor on 20 batches and b_dec starts at 0); record: called after every step."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cfg.seed)
     sae = training_sae(cfg.architecture, d_in, cfg, metadata)
@@ -120,7 +162,7 @@ def fit_sae(activations: Iterator[torch.Tensor], d_in: int, cfg: SAETrainConfig,
                             device=cfg.device or "cpu", n_batches_for_norm_estimate=20,
                             dead_feature_window=cfg.dead_window, feature_sampling_window=max(cfg.dead_window, 200),
                             logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(tcfg, sae, activations)
+    trainer = _recording_trainer(tcfg, sae, activations, record)
     if stats is not None:
         mean, mean_norm = stats
         factor = math.sqrt(d_in) / mean_norm
@@ -241,6 +283,9 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
     """Train an SAE on the model's activations at `cfg.hook`; returns (folder, held-out quality)."""
     if cfg.architecture not in ARCHITECTURES:
         raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
+    if cfg.log_every <= 0:
+        raise ConfigError(f"log_every must be positive, got {cfg.log_every}")
+    check_report_to(cfg.report_to)
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device)
     cfg = resolved(cfg, lm.model)
@@ -267,8 +312,13 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
              cfg.d_sae, len(acts), cfg.epochs, policy.describe())
     sample = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed))[:65536]].float()
     stats = (sample.mean(0), float(sample.norm(dim=-1).mean()))
-    trained = fit_sae(epoch_batches(acts, cfg.batch_tokens, cfg.seed), acts.shape[1], cfg, meta, total, stats)
     out = Path(cfg.out)
+    tracker = make_tracker(cfg.report_to, out, asdict(cfg))
+    try:
+        trained = fit_sae(epoch_batches(acts, cfg.batch_tokens, cfg.seed), acts.shape[1], cfg, meta, total, stats,
+                          StepRecorder(out, cfg.log_every, tracker))
+    finally:
+        tracker.close()
     sae = save_inference(trained, out, meta)
     quality = sae_quality(sae, val)
     if quality["fvu"] > 1:

@@ -66,6 +66,26 @@ def test_split_is_by_document_and_deterministic(jsonl, tok):
     assert torch.equal(c.train, again.train) and torch.equal(c.val, again.val)
 
 
+def test_bands_nest_and_the_reserve_band_never_trains(jsonl, tok):
+    """Invariant: test < validation < reserve by hash, each document in exactly one band; adding a reserve band
+    moves documents out of train only (test and validation hold the same documents), and survives the cache."""
+    from saelora.adapters.corpus import doc_hash
+
+    base = CorpusConfig(sources=(str(jsonl),), seq_len=16, test_fraction=0.1, val_fraction=0.1)
+    cfg = CorpusConfig(sources=(str(jsonl),), seq_len=16, test_fraction=0.1, val_fraction=0.1, reserve_fraction=0.2)
+    a, b = load_corpus(tok, base), load_corpus(tok, cfg)
+    reserve = {d for d in DOCS if 0.2 <= doc_hash(d) < 0.4}
+    assert reserve and b.info["reserve_docs"] == len(reserve) and a.info["reserve_docs"] == 0
+    norm = {tok.decode(tok(d, add_special_tokens=False)["input_ids"]): d for d in DOCS}
+    for split, lo, hi in (("test", 0.0, 0.1), ("val", 0.1, 0.2)):
+        assert a.info[f"{split}_docs"] == b.info[f"{split}_docs"]
+        assert all(lo <= doc_hash(norm[d]) < hi for d in set(_docs_of(getattr(b, split), tok)[1:]))
+    assert b.info["train_docs"] == a.info["train_docs"] - len(reserve)
+    assert all(norm[d] not in reserve for d in set(_docs_of(b.train, tok)[1:]))
+    assert all(norm[d] in reserve for d in set(_docs_of(b.reserve, tok)[1:]))
+    assert torch.equal(load_corpus(tok, cfg).reserve, b.reserve)  # from the cache
+
+
 def test_seed_shuffles(jsonl, tok):
     a = load_corpus(tok, CorpusConfig(sources=(str(jsonl),), seq_len=16, seed=0), use_cache=False)
     b = load_corpus(tok, CorpusConfig(sources=(str(jsonl),), seq_len=16, seed=1), use_cache=False)

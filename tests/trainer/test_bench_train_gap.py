@@ -11,21 +11,36 @@ from tiny import tiny_workspace
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_train_gap_quick_writes_every_arm_and_the_from_scratch_comparison(tmp_path):
+def test_train_gap_quick_runs_the_v2_protocol_and_the_from_scratch_comparison(tmp_path):
     ws = tiny_workspace(tmp_path, d_model=32)
     env = dict(os.environ, SAELORA_CACHE=str(tmp_path / "cache"), SAELORA_DEVICE="cpu")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "train_gap.py"), "--quick", "--model", ws["model"],
-                        "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--out", str(tmp_path / "out")],
+                        "--sae", ws["saes"][0], "--corpus", ws["corpus"], "--out", str(tmp_path / "out"),
+                        "--stages", "grid", "seeds", "test", "scratch"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "out" / "train_gap_quick.json").read_text())
-    assert set(res["arms"]) == {"lora_all", "lora_after", "sae_kl"}
-    for arm in res["arms"].values():
-        chosen = [x for x in arm["runs"] if x.get("chosen")]
-        assert [x["seed"] for x in chosen] == [0, 1] and len({x["lr"] for x in chosen}) == 1
-        assert len(arm["gap_closed_seeds"]) == 2
-    assert res["settings"]["eval_tokens"] >= 256 and res["ce_spliced"] != res["ce_base"]
-    scratch = next(k for k in res if "from_scratch" in k)
-    assert "speedup" in res[scratch] and res[scratch]["test_ce"]["e2e"] > 0
+    out = tmp_path / "out"
+    res = json.loads((out / "train_gap_quick.json").read_text())
+    arms = {"lora_all", "lora_after", "sae_kl", "sae_kl_mse"}
+    assert set(res["arms"]) == arms == set(res["test"]["arms"])
+    assert res["mse_weight"] > 0
+    for name, arm in res["arms"].items():
+        # the grid brackets the choice: one point was added beyond an edge when the best sat there
+        lrs = [r["lr"] for r in arm["grid"]]
+        assert lrs == sorted(lrs) and len(lrs) in (2, 3) and arm["lr"] in lrs
+        assert [r["seed"] for r in arm["chosen"]] == [0, 1] and {r["lr"] for r in arm["chosen"]} == {arm["lr"]}
+        test = res["test"]["arms"][name]
+        for convention in ("saelora", "saelens"):
+            lo, hi = test[convention]["mean"]["gap_closed_ci"]
+            assert lo <= hi and len(test[convention]["per_seed"]) == 2
+        assert (test["drift"] is None) == name.startswith("sae_")
+    # the choices were frozen before the test band was read; every run is recorded
+    choices = json.loads((out / "train_gap_quick_choices.json").read_text())["choices"]
+    assert {a: c["lr"] for a, c in choices.items()} == {a: res["arms"][a]["lr"] for a in arms}
+    runs = json.loads((out / "train_gap_quick_runs.json").read_text())
+    assert {r["arm"] for r in runs} >= arms | {"scratch_lora", "e2e_scratch"}
+    t = res["test"]
+    assert t["tokens"] >= 64 and t["ce_spliced"]["saelora"] != t["ce_base"]
+    assert "speedup" in res["from_scratch"] and res["from_scratch"]["test_ce"]["e2e"] > 0
     md = (tmp_path / "out" / "train_gap_quick.md").read_text()
     assert "What differs from the paper" in md and (tmp_path / "out" / "train_gap_quick.png").stat().st_size > 0

@@ -71,6 +71,24 @@ def _expected(rows):
     return want
 
 
+def _read_back(tracker, out):
+    """The scalars a tracker stored for the run in `out`, read with the real library: {tag: {step: value}}."""
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        return {k: {e.step: e.value for e in acc.Scalars(k)} for k in acc.Tags()["scalars"]}
+    from trackio.sqlite_storage import SQLiteStorage
+
+    got: dict[str, dict[int, float]] = {}
+    for row in SQLiteStorage.get_logs(project="saelora", run=out.name):
+        for k, v in row.items():
+            if k.startswith(("train/", "eval/")):
+                got.setdefault(k, {})[row["step"]] = v
+    return got
+
+
 @pytest.mark.parametrize("tracker", ["tensorboard", "trackio"])
 def test_report_to_logs_the_scalars_of_metrics_jsonl(tmp_path, monkeypatch, tracker):
     monkeypatch.setenv("SAELORA_CACHE", str(tmp_path / "cache"))
@@ -82,21 +100,32 @@ def test_report_to_logs_the_scalars_of_metrics_jsonl(tmp_path, monkeypatch, trac
                            eval_interval=2, eval_rows=4, device="cpu", checkpoint_interval=0, report_to=tracker))
     want = _expected(_rows(out))
     assert {"train/kl", "train/lr", "eval/ce_spliced"} <= want.keys()
-    if tracker == "tensorboard":
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(out / "tensorboard"))
-        acc.Reload()
-        got = {k: {e.step: e.value for e in acc.Scalars(k)} for k in acc.Tags()["scalars"]}
-    else:
-        from trackio.sqlite_storage import SQLiteStorage
-
-        logs = SQLiteStorage.get_logs(project="saelora", run=out.name)
-        got = {}
-        for row in logs:
-            for k, v in row.items():
-                if k.startswith(("train/", "eval/")):
-                    got.setdefault(k, {})[row["step"]] = v
+    got = _read_back(tracker, out)
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-6), k  # float32 in event files
+
+
+def test_train_sae_reports_sae_lens_step_scalars_to_metrics_jsonl_and_tensorboard(tmp_path, monkeypatch):
+    """train-sae: every log_every steps, one metrics.jsonl row of sae-lens's step scalars; --report-to logs the
+    same numbers at the same steps; a bad log_every or tracker is refused before any work."""
+    from saelora.trainer.train_sae import SAETrainConfig, train_sae
+
+    monkeypatch.setenv("SAELORA_CACHE", str(tmp_path / "cache"))
+    ws = tiny_workspace(tmp_path)
+    out = tmp_path / "sae"
+    cfg = SAETrainConfig(model=ws["model"], hook="blocks.1.hook_resid_post", d_sae=64, k=4, tokens=8_000, lr=3e-3,
+                         batch_tokens=256, seq_len=32, model_batch=8, corpus=[ws["corpus"]], val_tokens=500, epochs=1,
+                         out=str(out), device="cpu", log_every=5, report_to="tensorboard", ce_rows=0)
+    for bad in ({"log_every": 0}, {"report_to": "wandb"}):
+        with pytest.raises(ConfigError):
+            train_sae(SAETrainConfig(**{**cfg.__dict__, **bad}))
+    train_sae(cfg)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(5, 5 * len(rows) + 1, 5)) and len(rows) >= 4
+    assert {"overall_loss", "mse_loss", "l0", "explained_variance", "dead_features"} <= rows[0].keys()
+    assert all(r["l0"] == pytest.approx(4.0) for r in rows)  # TopK, k 4
+    want, got = _expected(rows), _read_back("tensorboard", out)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6), k
