@@ -81,7 +81,8 @@ class Study:
         log.info("KL %.4f, per-element MSE %.4f at the start: mse_weight %.3g", kl, mse, kl / mse)
         return kl / mse
 
-    def config(self, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int, evals: int) -> Any:
+    def config(self, arm: str, lr: float, seed: int, out: Path, sae: str, steps: int, evals: int,
+               eval_rows: int) -> Any:
         from saelora.trainer.config import LoraSettings, TrainConfig
 
         a = self.args
@@ -90,21 +91,22 @@ class Study:
                                              else "all"),
                            lr=lr, seed=seed, max_steps=steps, schedule="cosine",
                            warmup_steps=min(a.warmup_steps, steps // 4),
-                           eval_interval=max(1, steps // evals) if evals else 0, eval_rows=a.train_eval_rows,
+                           eval_interval=max(1, steps // evals) if evals else 0, eval_rows=eval_rows,
                            batch_size=a.batch_size, seq_len=a.seq_len, val_fraction=a.val_fraction,
                            test_fraction=a.dev_fraction, reserve_fraction=a.test_fraction, checkpoint_interval=0,
                            mse_weight=self.mse_weight if arm == "sae_kl_mse" else 0.0)
 
     def run(self, arm: str, lr: float, seed: int, work: Path, sae: str | None = None, steps: int | None = None,
-            evals: int = 0) -> dict[str, Any]:
-        """Train one run (or reuse a finished one with the same config) and evaluate it on the validation band."""
+            evals: int = 0, eval_rows: int | None = None) -> dict[str, Any]:
+        """Train one run (or reuse a finished one with the same config) and evaluate it on the validation band.
+        `evals`: the trainer's own evals after step 0 (its curve), on `eval_rows` validation rows."""
         from saelora.trainer.e2e import train_e2e
         from saelora.trainer.evaluate import gap_closed
         from saelora.trainer.train import train_lora
 
         sae, steps = sae or self.args.sae, steps or self.args.run_steps
         out = work / f"{arm}-lr{lr:g}-s{seed}-n{steps}"
-        cfg = self.config(arm, lr, seed, out, sae, steps, evals)
+        cfg = self.config(arm, lr, seed, out, sae, steps, evals, eval_rows or self.args.train_eval_rows)
         if _finished(out, cfg):
             log.info("%s lr %g seed %d: reusing the finished run in %s", arm, lr, seed, out)
         else:
@@ -112,13 +114,13 @@ class Study:
             (train_e2e if arm in SAE_ARMS else train_lora)(cfg)
         artifact = _sae_folder(out) if arm in SAE_ARMS else str(out / "adapter")
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-        evs = [r["eval"] for r in rows if "eval" in r]
+        evs = [(r["step"], r["eval"]) for r in rows if "eval" in r]
         key = "ce_spliced" if arm in SAE_ARMS else "ce_adapted"
         ce = statistics.fmean(self.val.per_row(self.variant(arm, artifact, sae)))
         base, spliced = statistics.fmean(self.val.base), statistics.fmean(self.val_spliced)
-        rec = {"arm": arm, "lr": lr, "seed": seed, "steps": steps, "dir": str(out), "artifact": artifact,
-               "train_s": round(evs[-1]["train_s"], 1), "tokens": steps * self.args.batch_size * self.args.seq_len,
-               "train_curve": [(e["train_s"], e[key]) for e in evs], "val_ce": ce,
+        rec = {"arm": arm, "lr": lr, "seed": seed, "steps": steps, "sae": sae, "dir": str(out), "artifact": artifact,
+               "train_s": round(evs[-1][1]["train_s"], 1), "tokens": steps * self.args.batch_size * self.args.seq_len,
+               "train_curve": [(e["train_s"], step, e[key]) for step, e in evs], "val_ce": ce,
                "val_gap_closed": gap_closed(base, spliced, ce) if arm in ARMS else None}
         self.records.append(rec)
         _merge_record(self.args, rec)
@@ -150,8 +152,10 @@ def _merge_record(args: argparse.Namespace, rec: dict[str, Any]) -> None:
     """Append a finished run to <out>/<stem>_runs.json (the record of every run, pilots included)."""
     path = Path(args.out) / f"{args.stem}_runs.json"
     old = json.loads(path.read_text()) if path.is_file() else []
-    key = (rec["arm"], rec["lr"], rec["seed"], rec["steps"])
-    kept = [r for r in old if (r["arm"], r["lr"], r["seed"], r["steps"]) != key]
+    def key(r: dict[str, Any]) -> tuple:
+        return r["arm"], r["lr"], r["seed"], r["steps"], Path(r.get("sae", "")).name
+
+    kept = [r for r in old if key(r) != key(rec)]
     path.write_text(json.dumps(kept + [{k: v for k, v in rec.items() if k not in ("dir", "artifact")}], indent=1))
 
 
@@ -237,6 +241,18 @@ def summary(study: Study, arms: dict[str, Any], test: dict[str, Any] | None,
             "targets": {"gap_closed_min": 0.30, "gap_closed_aim": 0.55, "speedup_min": 2}}
 
 
+def run_scratch(study: Study, work: Path, arms: dict[str, Any]) -> dict[str, Any]:
+    """The paper's time comparison (bench/train_gap_scratch.py), its LoRA at lora_after's chosen rate."""
+    from train_gap_scratch import from_scratch
+
+    args = study.args
+    band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
+    lr = arms["lora_after"]["lr"] if "lora_after" in arms else args.scratch_lora_lr
+    return from_scratch(args, work, lambda *a, **k: study.run(*a, **k, evals=args.evals,
+                                                              eval_rows=args.scratch_eval_rows),
+                        lr, lambda sae, adapter=None: statistics.fmean(band.per_row(Variant(sae=sae, adapter=adapter))))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from saelora.adapters.config import DEFAULT_MODEL
 
@@ -264,22 +280,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--val-rows", type=int, default=48, help="validation rows for the choices")
     a("--test-rows", type=int, default=192, help="test rows")
     a("--drift-rows", type=int, default=64, help="test rows for the drift KL (the adapter alone vs the base)")
-    a("--train-eval-rows", type=int, default=2, help="rows of the trainer's own evals (its curves)")
-    a("--evals", type=int, default=4, help="evals per from-scratch run after the one at step 0")
-    a("--scratch-sae-tokens", type=int, default=100_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
+    a("--train-eval-rows", type=int, default=2, help="rows of the trainer's own evals in the grid's runs")
+    a("--evals", type=int, default=10, help="evals per from-scratch run after the one at step 0 (every 10%%)")
+    a("--scratch-eval-rows", type=int, default=16, help="validation rows of the from-scratch runs' evals")
+    a("--scratch-sae-tokens", type=int, default=200_000, help="TopK-from-scratch SAE training tokens (1 epoch)")
+    a("--scratch-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="its checkpoints, each + LoRA")
     a("--scratch-val-tokens", type=int, default=20_000, help="held-out tokens for its quality record")
     a("--sae-seq-len", type=int, default=128, help="context of SAE training forwards")
-    a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the from-scratch TopK SAE")
-    a("--scratch-e2e-lr", type=float, default=1e-3, help="rate of the e2e-from-scratch SAE")
-    a("--e2e-steps", type=int, default=300, help="training steps of the e2e-from-scratch SAE")
+    a("--scratch-lora-lr", type=float, default=2e-3, help="LoRA rate after the TopK SAE (default: lora_after's "
+      "chosen rate when the grid ran)")
+    a("--e2e-budgets", type=int, nargs="+", default=[50, 100, 200], help="steps of the e2e-from-scratch SAEs")
+    a("--e2e-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="their learning-rate grid")
     a("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
     args.corpus = args.corpus or ["mix"]
     if args.quick:
         args.run_steps, args.val_rows, args.test_rows, args.drift_rows, args.seq_len = 3, 2, 2, 2, 32
         args.lora_all_lrs = args.lora_after_lrs = args.sae_lrs = [1e-3, 3e-3]
-        args.max_extend, args.seeds, args.sae_seq_len, args.rank, args.evals = 1, 2, 32, 4, 1
-        args.scratch_sae_tokens, args.scratch_val_tokens, args.e2e_steps = 4_000, 500, 4
+        args.max_extend, args.seeds, args.sae_seq_len, args.rank, args.evals = 1, 2, 32, 4, 2
+        args.scratch_sae_tokens, args.scratch_val_tokens, args.scratch_eval_rows = 4_000, 500, 2
+        args.scratch_fractions, args.e2e_budgets, args.e2e_lrs = [0.5], [2, 4], [1e-3]
         args.dev_fraction, args.val_fraction, args.test_fraction = 0.1, 0.1, 0.2
     args.stem = "train_gap_quick" if args.quick else "train_gap"
     if args.sae is None:
@@ -299,14 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(args)
     arms = choose(study, work)
     test = test_stage(study, arms) if "test" in args.stages else None
-    scratch = None
-    if "scratch" in args.stages:
-        from train_gap_scratch import from_scratch
-
-        band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
-        scratch = from_scratch(args, work, lambda *a, **k: study.run(*a, **k, evals=args.evals),
-                               lambda sae, adapter=None: statistics.fmean(band.per_row(
-                                   Variant(sae=sae, adapter=adapter))))
+    scratch = run_scratch(study, work, arms) if "scratch" in args.stages else None
     res = summary(study, arms, test, scratch)
     res["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     stem = Path(args.out) / args.stem

@@ -61,17 +61,23 @@ def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
     if not s:
         return ["Not run in this pass (`--stages scratch`); the v1 figure and its caveats are in "
                 "`bench/results/history/train_gap_v1.md`."]
-    reach = s["topk_lora_seconds_to_e2e_final"]
-    return [
-        f"Protocol: {s['protocol']}.", "",
-        f"- TopK SAE from scratch (MSE): {s['topk_sae_seconds'] / 60:.1f} min including activation collection; "
-        f"then LoRA (layers after) for {s['lora']['train_s'] / 60:.1f} min.",
-        f"- e2e SAE from scratch (KL): {s['e2e_steps']} steps; final validation CE {s['e2e_final_val_ce']:.4f}.",
-        f"- TopK + LoRA reach that CE at {'never' if reach is None else f'{reach / 60:.1f} min'} "
-        f"(total wall time, SAE training included): speed-up {s['speedup']}.",
-        f"- Test CE: e2e {s['test_ce']['e2e']:.4f}, TopK spliced {s['test_ce']['topk_spliced']:.4f}, "
-        f"TopK + LoRA {s['test_ce']['topk_lora']:.4f}.",
-    ]
+    rows = [f"Protocol {s['protocol']} (bench/train_gap_scratch.py). TopK SAE from scratch, checkpoints each "
+            f"followed by LoRA (layers after, lr {s['lora_lr']:g}); e2e SAEs from scratch at "
+            f"{', '.join(str(b['steps']) for b in s['e2e'])} steps, each budget's rate chosen on validation "
+            f"(initialisation {s['init_seconds']:.0f} s, counted). Time is total wall time on 2 CPU cores, SAE "
+            "training included; CE on the validation rows of the runs' evals.", "",
+            "| target CE (an e2e budget's final) | e2e: s / tokens / steps | TopK + LoRA: s / tokens / steps | "
+            "speed-up |", "|---|---|---|---|"]
+    for r in s["speedups"]:
+        cells = ["never" if p is None else f"{p[0]:.0f} / {p[1]} / {p[2]}" for p in (r["e2e"], r["topk_lora"])]
+        rows.append(f"| {r['target_ce']:.4f} | {cells[0]} | {cells[1]} | {r['speedup'] or 'n/a'} |")
+    rows += ["", "| from scratch | time (s) | test CE |", "|---|---|---|"]
+    for t in s["topk"]:
+        rows.append(f"| TopK at {t['fraction']:g} of training, spliced / + LoRA | {t['seconds']:.0f} / "
+                    f"{t['curve'][-1][0]:.0f} | {t['test_ce']['spliced']:.4f} / {t['test_ce']['lora']:.4f} |")
+    for b in s["e2e"]:
+        rows.append(f"| e2e {b['steps']} steps, lr {b['lr']:g} | {b['curve'][-1][0]:.0f} | {b['test_ce']:.4f} |")
+    return rows
 
 
 def write_md(res: dict[str, Any], path: Path) -> None:
@@ -124,7 +130,9 @@ def plot(res: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
+    scratch = res.get("from_scratch")
+    fig, axes = plt.subplots(1, 3 if scratch else 2, figsize=(18 if scratch else 12, 5))
+    ax, bx = axes[0], axes[1]
     for arm, a in res["arms"].items():
         ax.plot([r["lr"] for r in a["grid"]], [100 * r["val_gap_closed"] for r in a["grid"]], "o-", ms=4, label=arm)
     ax.set(xscale="log", xlabel="learning rate", ylabel="gap closed on validation (%)",
@@ -141,9 +149,26 @@ def plot(res: dict[str, Any], png: Path) -> None:
         bx.axhline(30, color="k", ls=":", label="target 30%")
         bx.set(ylabel="gap closed on the test band (%)", title="test band: seed mean, 95% CI over rows; x: seeds")
         bx.legend(fontsize=8)
+    if scratch:
+        _plot_scratch(axes[2], scratch)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def _plot_scratch(cx: Any, s: dict[str, Any]) -> None:
+    """Validation CE against total wall time: every TopK checkpoint + LoRA, every e2e budget; the speed-up levels."""
+    for t in s["topk"]:
+        cx.plot([p[0] / 60 for p in t["curve"]], [p[3] for p in t["curve"]], "s-", ms=3,
+                label=f"TopK at {t['fraction']:g} + LoRA")
+    for b in s["e2e"]:
+        cx.plot([p[0] / 60 for p in b["curve"]], [p[3] for p in b["curve"]], "^--", ms=3,
+                label=f"e2e {b['steps']} steps (lr {b['lr']:g})")
+    for r in s["speedups"]:
+        cx.axhline(r["target_ce"], color="grey", lw=0.5, ls=":")
+    cx.set(xlabel="total wall time (min, 2 CPU cores, SAE training included)", ylabel="validation CE",
+           title="from scratch: CE against total time")
+    cx.legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -73,6 +74,8 @@ class SAETrainConfig:
     cache_activations: bool = opt(True, "reuse (and write) the on-disk activation cache; off: always collect, so the "
                                         "training time includes the model forwards")
     ce_rows: int = opt(32, "held-out rows over which the CE cost of splicing the trained SAE is measured (0: skip)")
+    checkpoints: list[float] = opt(factory=list, help="fractions of training (0-1) at which the inference SAE is also "
+                                   "written to out/checkpoints/<fraction>, with its fit time: a curve of SAEs")
     log_every: int = opt(50, "steps between rows of out/metrics.jsonl (sae-lens's step scalars: losses, L0, "
                              "explained variance, dead latents, lr)")
     report_to: ReportTo = opt("none", "experiment tracking, as the HF Trainer's option: tensorboard writes "
@@ -110,15 +113,20 @@ def training_sae(arch: str, d_in: int, cfg: SAETrainConfig, metadata: dict[str, 
 
 class StepRecorder:
     """Every `every` steps, sae-lens's own step scalars (its wandb dict, keys without their prefix) appended to
-    `out`/metrics.jsonl and handed to the tracker: the same numbers in both."""
+    `out`/metrics.jsonl and handed to the tracker: the same numbers in both. At the steps of `checkpoints`
+    ({step: fraction}), the inference SAE so far is written to out/checkpoints/<fraction> with `metadata`."""
 
-    def __init__(self, out: Path, every: int, tracker: Tracker) -> None:
-        self.path, self.every, self.tracker = out / "metrics.jsonl", every, tracker
+    def __init__(self, out: Path, every: int, tracker: Tracker, checkpoints: dict[int, float] | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self.out, self.path, self.every, self.tracker = out, out / "metrics.jsonl", every, tracker
+        self.checkpoints, self.metadata, self.t0 = checkpoints or {}, metadata or {}, time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
 
     def __call__(self, trainer: Any, output: Any) -> None:
         step = trainer.n_training_steps + 1  # this step is done; sae-lens advances the count after it
+        if step in self.checkpoints:
+            self._checkpoint(trainer, step, self.checkpoints[step])
         if step % self.every:
             return
         scalars = trainer.build_train_step_log_dict(output=output, n_training_samples=trainer.n_training_samples)
@@ -127,6 +135,17 @@ class StepRecorder:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.tracker.log(row)
+
+    def _checkpoint(self, trainer: Any, step: int, fraction: float) -> None:
+        fit_s = time.perf_counter() - self.t0
+        sae = copy.deepcopy(trainer.sae)
+        if trainer.activation_scaler.scaling_factor is not None:  # as sae-lens folds it at the end of fit()
+            sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+        save_inference(sae, self.out / "checkpoints" / f"{fraction:g}",
+                       {**self.metadata, "checkpoint_fraction": fraction, "checkpoint_step": step,
+                        "fit_seconds": round(fit_s, 2), "samples": trainer.n_training_samples})
+        log.info("checkpoint at %g of training (step %d, %.1f s of fitting)", fraction, step, fit_s)
+        self.t0 += time.perf_counter() - self.t0 - fit_s  # writing checkpoints is not fitting time
 
 
 def _recording_trainer(tcfg: Any, sae: Any, activations: Iterator[torch.Tensor], record: StepRecorder | None) -> Any:
@@ -285,6 +304,8 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
         raise ConfigError(f"architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
     if cfg.log_every <= 0:
         raise ConfigError(f"log_every must be positive, got {cfg.log_every}")
+    if any(not 0 < f <= 1 for f in cfg.checkpoints):
+        raise ConfigError(f"checkpoints are fractions of training in (0, 1], got {cfg.checkpoints}")
     check_report_to(cfg.report_to)
     t0 = time.perf_counter()
     lm = load_model(cfg.model, device=cfg.device)
@@ -315,8 +336,12 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
     out = Path(cfg.out)
     tracker = make_tracker(cfg.report_to, out, asdict(cfg))
     try:
+        steps = total // cfg.batch_tokens
+        marks = {max(1, round(f * steps)): f for f in cfg.checkpoints if 0 < f < 1}
+        record = StepRecorder(out, cfg.log_every, tracker, marks, {**meta, "collect_seconds": round(collect_s, 2)})
         trained = fit_sae(epoch_batches(acts, cfg.batch_tokens, cfg.seed), acts.shape[1], cfg, meta, total, stats,
-                          StepRecorder(out, cfg.log_every, tracker))
+                          record)
+        fit_s = time.perf_counter() - record.t0
     finally:
         tracker.close()
     sae = save_inference(trained, out, meta)
@@ -325,6 +350,7 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
         log.warning("held-out FVU %.2f > 1: the SAE reconstructs worse than the mean activation; check the hook, "
                     "the learning rate and the activation scale", quality["fvu"])
     quality.update(train_seconds=round(time.perf_counter() - t0, 1), collect_seconds=round(collect_s, 1),
+                   fit_seconds=round(fit_s, 2),
                    train_activations=len(acts), dead_fraction=quality["dead_latents"] / quality["d_sae"],
                    **ce_cost(lm, out, val_rows[:cfg.ce_rows]))
     save_inference(trained, out, {**meta, **quality, "train_config": asdict(cfg)})

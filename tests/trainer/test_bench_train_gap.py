@@ -41,6 +41,12 @@ def test_train_gap_quick_runs_the_v2_protocol_and_the_from_scratch_comparison(tm
     assert {r["arm"] for r in runs} >= arms | {"scratch_lora", "e2e_scratch"}
     t = res["test"]
     assert t["tokens"] >= 64 and t["ce_spliced"]["saelora"] != t["ce_base"]
-    assert "speedup" in res["from_scratch"] and res["from_scratch"]["test_ce"]["e2e"] > 0
+    # the paper's time comparison: TopK checkpoints + LoRA against e2e at every budget, speed-up per e2e level
+    sc = res["from_scratch"]
+    assert [t["fraction"] for t in sc["topk"]] == [0.5, 1.0] and [b["steps"] for b in sc["e2e"]] == [2, 4]
+    assert sc["topk"][0]["seconds"] < sc["topk"][1]["seconds"] and sc["topk"][0]["steps"] < sc["topk"][1]["steps"]
+    assert len(sc["speedups"]) == 2 and all(t["test_ce"]["lora"] > 0 for t in sc["topk"])
+    for t in sc["topk"]:  # the LoRA curve starts where the SAE's training stopped, and evals along the run
+        assert t["curve"][0][0] >= t["seconds"] and len(t["curve"]) >= 3
     md = (tmp_path / "out" / "train_gap_quick.md").read_text()
     assert "What differs from the paper" in md and (tmp_path / "out" / "train_gap_quick.png").stat().st_size > 0

@@ -116,8 +116,9 @@ def test_train_sae_reports_sae_lens_step_scalars_to_metrics_jsonl_and_tensorboar
     out = tmp_path / "sae"
     cfg = SAETrainConfig(model=ws["model"], hook="blocks.1.hook_resid_post", d_sae=64, k=4, tokens=8_000, lr=3e-3,
                          batch_tokens=256, seq_len=32, model_batch=8, corpus=[ws["corpus"]], val_tokens=500, epochs=1,
-                         out=str(out), device="cpu", log_every=5, report_to="tensorboard", ce_rows=0)
-    for bad in ({"log_every": 0}, {"report_to": "wandb"}):
+                         out=str(out), device="cpu", log_every=5, report_to="tensorboard", ce_rows=0,
+                         checkpoints=[0.5])
+    for bad in ({"log_every": 0}, {"report_to": "wandb"}, {"checkpoints": [1.5]}):
         with pytest.raises(ConfigError):
             train_sae(SAETrainConfig(**{**cfg.__dict__, **bad}))
     train_sae(cfg)
@@ -129,3 +130,12 @@ def test_train_sae_reports_sae_lens_step_scalars_to_metrics_jsonl_and_tensorboar
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-6), k
+    # the checkpoint at half of training is a loadable SAE that records when it was taken
+    from saelora.adapters.models import load_model
+    from saelora.adapters.saes import load_sae
+
+    meta = json.loads((out / "checkpoints" / "0.5" / "cfg.json").read_text())["metadata"]
+    final = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["checkpoint_step"] == round(final["train_activations"] // 256 / 2) and meta["fit_seconds"] > 0
+    assert meta["hook_name"] == final["hook_name"] and meta["collect_seconds"] >= 0
+    assert load_sae(load_model(ws["model"], device="cpu").model, str(out / "checkpoints" / "0.5")).sae.cfg.d_sae == 64
