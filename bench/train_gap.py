@@ -15,6 +15,8 @@ Protocol (issue 27; docs/training.md says what differs from the paper):
 - `--stages scratch` adds the paper's from-scratch time comparison (still the v1 protocol: bench/train_gap_scratch.py).
 
     python bench/train_gap.py                      # grid, seeds, test: ~1.7 h on 2 idle CPU cores
+    python bench/train_gap.py --stages scratch     # the from-scratch comparison alone -> train_gap_scratch.*
+    python bench/train_gap.py --model gemma3-270m --seeds 2 --lora-all-lrs ...   # -> train_gap_gemma3-270m.*
     python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
 
 Every run is recorded as it finishes in <out>/train_gap_runs.json (also the pilots); the choices are written to
@@ -247,7 +249,9 @@ def run_scratch(study: Study, work: Path, arms: dict[str, Any]) -> dict[str, Any
 
     args = study.args
     band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
-    lr = arms["lora_after"]["lr"] if "lora_after" in arms else args.scratch_lora_lr
+    frozen = Path(args.out) / f"{args.stem.removesuffix('_scratch')}_choices.json"
+    lr = arms["lora_after"]["lr"] if "lora_after" in arms else \
+        json.loads(frozen.read_text())["choices"]["lora_after"]["lr"] if frozen.is_file() else args.scratch_lora_lr
     return from_scratch(args, work, lambda *a, **k: study.run(*a, **k, evals=args.evals,
                                                               eval_rows=args.scratch_eval_rows),
                         lr, lambda sae, adapter=None: statistics.fmean(band.per_row(Variant(sae=sae, adapter=adapter))))
@@ -301,7 +305,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.scratch_sae_tokens, args.scratch_val_tokens, args.scratch_eval_rows = 4_000, 500, 2
         args.scratch_fractions, args.e2e_budgets, args.e2e_lrs = [0.5], [2, 4], [1e-3]
         args.dev_fraction, args.val_fraction, args.test_fraction = 0.1, 0.1, 0.2
-    args.stem = "train_gap_quick" if args.quick else "train_gap"
+    args.stem = "train_gap_quick" if args.quick else "train_gap" if args.model == DEFAULT_MODEL else \
+        f"train_gap_{Path(args.model).name}"
+    if "grid" not in args.stages:  # a pass without the grid writes its own files beside the study's
+        args.stem += "_scratch"
     if args.sae is None:
         from saelora.adapters.saes import shipped_sae
 
@@ -317,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     work, t0 = cache_dir() / "bench" / args.stem, time.perf_counter()
     study = Study(args)
-    arms = choose(study, work)
-    test = test_stage(study, arms) if "test" in args.stages else None
+    arms = choose(study, work) if "grid" in args.stages else {}
+    test = test_stage(study, arms) if "test" in args.stages and arms else None
     scratch = run_scratch(study, work, arms) if "scratch" in args.stages else None
     res = summary(study, arms, test, scratch)
     res["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)

@@ -137,7 +137,8 @@ def plot(res: dict[str, Any], png: Path) -> None:
         ax.plot([r["lr"] for r in a["grid"]], [100 * r["val_gap_closed"] for r in a["grid"]], "o-", ms=4, label=arm)
     ax.set(xscale="log", xlabel="learning rate", ylabel="gap closed on validation (%)",
            title="learning-rate grids (seed 0)")
-    ax.legend(fontsize=8)
+    if res["arms"]:
+        ax.legend(fontsize=8)
     t = res["test"]
     if t:
         for i, a in enumerate(t["arms"].values()):

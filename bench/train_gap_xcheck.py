@@ -73,6 +73,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
     ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--band", choices=("test", "reserve"), default="test",
+                    help="the run's band to read: test, or reserve (the train_gap v2 study's test band)")
     ap.add_argument("--out", default=str(RESULTS / "train_gap_xcheck.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,8 +89,9 @@ def main() -> int:
     # rows as the adapter was trained and evaluated on: starting with BOS when the SAE's policy says so (Gemma)
     corpus_cfg = CorpusConfig(sources=tuple(run_cfg["corpus"]), seq_len=run_cfg["seq_len"],
                               val_fraction=run_cfg["val_fraction"],
-                              test_fraction=run_cfg["test_fraction"], prepend_bos=corpus_bos([s.policy]))
-    rows = load_corpus(lm.tokenizer, corpus_cfg).test[:args.rows]
+                              test_fraction=run_cfg["test_fraction"],
+                              reserve_fraction=run_cfg.get("reserve_fraction", 0.0), prepend_bos=corpus_bos([s.policy]))
+    rows = getattr(load_corpus(lm.tokenizer, corpus_cfg), args.band)[:args.rows]
     mine = evaluate(attach_bundle(lm.model, load_bundle(str(adapter), lm.fingerprint, [s], lm.model), "adapter"),
                     [s], rows, 4).to_json()
 
@@ -103,7 +106,7 @@ def main() -> int:
     ref["ce_adapted"] = plain_ce(PeftModel.from_pretrained(plain, str(adapter)).eval(), rows, layer, hook_fn, current)
 
     keys = ("ce_base", "ce_spliced", "ce_adapted")
-    res = {"adapter": str(adapter), "rows": int(len(rows)), "tokens": int(rows[:, 1:].numel()),
+    res = {"adapter": str(adapter), "band": args.band, "rows": int(len(rows)), "tokens": int(rows[:, 1:].numel()),
            "saelora": {k: round(float(mine[k]), 5) for k in keys}, "plain": {k: round(ref[k], 5) for k in keys},
            "max_abs_diff": round(max(abs(float(mine[k]) - ref[k]) for k in keys), 6)}
     Path(args.out).parent.mkdir(exist_ok=True)
