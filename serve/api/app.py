@@ -69,7 +69,7 @@ def state(request: Request) -> ServerState:
 def ready(s: ServerState = Depends(state)) -> ServerState:
     """The state, once the engine is ready (503 before)."""
     if not s.engine.ready:
-        raise EngineError("not_ready", "the model is not loaded yet")
+        raise EngineError("not_ready", s.engine.not_ready_reason)
     return s
 
 
@@ -239,7 +239,7 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
 @router.get("/health")
 async def health(s: ServerState = Depends(state)) -> Response:
     if not s.engine.ready:
-        return errors.envelope(503, "not_ready", "the model is not loaded yet")
+        return errors.envelope(503, "not_ready", s.engine.not_ready_reason)
     return JSONResponse({"status": "ok"})
 
 

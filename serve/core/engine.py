@@ -184,6 +184,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool: ...
 
+    @property
+    def not_ready_reason(self) -> str:
+        """Why `ready` is False: the message of the 503 that every model route and /health answer then."""
+        return "the model is not loaded yet"
+
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream the events of one generation; raises EngineError for bad input or a full queue."""

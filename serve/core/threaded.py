@@ -173,8 +173,18 @@ class ThreadedEngine(Engine):
         """Up and serving: the engine thread is alive, and its last FAILING_STEPS steps did not all fail within
         the last FAILING_WINDOW_S seconds (/health answers 503 otherwise, so an orchestrator can restart it)."""
         alive = self.running and self.dead is None and self.thread is not None and self.thread.is_alive()
-        failing = self.failed_steps >= FAILING_STEPS and time.monotonic() - self.last_failure < FAILING_WINDOW_S
-        return alive and not failing
+        return alive and not self._failing()
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.dead is not None:
+            return self.dead
+        if self.running and self._failing():
+            return "the engine's last steps all failed (the server log says why)"
+        return super().not_ready_reason
+
+    def _failing(self) -> bool:
+        return self.failed_steps >= FAILING_STEPS and time.monotonic() - self.last_failure < FAILING_WINDOW_S
 
     # ---- event loop side ------------------------------------------------------------------------------
     @contextlib.contextmanager

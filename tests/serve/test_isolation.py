@@ -74,7 +74,8 @@ def test_health_turns_503_while_every_step_fails(ws, monkeypatch):
 
 def test_an_engine_thread_that_dies_answers_every_waiting_and_new_request_503(ws, monkeypatch):
     """Invariant: no request waits forever. The thread dies outside a step (here: admitting a row); the request
-    it was admitting gets 503, so does every later one, and /health says so."""
+    it was admitting gets 503, so does every later one, and /health says so. Every 503 says why (restart the
+    server), also when the thread died before the request came in (a race this test once lost)."""
     engine = make_engine(ws, max_batch=2)
     with LiveServer(create_app(engine, served_name="tiny")) as srv:
         def broken_admit():
@@ -86,7 +87,8 @@ def test_an_engine_thread_that_dies_answers_every_waiting_and_new_request_503(ws
         assert "injected" not in r.text
         again = httpx.post(srv.url + "/v1/features", json={"input": "the cat", "top_k": 2}, timeout=60)
         assert again.status_code == 503 and again.headers["Retry-After"]
-        assert httpx.get(srv.url + "/health").status_code == 503
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and "restart" in health.json()["error"]["message"]
 
 
 def test_the_features_route_counts_against_admission(ws):
