@@ -38,7 +38,7 @@ from saelora.adapters.models import load_model
 from saelora.adapters.policy import POLICY_KEY, PositionPolicy, apply_override, default_policy
 
 from .config import opt
-from .tracking import ReportTo, Tracker, make_tracker
+from .tracking import ReportTo, Tracker, is_number, make_tracker
 from .tracking import check as check_report_to
 
 log = logging.getLogger(__name__)
@@ -130,22 +130,22 @@ class StepRecorder:
         if step % self.every:
             return
         scalars = trainer.build_train_step_log_dict(output=output, n_training_samples=trainer.n_training_samples)
-        row = {"step": step, **{k.rsplit("/", 1)[-1]: float(v) for k, v in scalars.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        row = {"step": step, **{k.rsplit("/", 1)[-1]: float(v) for k, v in scalars.items() if is_number(v)}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.tracker.log(row)
 
     def _checkpoint(self, trainer: Any, step: int, fraction: float) -> None:
-        fit_s = time.perf_counter() - self.t0
+        began = time.perf_counter()
+        fit_s = began - self.t0
         sae = copy.deepcopy(trainer.sae)
         if trainer.activation_scaler.scaling_factor is not None:  # as sae-lens folds it at the end of fit()
             sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
         save_inference(sae, self.out / "checkpoints" / f"{fraction:g}",
                        {**self.metadata, "checkpoint_fraction": fraction, "checkpoint_step": step,
-                        "fit_seconds": round(fit_s, 2), "samples": trainer.n_training_samples})
+                        "fit_seconds": round(fit_s, 4), "samples": trainer.n_training_samples})
         log.info("checkpoint at %g of training (step %d, %.1f s of fitting)", fraction, step, fit_s)
-        self.t0 += time.perf_counter() - self.t0 - fit_s  # writing checkpoints is not fitting time
+        self.t0 += time.perf_counter() - began  # writing checkpoints is not fitting time
 
 
 def _recording_trainer(tcfg: Any, sae: Any, activations: Iterator[torch.Tensor], record: StepRecorder | None) -> Any:
@@ -350,7 +350,7 @@ def train_sae(cfg: SAETrainConfig) -> tuple[Path, dict[str, float]]:
         log.warning("held-out FVU %.2f > 1: the SAE reconstructs worse than the mean activation; check the hook, "
                     "the learning rate and the activation scale", quality["fvu"])
     quality.update(train_seconds=round(time.perf_counter() - t0, 1), collect_seconds=round(collect_s, 1),
-                   fit_seconds=round(fit_s, 2),
+                   fit_seconds=round(fit_s, 4),
                    train_activations=len(acts), dead_fraction=quality["dead_latents"] / quality["d_sae"],
                    **ce_cost(lm, out, val_rows[:cfg.ce_rows]))
     save_inference(trained, out, {**meta, **quality, "train_config": asdict(cfg)})
