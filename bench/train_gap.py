@@ -27,6 +27,7 @@ Every run is recorded as it finishes in <out>/train_gap_runs.json (also the pilo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -43,6 +44,7 @@ log = logging.getLogger("bench.train_gap")
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("lora_all", "lora_after", "sae_kl", "sae_kl_mse")
 SAE_ARMS = ("sae_kl", "sae_kl_mse", "e2e_scratch")
+AFTER_ARMS = ("lora_after", "scratch_lora")  # LoRA on the layers after the SAE only (the cached prefix is shared)
 STAGES = ("grid", "seeds", "test", "scratch")
 
 
@@ -65,21 +67,24 @@ class Study:
         self.val = Band(self.lm, args.sae, self.corpus.val[:args.val_rows])
         self.val_spliced = self.val.per_row(Variant(sae=args.sae))
         self.mse_weight = args.mse_weight or self._equal_mse_weight()
-        self.records: list[dict[str, Any]] = []
+
+    @functools.cached_property
+    def test(self) -> Band:
+        """The test band (the reserve band), its prefix cached once for every stage that reads it."""
+        return Band(self.lm, self.args.sae, self.corpus.reserve[:self.args.test_rows])
 
     def _equal_mse_weight(self) -> float:
         """The weight that makes the MSE term equal to the KL on 8 validation rows at the start (SAE as shipped)."""
         import torch
 
         from saelora.adapters.saes import load_sae
-        from saelora.trainer.objective import kl_per_token, plain_logits, spliced_logits
+        from saelora.trainer.objective import kl_per_token, mse_term, plain_logits, spliced_logits
 
         ids, sae = self.val.rows[:8], load_sae(self.lm.model, self.args.sae, tokenizer=self.lm.tokenizer)
         with torch.no_grad():
             sp, stats = spliced_logits(self.lm.model, [sae], ids, adapter=False)
             kl = float(kl_per_token(plain_logits(self.lm.model, ids), sp).mean())
-        mse = sum(float(st.sse) / (float(st.n) * st.d) for per in stats.values() for st in per) / max(
-            1, sum(len(per) for per in stats.values()))
+        mse = float(mse_term(stats))
         log.info("KL %.4f, per-element MSE %.4f at the start: mse_weight %.3g", kl, mse, kl / mse)
         return kl / mse
 
@@ -89,8 +94,7 @@ class Study:
 
         a = self.args
         return TrainConfig(model=a.model, saes=[sae], corpus=list(a.corpus), out=str(out),
-                           lora=LoraSettings(rank=a.rank, layers="after" if arm in ("lora_after", "scratch_lora")
-                                             else "all"),
+                           lora=LoraSettings(rank=a.rank, layers="after" if arm in AFTER_ARMS else "all"),
                            lr=lr, seed=seed, max_steps=steps, schedule="cosine",
                            warmup_steps=min(a.warmup_steps, steps // 4),
                            eval_interval=max(1, steps // evals) if evals else 0, eval_rows=eval_rows,
@@ -124,14 +128,13 @@ class Study:
                "train_s": round(evs[-1][1]["train_s"], 1), "tokens": steps * self.args.batch_size * self.args.seq_len,
                "train_curve": [(e["train_s"], step, e[key]) for step, e in evs], "val_ce": ce,
                "val_gap_closed": gap_closed(base, spliced, ce) if arm in ARMS else None}
-        self.records.append(rec)
         _merge_record(self.args, rec)
         return rec
 
     def variant(self, arm: str, artifact: str, sae: str | None = None, convention: str = "saelora") -> Variant:
         if arm in SAE_ARMS:
             return Variant(sae=artifact, convention=convention)
-        return Variant(sae=sae or self.args.sae, adapter=artifact, layers_after=arm in ("lora_after", "scratch_lora"),
+        return Variant(sae=sae or self.args.sae, adapter=artifact, layers_after=arm in AFTER_ARMS,
                        convention=convention)
 
 
@@ -204,7 +207,7 @@ def test_stage(study: Study, arms: dict[str, Any]) -> dict[str, Any]:
     frozen = {arm: {"lr": a["lr"], "seeds": [r["seed"] for r in a["chosen"]]} for arm, a in arms.items()}
     (Path(args.out) / f"{args.stem}_choices.json").write_text(json.dumps(
         {"frozen_at": time.strftime("%Y-%m-%d %H:%M:%S"), "choices": frozen}, indent=1))
-    band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
+    band = study.test
     spliced = {c: band.per_row(Variant(sae=args.sae, convention=c)) for c in CONVENTIONS}
     res: dict[str, Any] = {"rows": len(band.rows), "tokens": band.tokens, "ce_base": statistics.fmean(band.base),
                            "ce_spliced": {c: statistics.fmean(v) for c, v in spliced.items()}, "arms": {}}
@@ -221,7 +224,7 @@ def test_stage(study: Study, arms: dict[str, Any]) -> dict[str, Any]:
 
 
 def _drift(band: Band, arm: str, adapter: str, rows: int) -> dict[str, float]:
-    ce, kl = band.drift(adapter, arm == "lora_after", rows)
+    ce, kl = band.drift(adapter, arm in AFTER_ARMS, rows)
     return {"rows": len(ce), "ce_adapter_only": statistics.fmean(ce),
             "ce_base": statistics.fmean(band.base[:len(ce)]), "kl_adapter_only": kl}
 
@@ -231,14 +234,14 @@ def summary(study: Study, arms: dict[str, Any], test: dict[str, Any] | None,
     args = study.args
     sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
     meta = sae_cfg["metadata"]
-    return {"protocol": "v2", "settings": {k: v for k, v in vars(args).items()},
+    return {"protocol": "v2", "settings": vars(args),
             "sae": {"folder": args.sae, "hook": meta["hook_name"], "d_sae": sae_cfg["d_sae"], "k": sae_cfg.get("k"),
                     **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "saelora_policy")}},
             "corpus": study.corpus.info, "mse_weight": study.mse_weight,
             "validation": {"rows": len(study.val.rows), "tokens": study.val.tokens,
                            "ce_base": statistics.fmean(study.val.base),
                            "ce_spliced": statistics.fmean(study.val_spliced)},
-            "arms": {arm: {k: v for k, v in a.items()} for arm, a in arms.items()},
+            "arms": arms,
             "test": test, "from_scratch": scratch,
             "targets": {"gap_closed_min": 0.30, "gap_closed_aim": 0.55, "speedup_min": 2}}
 
@@ -248,13 +251,16 @@ def run_scratch(study: Study, work: Path, arms: dict[str, Any]) -> dict[str, Any
     from train_gap_scratch import from_scratch
 
     args = study.args
-    band = Band(study.lm, args.sae, study.corpus.reserve[:args.test_rows])
     frozen = Path(args.out) / f"{args.stem.removesuffix('_scratch')}_choices.json"
     lr = arms["lora_after"]["lr"] if "lora_after" in arms else \
         json.loads(frozen.read_text())["choices"]["lora_after"]["lr"] if frozen.is_file() else args.scratch_lora_lr
-    return from_scratch(args, work, lambda *a, **k: study.run(*a, **k, evals=args.evals,
-                                                              eval_rows=args.scratch_eval_rows),
-                        lr, lambda sae, adapter=None: statistics.fmean(band.per_row(Variant(sae=sae, adapter=adapter))))
+    def run(*a: Any, **k: Any) -> dict[str, Any]:
+        return study.run(*a, **k, evals=args.evals, eval_rows=args.scratch_eval_rows)
+
+    def test_ce(sae: str, adapter: str | None = None) -> float:
+        return statistics.fmean(study.test.per_row(Variant(sae=sae, adapter=adapter)))
+
+    return from_scratch(args, work, run, lr, test_ce)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

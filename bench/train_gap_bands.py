@@ -64,8 +64,7 @@ class Band:
 
     def drift(self, adapter: str, layers_after: bool, rows: int) -> tuple[list[float], float]:
         """The adapter alone (SAE off) on the first `rows` rows: per-row CE, and mean KL(base || adapter)."""
-        ce, kl = self._run(Variant(sae=self.sae, adapter=adapter, layers_after=layers_after, splice=False), rows)
-        return ce, kl
+        return self._run(Variant(sae=self.sae, adapter=adapter, layers_after=layers_after, splice=False), rows)
 
     def _run(self, v: Variant, kl_rows: int) -> tuple[list[float], float]:
         from saelora.adapters.bundle import attach_bundle, detach_adapter, load_bundle

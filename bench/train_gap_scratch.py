@@ -37,8 +37,8 @@ def topk_checkpoints(args: argparse.Namespace, work: Path) -> list[dict[str, Any
     from saelora.trainer.train_sae import train_sae
 
     fractions = sorted(set(args.scratch_fractions) | {1.0})
-    folder, q = train_sae(_sae_config(args, work / "scratch_topk", args.scratch_sae_tokens, 1, fractions[:-1]))
-    batch = 1024  # SAETrainConfig.batch_tokens
+    cfg = _sae_config(args, work / "scratch_topk", args.scratch_sae_tokens, 1, fractions[:-1])
+    folder, q = train_sae(cfg)
     out = []
     for f in fractions:
         path = folder if f == 1.0 else folder / "checkpoints" / f"{f:g}"
@@ -46,7 +46,7 @@ def topk_checkpoints(args: argparse.Namespace, work: Path) -> list[dict[str, Any
         fit_s = q["fit_seconds"] if f == 1.0 else meta["fit_seconds"]
         samples = q["train_activations"] if f == 1.0 else meta["samples"]
         out.append({"fraction": f, "folder": str(path), "seconds": f * q["collect_seconds"] + fit_s,
-                    "tokens": samples, "steps": samples // batch})
+                    "tokens": samples, "steps": samples // cfg.batch_tokens})
     return out
 
 

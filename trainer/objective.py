@@ -106,11 +106,16 @@ def objective(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tens
         loss = loss + w.ce_weight * ce
         parts["ce"] = ce.item()
     if w.mse_weight:
-        mse = sum(st.sse / (st.n * st.d) for per in stats.values() for st in per)
+        mse = mse_term(stats)
         loss = loss + w.mse_weight * mse
         parts["mse"] = float(mse)
     parts["loss"] = loss.item()
     return loss, parts
+
+
+def mse_term(stats: dict[str, list[SpliceStats]]) -> torch.Tensor | float:
+    """The objective's MSE term: each splice's reconstruction MSE per element, summed over SAEs and forwards."""
+    return sum(st.sse / (st.n * st.d) for per in stats.values() for st in per)
 
 
 def sae_summary(stats: dict[str, list[SpliceStats]],

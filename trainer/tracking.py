@@ -30,11 +30,12 @@ class Tracker(Protocol):
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl row as the tracker's scalars: numbers only, nested keys joined, `train/` or `eval/`."""
     if "eval" in row:
-        return {f"eval/{k}": float(v) for k, v in row["eval"].items() if _number(v)}
-    return {f"train/{k}": float(v) for k, v in row.items() if k != "step" and _number(v)}
+        return {f"eval/{k}": float(v) for k, v in row["eval"].items() if is_number(v)}
+    return {f"train/{k}": float(v) for k, v in row.items() if k != "step" and is_number(v)}
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A value a tracker logs as a scalar (bools are not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
