@@ -199,6 +199,11 @@ def _tokenizer_id(tokenizer: Any) -> str:
 def load_corpus(tokenizer: Any, cfg: CorpusConfig | None = None, use_cache: bool = True) -> PackedCorpus:
     """Read, split, shuffle, tokenise and pack `cfg.sources` (cached on disk by content and settings)."""
     cfg = cfg or CorpusConfig()
+    bands = {"test_fraction": cfg.test_fraction, "val_fraction": cfg.val_fraction,
+             "reserve_fraction": cfg.reserve_fraction}
+    if any(not 0 <= f < 1 for f in bands.values()) or sum(bands.values()) >= 1:
+        raise CorpusError(f"the held-out bands are shares of documents in [0, 1) that leave some to train on, got "
+                          f"{bands}")
     if tokenizer.eos_token_id is None:
         raise CorpusError("the tokenizer has no EOS token to separate documents")
     if cfg.prepend_bos and tokenizer.bos_token_id is None:

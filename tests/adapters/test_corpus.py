@@ -84,6 +84,9 @@ def test_bands_nest_and_the_reserve_band_never_trains(jsonl, tok):
     assert all(norm[d] not in reserve for d in set(_docs_of(b.train, tok)[1:]))
     assert all(norm[d] in reserve for d in set(_docs_of(b.reserve, tok)[1:]))
     assert torch.equal(load_corpus(tok, cfg).reserve, b.reserve)  # from the cache
+    for bad in ({"reserve_fraction": -0.1}, {"val_fraction": 1.0}, {"test_fraction": 0.5, "reserve_fraction": 0.5}):
+        with pytest.raises(CorpusError, match="held-out bands"):
+            load_corpus(tok, CorpusConfig(sources=(str(jsonl),), seq_len=16, **bad))
 
 
 def test_seed_shuffles(jsonl, tok):
