@@ -16,7 +16,7 @@ Protocol (issue 27; docs/training.md says what differs from the paper):
 
     python bench/train_gap.py                      # grid, seeds, test: ~1.7 h on 2 idle CPU cores
     python bench/train_gap.py --stages scratch     # the from-scratch comparison alone -> train_gap_scratch.*
-    python bench/train_gap.py --model gemma3-270m --seeds 2 --lora-all-lrs ...   # -> train_gap_gemma3-270m.*
+    python bench/train_gap.py --model gemma3-270m --seeds 2 --arms lora_all     # -> train_gap_gemma3-270m.*
     python bench/train_gap.py --quick --model M --sae S --corpus C   # CI smoke run on the tiny model
 
 Every run is recorded as it finishes in <out>/train_gap_runs.json (also the pilots); the choices are written to
@@ -38,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_gap_bands import CONVENTIONS, Band, Variant, gap_summary, seed_mean  # noqa: E402
+from train_gap_grid import bracketed_sweep  # noqa: E402
 from train_gap_report import plot, write_md  # noqa: E402
 
 log = logging.getLogger("bench.train_gap")
@@ -165,21 +166,9 @@ def _merge_record(args: argparse.Namespace, rec: dict[str, Any]) -> None:
 
 
 def sweep_arm(study: Study, arm: str, grid: list[float], work: Path) -> list[dict[str, Any]]:
-    """The grid with seed 0, extended one point beyond an edge while the best sits there (--max-extend)."""
-    lrs = sorted(grid)
-    recs = {lr: study.run(arm, lr, 0, work) for lr in lrs}
-    for _ in range(study.args.max_extend):
-        best = min(recs.values(), key=lambda r: r["val_ce"])["lr"]
-        if best == lrs[0]:
-            new = lrs[0] ** 2 / lrs[1]
-        elif best == lrs[-1]:
-            new = lrs[-1] ** 2 / lrs[-2]
-        else:
-            break
-        log.info("%s: the best rate %g is at the grid's edge: adding %g", arm, best, new)
-        lrs = sorted(lrs + [new])
-        recs[new] = study.run(arm, new, 0, work)
-    return [recs[lr] for lr in lrs]
+    """The grid with seed 0, bracketed (train_gap_grid.bracketed_sweep), chosen on validation CE."""
+    return bracketed_sweep(arm, grid, lambda lr: study.run(arm, lr, 0, work), lambda r: r["val_ce"],
+                           study.args.max_extend)
 
 
 def grids(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -190,13 +179,13 @@ def grids(args: argparse.Namespace) -> dict[str, list[float]]:
 def choose(study: Study, work: Path) -> dict[str, Any]:
     """Stages grid and seeds: per arm, the sweep, the chosen rate and its runs with every seed."""
     out = {}
-    for arm in ARMS:
+    for arm in study.args.arms:
         sweep = sweep_arm(study, arm, grids(study.args)[arm], work)
         best = min(sweep, key=lambda r: r["val_ce"])
         edge = best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"])
         out[arm] = {"grid": sweep, "lr": best["lr"], "at_edge": edge, "chosen": [best]}
     if "seeds" in study.args.stages:
-        for arm in ARMS:
+        for arm in study.args.arms:
             out[arm]["chosen"] += [study.run(arm, out[arm]["lr"], s, work) for s in range(1, study.args.seeds)]
     return out
 
@@ -234,9 +223,10 @@ def summary(study: Study, arms: dict[str, Any], test: dict[str, Any] | None,
     args = study.args
     sae_cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
     meta = sae_cfg["metadata"]
-    return {"protocol": "v2", "settings": vars(args),
+    return {"protocol": "v2", "settings": vars(args), "command": " ".join(["python bench/train_gap.py", *args.argv]),
             "sae": {"folder": args.sae, "hook": meta["hook_name"], "d_sae": sae_cfg["d_sae"], "k": sae_cfg.get("k"),
-                    **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "saelora_policy")}},
+                    **{k: meta.get(k) for k in ("fvu", "l0", "dead_latents", "dead_fraction", "saelora_policy",
+                                               "train_activations")}},
             "corpus": study.corpus.info, "mse_weight": study.mse_weight,
             "validation": {"rows": len(study.val.rows), "tokens": study.val.tokens,
                            "ce_base": statistics.fmean(study.val.base),
@@ -273,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sae", default=None, help="SAE folder (default: the shipped SAE of the embedded model)")
     a("--corpus", action="append", default=None, help="corpus sources (default: mix)")
     a("--stages", nargs="+", default=["grid", "seeds", "test"], choices=STAGES, help="what to run")
+    a("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="the arms the grid, seeds and test stages run")
     a("--run-steps", type=int, default=100, help="optimizer steps per run (equal tokens for every arm)")
     a("--warmup-steps", type=int, default=5, help="linear warm-up steps, then cosine decay to 0")
     a("--lora-all-lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3], help="lora_all grid")
@@ -303,13 +294,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--e2e-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="their learning-rate grid")
     a("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.corpus = args.corpus or ["mix"]
     if args.quick:
         args.run_steps, args.val_rows, args.test_rows, args.drift_rows, args.seq_len = 3, 2, 2, 2, 32
         args.lora_all_lrs = args.lora_after_lrs = args.sae_lrs = [1e-3, 3e-3]
         args.max_extend, args.seeds, args.sae_seq_len, args.rank, args.evals = 1, 2, 32, 4, 2
         args.scratch_sae_tokens, args.scratch_val_tokens, args.scratch_eval_rows = 4_000, 500, 2
-        args.scratch_fractions, args.e2e_budgets, args.e2e_lrs = [0.5], [2, 4], [1e-3]
+        args.scratch_fractions, args.e2e_budgets, args.e2e_lrs = [0.5], [2, 4], [1e-3, 3e-3]
         args.dev_fraction, args.val_fraction, args.test_fraction = 0.1, 0.1, 0.2
     args.stem = "train_gap_quick" if args.quick else "train_gap" if args.model == DEFAULT_MODEL else \
         f"train_gap_{Path(args.model).name}"

@@ -6,18 +6,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-DIFFERENCES = """\
-What differs from the paper (Chen, Engels, Tegmark 2025):
-- Model: SmolLM2-135M-Instruct (30 layers, d_model 576) on 2 CPU cores; the paper uses Gemma-2-2B,
-  Llama-3.2-1B and Llama-3.1-8B on GPUs.
-- SAE: the shipped TopK SAE (layer 12, 4,608 latents, k 64) trained here on ~1M tokens of the embedded mixture
-  (Wikipedia leads, technical prose, narrative text); the paper adapts SAEs trained on hundreds of millions of
-  tokens of RedPajama.
-- Tokens: each run trains on tens of thousands of tokens (minutes); the paper trains LoRA on ~15M+ tokens.
-- Rows of 128 tokens without BOS; SmolLM2 adds no BOS, so under saelora's policy position 0 (the attention
-  sink), the BOS/EOS ids and massive activations stay original; the SAELens column splices the sink too.
-- The SAE KL + MSE arm weighs the terms equal at the start; the paper's e2e baselines differ in detail.
-"""
+def _sae_metadata(folder: str) -> dict[str, Any]:
+    """The SAE folder's recorded metadata (for results written before the summary kept a field), or {}."""
+    import json
+
+    cfg = Path(folder) / "cfg.json"
+    return json.loads(cfg.read_text()).get("metadata", {}) if cfg.is_file() else {}
+
+
+def differences(res: dict[str, Any]) -> str:
+    """What differs from the paper (Chen, Engels, Tegmark 2025), for the model and SAE this run used."""
+    st, sae = res["settings"], res["sae"]
+    bos = (sae.get("saelora_policy") or {}).get("prepend_bos")
+    tokens = sae.get("train_activations") or _sae_metadata(sae["folder"]).get("train_activations")
+    rows = (f"- Rows of {st['seq_len']} tokens that start with BOS (the model needs it); saelora's policy keeps BOS, "
+            "the special ids and massive activations original, as SAELens keeps special tokens." if bos else
+            f"- Rows of {st['seq_len']} tokens without BOS (the model adds none), so under saelora's policy position "
+            "0 (the attention sink), the BOS/EOS ids and massive activations stay original; the SAELens column "
+            "splices the sink too.")
+    return "\n".join([
+        "What differs from the paper (Chen, Engels, Tegmark 2025):",
+        f"- Model: {st['model']} on 2 CPU cores; the paper uses Gemma-2-2B, Llama-3.2-1B and Llama-3.1-8B on GPUs.",
+        f"- SAE: a TopK SAE at `{sae['hook']}` ({sae['d_sae']} latents, k {sae['k']}) trained here on "
+        f"{'~%.1fM' % (tokens / 1e6) if tokens else 'an unrecorded number of'} tokens of the embedded mixture "
+        "(Wikipedia leads, technical prose, narrative text); the paper adapts SAEs trained on hundreds of millions "
+        "of tokens of RedPajama.",
+        "- Tokens: each run trains on tens of thousands of tokens (minutes); the paper trains LoRA on ~15M+ tokens.",
+        rows,
+        "- The SAE KL + MSE arm weighs the terms equal at the start; the paper's e2e baselines differ in detail.", ""])
 
 
 def _pct(x: float | None) -> str:
@@ -76,7 +92,10 @@ def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
         rows.append(f"| TopK at {t['fraction']:g} of training, spliced / + LoRA | {t['seconds']:.0f} / "
                     f"{t['curve'][-1][0]:.0f} | {t['test_ce']['spliced']:.4f} / {t['test_ce']['lora']:.4f} |")
     for b in s["e2e"]:
-        rows.append(f"| e2e {b['steps']} steps, lr {b['lr']:g} | {b['curve'][-1][0]:.0f} | {b['test_ce']:.4f} |")
+        grid = ", ".join(f"{r['lr']:g}" for r in b["runs"])
+        edge = " (at the grid's edge)" if b.get("at_edge") else ""
+        rows.append(f"| e2e {b['steps']} steps, lr {b['lr']:g}{edge} of {grid} | {b['curve'][-1][0]:.0f} | "
+                    f"{b['test_ce']:.4f} |")
     return rows
 
 
@@ -86,7 +105,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     edges = [arm for arm, a in res["arms"].items() if a["at_edge"]]
     lines = [
         "# train_gap (v2 protocol): LoRA around a frozen SAE, against SAE fine-tuning", "",
-        f"Rerun: `python bench/train_gap.py` ({res['wall_minutes']} min here; every run as it finished: "
+        f"Rerun: `{res.get('command', 'python bench/train_gap.py')}` ({res['wall_minutes']} min here; every run as "
+        "it finished: "
         f"`{st['stem']}_runs.json`; the choices, frozen before the test band was read: `{st['stem']}_choices.json`). "
         f"SAE `{Path(sae['folder']).name}` at `{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU "
         f"{fvu}; policy {sae['saelora_policy']}. Corpus {st['corpus']}.", "",
@@ -104,7 +124,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                   f"{cs['saelens'] - t['ce_base']:.4f}).", "", *_test_rows(t), ""]
     lines += ["## Every run (validation)", "", *_grid_rows(res), "",
               "## The paper's comparison: from scratch, total wall time", "", *_scratch_rows(res["from_scratch"]), "",
-              DIFFERENCES, "![learning-rate grids and test gap closed](" + path.with_suffix(".png").name + ")"]
+              differences(res), "![learning-rate grids and test gap closed](" + path.with_suffix(".png").name + ")"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -123,22 +143,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(res: dict[str, Any], png: Path) -> None:
-    """Left: validation gap closed against the learning rate, per arm (the grids). Right: the test band's gap
-    closed per arm, seed mean with its interval and each seed."""
+    """When arms ran: validation gap closed against the learning rate per arm (the grids), and the test band's
+    gap closed per arm (seed mean with its interval, each seed). When the from-scratch comparison ran: its CE
+    against total time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scratch = res.get("from_scratch")
-    fig, axes = plt.subplots(1, 3 if scratch else 2, figsize=(18 if scratch else 12, 5))
-    ax, bx = axes[0], axes[1]
+    scratch, arms = res.get("from_scratch"), bool(res["arms"])
+    n = max(1, 2 * arms + bool(scratch))
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 5), squeeze=False)
+    if arms:
+        _plot_grids(axes[0][0], axes[0][1], res)
+    if scratch:
+        _plot_scratch(axes[0][-1], scratch)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _plot_grids(ax: Any, bx: Any, res: dict[str, Any]) -> None:
+    """Validation gap closed against the learning rate per arm; the test band's gap closed per arm."""
     for arm, a in res["arms"].items():
         ax.plot([r["lr"] for r in a["grid"]], [100 * r["val_gap_closed"] for r in a["grid"]], "o-", ms=4, label=arm)
     ax.set(xscale="log", xlabel="learning rate", ylabel="gap closed on validation (%)",
            title="learning-rate grids (seed 0)")
-    if res["arms"]:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     t = res["test"]
     if t:
         for i, a in enumerate(t["arms"].values()):
@@ -150,11 +181,6 @@ def plot(res: dict[str, Any], png: Path) -> None:
         bx.axhline(30, color="k", ls=":", label="target 30%")
         bx.set(ylabel="gap closed on the test band (%)", title="test band: seed mean, 95% CI over rows; x: seeds")
         bx.legend(fontsize=8)
-    if scratch:
-        _plot_scratch(axes[2], scratch)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def _plot_scratch(cx: Any, s: dict[str, Any]) -> None:

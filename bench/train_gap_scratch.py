@@ -4,7 +4,8 @@
   its training (--scratch-fractions); each checkpoint followed by LoRA on the layers after it. Its time is the
   share of activation collection that fraction needs plus its fitting time, then LoRA's training time;
 - e2e SAEs from scratch (KL; Braun 2024) at several step budgets (--e2e-budgets), each with its learning rate
-  swept (--e2e-lrs) and chosen on its final validation CE; their time includes the initialisation's;
+  swept (--e2e-lrs, extended beyond an edge while the best sits there, --max-extend) and chosen on the study's
+  validation rows, like every arm; their time includes the initialisation's;
 - every run evaluated at step 0 and every 10% of its steps on --scratch-eval-rows validation rows;
 - per method, the envelope: the first time any of its runs reaches a CE. The speed-up is read at the final
   validation CE of each e2e budget (>= 3 levels): e2e's time / TopK + LoRA's time, with tokens and steps.
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from train_gap_grid import bracketed_sweep
+
+log = logging.getLogger("bench.train_gap")
 Point = tuple[float, int, int, float]  # seconds (total), training tokens, steps, validation CE
 
 
@@ -31,14 +35,28 @@ def _sae_config(args: argparse.Namespace, out: Path, tokens: int, epochs: int, c
                           cache_activations=False, checkpoints=checkpoints, ce_rows=0)
 
 
+def _train_once(cfg: Any) -> tuple[Path, dict[str, Any]]:
+    """train_sae(cfg), or the finished SAE in cfg.out trained with exactly this config (its recorded timings kept:
+    a rerun of the study adds runs without re-measuring the ones it reuses)."""
+    from dataclasses import asdict
+
+    from saelora.trainer.train_sae import train_sae
+
+    record = Path(cfg.out) / "train_sae.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done["config"] == json.loads(json.dumps(asdict(cfg), default=str)):
+            log.info("reusing the finished SAE in %s", cfg.out)
+            return Path(cfg.out), done["quality"]
+    return train_sae(cfg)
+
+
 def topk_checkpoints(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """The TopK SAE and its checkpoints: [{fraction, folder, seconds, tokens, steps}], seconds as if training
     had stopped there (that share of the activations collected, and the fitting so far)."""
-    from saelora.trainer.train_sae import train_sae
-
     fractions = sorted(set(args.scratch_fractions) | {1.0})
     cfg = _sae_config(args, work / "scratch_topk", args.scratch_sae_tokens, 1, fractions[:-1])
-    folder, q = train_sae(cfg)
+    folder, q = _train_once(cfg)
     out = []
     for f in fractions:
         path = folder if f == 1.0 else folder / "checkpoints" / f"{f:g}"
@@ -51,12 +69,10 @@ def topk_checkpoints(args: argparse.Namespace, work: Path) -> list[dict[str, Any
 
 
 def e2e_init(args: argparse.Namespace, work: Path) -> tuple[str, float]:
-    """The e2e SAE's start: initialised from activation statistics, no training step (its time counts)."""
-    from saelora.trainer.train_sae import train_sae
-
-    t0 = time.perf_counter()
-    folder, _ = train_sae(_sae_config(args, work / "scratch_init", args.scratch_val_tokens, 0, []))
-    return str(folder), time.perf_counter() - t0
+    """The e2e SAE's start: initialised from activation statistics, no training step (its time counts: train_sae's
+    own, activation collection included)."""
+    folder, q = _train_once(_sae_config(args, work / "scratch_init", args.scratch_val_tokens, 0, []))
+    return str(folder), q["train_seconds"]
 
 
 def _curve(rec: dict[str, Any], offset_s: float, offset_tokens: int, offset_steps: int) -> list[Point]:
@@ -103,9 +119,12 @@ def from_scratch(args: argparse.Namespace, work: Path, run: Callable[..., dict[s
     init, init_s = e2e_init(args, work)
     e2e = []
     for budget in args.e2e_budgets:
-        runs = [run("e2e_scratch", lr, 0, scratch, init, steps=budget) for lr in args.e2e_lrs]
-        best = min(runs, key=lambda r: r["train_curve"][-1][2])
-        e2e.append({"steps": budget, "lr": best["lr"], "runs": runs, "artifact": best["artifact"],
+        runs = bracketed_sweep(f"e2e {budget} steps", args.e2e_lrs,
+                               lambda lr, b=budget: run("e2e_scratch", lr, 0, scratch, init, steps=b),
+                               lambda r: r["val_ce"], args.max_extend)
+        best = min(runs, key=lambda r: r["val_ce"])
+        e2e.append({"steps": budget, "lr": best["lr"], "at_edge": best["lr"] in (runs[0]["lr"], runs[-1]["lr"]),
+                    "runs": runs, "artifact": best["artifact"],
                     "curve": _curve(best, init_s, 0, 0)})
     levels = [b["curve"][-1][3] for b in e2e]
     res = {"protocol": "v2", "init_seconds": round(init_s, 1), "lora_lr": lora_lr, "topk": topk, "e2e": e2e,

@@ -45,8 +45,13 @@ def test_train_gap_quick_runs_the_v2_protocol_and_the_from_scratch_comparison(tm
     sc = res["from_scratch"]
     assert [t["fraction"] for t in sc["topk"]] == [0.5, 1.0] and [b["steps"] for b in sc["e2e"]] == [2, 4]
     assert sc["topk"][0]["seconds"] < sc["topk"][1]["seconds"] and sc["topk"][0]["steps"] < sc["topk"][1]["steps"]
+    for b in sc["e2e"]:  # each budget's rate grid is bracketed like the arms': the best of 2 sits at an edge,
+        lrs = [r["lr"] for r in b["runs"]]  # so one point was added beyond it
+        assert lrs == sorted(lrs) and len(lrs) == 3 and b["at_edge"] == (b["lr"] in (lrs[0], lrs[-1]))
     assert len(sc["speedups"]) == 2 and all(t["test_ce"]["lora"] > 0 for t in sc["topk"])
     for t in sc["topk"]:  # the LoRA curve starts where the SAE's training stopped, and evals along the run
         assert t["curve"][0][0] >= t["seconds"] and len(t["curve"]) >= 3
     md = (tmp_path / "out" / "train_gap_quick.md").read_text()
-    assert "What differs from the paper" in md and (tmp_path / "out" / "train_gap_quick.png").stat().st_size > 0
+    assert "What differs from the paper" in md and f"- Model: {ws['model']} on" in md
+    assert res["command"].startswith("python bench/train_gap.py --quick") and res["command"] in md
+    assert (tmp_path / "out" / "train_gap_quick.png").stat().st_size > 0
