@@ -165,7 +165,8 @@ def _merge_record(args: argparse.Namespace, rec: dict[str, Any]) -> None:
     path.write_text(json.dumps(kept + [{k: v for k, v in rec.items() if k not in ("dir", "artifact")}], indent=1))
 
 
-def sweep_arm(study: Study, arm: str, grid: list[float], work: Path) -> list[dict[str, Any]]:
+def sweep_arm(study: Study, arm: str, grid: list[float],
+              work: Path) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
     """The grid with seed 0, bracketed (train_gap_grid.bracketed_sweep), chosen on validation CE."""
     return bracketed_sweep(arm, grid, lambda lr: study.run(arm, lr, 0, work), lambda r: r["val_ce"],
                            study.args.max_extend)
@@ -180,9 +181,7 @@ def choose(study: Study, work: Path) -> dict[str, Any]:
     """Stages grid and seeds: per arm, the sweep, the chosen rate and its runs with every seed."""
     out = {}
     for arm in study.args.arms:
-        sweep = sweep_arm(study, arm, grids(study.args)[arm], work)
-        best = min(sweep, key=lambda r: r["val_ce"])
-        edge = best["lr"] in (sweep[0]["lr"], sweep[-1]["lr"])
+        sweep, best, edge = sweep_arm(study, arm, grids(study.args)[arm], work)
         out[arm] = {"grid": sweep, "lr": best["lr"], "at_edge": edge, "chosen": [best]}
     if "seeds" in study.args.stages:
         for arm in study.args.arms:

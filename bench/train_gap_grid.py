@@ -10,9 +10,11 @@ log = logging.getLogger("bench.train_gap")
 
 
 def bracketed_sweep(name: str, grid: list[float], run: Callable[[float], dict[str, Any]],
-                    score: Callable[[dict[str, Any]], float], max_extend: int) -> list[dict[str, Any]]:
+                    score: Callable[[dict[str, Any]], float],
+                    max_extend: int) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
     """`run(lr)` for every rate of `grid`, then, up to `max_extend` times while the lowest `score` sits at an edge
-    of the rates run, one more rate a grid step beyond that edge. Returns the runs in rate order."""
+    of the rates run, one more rate a grid step beyond that edge. Returns the runs in rate order, the best run,
+    and whether it still sits at an edge (the extensions spent)."""
     lrs = sorted(grid)
     recs = {lr: run(lr) for lr in lrs}
     for _ in range(max_extend if len(lrs) > 1 else 0):
@@ -26,4 +28,5 @@ def bracketed_sweep(name: str, grid: list[float], run: Callable[[float], dict[st
         log.info("%s: the best rate %g is at the grid's edge: adding %g", name, best, new)
         lrs = sorted(lrs + [new])
         recs[new] = run(new)
-    return [recs[lr] for lr in lrs]
+    best = min(lrs, key=lambda lr: score(recs[lr]))
+    return [recs[lr] for lr in lrs], recs[best], best in (lrs[0], lrs[-1])

@@ -119,12 +119,10 @@ def from_scratch(args: argparse.Namespace, work: Path, run: Callable[..., dict[s
     init, init_s = e2e_init(args, work)
     e2e = []
     for budget in args.e2e_budgets:
-        runs = bracketed_sweep(f"e2e {budget} steps", args.e2e_lrs,
-                               lambda lr, b=budget: run("e2e_scratch", lr, 0, scratch, init, steps=b),
-                               lambda r: r["val_ce"], args.max_extend)
-        best = min(runs, key=lambda r: r["val_ce"])
-        e2e.append({"steps": budget, "lr": best["lr"], "at_edge": best["lr"] in (runs[0]["lr"], runs[-1]["lr"]),
-                    "runs": runs, "artifact": best["artifact"],
+        runs, best, edge = bracketed_sweep(f"e2e {budget} steps", args.e2e_lrs,
+                                           lambda lr, b=budget: run("e2e_scratch", lr, 0, scratch, init, steps=b),
+                                           lambda r: r["val_ce"], args.max_extend)
+        e2e.append({"steps": budget, "lr": best["lr"], "at_edge": edge, "runs": runs, "artifact": best["artifact"],
                     "curve": _curve(best, init_s, 0, 0)})
     levels = [b["curve"][-1][3] for b in e2e]
     res = {"protocol": "v2", "init_seconds": round(init_s, 1), "lora_lr": lora_lr, "topk": topk, "e2e": e2e,
