@@ -84,7 +84,8 @@ def _drop_stale(work: Path, recipe: dict[str, Any]) -> None:
     stamp.write_text(json.dumps(recipe, indent=1))
 
 
-def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def _prepare(work: Path, args: argparse.Namespace, phases: dict[str, float]) -> tuple[Path, Path]:
+    """The demo's SAE, its descriptions and its adapter, each built once; the seconds each took go in `phases`."""
     from saelora.adapters.bundle import has_manifest
     from saelora.adapters.config import descriptions_file
     from saelora.trainer.features import FeaturesConfig, run_features
@@ -92,10 +93,13 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
     _drop_stale(work, _recipe(args))
     sae, adapter = work / "sae", work / "adapter"
+    t0 = time.perf_counter()
     if not (sae / "cfg.json").is_file():
         _demo_sae(sae, args)
-    if not descriptions_file(sae).is_file():
+    if not descriptions_file(sae).is_file():  # the first model load: dequantise it, pack the corpus
         run_features(FeaturesConfig(model=args.model, saes=[str(sae)], rows=args.feature_rows, top_n=8))
+    phases["SAE and its descriptions"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if not has_manifest(adapter):
         recipe = {**ADAPTER_RECIPES[args.model],
                   **{k: v for k, v in (("steps", args.lora_steps), ("lr", args.lora_lr)) if v is not None}}
@@ -103,6 +107,7 @@ def _prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         train_lora(adapter_config(args.model, sae, work / "lora-run", recipe, rank=args.rank,
                                   eval_rows=args.eval_rows))
         (work / "lora-run" / "adapter").replace(adapter)
+    phases["the adapter"] = time.perf_counter() - t0
     return sae, adapter
 
 
@@ -229,13 +234,16 @@ def run(args: argparse.Namespace) -> int:
     from saelora.adapters.config import demo_dir
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
-    t0 = time.time()
+    t0, phases = time.perf_counter(), {}
     work = demo_dir(args.model)
     work.mkdir(parents=True, exist_ok=True)
-    sae, adapter = _prepare(work, args)
+    sae, adapter = _prepare(work, args, phases)
+    t1 = time.perf_counter()
     with _server(sae, work, args) as srv:
         _session(srv.url, adapter, args.model)
-    print(f"\n== demo finished in {time.time() - t0:.0f} s (artifacts in {work})")
+    phases["server and session"] = time.perf_counter() - t1
+    parts = ", ".join(f"{name} {s:.0f} s" for name, s in phases.items())
+    print(f"\n== demo finished in {time.perf_counter() - t0:.0f} s: {parts} (artifacts in {work})")
     return 0
 
 
