@@ -95,6 +95,45 @@ def _merge(into: dict[str, list[SpliceStats]], new: dict[str, list[SpliceStats]]
         into.setdefault(k, []).extend(s.detach() for s in v)
 
 
+def adapter_is_identity(model: torch.nn.Module) -> bool:
+    """Whether the model's LoRA adapter adds exactly nothing: it has B matrices, all zero (PEFT's initialisation,
+    a run's step 0), and no DoRA magnitudes. Its variants then equal those without it, bit for bit."""
+    named = list(model.named_parameters())
+    b = [p for n, p in named if ".lora_B." in n or ".lora_embedding_B." in n]
+    return bool(b) and not any("lora_magnitude" in n for n, _ in named) and not any(bool(p.any()) for p in b)
+
+
+def _eval_batch(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None,
+                adapter: bool, identity: bool, acc: _Acc, stats_sp: dict, stats_ad: dict) -> None:
+    """One batch into the running sums: base, spliced and, with `adapter`, adapted and the adapter alone (copied,
+    not run, when the adapter is the identity)."""
+    x = prefix(model, point, ids)
+    base = teacher_logits(model, ids, point, x)
+    ce_base = ce_per_token(base, ids)
+    acc.add("ce_base", ce_base)
+    sp, st = spliced_logits(model, saes, ids, point, x, adapter=False)
+    ce_sp, kl_sp = ce_per_token(sp, ids), kl_per_token(base, sp)
+    acc.add("ce_spliced", ce_sp)
+    acc.add("kl_spliced", kl_sp)
+    _merge(stats_sp, st)
+    del sp
+    if identity:
+        acc.add("ce_adapted", ce_sp)
+        acc.add("kl_adapted", kl_sp)
+        _merge(stats_ad, st)
+        acc.add("ce_adapter_only", ce_base)
+        acc.add("kl_adapter_only", torch.zeros_like(kl_sp))
+    elif adapter:
+        ad, st = spliced_logits(model, saes, ids, point, x, adapter=True)
+        acc.add("ce_adapted", ce_per_token(ad, ids))
+        acc.add("kl_adapted", kl_per_token(base, ad))
+        _merge(stats_ad, st)
+        del ad
+        drift = plain_logits(model, ids, point, x, adapter=True)  # the adapter alone, SAE off
+        acc.add("ce_adapter_only", ce_per_token(drift, ids))
+        acc.add("kl_adapter_only", kl_per_token(base, drift))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tensor, batch_size: int = 4,
              adapter: bool = True, point: HookPoint | None = None,
@@ -104,27 +143,13 @@ def evaluate(model: torch.nn.Module, saes: Sequence[LoadedSAE], rows: torch.Tens
     `point`: share the layers up to it between variants (valid when the adapter touches no layer before it).
     `sum_across`: sums a tensor over processes (data parallel: each process passes its share of the rows, and
     the result is that of all rows in one process).
+    An adapter that adds nothing (adapter_is_identity: a run's step-0 eval) is not run: its variants are copied
+    from the spliced and base ones, which they equal exactly.
     """
     acc, stats_sp, stats_ad = _Acc(), {}, {}
+    identity = adapter and adapter_is_identity(model)
     for i in range(0, len(rows), batch_size):
-        ids = rows[i:i + batch_size]
-        x = prefix(model, point, ids)
-        base = teacher_logits(model, ids, point, x)
-        acc.add("ce_base", ce_per_token(base, ids))
-        sp, st = spliced_logits(model, saes, ids, point, x, adapter=False)
-        acc.add("ce_spliced", ce_per_token(sp, ids))
-        acc.add("kl_spliced", kl_per_token(base, sp))
-        _merge(stats_sp, st)
-        del sp
-        if adapter:
-            ad, st = spliced_logits(model, saes, ids, point, x, adapter=True)
-            acc.add("ce_adapted", ce_per_token(ad, ids))
-            acc.add("kl_adapted", kl_per_token(base, ad))
-            _merge(stats_ad, st)
-            del ad
-            drift = plain_logits(model, ids, point, x, adapter=True)  # the adapter alone, SAE off
-            acc.add("ce_adapter_only", ce_per_token(drift, ids))
-            acc.add("kl_adapter_only", kl_per_token(base, drift))
+        _eval_batch(model, saes, rows[i:i + batch_size], point, adapter, identity, acc, stats_sp, stats_ad)
     if sum_across is not None:
         acc.reduce(sum_across)
         acc.per_row = {}

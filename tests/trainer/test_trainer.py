@@ -10,7 +10,8 @@ from saelora.adapters.hooks import HookPoint
 from saelora.adapters.models import load_model
 from saelora.adapters.saes import load_sae
 from saelora.trainer.config import TrainConfig
-from saelora.trainer.evaluate import bootstrap_interval, gap_closed
+from saelora.trainer import evaluate as evaluate_mod
+from saelora.trainer.evaluate import adapter_is_identity, bootstrap_interval, evaluate, gap_closed
 from saelora.trainer.lora import LoraSettings, add_lora
 from saelora.trainer.objective import kl_per_token, prefix, teacher_logits
 from saelora.trainer.train import train_lora
@@ -95,6 +96,27 @@ def test_only_lora_parameters_are_trainable(ws):
     trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not any(p.requires_grad for p in sae.sae.parameters())
+
+
+@pytest.mark.parametrize("layers", ["all", "after"])
+def test_a_fresh_adapter_is_copied_not_run_and_the_copy_equals_running_it(ws, monkeypatch, layers):
+    """Invariant: the step-0 shortcut (an adapter whose B matrices are all zero adds nothing) gives bit for bit
+    what running the adapter gives, and an adapter that changes anything is always run."""
+    lm = load_model(ws["model"], device="cpu")
+    sae = load_sae(lm.model, ws["saes"][0])
+    lm.model.requires_grad_(False)
+    peft = add_lora(lm.model, LoraSettings(rank=4, layers=layers), [sae.hook])
+    rows = torch.randint(3, 40, (4, 16), generator=torch.Generator().manual_seed(0))
+    assert adapter_is_identity(peft)
+    copied = evaluate(peft, [sae], rows, batch_size=2).to_json()
+    monkeypatch.setattr(evaluate_mod, "adapter_is_identity", lambda model: False)
+    assert evaluate(peft, [sae], rows, batch_size=2).to_json() == copied
+    assert copied["ce_adapted"] == copied["ce_spliced"] and copied["kl_adapter_only"] == 0.0
+    monkeypatch.undo()
+    with torch.no_grad():
+        next(p for n, p in peft.named_parameters() if ".lora_B." in n)[0, 0] = 1e-3
+    assert not adapter_is_identity(peft)
+    assert not adapter_is_identity(torch.nn.Linear(2, 2))  # no adapter at all: nothing to copy from
 
 
 @pytest.mark.parametrize("shared", [False, True])
