@@ -12,8 +12,8 @@ from saelora.adapters.hooks import HookPoint
 from saelora.adapters.saes import LoadedSAE
 from saelora.adapters.splice import SpliceStats
 
-from .objective import (ce_per_token, kl_per_token, plain_logits, prefix, sae_summary, spliced_logits,
-                        teacher_logits)
+from .objective import (ce_per_token, first_splice_point, kl_per_token, plain_logits, prefix, sae_summary,
+                        spliced_logits, teacher_logits)
 
 
 def gap_closed(ce_base: float, ce_spliced: float, ce_adapted: float) -> float:
@@ -106,12 +106,15 @@ def adapter_is_identity(model: torch.nn.Module) -> bool:
 def _eval_batch(model: torch.nn.Module, saes: Sequence[LoadedSAE], ids: torch.Tensor, point: HookPoint | None,
                 adapter: bool, identity: bool, acc: _Acc, stats_sp: dict, stats_ad: dict) -> None:
     """One batch into the running sums: base, spliced and, with `adapter`, adapted and the adapter alone (copied,
-    not run, when the adapter is the identity)."""
+    not run, when the adapter is the identity). Base and spliced, both with the adapter off, share the layers
+    before the first SAE whatever `point` is: they run once."""
     x = prefix(model, point, ids)
-    base = teacher_logits(model, ids, point, x)
+    off = point or first_splice_point(saes)
+    x_off = x if off is point else prefix(model, off, ids)
+    base = teacher_logits(model, ids, off, x_off)
     ce_base = ce_per_token(base, ids)
     acc.add("ce_base", ce_base)
-    sp, st = spliced_logits(model, saes, ids, point, x, adapter=False)
+    sp, st = spliced_logits(model, saes, ids, off, x_off, adapter=False)
     ce_sp, kl_sp = ce_per_token(sp, ids), kl_per_token(base, sp)
     acc.add("ce_spliced", ce_sp)
     acc.add("kl_spliced", kl_sp)

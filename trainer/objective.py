@@ -51,6 +51,13 @@ def _from(model: torch.nn.Module, point: HookPoint | None, x: torch.Tensor | Non
             yield
 
 
+def first_splice_point(saes: Sequence[LoadedSAE]) -> HookPoint | None:
+    """The earliest SAE's hook point: the layers before it run alike with and without the SAEs (None when there
+    is no layer before it, or no SAE)."""
+    first = min((s.hook for s in saes), key=lambda p: p.depth, default=None)
+    return None if first is None or first.depth == 0 else first
+
+
 def prefix(model: torch.nn.Module, point: HookPoint | None, ids: torch.Tensor) -> torch.Tensor | None:
     """Residual stream at `point` with adapters disabled (None when no prefix is shared)."""
     if point is None:

@@ -20,6 +20,7 @@ from saelora.adapters.saes import LoadedSAE, load_sae
 from .config import TrainConfig
 from .distributed import DataParallel
 from .loop import LoopState
+from .objective import first_splice_point
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def prepare(cfg: TrainConfig) -> Setup:
 
 def shared_prefix_point(model: torch.nn.Module, saes: list[LoadedSAE], layers: list[int] | None):
     """The first SAE's hook point when no adapted layer runs before it (teacher and student share it)."""
-    first = min((s.hook for s in saes), key=lambda p: p.depth)
-    if first.depth == 0 or (layers is None) or min(layers) < first.depth:
+    first = first_splice_point(saes)
+    if first is None or layers is None or min(layers) < first.depth:
         return None
     return first
 

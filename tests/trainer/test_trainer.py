@@ -13,7 +13,7 @@ from saelora.trainer.config import TrainConfig
 from saelora.trainer import evaluate as evaluate_mod
 from saelora.trainer.evaluate import adapter_is_identity, bootstrap_interval, evaluate, gap_closed
 from saelora.trainer.lora import LoraSettings, add_lora
-from saelora.trainer.objective import kl_per_token, prefix, teacher_logits
+from saelora.trainer.objective import ce_per_token, kl_per_token, prefix, teacher_logits
 from saelora.trainer.train import train_lora
 from tiny import tiny_workspace
 
@@ -112,6 +112,9 @@ def test_a_fresh_adapter_is_copied_not_run_and_the_copy_equals_running_it(ws, mo
     monkeypatch.setattr(evaluate_mod, "adapter_is_identity", lambda model: False)
     assert evaluate(peft, [sae], rows, batch_size=2).to_json() == copied
     assert copied["ce_adapted"] == copied["ce_spliced"] and copied["kl_adapter_only"] == 0.0
+    with torch.no_grad(), peft.disable_adapter():  # base and spliced share the prefix: base is still the base model
+        full = ce_per_token(peft(input_ids=rows).logits, rows)
+    assert copied["ce_base"] == pytest.approx(float(full.mean()), rel=1e-6)
     monkeypatch.undo()
     with torch.no_grad():
         next(p for n, p in peft.named_parameters() if ".lora_B." in n)[0, 0] = 1e-3
