@@ -59,6 +59,7 @@ class Study:
         from saelora.adapters.saes import load_sae
 
         self.args = args
+        self.reused: set[str] = set()  # runs this invocation reused, not trained (their time is not in its wall time)
         self.lm = load_model(args.model)
         self.lm.model.requires_grad_(False)
         policy = load_sae(self.lm.model, args.sae, tokenizer=self.lm.tokenizer).policy
@@ -116,6 +117,7 @@ class Study:
         cfg = self.config(arm, lr, seed, out, sae, steps, evals, eval_rows or self.args.train_eval_rows)
         if _finished(out, cfg):
             log.info("%s lr %g seed %d: reusing the finished run in %s", arm, lr, seed, out)
+            self.reused.add(out.name)
         else:
             log.info("%s lr %g seed %d for %d steps", arm, lr, seed, steps)
             (train_e2e if arm in SAE_ARMS else train_lora)(cfg)
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = run_scratch(study, work, arms) if "scratch" in args.stages else None
     res = summary(study, arms, test, scratch)
     res["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    res["reused_runs"] = sorted(study.reused)
     stem = Path(args.out) / args.stem
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
     write_md(res, stem.with_suffix(".md"))

@@ -99,14 +99,20 @@ def _scratch_rows(s: dict[str, Any] | None) -> list[str]:
     return rows
 
 
+def _reused(res: dict[str, Any]) -> str:
+    n = len(res.get("reused_runs", []))
+    return f", reusing {n} finished run{'s' * (n != 1)} of an earlier invocation, whose training time is not in it" \
+        if n else ""
+
+
 def write_md(res: dict[str, Any], path: Path) -> None:
     st, sae, v, t = res["settings"], res["sae"], res["validation"], res["test"]
     fvu = "unrecorded" if sae.get("fvu") is None else f"{sae['fvu']:.3f}"
     edges = [arm for arm, a in res["arms"].items() if a["at_edge"]]
     lines = [
         "# train_gap (v2 protocol): LoRA around a frozen SAE, against SAE fine-tuning", "",
-        f"Rerun: `{res.get('command', 'python bench/train_gap.py')}` ({res['wall_minutes']} min here; every run as "
-        "it finished: "
+        f"Rerun: `{res.get('command', 'python bench/train_gap.py')}` ({res['wall_minutes']} min here"
+        f"{_reused(res)}; every run as it finished: "
         f"`{st['stem']}_runs.json`; the choices, frozen before the test band was read: `{st['stem']}_choices.json`). "
         f"SAE `{Path(sae['folder']).name}` at `{sae['hook']}`: d_sae {sae['d_sae']}, k {sae['k']}, held-out FVU "
         f"{fvu}; policy {sae['saelora_policy']}. Corpus {st['corpus']}.", "",
