@@ -19,7 +19,6 @@ bench/results/generalisation.json under the setting "adapter trained without <ge
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -56,9 +55,7 @@ def sae_without(model: str, shipped: Path, genre: str, out: Path) -> Path:
         log.info("reusing %s", out)
         return out
     recipe = json.loads((shipped / "cfg.json").read_text())["metadata"]["train_config"]
-    fields = {f.name for f in dataclasses.fields(SAETrainConfig)}
-    cfg = SAETrainConfig(**{**{k: v for k, v in recipe.items() if k in fields}, "model": model, "out": str(out),
-                            "corpus": [g for g in GENRES if g != genre]})
+    cfg = SAETrainConfig(**{**recipe, "model": model, "out": str(out), "corpus": [g for g in GENRES if g != genre]})
     t0 = time.perf_counter()
     _, quality = train_sae(cfg)
     log.info("SAE without %s: %.0f s, held-out quality on %s %s", genre, time.perf_counter() - t0,

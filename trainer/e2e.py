@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .loop import Trainee, train_loop
+from .objective import first_splice_point
 from .plots import plot_metrics
 from .setup import manifest_for, prepare
 
@@ -26,9 +27,8 @@ def train_e2e(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     for s in setup.saes:
         s.sae.requires_grad_(True).train()
         named += [(f"{s.name}.{n}", p) for n, p in s.sae.named_parameters()]
-    first = min((s.hook for s in setup.saes), key=lambda p: p.depth)
     # The model is frozen and unadapted: the layers before the first SAE are shared by teacher and student.
-    tr = Trainee(setup.lm.model, setup.saes, named, first if first.depth > 0 else None, has_adapter=False)
+    tr = Trainee(setup.lm.model, setup.saes, named, first_splice_point(setup.saes), has_adapter=False)
     st = train_loop(tr, setup.corpus.train, setup.corpus.val, cfg, out, setup.dp)
     folder = out / "saes"
     if not setup.dp.is_main:  # rank 0 writes; the weights are the same on every rank
