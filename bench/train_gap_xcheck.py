@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--band", choices=("test", "reserve"), default="test",
                     help="the run's band to read: test, or reserve (the train_gap v2 study's test band)")
+    ap.add_argument("--corpus", nargs="+", help="read the band of these sources instead of the run's own corpus "
+                    "(same fractions), e.g. a genre the run never saw")
     ap.add_argument("--out", default=str(RESULTS / "train_gap_xcheck.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,7 +89,7 @@ def main() -> int:
     lm.model.requires_grad_(False)
     s = load_sae(lm.model, sae_dir, tokenizer=lm.tokenizer)
     # rows as the adapter was trained and evaluated on: starting with BOS when the SAE's policy says so (Gemma)
-    corpus_cfg = CorpusConfig(sources=tuple(run_cfg["corpus"]), seq_len=run_cfg["seq_len"],
+    corpus_cfg = CorpusConfig(sources=tuple(args.corpus or run_cfg["corpus"]), seq_len=run_cfg["seq_len"],
                               val_fraction=run_cfg["val_fraction"],
                               test_fraction=run_cfg["test_fraction"],
                               reserve_fraction=run_cfg.get("reserve_fraction", 0.0), prepend_bos=corpus_bos([s.policy]))
@@ -106,7 +108,8 @@ def main() -> int:
     ref["ce_adapted"] = plain_ce(PeftModel.from_pretrained(plain, str(adapter)).eval(), rows, layer, hook_fn, current)
 
     keys = ("ce_base", "ce_spliced", "ce_adapted")
-    res = {"adapter": str(adapter), "band": args.band, "rows": int(len(rows)), "tokens": int(rows[:, 1:].numel()),
+    res = {"adapter": str(adapter), "corpus": list(corpus_cfg.sources), "band": args.band, "rows": int(len(rows)),
+           "tokens": int(rows[:, 1:].numel()),
            "saelora": {k: round(float(mine[k]), 5) for k in keys}, "plain": {k: round(ref[k], 5) for k in keys},
            "max_abs_diff": round(max(abs(float(mine[k]) - ref[k]) for k in keys), 6)}
     Path(args.out).parent.mkdir(exist_ok=True)
