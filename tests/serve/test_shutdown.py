@@ -50,58 +50,68 @@ def _in_flight(url: str) -> float:
                if ln.startswith(("saelora_batch_size ", "saelora_queue_depth ")))
 
 
-@pytest.mark.parametrize("engine,multiprocess", [("torch", False), ("vllm", False), ("vllm", True)],
-                         ids=["torch", "vllm", "vllm-multiprocess"])
-def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine, multiprocess):
-    """With VLLM_ENABLE_V1_MULTIPROCESSING=1 vLLM runs its engine core in a child process: it too must be gone."""
+# What a server needs for the drain check below: one row at a time, so that requests wait their turn.
+DRAIN_ARGS = ["--max-batch", "1", "--shutdown-grace", "30"]
+
+
+@pytest.mark.parametrize("engine", ["torch", "vllm"])
+def test_sigterm_drains_and_exits_cleanly(ws, tmp_path, engine):
+    """The vLLM engine in multiprocess mode gets the same check at the end of
+    test_vllm.py::test_multiprocess_mode_matches_torch_engine_and_drains_on_sigterm, on its server (one start less)."""
     from saelora.launch import ServeProcess
 
     args = ["--engine", engine, "--model", ws["model"], "--sae", ws["saes"][0], "--served-model-name", "tiny",
-            "--kv-cache-gb", "1", "--max-batch", "1", "--shutdown-grace", "30"]
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if multiprocess else None
-    srv = ServeProcess(args, env=env, log_path=str(tmp_path / "server.log"), timeout=300).start()
+            "--kv-cache-gb", "1", *DRAIN_ARGS]
+    srv = ServeProcess(args, log_path=str(tmp_path / "server.log"), timeout=300).start()
     try:
-        first, streams = threading.Event(), [{"lines": [], "last": 0.0} for _ in range(4)]
-
-        def stream(out):  # greedy, 80 tokens (past EOS); with --max-batch 1 the others wait their turn
-            body = {"prompt": "a big red fox jumps over the lazy", "max_tokens": 80, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
-                for ln in r.iter_lines():
-                    if ln.startswith("data: "):
-                        out["lines"].append(ln)
-                        out["last"] = time.time()
-                        first.set()
-
-        threads = [threading.Thread(target=stream, args=(out,)) for out in streams]
-        for t in threads:
-            t.start()
-        assert first.wait(60)
-        deadline = time.time() + 30  # every request accepted (running or waiting) before the signal
-        while _in_flight(srv.url) < len(streams) and time.time() < deadline:
-            time.sleep(0.01)
-        spawned = _descendants(srv.proc.pid)  # checked by pid afterwards: an orphan is re-parented, not gone
-        srv.proc.send_signal(signal.SIGTERM)
-        sigterm = time.time()
-        time.sleep(0.2)
-        try:
-            late = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
-            assert late.status_code == 503, late.text
-        except httpx.ConnectError:
-            pass  # the listening socket is already closed: also a refusal
-        for t in threads:
-            t.join(90)
-        ends = [out["lines"][-1] if out["lines"] else None for out in streams]
-        assert ends == ["data: [DONE]"] * len(streams), ends
-        assert not any('"error"' in ln for out in streams for ln in out["lines"])
-        assert max(out["last"] for out in streams) > sigterm + 0.2  # work in flight went on after SIGTERM
-        # uvicorn re-raises the signal once it has shut down gracefully: the exit status is "killed by SIGTERM"
-        assert srv.proc.wait(40) in (0, -signal.SIGTERM)
-        deadline = time.time() + 10
-        while any(map(_alive, spawned)) and time.time() < deadline:
-            time.sleep(0.1)
-        assert [p for p in spawned if _alive(p)] == []
-        if multiprocess:
-            assert spawned, "the multiprocess engine core never showed up as a child process"
+        assert_sigterm_drains_and_exits_cleanly(srv)
     finally:
         srv.close()
+
+
+def assert_sigterm_drains_and_exits_cleanly(srv, multiprocess: bool = False) -> None:
+    """Four streams in flight on `srv` (started with DRAIN_ARGS), then SIGTERM: see the module's invariants.
+    `multiprocess`: vLLM runs its engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING=1), which
+    must show up and be gone too."""
+    first, streams = threading.Event(), [{"lines": [], "last": 0.0} for _ in range(4)]
+
+    def stream(out):  # greedy, 80 tokens (past EOS); with --max-batch 1 the others wait their turn
+        body = {"prompt": "a big red fox jumps over the lazy", "max_tokens": 80, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
+            for ln in r.iter_lines():
+                if ln.startswith("data: "):
+                    out["lines"].append(ln)
+                    out["last"] = time.time()
+                    first.set()
+
+    threads = [threading.Thread(target=stream, args=(out,)) for out in streams]
+    for t in threads:
+        t.start()
+    assert first.wait(60)
+    deadline = time.time() + 30  # every request accepted (running or waiting) before the signal
+    while _in_flight(srv.url) < len(streams) and time.time() < deadline:
+        time.sleep(0.01)
+    spawned = _descendants(srv.proc.pid)  # checked by pid afterwards: an orphan is re-parented, not gone
+    srv.proc.send_signal(signal.SIGTERM)
+    sigterm = time.time()
+    time.sleep(0.2)
+    try:
+        late = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+        assert late.status_code == 503, late.text
+    except httpx.ConnectError:
+        pass  # the listening socket is already closed: also a refusal
+    for t in threads:
+        t.join(90)
+    ends = [out["lines"][-1] if out["lines"] else None for out in streams]
+    assert ends == ["data: [DONE]"] * len(streams), ends
+    assert not any('"error"' in ln for out in streams for ln in out["lines"])
+    assert max(out["last"] for out in streams) > sigterm + 0.2  # work in flight went on after SIGTERM
+    # uvicorn re-raises the signal once it has shut down gracefully: the exit status is "killed by SIGTERM"
+    assert srv.proc.wait(40) in (0, -signal.SIGTERM)
+    deadline = time.time() + 10
+    while any(map(_alive, spawned)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [p for p in spawned if _alive(p)] == []
+    if multiprocess:
+        assert spawned, "the multiprocess engine core never showed up as a child process"

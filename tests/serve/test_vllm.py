@@ -200,21 +200,27 @@ def test_prompt_latents_are_complete_on_repeated_prompts(torch_server, vllm_serv
         assert got["features"]["prompt"][0]["features"][0]["sae"] == SAE
 
 
-def test_multiprocess_mode_matches_torch_engine(ws, torch_server, tmp_path):
-    """With vLLM's engine core in its own process (needed for tensor parallelism) latents come back over RPC."""
+def test_multiprocess_mode_matches_torch_engine_and_drains_on_sigterm(ws, torch_server, tmp_path):
+    """With vLLM's engine core in its own process (needed for tensor parallelism) latents come back over RPC;
+    then test_shutdown.py's SIGTERM check on the same server: the engine core's process is gone too."""
     from saelora.launch import ServeProcess
+    from test_shutdown import DRAIN_ARGS, assert_sigterm_drains_and_exits_cleanly
 
     args = ["--engine", "vllm", "--model", ws["model"], "--sae", ws["saes"][0], "--adapter", f"a1={ws['a1']}",
-            "--served-model-name", "tiny", "--kv-cache-gb", "1"]
-    with ServeProcess(args, log_path=str(tmp_path / "mp.log"), timeout=300,
-                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as mp:
+            "--served-model-name", "tiny", "--kv-cache-gb", "1", *DRAIN_ARGS]
+    mp = ServeProcess(args, log_path=str(tmp_path / "mp.log"), timeout=300,
+                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}).start()
+    try:
         for case in ("replace", "set_generated", "adapter"):
             want = complete(torch_server, PROMPTS[0], *CASES[case], include_prompt=True)
             got = complete(mp, PROMPTS[0], *CASES[case], include_prompt=True)
             assert got["text"] == want["text"], case
             assert_latents_close(got["features"]["prompt"], want["features"]["prompt"])
             assert_latents_close(got["features"]["generated"], want["features"]["generated"])
-    assert "in-process=False" in (tmp_path / "mp.log").read_text()
+        assert "in-process=False" in (tmp_path / "mp.log").read_text()
+        assert_sigterm_drains_and_exits_cleanly(mp, multiprocess=True)
+    finally:
+        mp.close()
 
 
 # ---- slow tier: the embedded SmolLM2 ---------------------------------------------------------------------------
@@ -365,7 +371,8 @@ def test_smollm2_chunked_prefill_latents_match_torch_engine(smol_servers):
 
     torch_srv, vllm_srv = smol_servers
     docs = Path(__file__).resolve().parents[2] / "docs"
-    text = (docs / "architecture.md").read_text() + (docs / "vllm.md").read_text()
+    # ~2,600 tokens: past one chunk, and a third of the docs' 8k (whose two prefills cost CI ~40 s more)
+    text = ((docs / "architecture.md").read_text() + (docs / "vllm.md").read_text())[:9000]
     want = complete(torch_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)
     got = complete(vllm_srv, text, "smol", {"mode": "replace"}, include_prompt=True, max_tokens=4)
     assert len(want["features"]["prompt"]) > 2048
