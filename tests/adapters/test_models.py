@@ -42,6 +42,32 @@ def test_folder_without_config(tmp_path):
         load_model(str(tmp_path), device="cpu")
 
 
+def test_dequantising_opens_a_gguf_once_and_puts_the_reader_back(tmp_path):
+    """transformers opens a GGUF three times per dequantisation; within `_one_gguf_reader` the three share one
+    parsed reader, and afterwards (also after an error) `gguf.GGUFReader` is the real class again."""
+    import gguf
+    import numpy as np
+
+    from saelora.adapters.models import _one_gguf_reader
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("saelora.test", 7)
+    w.add_tensor("t", np.arange(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    real = gguf.GGUFReader
+    with _one_gguf_reader():
+        a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(tmp_path / "." / "t.gguf"))
+        assert a is b and isinstance(a, real) and a.fields["saelora.test"].contents() == 7
+    assert gguf.GGUFReader is real and gguf.GGUFReader(path) is not a
+    with pytest.raises(RuntimeError), _one_gguf_reader():
+        raise RuntimeError("the load failed")
+    assert gguf.GGUFReader is real
+
+
 # ---- slow tier: the real embedded model -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -96,3 +122,4 @@ def test_error_term_splice_reproduces_embedded_model(smollm):
             assert torch.equal(smollm.model(ids).logits, base)
         with splice(smollm.model, [s], mode="replace"):
             assert not torch.allclose(smollm.model(ids).logits, base, atol=1e-2)
+
