@@ -122,4 +122,3 @@ def test_error_term_splice_reproduces_embedded_model(smollm):
             assert torch.equal(smollm.model(ids).logits, base)
         with splice(smollm.model, [s], mode="replace"):
             assert not torch.allclose(smollm.model(ids).logits, base, atol=1e-2)
-
