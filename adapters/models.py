@@ -230,8 +230,8 @@ _GGUF_PATCH = threading.Lock()
 def _one_gguf_reader() -> Iterator[None]:
     """Within it, one `gguf.GGUFReader` per file. transformers opens the GGUF three times (config, weights,
     tokenizer), and each opening parses every metadata field in Python, slow for Gemma 3's 262k-token
-    vocabulary: its dequantisation took 56 s, 33 s with one reader. The reader is only read from, so one serves
-    all three."""
+    vocabulary: its dequantisation took 48 s, 28 s with one reader (bench/dequant.py). The reader is only read
+    from, so one serves all three."""
     import gguf as gguf_lib
 
     readers: dict[tuple[str, str], Any] = {}
