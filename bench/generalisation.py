@@ -30,9 +30,10 @@ log = logging.getLogger("bench.generalisation")
 
 
 def run(model: str, rows: int, setting: str | None, adapter: Path | None = None, split: str = "val",
-        genres: tuple[str, ...] = GENRES, sae: Path | None = None) -> dict:
+        genres: tuple[str, ...] = GENRES, sae: Path | None = None, out_file: Path = OUT) -> dict:
     """Evaluate `adapter` (default: the model's demo adapter) and its SAE (or `sae`, where the folder the
-    adapter's manifest names holds another SAE now) on each genre's `split` band."""
+    adapter's manifest names holds another SAE now) on each genre's `split` band; merged into `out_file` under
+    (model, setting)."""
     import torch
 
     from saelora.adapters.bundle import read_manifest
@@ -59,9 +60,9 @@ def run(model: str, rows: int, setting: str | None, adapter: Path | None = None,
                              "drift_ce": r["ce_adapter_only"] - r["ce_base"], "kl_adapter_only": r["kl_adapter_only"]}
     out = {"model": model, "setting": setting, "adapter": str(adapter), "trained_corpus": trained, "rows": rows,
            "split": split, "seconds": round(time.perf_counter() - t0, 1), "corpora": per_corpus}
-    results = json.loads(OUT.read_text()) if OUT.is_file() else []
+    results = json.loads(out_file.read_text()) if out_file.is_file() else []
     results = [r for r in results if (r["model"], r["setting"]) != (model, setting)] + [out]
-    OUT.write_text(json.dumps(results, indent=1))
+    out_file.write_text(json.dumps(results, indent=1))
     log.info("%s", json.dumps(out, indent=1))
     return out
 

@@ -30,8 +30,10 @@ from generalisation import GENRES, report, run
 log = logging.getLogger("bench.leave_one_out")
 
 
-def train_without(model: str, sae: Path, genre: str, out: Path) -> Path:
-    """The demo's adapter recipe on every genre but `genre` (trained once into `out`)."""
+def train_without(model: str, sae: Path, genre: str, out: Path, seed: int = 0) -> Path:
+    """The demo's adapter recipe on every genre but `genre` (trained once into `out`), with training seed `seed`."""
+    from dataclasses import replace
+
     from saelora.adapters.bundle import has_manifest
     from saelora.demo import ADAPTER_RECIPES, adapter_config
     from saelora.trainer.train import train_lora
@@ -42,7 +44,7 @@ def train_without(model: str, sae: Path, genre: str, out: Path) -> Path:
         return adapter
     corpus = [g for g in GENRES if g != genre]
     t0 = time.perf_counter()
-    train_lora(adapter_config(model, sae, out, ADAPTER_RECIPES[model], corpus=corpus))
+    train_lora(replace(adapter_config(model, sae, out, ADAPTER_RECIPES[model], corpus=corpus), seed=seed))
     log.info("adapter without %s (trained on %s): %.0f s", genre, "+".join(corpus), time.perf_counter() - t0)
     return adapter
 
@@ -74,19 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=128, help="test rows of 128 tokens per genre evaluated")
     p.add_argument("--sae-too", action="store_true", help="hold the genre out of the SAE as well: train one with "
                    "the shipped SAE's recipe on the other genres (~50 min each on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="the adapter's training seed (not 0: its own run folder and "
+                   "setting name; the SAE is the same)")
     p.add_argument("--all-genres", action="store_true", help="evaluate each adapter on every genre, not only the "
                                                              "one it never saw")
     args = p.parse_args(argv)
     sae = args.sae or demo_dir(args.model) / "sae"
     for genre in args.genres:
         runs = cache_dir() / "runs" / f"logo-{args.model}-without-{genre}"
+        seeded = f"-seed{args.seed}" if args.seed else ""
         if args.sae_too:
             held_sae = sae_without(args.model, sae, genre, runs.with_name(runs.name + "-sae"))
-            adapter = train_without(args.model, held_sae, genre, runs.with_name(runs.name + "-sae-adapter"))
+            adapter = train_without(args.model, held_sae, genre, runs.with_name(runs.name + "-sae-adapter" + seeded),
+                                    args.seed)
             setting = f"SAE and adapter trained without {genre}"
         else:
-            adapter = train_without(args.model, sae, genre, runs)
+            adapter = train_without(args.model, sae, genre, runs.with_name(runs.name + seeded), args.seed)
             setting = f"adapter trained without {genre} (SAE on the mixture)"
+        setting += f", adapter seed {args.seed}" if args.seed else ""
         genres = (genre, *[g for g in GENRES if g != genre]) if args.all_genres else (genre,)
         run(args.model, args.rows, setting, adapter, "test", genres)
     report()
