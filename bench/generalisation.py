@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", type=Path, help="adapter bundle (default: the model's demo adapter)")
     p.add_argument("--sae", type=Path, help="SAE folder (default: the one the adapter's manifest names)")
     p.add_argument("--split", choices=("val", "test"), default="val", help="each genre's band evaluated")
+    p.add_argument("--genres", nargs="+", default=list(GENRES), choices=GENRES, help="genres evaluated")
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     if not args.report:
-        run(args.model, args.rows, args.setting, args.adapter, args.split, sae=args.sae)
+        run(args.model, args.rows, args.setting, args.adapter, args.split, tuple(args.genres), sae=args.sae)
     report()
     return 0
 
