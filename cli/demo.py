@@ -54,6 +54,12 @@ ADAPTER_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _adapter_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's ADAPTER_RECIPES entry with the --lora-steps / --lora-lr the caller gave."""
+    given = (("steps", getattr(args, "lora_steps", None)), ("lr", getattr(args, "lora_lr", None)))
+    return {**ADAPTER_RECIPES[args.model], **{k: v for k, v in given if v is not None}}
+
+
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     """What the cached demo SAE, descriptions and adapter were built from: the shipped SAE's weights (or train-sae's
     defaults), the default corpus and the adapter's recipe."""
@@ -64,7 +70,7 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
 
     weights = shipped_sae(args.model) / "sae_weights.safetensors" if args.model in SHIPPED_SAES else None
     return {"sae": hashlib.sha256(weights.read_bytes()).hexdigest() if weights else "train-sae defaults",
-            "corpus": DEFAULT_CORPUS, "adapter": ADAPTER_RECIPES[args.model], "rank": args.rank,
+            "corpus": DEFAULT_CORPUS, "adapter": _adapter_recipe(args), "rank": args.rank,
             "feature_rows": args.feature_rows}
 
 
@@ -101,8 +107,7 @@ def _prepare(work: Path, args: argparse.Namespace, phases: dict[str, float]) -> 
     phases["SAE and its descriptions"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not has_manifest(adapter):
-        recipe = {**ADAPTER_RECIPES[args.model],
-                  **{k: v for k, v in (("steps", args.lora_steps), ("lr", args.lora_lr)) if v is not None}}
+        recipe = _adapter_recipe(args)
         log.info("training the demo adapter (once): %s", recipe)
         train_lora(adapter_config(args.model, sae, work / "lora-run", recipe, rank=args.rank,
                                   eval_rows=args.eval_rows))
@@ -255,8 +260,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS),
                    help=f"embedded model (default {DEFAULT_MODEL}); artifacts go to $SAELORA_CACHE/demo/<model>")
-    p.add_argument("--lora-steps", type=int, help="adapter training steps of 2 x 128 tokens, first run, cosine "
-                   "decay (default: the model's recipe, ADAPTER_RECIPES)")
+    p.add_argument("--lora-steps", type=int, help="adapter training steps of 2 x 128 tokens, cosine decay "
+                   "(default: the model's recipe, ADAPTER_RECIPES; another value builds the cached demo again)")
     p.add_argument("--lora-lr", type=float, help="adapter learning rate (default: the model's recipe)")
     p.add_argument("--rank", type=int, default=64, help="adapter LoRA rank (default 64, the paper's)")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows of 128 tokens for the adapter's final "

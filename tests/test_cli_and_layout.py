@@ -119,7 +119,8 @@ def test_every_embedded_model_has_a_demo_adapter_recipe():
 
 def test_demo_rebuilds_a_cache_built_from_another_recipe(tmp_path):
     """Invariant: a cached demo SAE and adapter are reused only under the recipe they were built from (a newly
-    shipped SAE or another default corpus builds them again); a cache without a recipe stamp is rebuilt."""
+    shipped SAE, another default corpus or another --lora-steps builds them again); a cache without a recipe stamp
+    is rebuilt."""
     import argparse
 
     from saelora.demo import _drop_stale, _recipe
@@ -139,6 +140,12 @@ def test_demo_rebuilds_a_cache_built_from_another_recipe(tmp_path):
     assert (tmp_path / "sae" / "x").read_text() == "built"
     _drop_stale(tmp_path, {**recipe, "corpus": "wiki"})
     assert not (tmp_path / "sae").exists() and not (tmp_path / "adapter").exists()
+    build()  # --lora-steps other than the recipe's: the cached 200-step adapter is not reused
+    _drop_stale(tmp_path, recipe)
+    longer = _recipe(argparse.Namespace(model="smollm2-135m", rank=64, feature_rows=128, lora_steps=800, lora_lr=None))
+    assert longer["adapter"]["steps"] == 800 and longer["adapter"]["lr"] == recipe["adapter"]["lr"]
+    _drop_stale(tmp_path, longer)
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_free_port_never_hands_out_a_port_twice():
