@@ -330,7 +330,7 @@ def report(res: dict, sae: str, args: argparse.Namespace) -> list[str]:
           f"SAE: `{Path(sae).name}`; {args.tokens} tokens per request, greedy; every figure measured "
           f"{args.repeat}× in one run (median, [min, max]). Rerun: `python bench/serve.py"
           f"{' --engine vllm' if args.engine == 'vllm' else ''}`.", "",
-          "| ratio | median | spread | target | median |", "|---|---|---|---|---|"]
+          "| ratio | median | spread | target | the median |", "|---|---|---|---|---|"]
     t = TARGETS[args.engine]
     md += [f"| {k} | **{r[k]}** | {sp[k][0]} – {sp[k][1]} | {t[k]} | {met(r[k], t[k])} |" for k in r]
     md += ["", f"Last repeat: tok/s at 1 / 4 / 8 streams {c['streams_1']['tok_s']} / {c['streams_4']['tok_s']} / "
