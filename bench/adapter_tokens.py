@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from generalisation import GENRES, RESULTS, run
+from generalisation import GENRES, RESULTS, _ci, run
 
 OUT = RESULTS / "adapter_tokens.json"
 log = logging.getLogger("bench.adapter_tokens")
@@ -63,11 +63,10 @@ def report() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["genre"], r["steps"])):
         c = r["corpora"][r["genre"]]
-        ci = c.get("gap_closed_ci")
-        ci_s = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
         secs = f"{r['train_s']:.0f}" if r.get("train_s") else "(reused)"
         lines.append(f"| {r['genre']} | {r['steps']} | {r['steps'] * 256:,} | {secs} | {c['ce_spliced']:.3f} | "
-                     f"{c['ce_adapted']:.3f} | {100 * c['gap_closed']:.1f}%{ci_s} | {c['drift_ce']:+.3f} | "
+                     f"{c['ce_adapted']:.3f} | {100 * c['gap_closed']:.1f}%{_ci(c, 'gap_closed', 100)} | "
+                     f"{c['drift_ce']:+.3f} | "
                      f"{own_genres_gap(r['adapter'])} |")
     (RESULTS / "adapter_tokens.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
