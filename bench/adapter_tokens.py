@@ -19,35 +19,22 @@ import time
 from pathlib import Path
 
 from generalisation import GENRES, RESULTS, _ci, run
+from leave_one_out import runs_without, train_without
 
 OUT = RESULTS / "adapter_tokens.json"
 log = logging.getLogger("bench.adapter_tokens")
 
 
-def train(model: str, sae: Path, genre: str, steps: int, out: Path) -> tuple[Path, float | None]:
-    """The demo recipe with `steps` steps on every genre but `genre`; (bundle, seconds) - None when reused."""
-    from saelora.adapters.bundle import has_manifest
-    from saelora.demo import ADAPTER_RECIPES, adapter_config
-    from saelora.trainer.train import train_lora
-
-    adapter = out / "adapter"
-    if has_manifest(adapter):
-        log.info("reusing %s", adapter)
-        return adapter, None
-    t0 = time.perf_counter()
-    recipe = {**ADAPTER_RECIPES[model], "steps": steps}
-    train_lora(adapter_config(model, sae, out, recipe, corpus=[g for g in GENRES if g != genre]))
-    return adapter, time.perf_counter() - t0
-
-
 def own_genres_gap(adapter: str) -> str:
     """Gap closed at the training run's last evaluation (its own genres' validation rows, 32 x 128 tokens)."""
+    from saelora.trainer.evaluate import gap_closed
+
     evals = [json.loads(line)["eval"] for line in (Path(adapter).parent / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
     if not evals:
         return ""
     e = evals[-1]
-    return f"{100 * (e['ce_spliced'] - e['ce_adapted']) / (e['ce_spliced'] - e['ce_base']):.1f}%"
+    return f"{100 * gap_closed(e['ce_base'], e['ce_spliced'], e['ce_adapted']):.1f}%"
 
 
 def report() -> None:
@@ -73,7 +60,7 @@ def report() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saelora.adapters.config import cache_dir
+    from saelora.adapters.bundle import has_manifest
     from saelora.demo import ADAPTER_RECIPES
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,21 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only write the table from the results file")
     args = p.parse_args(argv)
     if not args.report:
-        runs = cache_dir() / "runs" / f"logo-{args.model}-without-{args.genre}"
+        runs = runs_without(args.model, args.genre)
         sae = runs.with_name(runs.name + "-sae")
         if not (sae / "cfg.json").is_file():
             p.error(f"no SAE trained without {args.genre} in {sae}: run bench/leave_one_out.py --sae-too first")
         for steps in args.steps:
             own = steps == ADAPTER_RECIPES[args.model]["steps"]
             out = runs.with_name(runs.name + "-sae-adapter" + ("" if own else f"-{steps}"))
-            adapter, secs = train(args.model, sae, args.genre, steps, out)
-            setting = f"without {args.genre}, {steps} steps"
-            r = run(args.model, args.rows, setting, adapter, "val", (args.genre,), out_file=OUT)
-            results = json.loads(OUT.read_text())
-            for x in results:
-                if x["setting"] == setting and x["model"] == args.model:
-                    x.update(genre=args.genre, steps=steps, train_s=secs or x.get("train_s"))
-            OUT.write_text(json.dumps(results, indent=1))
+            reused, t0 = has_manifest(out / "adapter"), time.perf_counter()
+            adapter = train_without(args.model, sae, args.genre, out, steps=steps)
+            extra = {"genre": args.genre, "steps": steps, "train_s": None if reused else time.perf_counter() - t0}
+            r = run(args.model, args.rows, f"without {args.genre}, {steps} steps", adapter, "val", (args.genre,),
+                    out_file=OUT, extra=extra)
             log.info("%d steps: gap closed %.3f", steps, r["corpora"][args.genre]["gap_closed"])
     report()
     return 0

@@ -30,10 +30,11 @@ log = logging.getLogger("bench.generalisation")
 
 
 def run(model: str, rows: int, setting: str | None, adapter: Path | None = None, split: str = "val",
-        genres: tuple[str, ...] = GENRES, sae: Path | None = None, out_file: Path = OUT) -> dict:
+        genres: tuple[str, ...] = GENRES, sae: Path | None = None, out_file: Path = OUT,
+        extra: dict | None = None) -> dict:
     """Evaluate `adapter` (default: the model's demo adapter) and its SAE (or `sae`, where the folder the
     adapter's manifest names holds another SAE now) on each genre's `split` band; merged into `out_file` under
-    (model, setting)."""
+    (model, setting), with the caller's `extra` fields."""
     import torch
 
     from saelora.adapters.bundle import read_manifest
@@ -59,7 +60,7 @@ def run(model: str, rows: int, setting: str | None, adapter: Path | None = None,
                              "gap_closed_ci": r.get("gap_closed_ci"), "fvu": sae.get("fvu_spliced"),
                              "drift_ce": r["ce_adapter_only"] - r["ce_base"], "kl_adapter_only": r["kl_adapter_only"]}
     out = {"model": model, "setting": setting, "adapter": str(adapter), "trained_corpus": trained, "rows": rows,
-           "split": split, "seconds": round(time.perf_counter() - t0, 1), "corpora": per_corpus}
+           "split": split, "seconds": round(time.perf_counter() - t0, 1), "corpora": per_corpus, **(extra or {})}
     results = json.loads(out_file.read_text()) if out_file.is_file() else []
     results = [r for r in results if (r["model"], r["setting"]) != (model, setting)] + [out]
     out_file.write_text(json.dumps(results, indent=1))

@@ -30,8 +30,16 @@ from generalisation import GENRES, report, run
 log = logging.getLogger("bench.leave_one_out")
 
 
-def train_without(model: str, sae: Path, genre: str, out: Path, seed: int = 0) -> Path:
-    """The demo's adapter recipe on every genre but `genre` (trained once into `out`), with training seed `seed`."""
+def runs_without(model: str, genre: str) -> Path:
+    """The run folder of an adapter trained without `genre`; its SAE held out too: + "-sae" (and "-sae-adapter")."""
+    from saelora.adapters.config import cache_dir
+
+    return cache_dir() / "runs" / f"logo-{model}-without-{genre}"
+
+
+def train_without(model: str, sae: Path, genre: str, out: Path, seed: int = 0, steps: int | None = None) -> Path:
+    """The demo's adapter recipe on every genre but `genre` (trained once into `out`), with training seed `seed`
+    and `steps` steps (default: the recipe's)."""
     from dataclasses import replace
 
     from saelora.adapters.bundle import has_manifest
@@ -44,7 +52,8 @@ def train_without(model: str, sae: Path, genre: str, out: Path, seed: int = 0) -
         return adapter
     corpus = [g for g in GENRES if g != genre]
     t0 = time.perf_counter()
-    train_lora(replace(adapter_config(model, sae, out, ADAPTER_RECIPES[model], corpus=corpus), seed=seed))
+    recipe = {**ADAPTER_RECIPES[model], **({"steps": steps} if steps else {})}
+    train_lora(replace(adapter_config(model, sae, out, recipe, corpus=corpus), seed=seed))
     log.info("adapter without %s (trained on %s): %.0f s", genre, "+".join(corpus), time.perf_counter() - t0)
     return adapter
 
@@ -66,7 +75,7 @@ def sae_without(model: str, shipped: Path, genre: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saelora.adapters.config import cache_dir, demo_dir
+    from saelora.adapters.config import demo_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sae = args.sae or demo_dir(args.model) / "sae"
     for genre in args.genres:
-        runs = cache_dir() / "runs" / f"logo-{args.model}-without-{genre}"
+        runs = runs_without(args.model, genre)
         seeded = f"-seed{args.seed}" if args.seed else ""
         if args.sae_too:
             held_sae = sae_without(args.model, sae, genre, runs.with_name(runs.name + "-sae"))
